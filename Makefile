@@ -1,0 +1,92 @@
+# Both `make demo` and `make test` bootstrap everything they need on a fresh machine:
+# a .venv with the package, and pinned opa + regal built with `go install` into .tools/bin.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := test
+
+OPA_VERSION   := 1.22.2
+REGAL_VERSION := v0.42.0
+PYTHON        ?= python3
+
+VENV      := .venv
+VENV_BIN  := $(VENV)/bin
+TOOLS_BIN := $(CURDIR)/.tools/bin
+OPA       := $(TOOLS_BIN)/opa
+REGAL     := $(TOOLS_BIN)/regal
+SCHEMAS   := policies/schemas
+export PATH := $(TOOLS_BIN):$(PATH)
+export AGOV_OPA_BIN := $(OPA)
+
+.PHONY: test demo bench tools venv lint rego-fmt rego-check rego-lint rego-test py-lint py-types pytest clean
+
+test: tools venv rego-fmt rego-check rego-lint rego-test py-lint py-types pytest
+
+demo: tools venv
+	$(VENV_BIN)/agov demo
+
+bench: tools venv
+	$(VENV_BIN)/python bench/run_all.py
+
+lint: rego-fmt rego-check rego-lint py-lint py-types
+
+# --- bootstrap ---------------------------------------------------------------------------
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV_BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(VENV_BIN)/python -m pip install --quiet --upgrade pip
+	$(VENV_BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+tools: $(OPA) $(REGAL)
+
+# Reuse an opa already on PATH when it is the pinned version; otherwise build it.
+$(OPA):
+	mkdir -p $(TOOLS_BIN)
+	if command -v opa >/dev/null && opa version 2>/dev/null | grep -qx "Version: $(OPA_VERSION)"; then \
+	  ln -sf "$$(command -v opa)" $(OPA); \
+	else \
+	  echo "building opa v$(OPA_VERSION) (first time only, takes minutes)"; \
+	  GOBIN=$(TOOLS_BIN) go install github.com/open-policy-agent/opa@v$(OPA_VERSION); \
+	fi
+	$(OPA) version | grep -qx "Version: $(OPA_VERSION)"
+
+# Regal is built from tools/regal/go.mod (pinned there): `go install regal@version` needs the
+# module proxy's version list, which this network refuses.
+$(REGAL): tools/regal/go.mod tools/regal/go.sum
+	mkdir -p $(TOOLS_BIN)
+	echo "building regal $(REGAL_VERSION) (first time only, takes minutes)"
+	cd tools/regal && GOBIN=$(TOOLS_BIN) go install \
+	  -ldflags "-X github.com/open-policy-agent/regal/pkg/version.Version=$(REGAL_VERSION)" \
+	  github.com/open-policy-agent/regal
+	touch $@
+
+# --- checks, in the order `make test` runs them ---------------------------------------------
+
+rego-fmt:
+	@out=$$($(OPA) fmt --list policies); if [ -n "$$out" ]; then echo "opa fmt would change:"; echo "$$out"; exit 1; fi
+
+rego-check:
+	$(OPA) check --strict -s $(SCHEMAS) policies
+
+rego-lint:
+	$(REGAL) lint policies
+
+rego-test:
+	$(OPA) test policies -s $(SCHEMAS) --coverage --threshold 95 --format json > .tools/coverage.json || \
+	  { $(OPA) test policies -s $(SCHEMAS) -v; $(VENV_BIN)/python -c "import json;print('coverage %.2f%%' % json.load(open('.tools/coverage.json'))['coverage'])"; exit 1; }
+	@$(VENV_BIN)/python -c "import json;print('opa test: coverage %.2f%% (threshold 95%%)' % json.load(open('.tools/coverage.json'))['coverage'])"
+	$(OPA) test policies -s $(SCHEMAS)
+
+py-lint:
+	$(VENV_BIN)/ruff check engine tests bench
+	$(VENV_BIN)/ruff format --check engine tests bench
+
+py-types:
+	$(VENV_BIN)/mypy engine
+
+pytest:
+	AGOV_REQUIRE_OPA=1 $(VENV_BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,579 @@
+"""The ``agov`` command line: thin. Parse, call the engine, print text or ``--json``.
+
+Only this module exits, and errors map to exit codes in one place (:data:`EXIT_CODES`):
+0 success or allowed, 1 denied by policy (including a fail-closed deny), 2 bad usage or bad
+input (nothing changed but an audit event), 3 an internal or infrastructure error.
+"""
+
+from __future__ import annotations
+
+import functools
+import getpass
+import json
+import os
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from agov.config import Config
+from agov.errors import AgovError, InfrastructureError, NotFoundError, SpecError, UsageError
+from agov.registry import CreationMode
+
+EXIT_OK, EXIT_DENIED, EXIT_BAD_INPUT, EXIT_INFRA = 0, 1, 2, 3
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (InfrastructureError, EXIT_INFRA),
+    (AgovError, EXIT_BAD_INPUT),
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Ctx:
+    """Per-invocation options shared by every command."""
+
+    def __init__(self, home: Path, as_json: bool, actor: str) -> None:
+        self.home = home
+        self.as_json = as_json
+        self.actor = actor
+
+
+def _default_actor() -> str:
+    try:
+        return os.environ.get("AGOV_ACTOR") or getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user database in some containers
+        return "unknown"
+
+
+def _exit_for(exc: BaseException) -> int:
+    for kind, code in EXIT_CODES:
+        if isinstance(exc, kind):
+            return code
+    return EXIT_INFRA
+
+
+def fail(exc: BaseException, as_json: bool) -> NoReturn:
+    """Print an error a user can act on and exit with its documented code."""
+    code = _exit_for(exc)
+    if isinstance(exc, AgovError):
+        message, hint = exc.message, exc.hint
+    else:
+        message, hint = f"internal error: {type(exc).__name__}: {exc}", "please report this with the command you ran"
+    if as_json:
+        click.echo(json.dumps({"error": {"type": type(exc).__name__, "message": message, "hint": hint},
+                               "exit_code": code}, sort_keys=True))
+    else:
+        click.echo(f"error: {message}" + (f"\n  hint: {hint}" if hint else ""), err=True)
+    sys.exit(code)
+
+
+def emit(ctx: Ctx, payload: Any, text: str | Callable[[], str]) -> None:
+    if ctx.as_json:
+        click.echo(json.dumps(payload, sort_keys=True, default=str))
+    else:
+        click.echo(text() if callable(text) else text)
+
+
+def common(func: F) -> F:
+    """--home, --json and --actor on every command; errors mapped to exit codes here."""
+
+    @click.option("--home", type=click.Path(path_type=Path), envvar="AGOV_HOME", default=Path(".agov"),
+                  show_default=True, help="Workspace directory (env AGOV_HOME).")
+    @click.option("--json", "as_json", is_flag=True, envvar="AGOV_JSON", help="Machine-readable output.")
+    @click.option("--actor", envvar="AGOV_ACTOR", default=None, help="Who is acting (env AGOV_ACTOR; default: $USER).")
+    @functools.wraps(func)
+    def wrapper(home: Path, as_json: bool, actor: str | None, **kwargs: Any) -> Any:
+        ctx = Ctx(home=home, as_json=as_json, actor=actor or _default_actor())
+        try:
+            return func(ctx, **kwargs)
+        except click.exceptions.Exit:
+            raise
+        except click.ClickException:
+            raise
+        except (AgovError, Exception) as exc:  # noqa: BLE001 - every error gets its exit code
+            fail(exc, as_json)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _engine(ctx: Ctx) -> Any:
+    from agov.engine import Engine
+
+    return Engine.open(ctx.home)
+
+
+def _read_file(path: Path, limit: int) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise SpecError(f"{path} is {size} bytes, over the {limit}-byte limit")
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise UsageError(f"file not found: {path}") from exc
+    except IsADirectoryError as exc:
+        raise UsageError(f"{path} is a directory, not a file") from exc
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "AGOV"})
+@click.version_option(package_name="agov")
+def main() -> None:
+    """agov: govern AI agents with OPA policies: promote, admit, revalidate."""
+
+
+# -- init ---------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("directory", required=False, type=click.Path(path_type=Path))
+@common
+def init(ctx: Ctx, directory: Path | None) -> None:
+    """Create a workspace (refuses to overwrite anything)."""
+    from agov.engine import Engine
+
+    home = directory or ctx.home
+    with Engine.init(home, Config(), actor=ctx.actor) as engine:
+        active = engine.active_policy()
+        keys = engine.list_keys()
+    emit(ctx, {"home": str(home), "policy_hash": active.hash, "keyid": keys[-1].keyid},
+         f"initialised workspace {home}\n  policy {active.hash}\n  proof key {keys[-1].keyid}")
+
+
+# -- agents -------------------------------------------------------------------------------------
+
+
+@main.group()
+def agent() -> None:
+    """Create and inspect agents."""
+
+
+def _interactive_answers() -> dict[str, Any]:
+    def listing(prompt: str, default: str = "") -> list[str]:
+        raw = click.prompt(prompt, default=default, show_default=bool(default))
+        return [part.strip() for part in str(raw).split(",") if part.strip()]
+
+    click.echo("Let's describe the agent. Press Enter to accept a default.")
+    answers: dict[str, Any] = {"name": click.prompt("Name")}
+    answers["id"] = click.prompt("Id", default=answers["name"].strip().lower().replace(" ", "-"))
+    answers["owner"] = click.prompt("Owner (email)", default="", show_default=False)
+    answers["agent_type"] = click.prompt("Type", type=click.Choice(
+        ["autonomous", "supervised", "advisory", "mcp_server", "custom"]), default="supervised")
+    answers["role_class"] = click.prompt("Role class", type=click.Choice(["compliance", "analysis", "ideation"]),
+                                         default="analysis")
+    answers["model"] = click.prompt("Model", default="general-purpose-llm")
+    answers["temperature"] = click.prompt("Temperature", type=float, default=0.2)
+    answers["inputs"] = listing("Inputs it reads (comma separated)")
+    answers["classification"] = click.prompt("Their data classification", type=click.Choice(
+        ["public", "internal", "confidential", "restricted"]), default="internal")
+    answers["actions"] = listing("Actions it takes (comma separated)")
+    answers["capabilities"] = listing("Capabilities (comma separated)", ",".join(answers["actions"]))
+    answers["memory"] = click.prompt("Memory", type=click.Choice(["none", "session", "persistent"]), default="none")
+    answers["monthly_budget_usd"] = click.prompt("Monthly budget (USD)", type=float, default=100.0)
+    return answers
+
+
+@agent.command("create")
+@click.option("--from-file", "from_file", type=click.Path(path_type=Path), help="Import a spec (YAML or JSON).")
+@click.option("--template", help="Start from a shipped template (see `agov agent templates`).")
+@click.option("--clone", "clone_id", help="Copy an existing agent's current spec.")
+@click.option("--from-workflow", "workflow", type=click.Path(path_type=Path),
+              help="Derive capabilities and actions from a workflow file.")
+@click.option("--from-event", "event", type=click.Path(path_type=Path), help="A registry webhook payload (JSON).")
+@click.option("--interactive", is_flag=True, help="A guided question-and-answer wizard.")
+@click.option("--name", help="Scratch: a minimal skeleton with this name (or the new name with other modes).")
+@click.option("--id", "agent_id", help="The new agent's id (template, clone, scratch, workflow).")
+@click.option("--notes", default="", help="Notes stored with the version.")
+@common
+def agent_create(ctx: Ctx, from_file: Path | None, template: str | None, clone_id: str | None,
+                 workflow: Path | None, event: Path | None, interactive: bool, name: str | None,
+                 agent_id: str | None, notes: str) -> None:
+    """Create an agent in SANDBOX (exactly one mode)."""
+    from agov import registry
+    from agov.spec import parse_spec_bytes
+
+    modes = [m for m, on in (("--from-file", from_file), ("--template", template), ("--clone", clone_id),
+                             ("--from-workflow", workflow), ("--from-event", event),
+                             ("--interactive", interactive)) if on]
+    if len(modes) > 1:
+        raise UsageError(f"choose one creation mode, not {' and '.join(modes)}")
+    if not modes and not name:
+        raise UsageError("say how to create the agent",
+                         hint="--from-file F | --template T | --clone ID | --from-workflow F | --from-event F"
+                              " | --interactive | --name N")
+    with _engine(ctx) as engine:
+        limit = engine.config.limits.max_spec_bytes
+        source: str
+        if from_file:
+            mode, source = CreationMode.IMPORT, str(from_file)
+            document = parse_spec_bytes(_read_file(from_file, limit), source=str(from_file), max_bytes=limit)
+        elif template:
+            mode, source = CreationMode.TEMPLATE, template
+            document = registry.from_template(template, agent_id=agent_id, display_name=name)
+        elif clone_id:
+            mode, source = CreationMode.CLONE, clone_id
+            original = engine.get_agent(clone_id)
+            document = json.loads(original.spec.canonical)
+            document["metadata"]["id"] = agent_id or f"{clone_id}-clone"
+            if name:
+                document["metadata"]["name"] = name
+            source = f"{clone_id}@{original.version}"
+        elif workflow:
+            mode, source = CreationMode.WORKFLOW, str(workflow)
+            document = registry.from_workflow(parse_spec_bytes(_read_file(workflow, limit), source=str(workflow)),
+                                              agent_id=agent_id)
+        elif event:
+            mode = CreationMode.EVENT
+            document, source = registry.from_event(parse_spec_bytes(_read_file(event, limit), source=str(event)))
+        elif interactive:
+            mode, source = CreationMode.CONVERSATION, "interactive"
+            document = registry.from_answers(_interactive_answers())
+        else:
+            assert name is not None
+            mode, source = CreationMode.SCRATCH, "scratch"
+            document = registry.skeleton(name, agent_id=agent_id)
+        record = engine.create_agent(document, mode=mode, source=source, actor=ctx.actor, notes=notes)
+    emit(ctx, record.summary(),
+         f"created {record.id} (version {record.version}, {record.status.value}, mode {mode.value})\n"
+         f"  spec hash {record.spec.hash}\n  sandbox expires {record.sandbox_expires_at}")
+
+
+@agent.command("templates")
+@common
+def agent_templates(ctx: Ctx) -> None:
+    """List the shipped templates."""
+    from agov.registry import list_templates
+
+    names = list_templates()
+    emit(ctx, names, "\n".join(names))
+
+
+@agent.command("list")
+@click.option("--status", help="Only agents with this status.")
+@click.option("--type", "agent_type", help="Only agents of this type.")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
+@click.option("--offset", type=click.IntRange(0), default=0)
+@common
+def agent_list(ctx: Ctx, status: str | None, agent_type: str | None, limit: int, offset: int) -> None:
+    """List agents."""
+    with _engine(ctx) as engine:
+        records = engine.list_agents(status=status, agent_type=agent_type, limit=limit, offset=offset)
+    rows = [r.summary() for r in records]
+
+    def text() -> str:
+        if not rows:
+            return "no agents"
+        return "\n".join(f"{r['id']:<32} {r['status']:<21} v{r['version']:<4} {r['type']:<11} {r['role_class']}"
+                         for r in rows)
+
+    emit(ctx, rows, text)
+
+
+@agent.command("show")
+@click.argument("agent_id")
+@common
+def agent_show(ctx: Ctx, agent_id: str) -> None:
+    """Show an agent and its current spec."""
+    from agov.registry import dump_yaml
+
+    with _engine(ctx) as engine:
+        record = engine.get_agent(agent_id)
+    payload = {**record.summary(), "spec": record.spec.document}
+    emit(ctx, payload, lambda: "\n".join(
+        [f"{k}: {v}" for k, v in record.summary().items()] + ["spec:", dump_yaml(record.spec.document)]))
+
+
+@agent.command("update")
+@click.argument("agent_id")
+@click.option("--from-file", "from_file", type=click.Path(path_type=Path), required=True)
+@click.option("--notes", default="", help="What changed and why.")
+@common
+def agent_update(ctx: Ctx, agent_id: str, from_file: Path, notes: str) -> None:
+    """Store a new version (a governed agent returns to SANDBOX until promoted again)."""
+    from agov.spec import parse_spec_bytes
+
+    with _engine(ctx) as engine:
+        limit = engine.config.limits.max_spec_bytes
+        try:
+            document = parse_spec_bytes(_read_file(from_file, limit), source=str(from_file), max_bytes=limit)
+        except AgovError as exc:
+            engine._reject("update", exc, actor=ctx.actor, agent_id=agent_id)
+            raise
+        record = engine.update_agent(agent_id, document, actor=ctx.actor, notes=notes)
+    emit(ctx, record.summary(), f"updated {record.id} to version {record.version} ({record.status.value})")
+
+
+@agent.command("history")
+@click.argument("agent_id")
+@common
+def agent_history(ctx: Ctx, agent_id: str) -> None:
+    """Versions, proofs and audit events of an agent."""
+    with _engine(ctx) as engine:
+        data = engine.history(agent_id)
+
+    def text() -> str:
+        lines = [f"versions of {agent_id}:"]
+        lines += [f"  v{v['version']} {v['created_at']} {v['creation_mode']} ({v['source']}) by {v['created_by']}"
+                  f"{' - ' + v['notes'] if v['notes'] else ''}" for v in data["versions"]]
+        lines.append("proofs:")
+        lines += [f"  v{p['version']} policy {p['policy_hash'][:12]} {p['governance_status']} issued {p['issued_at']}"
+                  f"{' (superseded)' if p['superseded_at'] else ''}" for p in data["proofs"]] or ["  none"]
+        lines.append("events:")
+        lines += [f"  #{e['seq']} {e['time']} {e['type']}" for e in data["events"]]
+        return "\n".join(lines)
+
+    emit(ctx, data, text)
+
+
+# -- decisions ----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("agent_id")
+@click.option("--role", required=True, envvar="AGOV_ROLE", help="The actor's role (e.g. agent_admin).")
+@common
+def promote(ctx: Ctx, agent_id: str, role: str) -> None:
+    """Ask the promotion policy; on allow, sign a proof and govern the agent."""
+    with _engine(ctx) as engine:
+        result = engine.promote(agent_id, actor=ctx.actor, role=role)
+
+    def text() -> str:
+        if result.allow:
+            lines = [f"promoted {agent_id}: {result.status} (policy {result.policy_hash[:12] if result.policy_hash else '-'})"]
+        else:
+            lines = [f"promotion of {agent_id} denied:"]
+        lines += [f"  deny {r.code}: {r.message}" for r in result.deny]
+        lines += [f"  warn {r.code}: {r.message}" for r in result.warn]
+        return "\n".join(lines)
+
+    emit(ctx, result.as_dict(), text)
+    sys.exit(EXIT_OK if result.allow else EXIT_DENIED)
+
+
+@main.command()
+@click.argument("agent_id")
+@common
+def admit(ctx: Ctx, agent_id: str) -> None:
+    """Fail-closed admission: may this agent start now?"""
+    with _engine(ctx) as engine:
+        decision = engine.admit(agent_id)
+
+    def text() -> str:
+        head = f"{decision.decision} {agent_id}: {decision.code}"
+        return "\n".join([head] + [f"  {r.code}: {r.message}" for r in decision.reasons])
+
+    emit(ctx, decision.as_dict(), text)
+    sys.exit(EXIT_OK if decision.allow else EXIT_DENIED)
+
+
+def _progress_runner(ctx: Ctx, total: int) -> tuple[Any, Callable[[int], None] | None]:
+    if ctx.as_json or not sys.stderr.isatty() or total < 1000:
+        return None, None
+    bar = click.progressbar(length=total, label="revalidating", file=sys.stderr)
+    bar.__enter__()
+    return bar, bar.update
+
+
+def _revalidation_text(report: dict[str, Any]) -> str:
+    lines = [f"{'dry run: ' if report['dry_run'] else ''}revalidated {report['total']} governed agents under "
+             f"{report['policy_hash'][:12]}: valid {report['valid']}, restricted {report['restricted']}, "
+             f"invalidated {report['invalidated']} ({report['newly_invalidated']} new), restored {report['restored']}"]
+    for change in report.get("changes", []):
+        lines.append(f"  {change['agent_id']}: {change['from']} -> {change['to']}")
+        lines += [f"    {r['code']}: {r['message']}" for r in change["deny"] + change["warn"]]
+    return "\n".join(lines)
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Show who would change; change nothing.")
+@common
+def revalidate(ctx: Ctx, dry_run: bool) -> None:
+    """Re-evaluate every governed agent under the active policy (resumes an interrupted run)."""
+    with _engine(ctx) as engine:
+        governed = len(engine.list_agents(limit=100_000)) if not ctx.as_json else 0
+        bar, progress = _progress_runner(ctx, governed)
+        try:
+            report = engine.revalidate(dry_run=dry_run, progress=progress).as_dict()
+        finally:
+            if bar is not None:
+                bar.__exit__(None, None, None)
+    emit(ctx, report, lambda: _revalidation_text(report))
+
+
+# -- policy -------------------------------------------------------------------------------------
+
+
+@main.group("policy")
+def policy_group() -> None:
+    """Build, reload, inspect and roll back policy versions."""
+
+
+@policy_group.command("build")
+@click.option("--reason", default="policy build", show_default=True)
+@common
+def policy_build(ctx: Ctx, reason: str) -> None:
+    """Check, test, build and sign the workspace's policies; record the version."""
+    with _engine(ctx) as engine:
+        version = engine.build_policy(actor=ctx.actor, reason=reason)
+    emit(ctx, version.as_dict(), f"policy {version.hash}\n  bundle {version.bundle_path}"
+                                 f"{' (active)' if version.active else ''}")
+
+
+@policy_group.command("reload")
+@click.option("--reason", default="policy reload", show_default=True)
+@click.option("--dry-run", is_flag=True, help="Show who would be invalidated; activate nothing.")
+@common
+def policy_reload(ctx: Ctx, reason: str, dry_run: bool) -> None:
+    """Rebuild; if the hash changed, activate it and revalidate every agent."""
+    with _engine(ctx) as engine:
+        result = engine.reload_policy(actor=ctx.actor, reason=reason, dry_run=dry_run)
+
+    def text() -> str:
+        if not result["changed"]:
+            return f"policy unchanged ({result['policy_hash'][:12]})"
+        head = f"{'would activate' if dry_run else 'activated'} policy {result['policy_hash'][:12]}"
+        return head + "\n" + _revalidation_text(result["revalidation"])
+
+    emit(ctx, result, text)
+
+
+@policy_group.command("history")
+@common
+def policy_history(ctx: Ctx) -> None:
+    """Every recorded policy version."""
+    with _engine(ctx) as engine:
+        versions = [v.as_dict() for v in engine.policy_history()]
+    emit(ctx, versions, lambda: "\n".join(
+        f"{'*' if v['active'] else ' '} {v['hash'][:16]} {v['created_at']} {v['actor']}: {v['reason']}"
+        for v in versions))
+
+
+@policy_group.command("diff")
+@click.argument("a")
+@click.argument("b")
+@common
+def policy_diff(ctx: Ctx, a: str, b: str) -> None:
+    """Unified diff of the policy files of two versions."""
+    with _engine(ctx) as engine:
+        diff = engine.policy_diff(a, b)
+    emit(ctx, {"a": a, "b": b, "diff": diff}, diff or "no differences")
+
+
+@policy_group.command("rollback")
+@click.argument("policy_hash")
+@click.option("--reason", default="rollback", show_default=True)
+@common
+def policy_rollback(ctx: Ctx, policy_hash: str, reason: str) -> None:
+    """Re-activate an earlier signed bundle and revalidate."""
+    with _engine(ctx) as engine:
+        result = engine.rollback_policy(policy_hash, actor=ctx.actor, reason=reason)
+    emit(ctx, result, lambda: f"rolled back to {result['policy_hash'][:12]}\n"
+                              + _revalidation_text(result["revalidation"]))
+
+
+# -- keys ---------------------------------------------------------------------------------------
+
+
+@main.group("keys")
+def keys_group() -> None:
+    """Proof signing keys."""
+
+
+def _when(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise UsageError(f"not an ISO 8601 time: {value!r}") from exc
+    if parsed.tzinfo is None:
+        raise UsageError(f"give a time zone in {value!r} (e.g. 2026-01-01T00:00:00+00:00)")
+    return parsed
+
+
+@keys_group.command("generate")
+@click.option("--alg", type=click.Choice(["ed25519", "hmac-sha256"]), default="ed25519", show_default=True)
+@click.option("--not-before", help="Start of the validity window (ISO 8601 with zone).")
+@click.option("--not-after", help="End of the validity window (ISO 8601 with zone).")
+@common
+def keys_generate(ctx: Ctx, alg: str, not_before: str | None, not_after: str | None) -> None:
+    """Generate a proof key and make it the active signer."""
+    with _engine(ctx) as engine:
+        state = engine.generate_key(alg=alg, actor=ctx.actor, not_before=_when(not_before),
+                                    not_after=_when(not_after))
+    emit(ctx, state.as_dict(), f"generated {alg} key {state.keyid} (active)")
+
+
+@keys_group.command("list")
+@common
+def keys_list(ctx: Ctx) -> None:
+    """List proof keys with their state."""
+    with _engine(ctx) as engine:
+        states = [k.as_dict() for k in engine.list_keys()]
+    emit(ctx, states, lambda: "\n".join(
+        f"{k['keyid'][:16]} {k['alg']:<11} {'active ' if k['active'] else '       '}"
+        f"{'revoked ' + k['revoked_at'] if k['revoked_at'] else ''}" for k in states))
+
+
+@keys_group.command("revoke")
+@click.argument("keyid")
+@click.option("--reason", required=True, help="Why (kept in the audit log).")
+@common
+def keys_revoke(ctx: Ctx, keyid: str, reason: str) -> None:
+    """Revoke a key: proofs it signed stop admitting at once; run `agov revalidate` to re-sign."""
+    with _engine(ctx) as engine:
+        matches = [k.keyid for k in engine.list_keys() if k.keyid.startswith(keyid)] if len(keyid) >= 8 else []
+        if len(matches) != 1:
+            raise NotFoundError(f"{'no' if not matches else 'more than one'} key matches {keyid!r}",
+                                hint="`agov keys list` shows the keys (give at least 8 characters)")
+        state = engine.revoke_key(matches[0], reason=reason, actor=ctx.actor)
+    emit(ctx, state.as_dict(), f"revoked {state.keyid} at {state.revoked_at}\n"
+                               "  hint: `agov keys generate` then `agov revalidate` to re-sign valid agents")
+
+
+# -- audit --------------------------------------------------------------------------------------
+
+
+@main.group("audit")
+def audit_group() -> None:
+    """The hash-chained audit log."""
+
+
+@audit_group.command("verify")
+@common
+def audit_verify(ctx: Ctx) -> None:
+    """Check the chain; report the first bad sequence number."""
+    with _engine(ctx) as engine:
+        report = engine.verify_audit()
+    emit(ctx, report.as_dict(), f"audit log ok ({report.events} events)" if report.ok else
+         f"audit log TAMPERED at sequence {report.first_bad_seq}: {report.problem}")
+    sys.exit(EXIT_OK if report.ok else EXIT_DENIED)
+
+
+@audit_group.command("export")
+@common
+def audit_export(ctx: Ctx) -> None:
+    """Write every event as JSON lines."""
+    with _engine(ctx) as engine:
+        for line in engine.export_audit():
+            click.echo(line)
+
+
+# -- demo and serve -----------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--keep", is_flag=True, help="Keep the temporary workspace and print its path.")
+@common
+def demo(ctx: Ctx, keep: bool) -> None:
+    """The whole loop in a temporary workspace, told as a story."""
+    from agov.demo import run_demo
+
+    run_demo(keep=keep, echo=click.echo)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

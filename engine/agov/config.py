@@ -1,0 +1,86 @@
+"""Workspace configuration (``agov.yaml``): a frozen dataclass with explicit limits."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agov.errors import WorkspaceError
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on work and input sizes; every one of them is enforced, none is advisory."""
+
+    max_spec_bytes: int = 256 * 1024
+    max_proof_bytes: int = 64 * 1024
+    opa_timeout_s: float = 2.0
+    opa_start_timeout_s: float = 20.0
+    revalidation_chunk_size: int = 1000
+
+
+@dataclass(frozen=True)
+class OrgLimits:
+    """Organisation limits passed to the promotion policy as ``input.org``."""
+
+    max_monthly_budget_usd: float = 1000.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """What ``agov.yaml`` holds. Unknown keys are refused so that typos do not pass silently."""
+
+    workspace: str = "default"
+    runtime: str = "managed"  # managed | external
+    opa_url: str | None = None
+    opa_token: str | None = None
+    opa_ca_file: str | None = None
+    opa_client_cert: str | None = None
+    opa_client_key: str | None = None
+    sandbox_ttl_days: int = 30
+    proof_ttl_days: int | None = 365
+    org: OrgLimits = field(default_factory=OrgLimits)
+    limits: Limits = field(default_factory=Limits)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(asdict(self), sort_keys=False)
+
+
+def _build(cls: type[Any], raw: Any, where: str) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise WorkspaceError(f"{where} must be a mapping")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise WorkspaceError(f"{where}: unknown key(s) {', '.join(unknown)}", hint=f"known: {', '.join(known)}")
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        nested = {"org": OrgLimits, "limits": Limits}.get(name) if cls is Config else None
+        values[name] = _build(nested, value, f"{where}.{name}") if nested else value
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise WorkspaceError(f"{where}: {exc}") from exc
+
+
+def load_config(path: Path) -> Config:
+    """Read ``agov.yaml``.
+
+    Raises:
+        WorkspaceError: missing, unparseable, or holding unknown keys or bad values.
+    """
+    try:
+        raw = yaml.safe_load(path.read_text()) if path.exists() else None
+    except (OSError, yaml.YAMLError) as exc:
+        raise WorkspaceError(f"cannot read {path}: {exc}") from exc
+    config: Config = _build(Config, raw, str(path.name))
+    if config.runtime not in ("managed", "external"):
+        raise WorkspaceError(f"{path.name}: runtime must be 'managed' or 'external', not {config.runtime!r}")
+    if config.limits.revalidation_chunk_size < 1 or config.limits.opa_timeout_s <= 0:
+        raise WorkspaceError(f"{path.name}: limits must be positive")
+    return config

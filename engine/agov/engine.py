@@ -1,0 +1,386 @@
+"""The Python API: one :class:`Engine` per workspace, the same operations as the CLI.
+
+    from agov.engine import Engine
+
+    with Engine.open("./.agov") as engine:
+        decision = engine.admit("finance-reconciler")
+        if not decision.allow:
+            raise SystemExit(f"refused: {decision.code}")
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from agov import admission, audit, keyring, keys, policy, promotion, registry, revalidation
+from agov.config import Config
+from agov.decisions import AdmissionDecision, Code
+from agov.errors import AgovError, PolicyError, UsageError
+from agov.observability import Metrics, log_decision
+from agov.opa.binary import find_opa
+from agov.opa.evaluator import Evaluator, EvaluatorConfig
+from agov.policy import PolicyVersion
+from agov.proofs import TrustedKey
+from agov.registry import AgentRecord, CreationMode
+from agov.revalidation import RevalidationReport
+from agov.store.sqlite import parse_iso, utcnow
+from agov.workspace import Workspace, create_layout
+
+SYSTEM_ACTOR = "agov"
+
+
+class Engine:
+    """A workspace with its store, keys and (lazily started) OPA evaluator.
+
+    Only one thing is started on demand: the OPA sidecar, on the first decision. ``close()`` (or
+    leaving the ``with`` block) stops it.
+    """
+
+    def __init__(
+        self,
+        workspace: Workspace,
+        *,
+        evaluator: Evaluator | None = None,
+        clock: Callable[[], datetime] = utcnow,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.workspace = workspace
+        self.config: Config = workspace.config
+        self.store = workspace.store()
+        self.clock = clock
+        self.metrics = metrics or Metrics()
+        self._evaluator = evaluator
+        self._owns_evaluator = evaluator is None
+        self._key_material: dict[str, TrustedKey] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, home: str | Path, **kwargs: Any) -> Engine:
+        """Raises: WorkspaceError: no workspace at ``home``."""
+        return cls(Workspace.open(Path(home)), **kwargs)
+
+    @classmethod
+    def init(cls, home: str | Path, config: Config | None = None, *, actor: str = SYSTEM_ACTOR) -> Engine:
+        """Create a workspace: files, a proof key, the bundle key, and the first active policy.
+
+        Raises:
+            WorkspaceError: something would be overwritten (nothing is written then).
+            PolicyError: the shipped policies failed to build.
+        """
+        home = Path(home)
+        workspace = create_layout(home, config or Config())
+        engine = cls(workspace)
+        try:
+            keyring.generate(engine.store, workspace.keys, actor=actor)
+            built = policy.build(find_opa(), workspace.policies, workspace.bundles, workspace.keys)
+            policy.record(engine.store, built, actor=actor, reason="initial policy")
+            policy.mark_active(engine.store, built.policy_hash, event=Code.POLICY_HOTRELOAD, actor=actor,
+                               reason="initial policy")
+            with engine.store.transaction() as tx:
+                tx.audit(Code.WORKSPACE_INIT, actor=actor, policy_hash=built.policy_hash,
+                         payload={"home": str(home)})
+        except BaseException:
+            engine.close()
+            raise
+        return engine
+
+    def close(self) -> None:
+        if self._evaluator is not None and self._owns_evaluator:
+            self._evaluator.close()
+            self._evaluator = None
+        self.store.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- OPA -------------------------------------------------------------------------------------
+
+    def _evaluator_config(self) -> EvaluatorConfig:
+        return EvaluatorConfig(timeout_s=self.config.limits.opa_timeout_s)
+
+    def _start_managed(self, version: PolicyVersion) -> Evaluator:
+        from agov.opa.managed import ManagedSidecar
+
+        bundle_key = keys.ensure_bundle_signing_key(self.workspace.keys)
+        sidecar = ManagedSidecar(
+            bundle_bytes=policy.bundle_bytes(version),
+            revision=version.hash,
+            verification_public_key_pem=bundle_key.public_pem_path.read_bytes(),
+            keyid=bundle_key.keyid,
+            config=self._evaluator_config(),
+            start_timeout_s=self.config.limits.opa_start_timeout_s,
+        )
+        sidecar.start()
+        return sidecar
+
+    def evaluator(self) -> Evaluator:
+        """The evaluator for the active policy, started on first use.
+
+        Raises:
+            EngineUnavailableError: OPA could not be started or reached.
+            PolicyError: there is no active policy.
+        """
+        if self._evaluator is None:
+            if self.config.runtime == "external":
+                from agov.opa.external import ExternalSidecar
+
+                self._evaluator = ExternalSidecar.from_config(self.config, self._evaluator_config())
+            else:
+                self._evaluator = self._start_managed(policy.require_active(self.store))
+        return self._evaluator
+
+    # -- agents ----------------------------------------------------------------------------------
+
+    def create_agent(self, document: Mapping[str, Any], *, mode: CreationMode, source: str, actor: str,
+                     notes: str = "") -> AgentRecord:
+        """Raises: SpecError, UsageError (see :func:`agov.registry.create_agent`)."""
+        try:
+            return registry.create_agent(self.store, self.config, document, mode=mode, source=source, actor=actor,
+                                         notes=notes, now=self.clock())
+        except AgovError as exc:
+            self._reject("create", exc, actor=actor)
+            raise
+
+    def update_agent(self, agent_id: str, document: Mapping[str, Any], *, actor: str, notes: str = "") -> AgentRecord:
+        """Raises: NotFoundError, SpecError, UsageError."""
+        try:
+            return registry.update_agent(self.store, self.config, agent_id, document, actor=actor, notes=notes,
+                                         now=self.clock())
+        except AgovError as exc:
+            self._reject("update", exc, actor=actor, agent_id=agent_id)
+            raise
+
+    def _reject(self, operation: str, exc: AgovError, *, actor: str, agent_id: str | None = None) -> None:
+        """The one row a rejected request leaves: its audit event."""
+        self.store.record_rejection(Code.REQUEST_REJECTED, actor=actor, agent_id=None if agent_id is None else
+                                    (agent_id if self._agent_exists(agent_id) else None),
+                                    payload={"operation": operation, "error": type(exc).__name__,
+                                             "message": exc.message, "agent_ref": agent_id})
+
+    def _agent_exists(self, agent_id: str) -> bool:
+        return self.store.query_one("SELECT 1 FROM agents WHERE id = ?", (agent_id,)) is not None
+
+    def get_agent(self, agent_id: str) -> AgentRecord:
+        return registry.get_agent(self.store, agent_id)
+
+    def list_agents(self, **filters: Any) -> list[AgentRecord]:
+        return registry.list_agents(self.store, **filters)
+
+    def history(self, agent_id: str) -> dict[str, Any]:
+        return registry.history(self.store, agent_id)
+
+    # -- decisions --------------------------------------------------------------------------------
+
+    def promote(self, agent_id: str, *, actor: str, role: str) -> promotion.PromotionResult:
+        """Evaluate promotion; on allow sign a proof. Errors on the way become a deny.
+
+        Raises:
+            NotFoundError: no such agent.
+            UsageError: a concurrent change to the agent won.
+        """
+        agent = registry.get_agent(self.store, agent_id)
+        self.metrics.promotion_attempts.inc()
+        started = time.perf_counter()
+        try:
+            policy_hash = policy.require_active(self.store).hash
+        except PolicyError as exc:
+            policy_hash = ""
+            failure: AgovError | None = exc
+        else:
+            failure = None
+
+        def evaluator() -> Evaluator:
+            if failure is not None:
+                raise failure
+            return self.evaluator()
+
+        result = promotion.promote(
+            self.store, self.config, agent, evaluator,
+            lambda: keyring.active_signer(self.store, self.workspace.keys),
+            actor=actor, role=role, policy_hash=policy_hash, now=self.clock(),
+        )
+        self.metrics.decision_latency.labels("promotion").observe(time.perf_counter() - started)
+        for reason in result.deny:
+            self.metrics.promotion_denies.labels(reason.code).inc()
+        log_decision("promotion", Code.PROMOTION_SUCCESS if result.allow else Code.PROMOTION_DENIED,
+                     agent_id=agent_id, actor=actor, policy_hash=policy_hash, decision_id=result.decision_id,
+                     deny=[r.code for r in result.deny])
+        return result
+
+    def _trusted_key(self, keyid: str) -> TrustedKey | None:
+        return keyring.trusted_key(self.store, self.workspace.keys, keyid)
+
+    def _current_proof(self, agent_id: str) -> tuple[Any | None, datetime | None]:
+        row = self.store.query_one("SELECT * FROM agent_proofs WHERE agent_id = ? AND superseded_at IS NULL",
+                                   (agent_id,))
+        newest = self.store.query_one("SELECT MAX(issued_at) AS newest FROM agent_proofs WHERE agent_id = ?",
+                                      (agent_id,))
+        return row, parse_iso(newest["newest"]) if newest is not None else None
+
+    def admit(self, agent_id: str) -> AdmissionDecision:
+        """Fail-closed admission of one start.
+
+        Raises:
+            NotFoundError: no such agent (bad input; every other failure is a deny).
+        """
+        started = time.perf_counter()
+        decision = admission.admit(
+            lambda: registry.get_agent(self.store, agent_id),
+            self._current_proof,
+            self._trusted_key,
+            lambda: policy.require_active(self.store).hash,
+            self.evaluator,
+            self.clock(),
+            max_proof_bytes=self.config.limits.max_proof_bytes,
+        )
+        self.metrics.decision_latency.labels("admission").observe(time.perf_counter() - started)
+        if decision.allow:
+            self.metrics.starts_allowed.inc()
+        else:
+            self.metrics.starts_denied.labels(decision.code).inc()
+        log_decision("admission", decision.code, agent_id=agent_id, policy_hash=decision.policy_hash,
+                     decision_id=decision.decision_id)
+        return decision
+
+    # -- policy ----------------------------------------------------------------------------------
+
+    def active_policy(self) -> PolicyVersion:
+        return policy.require_active(self.store)
+
+    def build_policy(self, *, actor: str, reason: str) -> PolicyVersion:
+        """Check, build, sign and record the workspace's policy (activates it only if none is).
+
+        Raises:
+            PolicyError: check, test or build failed.
+        """
+        built = policy.build(find_opa(), self.workspace.policies, self.workspace.bundles, self.workspace.keys)
+        version = policy.record(self.store, built, actor=actor, reason=reason)
+        if policy.active_version(self.store) is None:
+            version = policy.mark_active(self.store, built.policy_hash, event=Code.POLICY_HOTRELOAD, actor=actor,
+                                         reason=reason)
+        return version
+
+    def revalidate(self, *, dry_run: bool = False, progress: Callable[[int], None] | None = None,
+                   evaluator: Evaluator | None = None, policy_hash: str | None = None,
+                   previous_hash: str | None = None) -> RevalidationReport:
+        """Re-evaluate every governed agent under the active policy (or ``policy_hash`` in a dry run).
+
+        Raises:
+            EngineUnavailableError, DecisionError: OPA failed; rerun to resume.
+            KeyMaterialError: no active signing key.
+        """
+        target = policy_hash or policy.require_active(self.store).hash
+        report = revalidation.revalidate(
+            self.store, self.config, evaluator or self.evaluator(),
+            lambda: keyring.active_signer(self.store, self.workspace.keys),
+            policy_hash=target, now_fn=self.clock, dry_run=dry_run, previous_hash=previous_hash, progress=progress,
+        )
+        if not dry_run:
+            self.metrics.invalidations.inc(report.newly_invalidated)
+        return report
+
+    def reload_policy(self, *, actor: str, reason: str, dry_run: bool = False,
+                      progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Rebuild the policy; if its hash changed, activate it and revalidate every agent.
+
+        A policy that does not compile or whose tests fail is refused and the old one stays.
+
+        Raises:
+            PolicyError: refused (counted in ``policy_reload_failure_total`` and audited).
+        """
+        active = policy.active_version(self.store)
+        try:
+            built = policy.build(find_opa(), self.workspace.policies, self.workspace.bundles, self.workspace.keys)
+        except PolicyError as exc:
+            self.metrics.reload_failure.inc()
+            self.store.record_rejection(Code.POLICY_RELOAD_REFUSED, actor=actor,
+                                        policy_hash=active.hash if active else None,
+                                        payload={"reason": reason, "error": exc.message[:4000]})
+            raise
+        if active is not None and built.policy_hash == active.hash:
+            return {"changed": False, "policy_hash": active.hash, "revalidation": None}
+        if dry_run:
+            return {"changed": True, "dry_run": True, "policy_hash": built.policy_hash,
+                    "previous_hash": active.hash if active else None,
+                    "revalidation": self._dry_run_on(built.content, built.policy_hash).as_dict()}
+        version = policy.record(self.store, built, actor=actor, reason=reason)
+        report = self._switch(version, event=Code.POLICY_HOTRELOAD, actor=actor, reason=reason, progress=progress)
+        self.metrics.reload_success.inc()
+        return {"changed": True, "policy_hash": version.hash, "previous_hash": active.hash if active else None,
+                "revalidation": report.as_dict()}
+
+    def rollback_policy(self, hash_prefix: str, *, actor: str, reason: str,
+                        progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Re-activate an earlier signed bundle and revalidate.
+
+        Raises:
+            NotFoundError: unknown or ambiguous hash.
+            UsageError: that version is already active.
+        """
+        target = policy.find_version(self.store, hash_prefix)
+        active = policy.active_version(self.store)
+        if active is not None and active.hash == target.hash:
+            raise UsageError(f"policy {target.hash[:12]} is already active")
+        report = self._switch(target, event=Code.POLICY_ROLLBACK, actor=actor, reason=reason, progress=progress)
+        return {"policy_hash": target.hash, "previous_hash": active.hash if active else None,
+                "revalidation": report.as_dict()}
+
+    def _switch(self, version: PolicyVersion, *, event: Code, actor: str, reason: str,
+                progress: Callable[[int], None] | None) -> RevalidationReport:
+        """Activate in OPA first, then in the store, then revalidate. Between the two steps every
+        decision fails closed, because OPA's revision no longer matches the store's."""
+        previous = policy.active_version(self.store)
+        if self._evaluator is not None and hasattr(self._evaluator, "activate"):
+            self._evaluator.activate(policy.bundle_bytes(version), version.hash)
+        elif self._evaluator is not None:
+            self._evaluator.close()
+            self._evaluator = None
+        policy.mark_active(self.store, version.hash, event=event, actor=actor, reason=reason)
+        return self.revalidate(previous_hash=previous.hash if previous else None, progress=progress)
+
+    def _dry_run_on(self, content: bytes, policy_hash: str) -> RevalidationReport:
+        """Evaluate a candidate bundle in a throwaway sidecar: nothing is activated or written."""
+        from agov.opa.managed import ManagedSidecar
+
+        bundle_key = keys.ensure_bundle_signing_key(self.workspace.keys)
+        with ManagedSidecar(
+            bundle_bytes=content, revision=policy_hash,
+            verification_public_key_pem=bundle_key.public_pem_path.read_bytes(), keyid=bundle_key.keyid,
+            config=self._evaluator_config(), start_timeout_s=self.config.limits.opa_start_timeout_s,
+        ) as candidate:
+            return self.revalidate(dry_run=True, evaluator=candidate, policy_hash=policy_hash)
+
+    def policy_history(self) -> list[PolicyVersion]:
+        return policy.history(self.store)
+
+    def policy_diff(self, a: str, b: str) -> str:
+        return policy.diff(self.store, a, b)
+
+    # -- keys and audit -------------------------------------------------------------------------
+
+    def generate_key(self, *, alg: str, actor: str, not_before: datetime | None = None,
+                     not_after: datetime | None = None) -> keyring.KeyState:
+        return keyring.generate(self.store, self.workspace.keys, alg=alg, actor=actor, not_before=not_before,
+                                not_after=not_after, now=self.clock())
+
+    def list_keys(self) -> list[keyring.KeyState]:
+        return keyring.list_keys(self.store)
+
+    def revoke_key(self, keyid: str, *, reason: str, actor: str) -> keyring.KeyState:
+        return keyring.revoke(self.store, keyid, reason=reason, actor=actor, now=self.clock())
+
+    def verify_audit(self) -> audit.AuditReport:
+        return audit.verify_chain(self.store)
+
+    def export_audit(self) -> Iterator[str]:
+        return audit.export_lines(self.store)

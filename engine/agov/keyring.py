@@ -1,0 +1,126 @@
+"""Proof signing keys as the workspace knows them: files (keys.py) plus their state in the store
+(active signer, validity window, revocation time)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from agov import keys
+from agov.decisions import Code
+from agov.errors import KeyMaterialError, NotFoundError, UsageError
+from agov.proofs import ProofSigner, TrustedKey
+from agov.store import Store
+from agov.store.sqlite import iso, parse_iso, utcnow
+
+ALGORITHMS = ("ed25519", "hmac-sha256")
+
+
+@dataclass(frozen=True)
+class KeyState:
+    keyid: str
+    alg: str
+    created_at: str
+    not_before: str | None
+    not_after: str | None
+    revoked_at: str | None
+    revoke_reason: str | None
+    active: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _state(row: Any) -> KeyState:
+    return KeyState(row["keyid"], row["alg"], row["created_at"], row["not_before"], row["not_after"],
+                    row["revoked_at"], row["revoke_reason"], bool(row["active"]))
+
+
+def generate(
+    store: Store,
+    keys_dir: Path,
+    *,
+    alg: str = "ed25519",
+    actor: str,
+    not_before: datetime | None = None,
+    not_after: datetime | None = None,
+    now: datetime | None = None,
+) -> KeyState:
+    """Create a proof key and make it the active signer (older keys still verify until revoked).
+
+    Raises:
+        UsageError: unknown algorithm or an empty validity window.
+    """
+    if alg not in ALGORITHMS:
+        raise UsageError(f"unknown algorithm {alg!r}", hint=f"one of {', '.join(ALGORITHMS)}")
+    if not_before and not_after and not_after <= not_before:
+        raise UsageError("--not-after must be later than --not-before")
+    now = now or utcnow()
+    info = keys.generate_proof_key(keys_dir, alg=alg)
+    with store.transaction() as tx:
+        tx.execute("UPDATE signing_keys SET active = 0 WHERE active = 1")
+        tx.execute(
+            "INSERT INTO signing_keys (keyid, alg, created_at, not_before, not_after, active) VALUES (?, ?, ?, ?, ?, 1)",
+            (info.keyid, alg, iso(now), iso(not_before), iso(not_after)),
+        )
+        tx.audit(Code.KEY_GENERATED, actor=actor, now=now, payload={"keyid": info.keyid, "alg": alg})
+    return get(store, info.keyid)
+
+
+def get(store: Store, keyid: str) -> KeyState:
+    row = store.query_one("SELECT * FROM signing_keys WHERE keyid = ?", (keyid,))
+    if row is None:
+        raise NotFoundError(f"no key with id {keyid!r}", hint="`agov keys list` shows the keys")
+    return _state(row)
+
+
+def list_keys(store: Store) -> list[KeyState]:
+    return [_state(r) for r in store.query("SELECT * FROM signing_keys ORDER BY created_at, keyid")]
+
+
+def revoke(store: Store, keyid: str, *, reason: str, actor: str, now: datetime | None = None) -> KeyState:
+    """Revoke a key from ``now`` on: proofs it signed stop admitting agents at once.
+
+    Raises:
+        NotFoundError: no such key.
+        UsageError: already revoked.
+    """
+    state = get(store, keyid)
+    if state.revoked_at:
+        raise UsageError(f"key {keyid} was already revoked at {state.revoked_at}")
+    now = now or utcnow()
+    with store.transaction() as tx:
+        tx.execute("UPDATE signing_keys SET revoked_at = ?, revoke_reason = ?, active = 0 WHERE keyid = ?",
+                   (iso(now), reason, keyid))
+        tx.audit(Code.KEY_REVOKED, actor=actor, now=now, payload={"keyid": keyid, "reason": reason})
+    return get(store, keyid)
+
+
+def active_signer(store: Store, keys_dir: Path) -> ProofSigner:
+    """The key new proofs are signed with.
+
+    Raises:
+        KeyMaterialError: there is no active, unrevoked key, or its file is missing.
+    """
+    row = store.query_one("SELECT * FROM signing_keys WHERE active = 1 AND revoked_at IS NULL")
+    if row is None:
+        raise KeyMaterialError("no active proof signing key", hint="run `agov keys generate`")
+    return keys.load_signer(keys_dir, row["keyid"])
+
+
+def trusted_key(store: Store, keys_dir: Path, keyid: str) -> TrustedKey | None:
+    """The verification key for ``keyid`` with its current window and revocation (None if unknown).
+
+    The revocation state and window are read from the store every time, never cached.
+    """
+    row = store.query_one("SELECT * FROM signing_keys WHERE keyid = ?", (keyid,))
+    if row is None:
+        return None
+    return keys.load_trusted_key(
+        keys_dir, keyid,
+        not_before=parse_iso(row["not_before"]),
+        not_after=parse_iso(row["not_after"]),
+        revoked_at=parse_iso(row["revoked_at"]),
+    )

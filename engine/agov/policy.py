@@ -1,0 +1,160 @@
+"""Policy versions: build, activate, history, diff and rollback (service layer).
+
+The store's active ``policy_versions`` row is the hash every decision must be produced by; the
+sidecar is switched to a bundle before the row is, and each decision checks the revision OPA
+reports against it, so no decision is ever recorded under a hash that did not produce it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import io
+import tarfile
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from agov import keys
+from agov.bundle import BuiltBundle, build_bundle, check_policies, compute_policy_hash
+from agov.decisions import Code
+from agov.errors import NotFoundError, PolicyError
+from agov.store import Store
+from agov.store.sqlite import iso, utcnow
+
+
+@dataclass(frozen=True)
+class PolicyVersion:
+    seq: int
+    hash: str
+    bundle_path: str
+    actor: str
+    reason: str
+    created_at: str
+    active: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _version(row: Any) -> PolicyVersion:
+    return PolicyVersion(row["seq"], row["hash"], row["bundle_path"], row["actor"], row["reason"],
+                         row["created_at"], bool(row["active"]))
+
+
+def active_version(store: Store) -> PolicyVersion | None:
+    row = store.query_one("SELECT * FROM policy_versions WHERE active = 1")
+    return _version(row) if row else None
+
+
+def require_active(store: Store) -> PolicyVersion:
+    """Raises: PolicyError: no policy has been built and activated yet."""
+    version = active_version(store)
+    if version is None:
+        raise PolicyError("no active policy", hint="run `agov policy build`")
+    return version
+
+
+def find_version(store: Store, prefix: str) -> PolicyVersion:
+    """A version by its hash or a unique prefix of it (at least 8 characters).
+
+    Raises:
+        NotFoundError: no version, or the prefix is ambiguous.
+    """
+    if len(prefix) < 8:
+        raise NotFoundError(f"policy hash prefix {prefix!r} is too short", hint="give at least 8 characters")
+    rows = store.query("SELECT * FROM policy_versions WHERE hash LIKE ? ORDER BY seq", (prefix + "%",))
+    if len(rows) != 1:
+        raise NotFoundError(
+            f"{'no' if not rows else 'more than one'} policy version matches {prefix!r}",
+            hint="`agov policy history` lists the versions",
+        )
+    return _version(rows[0])
+
+
+def history(store: Store) -> list[PolicyVersion]:
+    return [_version(r) for r in store.query("SELECT * FROM policy_versions ORDER BY seq")]
+
+
+def build(opa: Path, policies: Path, bundles: Path, keys_dir: Path) -> BuiltBundle:
+    """Check (``opa check --strict`` and ``opa test``), then build and sign the bundle.
+
+    Raises:
+        PolicyError: the policy does not compile, a test fails, or the build failed.
+    """
+    check_policies(opa, policies)
+    bundle_key = keys.ensure_bundle_signing_key(keys_dir)
+    return build_bundle(opa, policies, bundles, signing_key=bundle_key.private_pem_path)
+
+
+def record(store: Store, built: BuiltBundle, *, actor: str, reason: str, now: datetime | None = None) -> PolicyVersion:
+    """Record a built bundle as a known (not yet active) version; idempotent per hash."""
+    now = now or utcnow()
+    with store.transaction() as tx:
+        tx.execute(
+            "INSERT INTO policy_versions (hash, bundle_path, actor, reason, created_at) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT(hash) DO UPDATE SET bundle_path = excluded.bundle_path",
+            (built.policy_hash, str(built.path), actor, reason, iso(now)),
+        )
+    row = store.query_one("SELECT * FROM policy_versions WHERE hash = ?", (built.policy_hash,))
+    assert row is not None
+    return _version(row)
+
+
+def mark_active(
+    store: Store, policy_hash: str, *, event: Code, actor: str, reason: str, now: datetime | None = None,
+    extra: dict[str, Any] | None = None,
+) -> PolicyVersion:
+    """Flip the active row and write the audit event, in one transaction."""
+    now = now or utcnow()
+    previous = active_version(store)
+    with store.transaction() as tx:
+        tx.execute("UPDATE policy_versions SET active = 0 WHERE active = 1")
+        if tx.execute("UPDATE policy_versions SET active = 1 WHERE hash = ?", (policy_hash,)).rowcount != 1:
+            raise NotFoundError(f"policy version {policy_hash} is not recorded")
+        tx.audit(event, actor=actor, policy_hash=policy_hash, now=now,
+                 payload={"previous_hash": previous.hash if previous else None, "reason": reason, **(extra or {})})
+    return require_active(store)
+
+
+def bundle_bytes(version: PolicyVersion) -> bytes:
+    """Raises: PolicyError: the bundle file of a recorded version is gone."""
+    try:
+        return Path(version.bundle_path).read_bytes()
+    except OSError as exc:
+        raise PolicyError(f"bundle of policy {version.hash[:12]} is unreadable: {exc}",
+                          hint="rebuild it with `agov policy build`") from exc
+
+
+def bundle_sources(content: bytes) -> dict[str, str]:
+    """The policy and data files in a bundle tarball (no signatures, no manifest)."""
+    sources: dict[str, str] = {}
+    with tarfile.open(fileobj=io.BytesIO(content), mode="r:gz") as tar:
+        for member in tar.getmembers():
+            name = member.name.lstrip("/")
+            if member.isfile() and not name.startswith("."):
+                extracted = tar.extractfile(member)
+                if extracted is not None:
+                    sources[name] = extracted.read().decode("utf-8", errors="replace")
+    return sources
+
+
+def diff(store: Store, a: str, b: str) -> str:
+    """A unified diff of the policy files of two recorded versions.
+
+    Raises:
+        NotFoundError: either version is unknown.
+    """
+    va, vb = find_version(store, a), find_version(store, b)
+    sa, sb = bundle_sources(bundle_bytes(va)), bundle_sources(bundle_bytes(vb))
+    out: list[str] = []
+    for name in sorted(set(sa) | set(sb)):
+        out.extend(difflib.unified_diff(
+            sa.get(name, "").splitlines(keepends=True), sb.get(name, "").splitlines(keepends=True),
+            fromfile=f"{va.hash[:12]}/{name}", tofile=f"{vb.hash[:12]}/{name}",
+        ))
+    return "".join(out)
+
+
+def current_tree_hash(policies: Path) -> str:
+    return compute_policy_hash(policies)

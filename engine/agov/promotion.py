@@ -1,0 +1,176 @@
+"""Promotion: ask ``agov.promotion``; on allow sign a proof and govern the agent.
+
+On deny (including a fail-closed deny) nothing changes but the audit events
+``PROMOTION_ATTEMPT`` and ``PROMOTION_DENIED``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from agov.config import Config
+from agov.decisions import Code, PolicyVerdict, Reason, parse_verdict
+from agov.errors import AgovError, UsageError
+from agov.hashing import digest
+from agov.opa.evaluator import Evaluator
+from agov.proofs import ProofClaims, ProofSigner, sign_proof
+from agov.registry import AgentRecord
+from agov.store import Store
+from agov.store.sqlite import Tx, iso
+
+PROMOTION_PATH = "agov/promotion/decision"
+PROMOTION_DENY_ENGINE_UNAVAILABLE = "PROMOTION_DENY_ENGINE_UNAVAILABLE"
+
+
+@dataclass(frozen=True)
+class PromotionResult:
+    agent_id: str
+    allow: bool
+    status: str
+    deny: tuple[Reason, ...]
+    warn: tuple[Reason, ...]
+    policy_hash: str | None
+    decision_id: str | None
+    proof_keyid: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "agent_id": self.agent_id,
+            "decision": "allow" if self.allow else "deny",
+            "allow": self.allow,
+            "status": self.status,
+            "deny": [r.as_dict() for r in self.deny],
+            "warn": [r.as_dict() for r in self.warn],
+            "policy_hash": self.policy_hash,
+            "decision_id": self.decision_id,
+            "proof_keyid": self.proof_keyid,
+        }
+
+
+def promotion_input(agent: AgentRecord, config: Config, *, actor: str, role: str, policy_hash: str,
+                    now: datetime) -> dict[str, Any]:
+    return {
+        "agent": agent.spec.document,
+        "actor": {"id": actor, "role": role},
+        "org": asdict(config.org),
+        "policy_hash": policy_hash,
+        "now": iso(now),
+    }
+
+
+@dataclass(frozen=True)
+class ProofTarget:
+    """What a proof is issued for: one agent version as read, with its optimistic-lock counter."""
+
+    agent_id: str
+    version: int
+    spec_hash: str
+    row_version: int
+
+
+def issue_proof(
+    tx: Tx,
+    agent: ProofTarget,
+    verdict: PolicyVerdict,
+    signer: ProofSigner,
+    *,
+    policy_hash: str,
+    decision_id: str | None,
+    input_digest: str,
+    actor: str,
+    role: str,
+    now: datetime,
+    proof_ttl_days: int | None,
+) -> None:
+    """Sign a proof for the agent's current version, supersede the old one, set the status.
+
+    Raises:
+        UsageError: the agent changed since it was read (another promotion or update won).
+    """
+    status = verdict.status
+    expires = now + timedelta(days=proof_ttl_days) if proof_ttl_days else None
+    claims = ProofClaims(
+        agent_id=agent.agent_id, version=agent.version, spec_hash=agent.spec_hash, policy_hash=policy_hash,
+        decision_id=decision_id or "", input_digest=input_digest, actor=actor, role=role,
+        governance_status=status.value, issued_at=now, expires_at=expires,
+    )
+    envelope = sign_proof(claims, signer)
+    changed = tx.execute(
+        "UPDATE agents SET status = ?, reasons = ?, sandbox_expires_at = NULL, row_version = row_version + 1,"
+        " updated_at = ? WHERE id = ? AND row_version = ? AND current_version = ?",
+        (status.value, _reasons_json(verdict.warn), iso(now), agent.agent_id, agent.row_version, agent.version),
+    ).rowcount
+    if changed != 1:
+        raise UsageError(f"agent {agent.agent_id!r} changed while it was being promoted",
+                         hint="read it again and retry")
+    tx.execute("UPDATE agent_proofs SET superseded_at = ? WHERE agent_id = ? AND superseded_at IS NULL",
+               (iso(now), agent.agent_id))
+    tx.execute(
+        "INSERT INTO agent_proofs (agent_id, version, policy_hash, spec_hash, envelope, keyid, governance_status,"
+        " issued_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (agent.agent_id, agent.version, policy_hash, agent.spec_hash, envelope, signer.keyid, status.value, iso(now),
+         iso(expires)),
+    )
+
+
+def _reasons_json(reasons: tuple[Reason, ...]) -> str:
+    return json.dumps([r.as_dict() for r in reasons])
+
+
+def promote(
+    store: Store,
+    config: Config,
+    agent: AgentRecord,
+    evaluator_loader: Callable[[], Evaluator],
+    signer_loader: Callable[[], ProofSigner],
+    *,
+    actor: str,
+    role: str,
+    policy_hash: str,
+    now: datetime,
+) -> PromotionResult:
+    """Evaluate and, on allow, govern the agent. Every error ends in a deny that is audited.
+
+    Raises:
+        UsageError: a concurrent promotion or update of the same agent won (nothing written
+            by this one but its audit events).
+    """
+    decision_id: str | None = None
+    try:
+        payload = promotion_input(agent, config, actor=actor, role=role, policy_hash=policy_hash, now=now)
+        evaluation = evaluator_loader().evaluate(PROMOTION_PATH, payload, expected_revision=policy_hash)
+        decision_id = evaluation.decision_id
+        verdict = parse_verdict(evaluation.result, "promotion decision")
+        signer: ProofSigner | None = signer_loader() if verdict.allow else None
+    except AgovError as exc:
+        verdict = PolicyVerdict(False, (Reason(PROMOTION_DENY_ENGINE_UNAVAILABLE, exc.message),))
+        signer = None
+    fields = {"agent_id": agent.id, "actor": actor, "policy_hash": policy_hash, "now": now}
+    if not verdict.allow or signer is None:
+        with store.transaction() as tx:
+            tx.audit(Code.PROMOTION_ATTEMPT, payload={"role": role, "version": agent.version}, **fields)
+            tx.audit(Code.PROMOTION_DENIED, payload={"decision_id": decision_id,
+                                                     "deny": [r.as_dict() for r in verdict.deny]}, **fields)
+        return PromotionResult(agent.id, False, agent.status.value, verdict.deny, verdict.warn, policy_hash,
+                               decision_id)
+    try:
+        with store.transaction() as tx:
+            tx.audit(Code.PROMOTION_ATTEMPT, payload={"role": role, "version": agent.version}, **fields)
+            target = ProofTarget(agent.id, agent.version, agent.spec.hash, agent.row_version)
+            issue_proof(tx, target, verdict, signer, policy_hash=policy_hash, decision_id=decision_id,
+                        input_digest=digest(payload), actor=actor, role=role, now=now,
+                        proof_ttl_days=config.proof_ttl_days)
+            tx.audit(Code.PROMOTION_SUCCESS, payload={"decision_id": decision_id, "status": verdict.status.value,
+                                                      "version": agent.version, "keyid": signer.keyid,
+                                                      "warn": [r.as_dict() for r in verdict.warn]}, **fields)
+    except UsageError:
+        store.record_rejection(Code.PROMOTION_DENIED, payload={"reason": "concurrent change", "role": role},
+                               **fields)
+        raise
+    return PromotionResult(agent.id, True, verdict.status.value, (), verdict.warn, policy_hash, decision_id,
+                           signer.keyid)
+

@@ -1,0 +1,242 @@
+"""Revalidation after a policy change: every governed agent, in chunks, one OPA query per chunk.
+
+Passing agents get a fresh proof bound to the new hash; failing ones are invalidated with their
+reasons; invalidated agents that pass again are restored. Each chunk commits in one transaction
+together with the run's cursor, so a run killed at any point resumes without losing or
+duplicating a record.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from agov.config import Config
+from agov.decisions import Code, PolicyVerdict, Reason, Status, parse_verdict
+from agov.errors import DecisionError, UsageError
+from agov.hashing import digest
+from agov.opa.evaluator import Evaluator
+from agov.promotion import ProofTarget, issue_proof
+from agov.proofs import ProofSigner
+from agov.store import Store
+from agov.store.sqlite import iso
+
+REVALIDATION_PATH = "agov/revalidation/results"
+REVALIDATION_ACTOR = "agov-revalidation"
+_GOVERNED = (Status.GOVERNED_VALID.value, Status.GOVERNED_RESTRICTED.value, Status.GOVERNED_INVALIDATED.value)
+
+
+@dataclass
+class RevalidationReport:
+    policy_hash: str
+    dry_run: bool
+    run_id: int | None = None
+    resumed: bool = False
+    total: int = 0
+    valid: int = 0
+    restricted: int = 0
+    invalidated: int = 0
+    newly_invalidated: int = 0
+    restored: int = 0
+    changes: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Row:
+    agent_id: str
+    version: int
+    spec_hash: str
+    row_version: int
+    status: str
+    document: dict[str, Any]
+
+
+def _chunk(store: Store, after: str, size: int) -> list[_Row]:
+    rows = store.query(
+        "SELECT a.id, a.current_version, a.row_version, a.status, v.spec, v.spec_hash FROM agents a"
+        " JOIN agent_versions v ON v.agent_id = a.id AND v.version = a.current_version"
+        f" WHERE a.status IN ({','.join('?' * len(_GOVERNED))}) AND a.id > ? ORDER BY a.id LIMIT ?",
+        (*_GOVERNED, after, size),
+    )
+    return [_Row(r["id"], r["current_version"], r["spec_hash"], r["row_version"], r["status"], json.loads(r["spec"]))
+            for r in rows]
+
+
+def _verdicts(evaluator: Evaluator, rows: list[_Row], config: Config, policy_hash: str,
+              now: datetime) -> tuple[dict[str, PolicyVerdict], str | None, dict[str, Any]]:
+    payload = {
+        "agents": [{"id": r.agent_id, "agent": r.document} for r in rows],
+        "org": asdict(config.org),
+        "policy_hash": policy_hash,
+        "now": iso(now),
+    }
+    evaluation = evaluator.evaluate(REVALIDATION_PATH, payload, expected_revision=policy_hash)
+    results = evaluation.result
+    if not isinstance(results, dict):
+        raise DecisionError(f"revalidation results are not an object: {type(results).__name__}")
+    verdicts: dict[str, PolicyVerdict] = {}
+    for row in rows:
+        try:
+            verdicts[row.agent_id] = parse_verdict(results.get(row.agent_id), f"verdict for {row.agent_id}")
+        except DecisionError as exc:
+            # One agent without a usable verdict is invalidated, never waved through.
+            verdicts[row.agent_id] = PolicyVerdict(False, (Reason("REVALIDATION_NO_VERDICT", exc.message),))
+    return verdicts, evaluation.decision_id, payload
+
+
+def _open_run(store: Store, policy_hash: str, previous_hash: str | None, now: datetime) -> tuple[int, str, bool]:
+    row = store.query_one(
+        "SELECT id, cursor FROM revalidation_runs WHERE policy_hash = ? AND finished_at IS NULL ORDER BY id DESC",
+        (policy_hash,),
+    )
+    if row is not None:
+        return int(row["id"]), str(row["cursor"]), True
+    with store.transaction() as tx:
+        cur = tx.execute("INSERT INTO revalidation_runs (policy_hash, previous_hash, started_at) VALUES (?, ?, ?)",
+                         (policy_hash, previous_hash, iso(now)))
+        return int(cur.lastrowid or 0), "", False
+
+
+def revalidate(
+    store: Store,
+    config: Config,
+    evaluator: Evaluator,
+    signer_loader: Callable[[], ProofSigner],
+    *,
+    policy_hash: str,
+    now_fn: Callable[[], datetime],
+    dry_run: bool = False,
+    previous_hash: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> RevalidationReport:
+    """Re-evaluate every governed agent under ``policy_hash``.
+
+    Raises:
+        EngineUnavailableError, DecisionError: OPA could not evaluate a chunk; the run stops at
+            its last committed chunk and the next call resumes from there.
+        KeyMaterialError: no active signing key (nothing is changed then).
+    """
+    report = RevalidationReport(policy_hash=policy_hash, dry_run=dry_run)
+    cursor = ""
+    signer: ProofSigner | None = None
+    if not dry_run:
+        signer = signer_loader()
+        report.run_id, cursor, report.resumed = _open_run(store, policy_hash, previous_hash, now_fn())
+        if report.resumed:
+            saved = store.query_one("SELECT * FROM revalidation_runs WHERE id = ?", (report.run_id,))
+            assert saved is not None
+            for name in ("total", "valid", "restricted", "invalidated", "newly_invalidated", "restored"):
+                setattr(report, name, int(saved[name]))
+    size = config.limits.revalidation_chunk_size
+    while rows := _chunk(store, cursor, size):
+        now = now_fn()
+        verdicts, decision_id, payload = _verdicts(evaluator, rows, config, policy_hash, now)
+        if dry_run:
+            _tally_dry(report, rows, verdicts)
+        else:
+            assert signer is not None and report.run_id is not None
+            _apply(store, report, rows, verdicts, signer, decision_id, payload, policy_hash, now)
+        cursor = rows[-1].agent_id
+        if progress is not None:
+            progress(len(rows))
+    if not dry_run:
+        now = now_fn()
+        with store.transaction() as tx:
+            tx.execute("UPDATE revalidation_runs SET finished_at = ? WHERE id = ?", (iso(now), report.run_id))
+            tx.audit(Code.POLICY_REVALIDATION, actor=REVALIDATION_ACTOR, policy_hash=policy_hash, now=now,
+                     payload={"run_id": report.run_id, "resumed": report.resumed, "total": report.total,
+                              "valid": report.valid, "restricted": report.restricted,
+                              "invalidated": report.invalidated, "newly_invalidated": report.newly_invalidated,
+                              "restored": report.restored})
+    return report
+
+
+def _tally(report: RevalidationReport, verdict: PolicyVerdict) -> None:
+    report.total += 1
+    status = verdict.status
+    if status is Status.GOVERNED_VALID:
+        report.valid += 1
+    elif status is Status.GOVERNED_RESTRICTED:
+        report.restricted += 1
+    else:
+        report.invalidated += 1
+
+
+def _change(row: _Row, verdict: PolicyVerdict) -> dict[str, Any]:
+    return {"agent_id": row.agent_id, "from": row.status, "to": verdict.status.value,
+            "deny": [r.as_dict() for r in verdict.deny], "warn": [r.as_dict() for r in verdict.warn]}
+
+
+def _tally_dry(report: RevalidationReport, rows: list[_Row], verdicts: dict[str, PolicyVerdict]) -> None:
+    for row in rows:
+        verdict = verdicts[row.agent_id]
+        _tally(report, verdict)
+        if verdict.status.value != row.status:
+            if row.status == Status.GOVERNED_INVALIDATED.value:
+                report.restored += 1
+            elif not verdict.allow:
+                report.newly_invalidated += 1
+            report.changes.append(_change(row, verdict))
+
+
+def _apply(
+    store: Store,
+    report: RevalidationReport,
+    rows: list[_Row],
+    verdicts: dict[str, PolicyVerdict],
+    signer: ProofSigner,
+    decision_id: str | None,
+    payload: dict[str, Any],
+    policy_hash: str,
+    now: datetime,
+) -> None:
+    tallied = RevalidationReport(policy_hash=policy_hash, dry_run=False)
+    with store.transaction() as tx:
+        for row, agent_input in zip(rows, payload["agents"], strict=True):
+            verdict = verdicts[row.agent_id]
+            if verdict.allow:
+                try:
+                    issue_proof(
+                        tx, ProofTarget(row.agent_id, row.version, row.spec_hash, row.row_version), verdict, signer,
+                        policy_hash=policy_hash, decision_id=decision_id,
+                        input_digest=digest({"agent": agent_input, "org": payload["org"]}),
+                        actor=REVALIDATION_ACTOR, role="system", now=now, proof_ttl_days=None,
+                    )
+                except UsageError:
+                    continue  # changed meanwhile (updated or promoted): that write already re-judged it
+                if row.status == Status.GOVERNED_INVALIDATED.value:
+                    tallied.restored += 1
+                    tx.audit(Code.AGENT_RESTORED, agent_id=row.agent_id, actor=REVALIDATION_ACTOR,
+                             policy_hash=policy_hash, now=now, payload={"status": verdict.status.value})
+            else:
+                reasons = json.dumps([r.as_dict() for r in verdict.deny])
+                changed = tx.execute(
+                    "UPDATE agents SET status = ?, reasons = ?, row_version = row_version + 1, updated_at = ?"
+                    " WHERE id = ? AND row_version = ?",
+                    (Status.GOVERNED_INVALIDATED.value, reasons, iso(now), row.agent_id, row.row_version),
+                ).rowcount
+                if changed != 1:
+                    continue
+                if row.status != Status.GOVERNED_INVALIDATED.value:
+                    tallied.newly_invalidated += 1
+                    tx.audit(Code.AGENT_INVALIDATED, agent_id=row.agent_id, actor=REVALIDATION_ACTOR,
+                             policy_hash=policy_hash, now=now, payload={"deny": json.loads(reasons)})
+            _tally(tallied, verdict)
+        report.total += tallied.total
+        report.valid += tallied.valid
+        report.restricted += tallied.restricted
+        report.invalidated += tallied.invalidated
+        report.restored += tallied.restored
+        report.newly_invalidated += tallied.newly_invalidated
+        tx.execute(
+            "UPDATE revalidation_runs SET cursor = ?, total = ?, valid = ?, restricted = ?, invalidated = ?,"
+            " restored = ?, newly_invalidated = ? WHERE id = ?",
+            (rows[-1].agent_id, report.total, report.valid, report.restricted, report.invalidated, report.restored,
+             report.newly_invalidated, report.run_id),
+        )

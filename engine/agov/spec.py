@@ -1,0 +1,169 @@
+"""The agent spec: parse YAML or JSON, validate against the shared JSON Schema, hash it.
+
+Pure apart from reading the schema that ships with the policies; parsing happens on bytes the
+caller has already size-checked, so an oversized document is refused before it is parsed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import jsonschema
+import yaml
+
+from agov.errors import SpecError
+from agov.hashing import canonical_json, spec_hash
+from agov.resources import schema_path
+
+MAX_SPEC_BYTES = 256 * 1024
+MAX_DEPTH = 32
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """A validated spec document together with its canonical form and hash."""
+
+    document: dict[str, Any]
+    canonical: bytes
+    hash: str
+
+    @property
+    def id(self) -> str:
+        return str(self.document["metadata"]["id"])
+
+    @property
+    def name(self) -> str:
+        return str(self.document["metadata"]["name"])
+
+    @property
+    def workspace(self) -> str:
+        return str(self.document["metadata"].get("workspace", "default"))
+
+    @property
+    def agent_type(self) -> str:
+        return str(self.document["spec"]["agent_type"])
+
+    @property
+    def role_class(self) -> str:
+        return str(self.document["spec"]["role_class"])
+
+    @property
+    def containment(self) -> dict[str, Any]:
+        return dict(self.document["spec"]["containment"])
+
+
+@cache
+def _validator() -> jsonschema.protocols.Validator:
+    schema = json.loads(schema_path("agent_spec.json").read_text())
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)  # type: ignore[no-any-return]
+
+
+def _depth(value: Any, limit: int) -> int:
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    deepest = 0
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+    return deepest
+
+
+def _bracket_depth(text: str) -> int:
+    """Deepest run of unclosed ``[``/``{`` (over-counts brackets in strings, which only errs
+    towards refusing)."""
+    depth = deepest = 0
+    for char in text:
+        if char in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+        elif char in "]}":
+            depth = max(depth - 1, 0)
+    return deepest
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_spec_bytes(raw: bytes, *, source: str = "spec", max_bytes: int = MAX_SPEC_BYTES) -> dict[str, Any]:
+    """Parse a YAML or JSON document (JSON is YAML) into a mapping.
+
+    Raises:
+        SpecError: too large, not UTF-8, not parseable, or not a mapping.
+    """
+    if len(raw) > max_bytes:
+        raise SpecError(
+            f"{source} is {len(raw)} bytes, over the {max_bytes}-byte limit",
+            hint="an agent spec is a small document; check you passed the right file",
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{source} is not UTF-8: {exc}") from exc
+    if _bracket_depth(text) > MAX_DEPTH:
+        # libyaml recurses per flow level and can overflow the C stack before Python sees it.
+        raise SpecError(f"{source} is nested deeper than {MAX_DEPTH} levels")
+    try:
+        if text.lstrip().startswith("{"):
+            # JSON proper: PyYAML (YAML 1.1) would read 1e3 as a string.
+            document = json.loads(text, parse_constant=_reject_constant)
+        else:
+            # CSafeLoader when present; never the full loader (no arbitrary Python objects).
+            loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+            document = yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
+    except (yaml.YAMLError, ValueError) as exc:
+        raise SpecError(f"{source} is not valid YAML or JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise SpecError(f"{source} is nested too deeply") from exc
+    if not isinstance(document, dict):
+        raise SpecError(f"{source} must be a mapping with apiVersion, kind, metadata and spec")
+    return document
+
+
+def validate_spec(document: Any) -> AgentSpec:
+    """Validate a parsed document against the agent spec schema and compute its hash.
+
+    Raises:
+        SpecError: the first schema violation, naming the field path and the reason.
+    """
+    if _depth(document, MAX_DEPTH) > MAX_DEPTH:
+        raise SpecError(f"spec is nested deeper than {MAX_DEPTH} levels")
+    # Round-trip through JSON so dates, YAML tags and tuples become plain JSON values or fail here.
+    try:
+        document = json.loads(json.dumps(document, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"spec holds a value JSON cannot carry: {exc}") from exc
+    errors = sorted(_validator().iter_errors(document), key=lambda e: (list(e.absolute_path), e.message))
+    if errors:
+        first = errors[0]
+        path = "/".join(str(p) for p in first.absolute_path) or "(document)"
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise SpecError(f"{first.message}{more}", path=path, hint="see the spec reference in README.md")
+    canonical = canonical_json(document)
+    return AgentSpec(document=document, canonical=canonical, hash=spec_hash(document))
+
+
+def load_spec(raw: bytes, *, source: str = "spec", max_bytes: int = MAX_SPEC_BYTES) -> AgentSpec:
+    """Parse and validate in one step.
+
+    Raises:
+        SpecError: see :func:`parse_spec_bytes` and :func:`validate_spec`.
+    """
+    return validate_spec(parse_spec_bytes(raw, source=source, max_bytes=max_bytes))
+
+
+def spec_from_canonical(canonical: str | bytes) -> AgentSpec:
+    """Rebuild an AgentSpec from the canonical JSON the store holds (recomputing the hash)."""
+    document = json.loads(canonical)
+    return AgentSpec(document=document, canonical=canonical_json(document), hash=spec_hash(document))

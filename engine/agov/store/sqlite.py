@@ -1,0 +1,378 @@
+"""SQLite store in WAL mode: agents, versions, proofs, policy versions, runs, keys, audit.
+
+Every state change runs in one ``BEGIN IMMEDIATE`` transaction together with its audit event
+(:meth:`Store.transaction`). The audit log is hash-chained: each row stores the previous row's
+hash, so an edit, deletion, reordering or truncation shows in :meth:`Store.verify_audit`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from agov.errors import StoreError
+from agov.hashing import canonical_json, sha256_hex
+
+SCHEMA_VERSION = 1
+GENESIS_HASH = "0" * 64
+
+# Each entry migrates from version i to i + 1; the list only ever grows.
+_MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE agents (
+        id TEXT PRIMARY KEY,
+        workspace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        type TEXT NOT NULL,
+        role_class TEXT NOT NULL,
+        status TEXT NOT NULL,
+        current_version INTEGER NOT NULL,
+        sandbox_expires_at TEXT,
+        reasons TEXT NOT NULL DEFAULT '[]',
+        row_version INTEGER NOT NULL DEFAULT 1,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE INDEX agents_status ON agents(status, id);
+    CREATE TABLE agent_versions (
+        agent_id TEXT NOT NULL REFERENCES agents(id),
+        version INTEGER NOT NULL,
+        spec TEXT NOT NULL,
+        spec_hash TEXT NOT NULL,
+        creation_mode TEXT NOT NULL,
+        source TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        notes TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (agent_id, version)
+    );
+    CREATE TABLE agent_proofs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        agent_id TEXT NOT NULL REFERENCES agents(id),
+        version INTEGER NOT NULL,
+        policy_hash TEXT NOT NULL,
+        spec_hash TEXT NOT NULL,
+        envelope BLOB NOT NULL,
+        keyid TEXT NOT NULL,
+        governance_status TEXT NOT NULL,
+        issued_at TEXT NOT NULL,
+        expires_at TEXT,
+        superseded_at TEXT
+    );
+    CREATE INDEX agent_proofs_current ON agent_proofs(agent_id, superseded_at);
+    CREATE UNIQUE INDEX agent_proofs_one_current ON agent_proofs(agent_id) WHERE superseded_at IS NULL;
+    CREATE TABLE policy_versions (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        hash TEXT NOT NULL UNIQUE,
+        bundle_path TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        active INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE UNIQUE INDEX policy_versions_one_active ON policy_versions(active) WHERE active = 1;
+    CREATE TABLE revalidation_runs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        policy_hash TEXT NOT NULL,
+        previous_hash TEXT,
+        started_at TEXT NOT NULL,
+        finished_at TEXT,
+        cursor TEXT NOT NULL DEFAULT '',
+        total INTEGER NOT NULL DEFAULT 0,
+        valid INTEGER NOT NULL DEFAULT 0,
+        restricted INTEGER NOT NULL DEFAULT 0,
+        invalidated INTEGER NOT NULL DEFAULT 0,
+        newly_invalidated INTEGER NOT NULL DEFAULT 0,
+        restored INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE signing_keys (
+        keyid TEXT PRIMARY KEY,
+        alg TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        not_before TEXT,
+        not_after TEXT,
+        revoked_at TEXT,
+        revoke_reason TEXT,
+        active INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE audit_events (
+        seq INTEGER PRIMARY KEY,
+        time TEXT NOT NULL,
+        type TEXT NOT NULL,
+        agent_id TEXT,
+        actor TEXT,
+        policy_hash TEXT,
+        payload TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    """,
+]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(ts: datetime | None) -> str | None:
+    """Timestamps are stored as ISO 8601 UTC with microseconds, so they sort as text."""
+    if ts is None:
+        return None
+    return ts.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def parse_iso(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One audit row; ``hash`` covers every other field, ``prev_hash`` links the chain."""
+
+    seq: int
+    time: str
+    type: str
+    agent_id: str | None
+    actor: str | None
+    policy_hash: str | None
+    payload: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "time": self.time,
+            "type": self.type,
+            "agent_id": self.agent_id,
+            "actor": self.actor,
+            "policy_hash": self.policy_hash,
+            "payload": self.payload,
+            "prev_hash": self.prev_hash,
+            "hash": self.hash,
+        }
+
+
+def audit_hash(
+    seq: int,
+    time: str,
+    type_: str,
+    agent_id: str | None,
+    actor: str | None,
+    policy_hash: str | None,
+    payload: str,
+    prev_hash: str,
+) -> str:
+    body = {
+        "seq": seq,
+        "time": time,
+        "type": type_,
+        "agent_id": agent_id,
+        "actor": actor,
+        "policy_hash": policy_hash,
+        "payload": payload,
+        "prev_hash": prev_hash,
+    }
+    return sha256_hex(canonical_json(body))
+
+
+class Tx:
+    """A transaction handle: SQL plus the audit append that must go with every change."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.last_audit: tuple[int, str] | None = None
+
+    def execute(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> sqlite3.Cursor:
+        return self.conn.execute(sql, params)
+
+    def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> sqlite3.Cursor:
+        return self.conn.executemany(sql, rows)
+
+    def audit(
+        self,
+        type_: str,
+        *,
+        agent_id: str | None = None,
+        actor: str | None = None,
+        policy_hash: str | None = None,
+        payload: dict[str, Any] | None = None,
+        now: datetime | None = None,
+    ) -> int:
+        """Append a chained audit event inside this transaction and return its sequence number."""
+        row = self.conn.execute("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1").fetchone()
+        seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS_HASH)
+        time = iso(now or utcnow())
+        assert time is not None
+        body = json.dumps(payload or {}, sort_keys=True, separators=(",", ":"))
+        digest = audit_hash(seq, time, type_, agent_id, actor, policy_hash, body, prev)
+        self.conn.execute(
+            "INSERT INTO audit_events (seq, time, type, agent_id, actor, policy_hash, payload, prev_hash, hash)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (seq, time, type_, agent_id, actor, policy_hash, body, prev, digest),
+        )
+        self.last_audit = (int(seq), digest)
+        return int(seq)
+
+
+class Store:
+    """The SQLite store of one workspace. One connection per thread; WAL; foreign keys on."""
+
+    def __init__(self, path: Path, *, busy_timeout_ms: int = 10_000) -> None:
+        self.path = path
+        # The newest audit (seq, hash) is also kept beside the database, so that cutting rows off
+        # the end of the chain (which leaves a valid shorter chain) is still detected.
+        self.anchor_path = path.with_name(path.name + ".audit-anchor")
+        self._busy_timeout_ms = busy_timeout_ms
+        self._local = threading.local()
+        self.migrate()
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+                conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute("PRAGMA foreign_keys = ON")
+            except sqlite3.Error as exc:
+                raise StoreError(
+                    f"cannot open the store {self.path}: {exc}", hint="check the path and its permissions"
+                ) from exc
+            conn.row_factory = sqlite3.Row
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    @contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        """One ``BEGIN IMMEDIATE`` transaction; commits on success, rolls back on any exception.
+
+        Raises:
+            StoreError: SQLite failed (locked past the busy timeout, disk full, corrupt file).
+        """
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot start a transaction on {self.path}: {exc}") from exc
+        tx = Tx(conn)
+        try:
+            yield tx
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            conn.execute("ROLLBACK")
+            raise StoreError(f"commit failed on {self.path}: {exc}") from exc
+        if tx.last_audit is not None:
+            self._write_anchor(*tx.last_audit)
+
+    def _write_anchor(self, seq: int, digest: str) -> None:
+        tmp = self.anchor_path.with_name(self.anchor_path.name + f".{os.getpid()}.{threading.get_ident()}")
+        tmp.write_text(json.dumps({"seq": seq, "hash": digest}))
+        current = self.read_anchor()
+        # Concurrent writers: never move the anchor backwards.
+        if current is None or current[0] <= seq:
+            os.replace(tmp, self.anchor_path)
+        else:
+            tmp.unlink(missing_ok=True)
+
+    def read_anchor(self) -> tuple[int, str] | None:
+        try:
+            raw = json.loads(self.anchor_path.read_text())
+            return int(raw["seq"]), str(raw["hash"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"audit anchor {self.anchor_path} is unreadable: {exc}") from exc
+
+    def query(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[sqlite3.Row]:
+        try:
+            return self._connect().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"query failed on {self.path}: {exc}") from exc
+
+    def query_one(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> sqlite3.Row | None:
+        rows = self.query(sql, params)
+        return rows[0] if rows else None
+
+    # -- schema ------------------------------------------------------------------------------
+
+    def schema_version(self) -> int:
+        return int(self._connect().execute("PRAGMA user_version").fetchone()[0])
+
+    def migrate(self) -> None:
+        """Bring the schema to ``SCHEMA_VERSION``; refuses a database from a newer agov.
+
+        Raises:
+            StoreError: the file is newer than this agov, or a migration failed.
+        """
+        conn = self._connect()
+        current = self.schema_version()
+        if current > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has schema version {current}, newer than this agov ({SCHEMA_VERSION})",
+                hint="upgrade agov",
+            )
+        for version in range(current, SCHEMA_VERSION):
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for statement in _MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {version + 1}")
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                conn.execute("ROLLBACK")
+                raise StoreError(f"migration {version} -> {version + 1} failed: {exc}") from exc
+
+    # -- audit -------------------------------------------------------------------------------
+
+    def audit_events(self, *, after_seq: int = 0, agent_id: str | None = None) -> list[AuditEvent]:
+        if agent_id is None:
+            rows = self.query("SELECT * FROM audit_events WHERE seq > ? ORDER BY seq", (after_seq,))
+        else:
+            rows = self.query(
+                "SELECT * FROM audit_events WHERE seq > ? AND agent_id = ? ORDER BY seq", (after_seq, agent_id)
+            )
+        return [
+            AuditEvent(
+                seq=r["seq"],
+                time=r["time"],
+                type=r["type"],
+                agent_id=r["agent_id"],
+                actor=r["actor"],
+                policy_hash=r["policy_hash"],
+                payload=json.loads(r["payload"]),
+                prev_hash=r["prev_hash"],
+                hash=r["hash"],
+            )
+            for r in rows
+        ]
+
+    def record_rejection(self, type_: str, **fields: Any) -> None:
+        """Record a rejected request: the one row a rejected operation may add."""
+        with self.transaction() as tx:
+            tx.audit(type_, **fields)
+
+    def integrity_check(self) -> str:
+        return str(self._connect().execute("PRAGMA integrity_check").fetchone()[0])

@@ -1,0 +1,98 @@
+"""A workspace on disk: config, an editable copy of the policies, keys, bundles and the store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from agov.config import Config, load_config
+from agov.errors import WorkspaceError
+from agov.resources import opa_config_template, policies_dir
+from agov.store import Store
+
+CONFIG_FILE = "agov.yaml"
+DB_FILE = "agov.db"
+OPA_CONFIG_FILE = "opa-config.yaml"
+ENTRIES = (CONFIG_FILE, "policies", "keys", "bundles", OPA_CONFIG_FILE, DB_FILE)
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("AGOV_HOME", ".agov"))
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Paths of one workspace; :meth:`open` checks it exists and loads its config."""
+
+    home: Path
+    config: Config
+
+    @property
+    def policies(self) -> Path:
+        return self.home / "policies"
+
+    @property
+    def keys(self) -> Path:
+        return self.home / "keys"
+
+    @property
+    def bundles(self) -> Path:
+        return self.home / "bundles"
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / DB_FILE
+
+    @property
+    def opa_config(self) -> Path:
+        return self.home / OPA_CONFIG_FILE
+
+    def store(self) -> Store:
+        return Store(self.db_path)
+
+    @classmethod
+    def open(cls, home: Path) -> Workspace:
+        """Open an existing workspace.
+
+        Raises:
+            WorkspaceError: ``home`` is not an agov workspace.
+        """
+        if not (home / CONFIG_FILE).is_file() or not (home / DB_FILE).is_file():
+            raise WorkspaceError(
+                f"no agov workspace at {home}",
+                hint=f"run `agov init {home}` first, or pass --home / set AGOV_HOME",
+            )
+        return cls(home=home, config=load_config(home / CONFIG_FILE))
+
+
+def collisions(home: Path) -> list[Path]:
+    """What `agov init` would overwrite: it refuses to write anything if this is not empty."""
+    return [home / name for name in ENTRIES if (home / name).exists()]
+
+
+def create_layout(home: Path, config: Config) -> Workspace:
+    """Write the workspace files (no keys, no bundle: the service layer adds those).
+
+    Raises:
+        WorkspaceError: any entry already exists (nothing is written then).
+    """
+    existing = collisions(home)
+    if existing:
+        listed = ", ".join(str(p) for p in existing)
+        raise WorkspaceError(
+            f"refusing to overwrite existing files: {listed}",
+            hint="choose an empty directory, or remove these first",
+        )
+    home.mkdir(parents=True, exist_ok=True)
+    source = policies_dir()
+    shutil.copytree(source, home / "policies", ignore=shutil.ignore_patterns("__pycache__"))
+    (home / "keys").mkdir(mode=0o700)
+    (home / "bundles").mkdir()
+    shutil.copyfile(opa_config_template(), home / OPA_CONFIG_FILE)
+    tmp = home / (CONFIG_FILE + ".tmp")
+    tmp.write_text(config.to_yaml())
+    os.replace(tmp, home / CONFIG_FILE)
+    Store(home / DB_FILE).close()
+    return Workspace(home=home, config=config)

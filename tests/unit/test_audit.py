@@ -1,0 +1,82 @@
+"""Reliability row R13: the hash-chained audit log shows every edit, deletion, reordering and
+truncation, and names the first bad sequence number."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from agov.audit import verify_chain
+from agov.store import Store
+
+EVENTS = 10
+
+
+def _store(tmp_path: Path) -> Store:
+    store = Store(tmp_path / "agov.db")
+    for i in range(EVENTS):
+        with store.transaction() as tx:
+            tx.audit("TEST_EVENT", agent_id=f"agent-{i}", actor="tester", payload={"i": i})
+    return store
+
+
+def _raw(store: Store, sql: str, params: tuple[object, ...] = ()) -> None:
+    conn = sqlite3.connect(store.path)
+    conn.execute(sql, params)
+    conn.commit()
+    conn.close()
+
+
+def test_an_untouched_chain_verifies(tmp_path: Path) -> None:
+    report = verify_chain(_store(tmp_path))
+    assert report.ok and report.events == EVENTS and report.first_bad_seq is None
+
+
+TAMPERS: dict[str, tuple[Callable[[Store], None], int]] = {
+    "edit payload": (lambda s: _raw(s, "UPDATE audit_events SET payload = '{\"i\":99}' WHERE seq = 4"), 4),
+    "edit type": (lambda s: _raw(s, "UPDATE audit_events SET type = 'OTHER' WHERE seq = 7"), 7),
+    "edit actor": (lambda s: _raw(s, "UPDATE audit_events SET actor = 'mallory' WHERE seq = 1"), 1),
+    "delete middle": (lambda s: _raw(s, "DELETE FROM audit_events WHERE seq = 5"), 5),
+    "delete first": (lambda s: _raw(s, "DELETE FROM audit_events WHERE seq = 1"), 1),
+    "reorder": (lambda s: (_raw(s, "UPDATE audit_events SET seq = -3 WHERE seq = 3"),
+                           _raw(s, "UPDATE audit_events SET seq = 3 WHERE seq = 6"),
+                           _raw(s, "UPDATE audit_events SET seq = 6 WHERE seq = -3")) and None, 3),
+    "truncate tail": (lambda s: _raw(s, "DELETE FROM audit_events WHERE seq > 8"), 9),
+    "truncate all": (lambda s: _raw(s, "DELETE FROM audit_events"), 1),
+    "rehash edited row": (lambda s: _raw(s, "UPDATE audit_events SET payload = '{}', hash = ? WHERE seq = 2",
+                                         ("f" * 64,)), 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TAMPERS))
+def test_r13_tampering_is_detected_at_the_first_bad_sequence(tmp_path: Path, name: str) -> None:
+    store = _store(tmp_path)
+    tamper, first_bad = TAMPERS[name]
+    tamper(store)
+    report = verify_chain(store)
+    assert not report.ok, name
+    assert report.first_bad_seq == first_bad, (name, report)
+
+
+def test_r13_figure(tmp_path: Path) -> None:
+    detected = 0
+    for index, name in enumerate(sorted(TAMPERS)):
+        (tmp_path / str(index)).mkdir()
+        store = _store(tmp_path / str(index))
+        TAMPERS[name][0](store)
+        report = verify_chain(store)
+        detected += (not report.ok) and report.first_bad_seq == TAMPERS[name][1]
+    print(f"R13 audit tampering: detected {detected}/{len(TAMPERS)} with the right first bad sequence")
+    assert detected == len(TAMPERS)
+
+
+def test_a_rolled_back_transaction_leaves_no_event(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    with pytest.raises(RuntimeError), store.transaction() as tx:
+        tx.audit("WILL_ROLL_BACK")
+        raise RuntimeError("boom")
+    assert len(store.audit_events()) == EVENTS
+    assert verify_chain(store).ok

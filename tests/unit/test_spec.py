@@ -1,0 +1,91 @@
+"""Spec parsing and validation: errors name the field path and the reason; hostile input is
+refused without an unhandled exception (reliability row R1, spec side)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agov.errors import SpecError
+from agov.spec import load_spec, parse_spec_bytes, validate_spec
+
+
+def test_a_valid_spec_loads_from_yaml_and_json_with_the_same_hash(valid_spec: dict[str, Any]) -> None:
+    from_yaml = load_spec(yaml.safe_dump(valid_spec).encode())
+    from_json = load_spec(json.dumps(valid_spec).encode())
+    assert from_yaml.hash == from_json.hash
+    assert from_yaml.id == "finance-reconciler-prod"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "path", "reason"),
+    [
+        (lambda s: s["spec"].pop("anatomy"), r"spec: 'anatomy' is a required property", ""),
+        (lambda s: s["spec"]["anatomy"]["reasoning"].update(temperature="hot"), "spec/anatomy/reasoning/temperature",
+         "is not of type 'number'"),
+        (lambda s: s["spec"].update(agent_type="rogue"), "spec/agent_type", "is not one of"),
+        (lambda s: s.update(apiVersion="v2"), "apiVersion", "was expected"),
+        (lambda s: s["metadata"].update(extra=1), "metadata", "Additional properties"),
+        (lambda s: s["spec"]["economics"].update(monthly_budget_usd=-1), "spec/economics/monthly_budget_usd",
+         "less than the minimum"),
+    ],
+)
+def test_schema_errors_name_the_path_and_reason(valid_spec: dict[str, Any], mutate: Any, path: str,
+                                                reason: str) -> None:
+    mutate(valid_spec)
+    with pytest.raises(SpecError) as info:
+        validate_spec(valid_spec)
+    assert path in info.value.message
+    assert reason in info.value.message
+
+
+def test_oversized_spec_is_refused_before_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    def exploding_load(*_: Any, **__: Any) -> Any:
+        raise AssertionError("parsed an oversized document")
+
+    monkeypatch.setattr(yaml, "load", exploding_load)
+    with pytest.raises(SpecError, match="over the 1024-byte limit"):
+        parse_spec_bytes(b"a" * 1025, max_bytes=1024)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"[]", b"- a\n- b", b"\xff\xfe", b"{", b"a: !!python/object:os.system ls", b"key: [" * 5000,
+     json.dumps({"a": 2**70}).encode(), b"[" * 100_000],
+)
+def test_malformed_documents_raise_spec_errors(raw: bytes) -> None:
+    with pytest.raises(SpecError):
+        load_spec(raw)
+
+
+def test_deeply_nested_values_are_refused(valid_spec: dict[str, Any]) -> None:
+    nested: Any = "x"
+    for _ in range(100):
+        nested = {"n": nested}
+    valid_spec["metadata"]["description"] = nested
+    with pytest.raises(SpecError, match="nested deeper"):
+        validate_spec(valid_spec)
+
+
+@given(st.binary(max_size=2048))
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+def test_r1_arbitrary_bytes_never_raise_anything_but_spec_error(raw: bytes) -> None:
+    try:
+        load_spec(raw)
+    except SpecError:
+        pass
+
+
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+                    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner,
+                                                                                max_size=5),
+                    max_leaves=50))
+@settings(max_examples=300)
+def test_r1_arbitrary_json_values_are_refused_cleanly(value: Any) -> None:
+    with pytest.raises(SpecError):
+        validate_spec(value)
