@@ -26,8 +26,14 @@ from agov.registry import AgentRecord
 from agov.store.sqlite import iso, parse_iso
 
 ADMISSION_PATH = "agov/admission/decision"
-PROOF_FACTS = ("proof_present", "signature_valid", "signer_not_revoked", "proof_not_expired",
-               "spec_hash_match", "policy_hash_match")
+PROOF_FACTS = (
+    "proof_present",
+    "signature_valid",
+    "signer_not_revoked",
+    "proof_not_expired",
+    "spec_hash_match",
+    "policy_hash_match",
+)
 
 
 def sandbox_facts(agent: AgentRecord, now: datetime) -> dict[str, bool]:
@@ -90,7 +96,10 @@ def proof_facts(
         return facts, notes
     facts["signature_valid"] = facts["signer_not_revoked"] = facts["proof_not_expired"] = True
     mismatches = check_binding(
-        verified, agent_id=agent.id, version=agent.version, spec_hash=agent.spec.hash,
+        verified,
+        agent_id=agent.id,
+        version=agent.version,
+        spec_hash=agent.spec.hash,
         policy_hash=active_policy_hash,
     )
     facts["spec_hash_match"] = not ({"agent_id", "version", "spec_hash"} & set(mismatches))
@@ -122,12 +131,23 @@ def decide(
     reasons = tuple(_reason(r) for r in raw_reasons)
     if allow != (code == Code.ADMISSION_ALLOW) or (allow and reasons):
         raise DecisionError(f"inconsistent admission decision: allow={allow} code={code}")
-    return AdmissionDecision(allow=allow, code=code, reasons=reasons, policy_hash=evaluation.revision,
-                             decision_id=evaluation.decision_id, agent_id=agent.id, facts=facts)
+    return AdmissionDecision(
+        allow=allow,
+        code=code,
+        reasons=reasons,
+        policy_hash=evaluation.revision,
+        decision_id=evaluation.decision_id,
+        agent_id=agent.id,
+        facts=facts,
+    )
 
 
 def _reason(raw: Any) -> Reason:
-    if not isinstance(raw, dict) or not isinstance(raw.get("code"), str) or not isinstance(raw.get("message"), str):
+    if (
+        not isinstance(raw, dict)
+        or not isinstance(raw.get("code"), str)
+        or not isinstance(raw.get("message"), str)
+    ):
         raise DecisionError(f"malformed reason in decision: {raw!r}")
     return Reason(raw["code"], raw["message"])
 
@@ -169,18 +189,27 @@ def admit(
             facts: dict[str, bool] = sandbox_facts(agent, now)
         else:
             proof_row, newest = proof_loader(agent.id)
-            facts, notes = proof_facts(agent, proof_row, newest, key_for, active_hash, now,
-                                       max_proof_bytes=max_proof_bytes)
+            facts, notes = proof_facts(
+                agent, proof_row, newest, key_for, active_hash, now, max_proof_bytes=max_proof_bytes
+            )
         decision = decide(evaluator_loader(), agent, facts, active_hash, now)
         if notes and not decision.allow:
             extra = tuple(Reason(decision.code, note) for note in notes)
-            decision = AdmissionDecision(decision.allow, decision.code, decision.reasons + extra,
-                                         decision.policy_hash, decision.decision_id, decision.agent_id,
-                                         decision.facts)
+            decision = AdmissionDecision(
+                decision.allow,
+                decision.code,
+                decision.reasons + extra,
+                decision.policy_hash,
+                decision.decision_id,
+                decision.agent_id,
+                decision.facts,
+            )
         return decision
     except NotFoundError:
         raise
     except AgovError as exc:
         return deny_unavailable(agent_id, exc, active_hash)
-    except Exception as exc:  # noqa: BLE001 - fail closed on anything unforeseen
-        return deny_unavailable(agent_id, AgovError(f"internal error: {type(exc).__name__}: {exc}"), active_hash)
+    except Exception as exc:
+        return deny_unavailable(
+            agent_id, AgovError(f"internal error: {type(exc).__name__}: {exc}"), active_hash
+        )

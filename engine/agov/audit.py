@@ -18,7 +18,12 @@ class AuditReport:
     problem: str = ""
 
     def as_dict(self) -> dict[str, object]:
-        return {"ok": self.ok, "events": self.events, "first_bad_seq": self.first_bad_seq, "problem": self.problem}
+        return {
+            "ok": self.ok,
+            "events": self.events,
+            "first_bad_seq": self.first_bad_seq,
+            "problem": self.problem,
+        }
 
 
 def verify_chain(store: Store) -> AuditReport:
@@ -32,11 +37,21 @@ def verify_chain(store: Store) -> AuditReport:
     for row in rows:
         seq = row["seq"]
         if seq != expected_seq:
-            return AuditReport(False, len(rows), expected_seq, f"sequence {expected_seq} is missing (next is {seq})")
+            return AuditReport(
+                False, len(rows), expected_seq, f"sequence {expected_seq} is missing (next is {seq})"
+            )
         if row["prev_hash"] != prev_hash:
             return AuditReport(False, len(rows), seq, "link to the previous event is broken")
-        recomputed = audit_hash(seq, row["time"], row["type"], row["agent_id"], row["actor"], row["policy_hash"],
-                                row["payload"], row["prev_hash"])
+        recomputed = audit_hash(
+            seq,
+            row["time"],
+            row["type"],
+            row["agent_id"],
+            row["actor"],
+            row["policy_hash"],
+            row["payload"],
+            row["prev_hash"],
+        )
         if recomputed != row["hash"]:
             return AuditReport(False, len(rows), seq, "event content does not match its hash")
         prev_hash, expected_seq = row["hash"], seq + 1
@@ -44,8 +59,12 @@ def verify_chain(store: Store) -> AuditReport:
     if anchor is not None:
         anchor_seq, anchor_hash = anchor
         if anchor_seq >= expected_seq:
-            return AuditReport(False, len(rows), expected_seq,
-                               f"log truncated: the anchor records event {anchor_seq}, the log ends at {expected_seq - 1}")
+            return AuditReport(
+                False,
+                len(rows),
+                expected_seq,
+                f"log truncated: the anchor records event {anchor_seq}, the log ends at {expected_seq - 1}",
+            )
         matching = [r for r in rows if r["seq"] == anchor_seq]
         if not matching or matching[0]["hash"] != anchor_hash:
             return AuditReport(False, len(rows), anchor_seq, "event does not match the anchor")

@@ -80,7 +80,8 @@ def check_policies(opa: Path, policies_root: Path) -> None:
     schemas = policies_root / "schemas"
     schema_args = ["-s", str(schemas)] if schemas.is_dir() else []
     _run([str(opa), "check", "--strict", *schema_args, str(policies_root)], "opa check --strict")
-    _run([str(opa), "test", *schema_args, str(policies_root)], "opa test")
+    # --ignore schemas: the schema files are JSON and would otherwise load as data.
+    _run([str(opa), "test", "--ignore", "schemas", *schema_args, str(policies_root)], "opa test")
 
 
 def build_bundle(
@@ -109,8 +110,18 @@ def build_bundle(
         partial = Path(tmp) / "bundle.tar.gz"
         _run(
             [
-                str(opa), "build", "-b", str(stage), "-r", digest, "-o", str(partial),
-                "--signing-key", str(signing_key), "--signing-alg", "ES256",
+                str(opa),
+                "build",
+                "-b",
+                str(stage),
+                "-r",
+                digest,
+                "-o",
+                str(partial),
+                "--signing-key",
+                str(signing_key),
+                "--signing-alg",
+                "ES256",
             ],
             "opa build",
         )

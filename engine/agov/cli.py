@@ -44,7 +44,7 @@ class Ctx:
 def _default_actor() -> str:
     try:
         return os.environ.get("AGOV_ACTOR") or getpass.getuser()
-    except Exception:  # noqa: BLE001 - no user database in some containers
+    except Exception:
         return "unknown"
 
 
@@ -61,10 +61,17 @@ def fail(exc: BaseException, as_json: bool) -> NoReturn:
     if isinstance(exc, AgovError):
         message, hint = exc.message, exc.hint
     else:
-        message, hint = f"internal error: {type(exc).__name__}: {exc}", "please report this with the command you ran"
+        message, hint = (
+            f"internal error: {type(exc).__name__}: {exc}",
+            "please report this with the command you ran",
+        )
     if as_json:
-        click.echo(json.dumps({"error": {"type": type(exc).__name__, "message": message, "hint": hint},
-                               "exit_code": code}, sort_keys=True))
+        click.echo(
+            json.dumps(
+                {"error": {"type": type(exc).__name__, "message": message, "hint": hint}, "exit_code": code},
+                sort_keys=True,
+            )
+        )
     else:
         click.echo(f"error: {message}" + (f"\n  hint: {hint}" if hint else ""), err=True)
     sys.exit(code)
@@ -80,10 +87,18 @@ def emit(ctx: Ctx, payload: Any, text: str | Callable[[], str]) -> None:
 def common(func: F) -> F:
     """--home, --json and --actor on every command; errors mapped to exit codes here."""
 
-    @click.option("--home", type=click.Path(path_type=Path), envvar="AGOV_HOME", default=Path(".agov"),
-                  show_default=True, help="Workspace directory (env AGOV_HOME).")
+    @click.option(
+        "--home",
+        type=click.Path(path_type=Path),
+        envvar="AGOV_HOME",
+        default=Path(".agov"),
+        show_default=True,
+        help="Workspace directory (env AGOV_HOME).",
+    )
     @click.option("--json", "as_json", is_flag=True, envvar="AGOV_JSON", help="Machine-readable output.")
-    @click.option("--actor", envvar="AGOV_ACTOR", default=None, help="Who is acting (env AGOV_ACTOR; default: $USER).")
+    @click.option(
+        "--actor", envvar="AGOV_ACTOR", default=None, help="Who is acting (env AGOV_ACTOR; default: $USER)."
+    )
     @functools.wraps(func)
     def wrapper(home: Path, as_json: bool, actor: str | None, **kwargs: Any) -> Any:
         ctx = Ctx(home=home, as_json=as_json, actor=actor or _default_actor())
@@ -93,7 +108,7 @@ def common(func: F) -> F:
             raise
         except click.ClickException:
             raise
-        except (AgovError, Exception) as exc:  # noqa: BLE001 - every error gets its exit code
+        except (AgovError, Exception) as exc:
             fail(exc, as_json)
 
     return wrapper  # type: ignore[return-value]
@@ -139,8 +154,11 @@ def init(ctx: Ctx, directory: Path | None) -> None:
     with Engine.init(home, Config(), actor=ctx.actor) as engine:
         active = engine.active_policy()
         keys = engine.list_keys()
-    emit(ctx, {"home": str(home), "policy_hash": active.hash, "keyid": keys[-1].keyid},
-         f"initialised workspace {home}\n  policy {active.hash}\n  proof key {keys[-1].keyid}")
+    emit(
+        ctx,
+        {"home": str(home), "policy_hash": active.hash, "keyid": keys[-1].keyid},
+        f"initialised workspace {home}\n  policy {active.hash}\n  proof key {keys[-1].keyid}",
+    )
 
 
 # -- agents -------------------------------------------------------------------------------------
@@ -160,50 +178,87 @@ def _interactive_answers() -> dict[str, Any]:
     answers: dict[str, Any] = {"name": click.prompt("Name")}
     answers["id"] = click.prompt("Id", default=answers["name"].strip().lower().replace(" ", "-"))
     answers["owner"] = click.prompt("Owner (email)", default="", show_default=False)
-    answers["agent_type"] = click.prompt("Type", type=click.Choice(
-        ["autonomous", "supervised", "advisory", "mcp_server", "custom"]), default="supervised")
-    answers["role_class"] = click.prompt("Role class", type=click.Choice(["compliance", "analysis", "ideation"]),
-                                         default="analysis")
+    answers["agent_type"] = click.prompt(
+        "Type",
+        type=click.Choice(["autonomous", "supervised", "advisory", "mcp_server", "custom"]),
+        default="supervised",
+    )
+    answers["role_class"] = click.prompt(
+        "Role class", type=click.Choice(["compliance", "analysis", "ideation"]), default="analysis"
+    )
     answers["model"] = click.prompt("Model", default="general-purpose-llm")
     answers["temperature"] = click.prompt("Temperature", type=float, default=0.2)
     answers["inputs"] = listing("Inputs it reads (comma separated)")
-    answers["classification"] = click.prompt("Their data classification", type=click.Choice(
-        ["public", "internal", "confidential", "restricted"]), default="internal")
+    answers["classification"] = click.prompt(
+        "Their data classification",
+        type=click.Choice(["public", "internal", "confidential", "restricted"]),
+        default="internal",
+    )
     answers["actions"] = listing("Actions it takes (comma separated)")
     answers["capabilities"] = listing("Capabilities (comma separated)", ",".join(answers["actions"]))
-    answers["memory"] = click.prompt("Memory", type=click.Choice(["none", "session", "persistent"]), default="none")
+    answers["memory"] = click.prompt(
+        "Memory", type=click.Choice(["none", "session", "persistent"]), default="none"
+    )
     answers["monthly_budget_usd"] = click.prompt("Monthly budget (USD)", type=float, default=100.0)
     return answers
 
 
 @agent.command("create")
-@click.option("--from-file", "from_file", type=click.Path(path_type=Path), help="Import a spec (YAML or JSON).")
+@click.option(
+    "--from-file", "from_file", type=click.Path(path_type=Path), help="Import a spec (YAML or JSON)."
+)
 @click.option("--template", help="Start from a shipped template (see `agov agent templates`).")
 @click.option("--clone", "clone_id", help="Copy an existing agent's current spec.")
-@click.option("--from-workflow", "workflow", type=click.Path(path_type=Path),
-              help="Derive capabilities and actions from a workflow file.")
-@click.option("--from-event", "event", type=click.Path(path_type=Path), help="A registry webhook payload (JSON).")
+@click.option(
+    "--from-workflow",
+    "workflow",
+    type=click.Path(path_type=Path),
+    help="Derive capabilities and actions from a workflow file.",
+)
+@click.option(
+    "--from-event", "event", type=click.Path(path_type=Path), help="A registry webhook payload (JSON)."
+)
 @click.option("--interactive", is_flag=True, help="A guided question-and-answer wizard.")
 @click.option("--name", help="Scratch: a minimal skeleton with this name (or the new name with other modes).")
 @click.option("--id", "agent_id", help="The new agent's id (template, clone, scratch, workflow).")
 @click.option("--notes", default="", help="Notes stored with the version.")
 @common
-def agent_create(ctx: Ctx, from_file: Path | None, template: str | None, clone_id: str | None,
-                 workflow: Path | None, event: Path | None, interactive: bool, name: str | None,
-                 agent_id: str | None, notes: str) -> None:
+def agent_create(
+    ctx: Ctx,
+    from_file: Path | None,
+    template: str | None,
+    clone_id: str | None,
+    workflow: Path | None,
+    event: Path | None,
+    interactive: bool,
+    name: str | None,
+    agent_id: str | None,
+    notes: str,
+) -> None:
     """Create an agent in SANDBOX (exactly one mode)."""
     from agov import registry
     from agov.spec import parse_spec_bytes
 
-    modes = [m for m, on in (("--from-file", from_file), ("--template", template), ("--clone", clone_id),
-                             ("--from-workflow", workflow), ("--from-event", event),
-                             ("--interactive", interactive)) if on]
+    modes = [
+        m
+        for m, on in (
+            ("--from-file", from_file),
+            ("--template", template),
+            ("--clone", clone_id),
+            ("--from-workflow", workflow),
+            ("--from-event", event),
+            ("--interactive", interactive),
+        )
+        if on
+    ]
     if len(modes) > 1:
         raise UsageError(f"choose one creation mode, not {' and '.join(modes)}")
     if not modes and not name:
-        raise UsageError("say how to create the agent",
-                         hint="--from-file F | --template T | --clone ID | --from-workflow F | --from-event F"
-                              " | --interactive | --name N")
+        raise UsageError(
+            "say how to create the agent",
+            hint="--from-file F | --template T | --clone ID | --from-workflow F | --from-event F"
+            " | --interactive | --name N",
+        )
     with _engine(ctx) as engine:
         limit = engine.config.limits.max_spec_bytes
         source: str
@@ -223,11 +278,14 @@ def agent_create(ctx: Ctx, from_file: Path | None, template: str | None, clone_i
             source = f"{clone_id}@{original.version}"
         elif workflow:
             mode, source = CreationMode.WORKFLOW, str(workflow)
-            document = registry.from_workflow(parse_spec_bytes(_read_file(workflow, limit), source=str(workflow)),
-                                              agent_id=agent_id)
+            document = registry.from_workflow(
+                parse_spec_bytes(_read_file(workflow, limit), source=str(workflow)), agent_id=agent_id
+            )
         elif event:
             mode = CreationMode.EVENT
-            document, source = registry.from_event(parse_spec_bytes(_read_file(event, limit), source=str(event)))
+            document, source = registry.from_event(
+                parse_spec_bytes(_read_file(event, limit), source=str(event))
+            )
         elif interactive:
             mode, source = CreationMode.CONVERSATION, "interactive"
             document = registry.from_answers(_interactive_answers())
@@ -236,9 +294,12 @@ def agent_create(ctx: Ctx, from_file: Path | None, template: str | None, clone_i
             mode, source = CreationMode.SCRATCH, "scratch"
             document = registry.skeleton(name, agent_id=agent_id)
         record = engine.create_agent(document, mode=mode, source=source, actor=ctx.actor, notes=notes)
-    emit(ctx, record.summary(),
-         f"created {record.id} (version {record.version}, {record.status.value}, mode {mode.value})\n"
-         f"  spec hash {record.spec.hash}\n  sandbox expires {record.sandbox_expires_at}")
+    emit(
+        ctx,
+        record.summary(),
+        f"created {record.id} (version {record.version}, {record.status.value}, mode {mode.value})\n"
+        f"  spec hash {record.spec.hash}\n  sandbox expires {record.sandbox_expires_at}",
+    )
 
 
 @agent.command("templates")
@@ -266,8 +327,10 @@ def agent_list(ctx: Ctx, status: str | None, agent_type: str | None, limit: int,
     def text() -> str:
         if not rows:
             return "no agents"
-        return "\n".join(f"{r['id']:<32} {r['status']:<21} v{r['version']:<4} {r['type']:<11} {r['role_class']}"
-                         for r in rows)
+        return "\n".join(
+            f"{r['id']:<32} {r['status']:<21} v{r['version']:<4} {r['type']:<11} {r['role_class']}"
+            for r in rows
+        )
 
     emit(ctx, rows, text)
 
@@ -282,8 +345,13 @@ def agent_show(ctx: Ctx, agent_id: str) -> None:
     with _engine(ctx) as engine:
         record = engine.get_agent(agent_id)
     payload = {**record.summary(), "spec": record.spec.document}
-    emit(ctx, payload, lambda: "\n".join(
-        [f"{k}: {v}" for k, v in record.summary().items()] + ["spec:", dump_yaml(record.spec.document)]))
+    emit(
+        ctx,
+        payload,
+        lambda: "\n".join(
+            [f"{k}: {v}" for k, v in record.summary().items()] + ["spec:", dump_yaml(record.spec.document)]
+        ),
+    )
 
 
 @agent.command("update")
@@ -316,11 +384,17 @@ def agent_history(ctx: Ctx, agent_id: str) -> None:
 
     def text() -> str:
         lines = [f"versions of {agent_id}:"]
-        lines += [f"  v{v['version']} {v['created_at']} {v['creation_mode']} ({v['source']}) by {v['created_by']}"
-                  f"{' - ' + v['notes'] if v['notes'] else ''}" for v in data["versions"]]
+        lines += [
+            f"  v{v['version']} {v['created_at']} {v['creation_mode']} ({v['source']}) by {v['created_by']}"
+            f"{' - ' + v['notes'] if v['notes'] else ''}"
+            for v in data["versions"]
+        ]
         lines.append("proofs:")
-        lines += [f"  v{p['version']} policy {p['policy_hash'][:12]} {p['governance_status']} issued {p['issued_at']}"
-                  f"{' (superseded)' if p['superseded_at'] else ''}" for p in data["proofs"]] or ["  none"]
+        lines += [
+            f"  v{p['version']} policy {p['policy_hash'][:12]} {p['governance_status']} issued {p['issued_at']}"
+            f"{' (superseded)' if p['superseded_at'] else ''}"
+            for p in data["proofs"]
+        ] or ["  none"]
         lines.append("events:")
         lines += [f"  #{e['seq']} {e['time']} {e['type']}" for e in data["events"]]
         return "\n".join(lines)
@@ -342,7 +416,9 @@ def promote(ctx: Ctx, agent_id: str, role: str) -> None:
 
     def text() -> str:
         if result.allow:
-            lines = [f"promoted {agent_id}: {result.status} (policy {result.policy_hash[:12] if result.policy_hash else '-'})"]
+            lines = [
+                f"promoted {agent_id}: {result.status} (policy {result.policy_hash[:12] if result.policy_hash else '-'})"
+            ]
         else:
             lines = [f"promotion of {agent_id} denied:"]
         lines += [f"  deny {r.code}: {r.message}" for r in result.deny]
@@ -378,9 +454,11 @@ def _progress_runner(ctx: Ctx, total: int) -> tuple[Any, Callable[[int], None] |
 
 
 def _revalidation_text(report: dict[str, Any]) -> str:
-    lines = [f"{'dry run: ' if report['dry_run'] else ''}revalidated {report['total']} governed agents under "
-             f"{report['policy_hash'][:12]}: valid {report['valid']}, restricted {report['restricted']}, "
-             f"invalidated {report['invalidated']} ({report['newly_invalidated']} new), restored {report['restored']}"]
+    lines = [
+        f"{'dry run: ' if report['dry_run'] else ''}revalidated {report['total']} governed agents under "
+        f"{report['policy_hash'][:12]}: valid {report['valid']}, restricted {report['restricted']}, "
+        f"invalidated {report['invalidated']} ({report['newly_invalidated']} new), restored {report['restored']}"
+    ]
     for change in report.get("changes", []):
         lines.append(f"  {change['agent_id']}: {change['from']} -> {change['to']}")
         lines += [f"    {r['code']}: {r['message']}" for r in change["deny"] + change["warn"]]
@@ -418,8 +496,11 @@ def policy_build(ctx: Ctx, reason: str) -> None:
     """Check, test, build and sign the workspace's policies; record the version."""
     with _engine(ctx) as engine:
         version = engine.build_policy(actor=ctx.actor, reason=reason)
-    emit(ctx, version.as_dict(), f"policy {version.hash}\n  bundle {version.bundle_path}"
-                                 f"{' (active)' if version.active else ''}")
+    emit(
+        ctx,
+        version.as_dict(),
+        f"policy {version.hash}\n  bundle {version.bundle_path}{' (active)' if version.active else ''}",
+    )
 
 
 @policy_group.command("reload")
@@ -446,9 +527,14 @@ def policy_history(ctx: Ctx) -> None:
     """Every recorded policy version."""
     with _engine(ctx) as engine:
         versions = [v.as_dict() for v in engine.policy_history()]
-    emit(ctx, versions, lambda: "\n".join(
-        f"{'*' if v['active'] else ' '} {v['hash'][:16]} {v['created_at']} {v['actor']}: {v['reason']}"
-        for v in versions))
+    emit(
+        ctx,
+        versions,
+        lambda: "\n".join(
+            f"{'*' if v['active'] else ' '} {v['hash'][:16]} {v['created_at']} {v['actor']}: {v['reason']}"
+            for v in versions
+        ),
+    )
 
 
 @policy_group.command("diff")
@@ -470,8 +556,11 @@ def policy_rollback(ctx: Ctx, policy_hash: str, reason: str) -> None:
     """Re-activate an earlier signed bundle and revalidate."""
     with _engine(ctx) as engine:
         result = engine.rollback_policy(policy_hash, actor=ctx.actor, reason=reason)
-    emit(ctx, result, lambda: f"rolled back to {result['policy_hash'][:12]}\n"
-                              + _revalidation_text(result["revalidation"]))
+    emit(
+        ctx,
+        result,
+        lambda: f"rolled back to {result['policy_hash'][:12]}\n" + _revalidation_text(result["revalidation"]),
+    )
 
 
 # -- keys ---------------------------------------------------------------------------------------
@@ -502,8 +591,9 @@ def _when(value: str | None) -> datetime | None:
 def keys_generate(ctx: Ctx, alg: str, not_before: str | None, not_after: str | None) -> None:
     """Generate a proof key and make it the active signer."""
     with _engine(ctx) as engine:
-        state = engine.generate_key(alg=alg, actor=ctx.actor, not_before=_when(not_before),
-                                    not_after=_when(not_after))
+        state = engine.generate_key(
+            alg=alg, actor=ctx.actor, not_before=_when(not_before), not_after=_when(not_after)
+        )
     emit(ctx, state.as_dict(), f"generated {alg} key {state.keyid} (active)")
 
 
@@ -513,9 +603,15 @@ def keys_list(ctx: Ctx) -> None:
     """List proof keys with their state."""
     with _engine(ctx) as engine:
         states = [k.as_dict() for k in engine.list_keys()]
-    emit(ctx, states, lambda: "\n".join(
-        f"{k['keyid'][:16]} {k['alg']:<11} {'active ' if k['active'] else '       '}"
-        f"{'revoked ' + k['revoked_at'] if k['revoked_at'] else ''}" for k in states))
+    emit(
+        ctx,
+        states,
+        lambda: "\n".join(
+            f"{k['keyid'][:16]} {k['alg']:<11} {'active ' if k['active'] else '       '}"
+            f"{'revoked ' + k['revoked_at'] if k['revoked_at'] else ''}"
+            for k in states
+        ),
+    )
 
 
 @keys_group.command("revoke")
@@ -525,13 +621,21 @@ def keys_list(ctx: Ctx) -> None:
 def keys_revoke(ctx: Ctx, keyid: str, reason: str) -> None:
     """Revoke a key: proofs it signed stop admitting at once; run `agov revalidate` to re-sign."""
     with _engine(ctx) as engine:
-        matches = [k.keyid for k in engine.list_keys() if k.keyid.startswith(keyid)] if len(keyid) >= 8 else []
+        matches = (
+            [k.keyid for k in engine.list_keys() if k.keyid.startswith(keyid)] if len(keyid) >= 8 else []
+        )
         if len(matches) != 1:
-            raise NotFoundError(f"{'no' if not matches else 'more than one'} key matches {keyid!r}",
-                                hint="`agov keys list` shows the keys (give at least 8 characters)")
+            raise NotFoundError(
+                f"{'no' if not matches else 'more than one'} key matches {keyid!r}",
+                hint="`agov keys list` shows the keys (give at least 8 characters)",
+            )
         state = engine.revoke_key(matches[0], reason=reason, actor=ctx.actor)
-    emit(ctx, state.as_dict(), f"revoked {state.keyid} at {state.revoked_at}\n"
-                               "  hint: `agov keys generate` then `agov revalidate` to re-sign valid agents")
+    emit(
+        ctx,
+        state.as_dict(),
+        f"revoked {state.keyid} at {state.revoked_at}\n"
+        "  hint: `agov keys generate` then `agov revalidate` to re-sign valid agents",
+    )
 
 
 # -- audit --------------------------------------------------------------------------------------
@@ -548,8 +652,13 @@ def audit_verify(ctx: Ctx) -> None:
     """Check the chain; report the first bad sequence number."""
     with _engine(ctx) as engine:
         report = engine.verify_audit()
-    emit(ctx, report.as_dict(), f"audit log ok ({report.events} events)" if report.ok else
-         f"audit log TAMPERED at sequence {report.first_bad_seq}: {report.problem}")
+    emit(
+        ctx,
+        report.as_dict(),
+        f"audit log ok ({report.events} events)"
+        if report.ok
+        else f"audit log TAMPERED at sequence {report.first_bad_seq}: {report.problem}",
+    )
     sys.exit(EXIT_OK if report.ok else EXIT_DENIED)
 
 
@@ -573,6 +682,62 @@ def demo(ctx: Ctx, keep: bool) -> None:
     from agov.demo import run_demo
 
     run_demo(keep=keep, echo=click.echo)
+
+
+@main.command()
+@click.option("--watch", is_flag=True, help="Reload the policy when a file under policies/ changes.")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=9464,
+    show_default=True,
+    help="Port of the Prometheus /metrics endpoint (0 picks a free one).",
+)
+@click.option("--metrics-addr", default="127.0.0.1", show_default=True)
+@common
+def serve(ctx: Ctx, watch: bool, metrics_port: int, metrics_addr: str) -> None:
+    """Run the managed OPA, the metrics endpoint and (with --watch) the policy watcher."""
+    import signal
+    import threading
+
+    from prometheus_client import start_http_server
+
+    from agov.watch import PolicyWatcher
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with _engine(ctx) as engine:
+        engine.evaluator()
+        server, _thread = start_http_server(metrics_port, addr=metrics_addr, registry=engine.metrics.registry)
+        click.echo(
+            f"serving: policy {engine.active_policy().hash[:12]}, metrics on "
+            f"http://{metrics_addr}:{server.server_port}/metrics",
+            err=True,
+        )
+        lock = threading.Lock()
+
+        def reload() -> None:
+            with lock:
+                try:
+                    result = engine.reload_policy(actor=ctx.actor, reason="watch: policy files changed")
+                except AgovError as exc:
+                    click.echo(f"reload refused: {exc.diagnostics()}", err=True)
+                    return
+                if result["changed"]:
+                    click.echo(_revalidation_text(result["revalidation"]), err=True)
+
+        watcher = PolicyWatcher(engine.workspace.policies, reload) if watch else None
+        if watcher is not None:
+            watcher.start()
+        try:
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if watcher is not None:
+                watcher.stop()
+            server.shutdown()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -57,7 +57,9 @@ def _build(cls: type[Any], raw: Any, where: str) -> Any:
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(raw) - set(known))
     if unknown:
-        raise WorkspaceError(f"{where}: unknown key(s) {', '.join(unknown)}", hint=f"known: {', '.join(known)}")
+        raise WorkspaceError(
+            f"{where}: unknown key(s) {', '.join(unknown)}", hint=f"known: {', '.join(known)}"
+        )
     values: dict[str, Any] = {}
     for name, value in raw.items():
         nested = {"org": OrgLimits, "limits": Limits}.get(name) if cls is Config else None

@@ -127,8 +127,10 @@ def parse_reasons(raw: Any, what: str) -> tuple[Reason, ...]:
         raise DecisionError(f"{what} is not a list: {raw!r}")
     reasons = []
     for item in raw:
-        if not isinstance(item, dict) or not isinstance(item.get("code"), str) or not isinstance(
-            item.get("message"), str
+        if (
+            not isinstance(item, dict)
+            or not isinstance(item.get("code"), str)
+            or not isinstance(item.get("message"), str)
         ):
             raise DecisionError(f"malformed entry in {what}: {item!r}")
         reasons.append(Reason(item["code"], item["message"]))

@@ -1,11 +1,11 @@
 """The Python API: one :class:`Engine` per workspace, the same operations as the CLI.
 
-    from agov.engine import Engine
+from agov.engine import Engine
 
-    with Engine.open("./.agov") as engine:
-        decision = engine.admit("finance-reconciler")
-        if not decision.allow:
-            raise SystemExit(f"refused: {decision.code}")
+with Engine.open("./.agov") as engine:
+    decision = engine.admit("finance-reconciler")
+    if not decision.allow:
+        raise SystemExit(f"refused: {decision.code}")
 """
 
 from __future__ import annotations
@@ -80,11 +80,20 @@ class Engine:
             keyring.generate(engine.store, workspace.keys, actor=actor)
             built = policy.build(find_opa(), workspace.policies, workspace.bundles, workspace.keys)
             policy.record(engine.store, built, actor=actor, reason="initial policy")
-            policy.mark_active(engine.store, built.policy_hash, event=Code.POLICY_HOTRELOAD, actor=actor,
-                               reason="initial policy")
+            policy.mark_active(
+                engine.store,
+                built.policy_hash,
+                event=Code.POLICY_HOTRELOAD,
+                actor=actor,
+                reason="initial policy",
+            )
             with engine.store.transaction() as tx:
-                tx.audit(Code.WORKSPACE_INIT, actor=actor, policy_hash=built.policy_hash,
-                         payload={"home": str(home)})
+                tx.audit(
+                    Code.WORKSPACE_INIT,
+                    actor=actor,
+                    policy_hash=built.policy_hash,
+                    payload={"home": str(home)},
+                )
         except BaseException:
             engine.close()
             raise
@@ -99,8 +108,9 @@ class Engine:
     def __enter__(self) -> Engine:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     # -- OPA -------------------------------------------------------------------------------------
@@ -141,31 +151,50 @@ class Engine:
 
     # -- agents ----------------------------------------------------------------------------------
 
-    def create_agent(self, document: Mapping[str, Any], *, mode: CreationMode, source: str, actor: str,
-                     notes: str = "") -> AgentRecord:
+    def create_agent(
+        self, document: Mapping[str, Any], *, mode: CreationMode, source: str, actor: str, notes: str = ""
+    ) -> AgentRecord:
         """Raises: SpecError, UsageError (see :func:`agov.registry.create_agent`)."""
         try:
-            return registry.create_agent(self.store, self.config, document, mode=mode, source=source, actor=actor,
-                                         notes=notes, now=self.clock())
+            return registry.create_agent(
+                self.store,
+                self.config,
+                document,
+                mode=mode,
+                source=source,
+                actor=actor,
+                notes=notes,
+                now=self.clock(),
+            )
         except AgovError as exc:
             self._reject("create", exc, actor=actor)
             raise
 
-    def update_agent(self, agent_id: str, document: Mapping[str, Any], *, actor: str, notes: str = "") -> AgentRecord:
+    def update_agent(
+        self, agent_id: str, document: Mapping[str, Any], *, actor: str, notes: str = ""
+    ) -> AgentRecord:
         """Raises: NotFoundError, SpecError, UsageError."""
         try:
-            return registry.update_agent(self.store, self.config, agent_id, document, actor=actor, notes=notes,
-                                         now=self.clock())
+            return registry.update_agent(
+                self.store, self.config, agent_id, document, actor=actor, notes=notes, now=self.clock()
+            )
         except AgovError as exc:
             self._reject("update", exc, actor=actor, agent_id=agent_id)
             raise
 
     def _reject(self, operation: str, exc: AgovError, *, actor: str, agent_id: str | None = None) -> None:
         """The one row a rejected request leaves: its audit event."""
-        self.store.record_rejection(Code.REQUEST_REJECTED, actor=actor, agent_id=None if agent_id is None else
-                                    (agent_id if self._agent_exists(agent_id) else None),
-                                    payload={"operation": operation, "error": type(exc).__name__,
-                                             "message": exc.message, "agent_ref": agent_id})
+        self.store.record_rejection(
+            Code.REQUEST_REJECTED,
+            actor=actor,
+            agent_id=None if agent_id is None else (agent_id if self._agent_exists(agent_id) else None),
+            payload={
+                "operation": operation,
+                "error": type(exc).__name__,
+                "message": exc.message,
+                "agent_ref": agent_id,
+            },
+        )
 
     def _agent_exists(self, agent_id: str) -> bool:
         return self.store.query_one("SELECT 1 FROM agents WHERE id = ?", (agent_id,)) is not None
@@ -205,26 +234,40 @@ class Engine:
             return self.evaluator()
 
         result = promotion.promote(
-            self.store, self.config, agent, evaluator,
+            self.store,
+            self.config,
+            agent,
+            evaluator,
             lambda: keyring.active_signer(self.store, self.workspace.keys),
-            actor=actor, role=role, policy_hash=policy_hash, now=self.clock(),
+            actor=actor,
+            role=role,
+            policy_hash=policy_hash,
+            now=self.clock(),
         )
         self.metrics.decision_latency.labels("promotion").observe(time.perf_counter() - started)
         for reason in result.deny:
             self.metrics.promotion_denies.labels(reason.code).inc()
-        log_decision("promotion", Code.PROMOTION_SUCCESS if result.allow else Code.PROMOTION_DENIED,
-                     agent_id=agent_id, actor=actor, policy_hash=policy_hash, decision_id=result.decision_id,
-                     deny=[r.code for r in result.deny])
+        log_decision(
+            "promotion",
+            Code.PROMOTION_SUCCESS if result.allow else Code.PROMOTION_DENIED,
+            agent_id=agent_id,
+            actor=actor,
+            policy_hash=policy_hash,
+            decision_id=result.decision_id,
+            deny=[r.code for r in result.deny],
+        )
         return result
 
     def _trusted_key(self, keyid: str) -> TrustedKey | None:
         return keyring.trusted_key(self.store, self.workspace.keys, keyid)
 
     def _current_proof(self, agent_id: str) -> tuple[Any | None, datetime | None]:
-        row = self.store.query_one("SELECT * FROM agent_proofs WHERE agent_id = ? AND superseded_at IS NULL",
-                                   (agent_id,))
-        newest = self.store.query_one("SELECT MAX(issued_at) AS newest FROM agent_proofs WHERE agent_id = ?",
-                                      (agent_id,))
+        row = self.store.query_one(
+            "SELECT * FROM agent_proofs WHERE agent_id = ? AND superseded_at IS NULL", (agent_id,)
+        )
+        newest = self.store.query_one(
+            "SELECT MAX(issued_at) AS newest FROM agent_proofs WHERE agent_id = ?", (agent_id,)
+        )
         return row, parse_iso(newest["newest"]) if newest is not None else None
 
     def admit(self, agent_id: str) -> AdmissionDecision:
@@ -248,8 +291,13 @@ class Engine:
             self.metrics.starts_allowed.inc()
         else:
             self.metrics.starts_denied.labels(decision.code).inc()
-        log_decision("admission", decision.code, agent_id=agent_id, policy_hash=decision.policy_hash,
-                     decision_id=decision.decision_id)
+        log_decision(
+            "admission",
+            decision.code,
+            agent_id=agent_id,
+            policy_hash=decision.policy_hash,
+            decision_id=decision.decision_id,
+        )
         return decision
 
     # -- policy ----------------------------------------------------------------------------------
@@ -266,13 +314,20 @@ class Engine:
         built = policy.build(find_opa(), self.workspace.policies, self.workspace.bundles, self.workspace.keys)
         version = policy.record(self.store, built, actor=actor, reason=reason)
         if policy.active_version(self.store) is None:
-            version = policy.mark_active(self.store, built.policy_hash, event=Code.POLICY_HOTRELOAD, actor=actor,
-                                         reason=reason)
+            version = policy.mark_active(
+                self.store, built.policy_hash, event=Code.POLICY_HOTRELOAD, actor=actor, reason=reason
+            )
         return version
 
-    def revalidate(self, *, dry_run: bool = False, progress: Callable[[int], None] | None = None,
-                   evaluator: Evaluator | None = None, policy_hash: str | None = None,
-                   previous_hash: str | None = None) -> RevalidationReport:
+    def revalidate(
+        self,
+        *,
+        dry_run: bool = False,
+        progress: Callable[[int], None] | None = None,
+        evaluator: Evaluator | None = None,
+        policy_hash: str | None = None,
+        previous_hash: str | None = None,
+    ) -> RevalidationReport:
         """Re-evaluate every governed agent under the active policy (or ``policy_hash`` in a dry run).
 
         Raises:
@@ -281,16 +336,23 @@ class Engine:
         """
         target = policy_hash or policy.require_active(self.store).hash
         report = revalidation.revalidate(
-            self.store, self.config, evaluator or self.evaluator(),
+            self.store,
+            self.config,
+            evaluator or self.evaluator(),
             lambda: keyring.active_signer(self.store, self.workspace.keys),
-            policy_hash=target, now_fn=self.clock, dry_run=dry_run, previous_hash=previous_hash, progress=progress,
+            policy_hash=target,
+            now_fn=self.clock,
+            dry_run=dry_run,
+            previous_hash=previous_hash,
+            progress=progress,
         )
         if not dry_run:
             self.metrics.invalidations.inc(report.newly_invalidated)
         return report
 
-    def reload_policy(self, *, actor: str, reason: str, dry_run: bool = False,
-                      progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    def reload_policy(
+        self, *, actor: str, reason: str, dry_run: bool = False, progress: Callable[[int], None] | None = None
+    ) -> dict[str, Any]:
         """Rebuild the policy; if its hash changed, activate it and revalidate every agent.
 
         A policy that does not compile or whose tests fail is refused and the old one stays.
@@ -300,27 +362,43 @@ class Engine:
         """
         active = policy.active_version(self.store)
         try:
-            built = policy.build(find_opa(), self.workspace.policies, self.workspace.bundles, self.workspace.keys)
+            built = policy.build(
+                find_opa(), self.workspace.policies, self.workspace.bundles, self.workspace.keys
+            )
         except PolicyError as exc:
             self.metrics.reload_failure.inc()
-            self.store.record_rejection(Code.POLICY_RELOAD_REFUSED, actor=actor,
-                                        policy_hash=active.hash if active else None,
-                                        payload={"reason": reason, "error": exc.message[:4000]})
+            self.store.record_rejection(
+                Code.POLICY_RELOAD_REFUSED,
+                actor=actor,
+                policy_hash=active.hash if active else None,
+                payload={"reason": reason, "error": exc.message[:4000]},
+            )
             raise
         if active is not None and built.policy_hash == active.hash:
             return {"changed": False, "policy_hash": active.hash, "revalidation": None}
         if dry_run:
-            return {"changed": True, "dry_run": True, "policy_hash": built.policy_hash,
-                    "previous_hash": active.hash if active else None,
-                    "revalidation": self._dry_run_on(built.content, built.policy_hash).as_dict()}
+            return {
+                "changed": True,
+                "dry_run": True,
+                "policy_hash": built.policy_hash,
+                "previous_hash": active.hash if active else None,
+                "revalidation": self._dry_run_on(built.content, built.policy_hash).as_dict(),
+            }
         version = policy.record(self.store, built, actor=actor, reason=reason)
-        report = self._switch(version, event=Code.POLICY_HOTRELOAD, actor=actor, reason=reason, progress=progress)
+        report = self._switch(
+            version, event=Code.POLICY_HOTRELOAD, actor=actor, reason=reason, progress=progress
+        )
         self.metrics.reload_success.inc()
-        return {"changed": True, "policy_hash": version.hash, "previous_hash": active.hash if active else None,
-                "revalidation": report.as_dict()}
+        return {
+            "changed": True,
+            "policy_hash": version.hash,
+            "previous_hash": active.hash if active else None,
+            "revalidation": report.as_dict(),
+        }
 
-    def rollback_policy(self, hash_prefix: str, *, actor: str, reason: str,
-                        progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    def rollback_policy(
+        self, hash_prefix: str, *, actor: str, reason: str, progress: Callable[[int], None] | None = None
+    ) -> dict[str, Any]:
         """Re-activate an earlier signed bundle and revalidate.
 
         Raises:
@@ -331,12 +409,24 @@ class Engine:
         active = policy.active_version(self.store)
         if active is not None and active.hash == target.hash:
             raise UsageError(f"policy {target.hash[:12]} is already active")
-        report = self._switch(target, event=Code.POLICY_ROLLBACK, actor=actor, reason=reason, progress=progress)
-        return {"policy_hash": target.hash, "previous_hash": active.hash if active else None,
-                "revalidation": report.as_dict()}
+        report = self._switch(
+            target, event=Code.POLICY_ROLLBACK, actor=actor, reason=reason, progress=progress
+        )
+        return {
+            "policy_hash": target.hash,
+            "previous_hash": active.hash if active else None,
+            "revalidation": report.as_dict(),
+        }
 
-    def _switch(self, version: PolicyVersion, *, event: Code, actor: str, reason: str,
-                progress: Callable[[int], None] | None) -> RevalidationReport:
+    def _switch(
+        self,
+        version: PolicyVersion,
+        *,
+        event: Code,
+        actor: str,
+        reason: str,
+        progress: Callable[[int], None] | None,
+    ) -> RevalidationReport:
         """Activate in OPA first, then in the store, then revalidate. Between the two steps every
         decision fails closed, because OPA's revision no longer matches the store's."""
         previous = policy.active_version(self.store)
@@ -354,9 +444,12 @@ class Engine:
 
         bundle_key = keys.ensure_bundle_signing_key(self.workspace.keys)
         with ManagedSidecar(
-            bundle_bytes=content, revision=policy_hash,
-            verification_public_key_pem=bundle_key.public_pem_path.read_bytes(), keyid=bundle_key.keyid,
-            config=self._evaluator_config(), start_timeout_s=self.config.limits.opa_start_timeout_s,
+            bundle_bytes=content,
+            revision=policy_hash,
+            verification_public_key_pem=bundle_key.public_pem_path.read_bytes(),
+            keyid=bundle_key.keyid,
+            config=self._evaluator_config(),
+            start_timeout_s=self.config.limits.opa_start_timeout_s,
         ) as candidate:
             return self.revalidate(dry_run=True, evaluator=candidate, policy_hash=policy_hash)
 
@@ -368,10 +461,18 @@ class Engine:
 
     # -- keys and audit -------------------------------------------------------------------------
 
-    def generate_key(self, *, alg: str, actor: str, not_before: datetime | None = None,
-                     not_after: datetime | None = None) -> keyring.KeyState:
-        return keyring.generate(self.store, self.workspace.keys, alg=alg, actor=actor, not_before=not_before,
-                                not_after=not_after, now=self.clock())
+    def generate_key(
+        self, *, alg: str, actor: str, not_before: datetime | None = None, not_after: datetime | None = None
+    ) -> keyring.KeyState:
+        return keyring.generate(
+            self.store,
+            self.workspace.keys,
+            alg=alg,
+            actor=actor,
+            not_before=not_before,
+            not_after=not_after,
+            now=self.clock(),
+        )
 
     def list_keys(self) -> list[keyring.KeyState]:
         return keyring.list_keys(self.store)

@@ -25,8 +25,10 @@ def canonical_json(value: Any) -> bytes:
     try:
         return bytes(rfc8785.dumps(value))
     except (rfc8785.CanonicalizationError, TypeError, ValueError) as exc:
-        raise SpecError(f"value cannot be canonicalized: {exc}",
-                        hint="use plain JSON values: strings, finite numbers, booleans, lists, maps") from exc
+        raise SpecError(
+            f"value cannot be canonicalized: {exc}",
+            hint="use plain JSON values: strings, finite numbers, booleans, lists, maps",
+        ) from exc
 
 
 def sha256_hex(data: bytes) -> str:

@@ -34,8 +34,16 @@ class KeyState:
 
 
 def _state(row: Any) -> KeyState:
-    return KeyState(row["keyid"], row["alg"], row["created_at"], row["not_before"], row["not_after"],
-                    row["revoked_at"], row["revoke_reason"], bool(row["active"]))
+    return KeyState(
+        row["keyid"],
+        row["alg"],
+        row["created_at"],
+        row["not_before"],
+        row["not_after"],
+        row["revoked_at"],
+        row["revoke_reason"],
+        bool(row["active"]),
+    )
 
 
 def generate(
@@ -92,8 +100,10 @@ def revoke(store: Store, keyid: str, *, reason: str, actor: str, now: datetime |
         raise UsageError(f"key {keyid} was already revoked at {state.revoked_at}")
     now = now or utcnow()
     with store.transaction() as tx:
-        tx.execute("UPDATE signing_keys SET revoked_at = ?, revoke_reason = ?, active = 0 WHERE keyid = ?",
-                   (iso(now), reason, keyid))
+        tx.execute(
+            "UPDATE signing_keys SET revoked_at = ?, revoke_reason = ?, active = 0 WHERE keyid = ?",
+            (iso(now), reason, keyid),
+        )
         tx.audit(Code.KEY_REVOKED, actor=actor, now=now, payload={"keyid": keyid, "reason": reason})
     return get(store, keyid)
 
@@ -119,7 +129,8 @@ def trusted_key(store: Store, keys_dir: Path, keyid: str) -> TrustedKey | None:
     if row is None:
         return None
     return keys.load_trusted_key(
-        keys_dir, keyid,
+        keys_dir,
+        keyid,
         not_before=parse_iso(row["not_before"]),
         not_after=parse_iso(row["not_after"]),
         revoked_at=parse_iso(row["revoked_at"]),

@@ -19,15 +19,23 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.starts_allowed = Counter("agent_starts_allowed_total", "Admissions allowed.", registry=r)
-        self.starts_denied = Counter("agent_starts_denied_total", "Admissions denied.", ["reason"], registry=r)
-        self.invalidations = Counter("agent_invalidation_events_total", "Agents invalidated by revalidation.",
-                                     registry=r)
+        self.starts_denied = Counter(
+            "agent_starts_denied_total", "Admissions denied.", ["reason"], registry=r
+        )
+        self.invalidations = Counter(
+            "agent_invalidation_events_total", "Agents invalidated by revalidation.", registry=r
+        )
         self.reload_success = Counter("policy_reload_success_total", "Policy reloads activated.", registry=r)
         self.reload_failure = Counter("policy_reload_failure_total", "Policy reloads refused.", registry=r)
         self.promotion_attempts = Counter("promotion_attempts_total", "Promotion attempts.", registry=r)
-        self.promotion_denies = Counter("promotion_denies_total", "Promotions denied.", ["reason"], registry=r)
+        self.promotion_denies = Counter(
+            "promotion_denies_total", "Promotions denied.", ["reason"], registry=r
+        )
         self.decision_latency = Histogram(
-            "agov_decision_latency_seconds", "Decision latency, engine side, by kind.", ["kind"], registry=r,
+            "agov_decision_latency_seconds",
+            "Decision latency, engine side, by kind.",
+            ["kind"],
+            registry=r,
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5),
         )
 

@@ -38,8 +38,15 @@ class PolicyVersion:
 
 
 def _version(row: Any) -> PolicyVersion:
-    return PolicyVersion(row["seq"], row["hash"], row["bundle_path"], row["actor"], row["reason"],
-                         row["created_at"], bool(row["active"]))
+    return PolicyVersion(
+        row["seq"],
+        row["hash"],
+        row["bundle_path"],
+        row["actor"],
+        row["reason"],
+        row["created_at"],
+        bool(row["active"]),
+    )
 
 
 def active_version(store: Store) -> PolicyVersion | None:
@@ -87,7 +94,9 @@ def build(opa: Path, policies: Path, bundles: Path, keys_dir: Path) -> BuiltBund
     return build_bundle(opa, policies, bundles, signing_key=bundle_key.private_pem_path)
 
 
-def record(store: Store, built: BuiltBundle, *, actor: str, reason: str, now: datetime | None = None) -> PolicyVersion:
+def record(
+    store: Store, built: BuiltBundle, *, actor: str, reason: str, now: datetime | None = None
+) -> PolicyVersion:
     """Record a built bundle as a known (not yet active) version; idempotent per hash."""
     now = now or utcnow()
     with store.transaction() as tx:
@@ -102,7 +111,13 @@ def record(store: Store, built: BuiltBundle, *, actor: str, reason: str, now: da
 
 
 def mark_active(
-    store: Store, policy_hash: str, *, event: Code, actor: str, reason: str, now: datetime | None = None,
+    store: Store,
+    policy_hash: str,
+    *,
+    event: Code,
+    actor: str,
+    reason: str,
+    now: datetime | None = None,
     extra: dict[str, Any] | None = None,
 ) -> PolicyVersion:
     """Flip the active row and write the audit event, in one transaction."""
@@ -112,8 +127,13 @@ def mark_active(
         tx.execute("UPDATE policy_versions SET active = 0 WHERE active = 1")
         if tx.execute("UPDATE policy_versions SET active = 1 WHERE hash = ?", (policy_hash,)).rowcount != 1:
             raise NotFoundError(f"policy version {policy_hash} is not recorded")
-        tx.audit(event, actor=actor, policy_hash=policy_hash, now=now,
-                 payload={"previous_hash": previous.hash if previous else None, "reason": reason, **(extra or {})})
+        tx.audit(
+            event,
+            actor=actor,
+            policy_hash=policy_hash,
+            now=now,
+            payload={"previous_hash": previous.hash if previous else None, "reason": reason, **(extra or {})},
+        )
     return require_active(store)
 
 
@@ -122,8 +142,10 @@ def bundle_bytes(version: PolicyVersion) -> bytes:
     try:
         return Path(version.bundle_path).read_bytes()
     except OSError as exc:
-        raise PolicyError(f"bundle of policy {version.hash[:12]} is unreadable: {exc}",
-                          hint="rebuild it with `agov policy build`") from exc
+        raise PolicyError(
+            f"bundle of policy {version.hash[:12]} is unreadable: {exc}",
+            hint="rebuild it with `agov policy build`",
+        ) from exc
 
 
 def bundle_sources(content: bytes) -> dict[str, str]:
@@ -149,10 +171,14 @@ def diff(store: Store, a: str, b: str) -> str:
     sa, sb = bundle_sources(bundle_bytes(va)), bundle_sources(bundle_bytes(vb))
     out: list[str] = []
     for name in sorted(set(sa) | set(sb)):
-        out.extend(difflib.unified_diff(
-            sa.get(name, "").splitlines(keepends=True), sb.get(name, "").splitlines(keepends=True),
-            fromfile=f"{va.hash[:12]}/{name}", tofile=f"{vb.hash[:12]}/{name}",
-        ))
+        out.extend(
+            difflib.unified_diff(
+                sa.get(name, "").splitlines(keepends=True),
+                sb.get(name, "").splitlines(keepends=True),
+                fromfile=f"{va.hash[:12]}/{name}",
+                tofile=f"{vb.hash[:12]}/{name}",
+            )
+        )
     return "".join(out)
 
 

@@ -24,6 +24,7 @@ from agov.store.sqlite import Tx, iso
 
 PROMOTION_PATH = "agov/promotion/decision"
 PROMOTION_DENY_ENGINE_UNAVAILABLE = "PROMOTION_DENY_ENGINE_UNAVAILABLE"
+NO_DECISION_ID = "not-logged"
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,9 @@ class PromotionResult:
         }
 
 
-def promotion_input(agent: AgentRecord, config: Config, *, actor: str, role: str, policy_hash: str,
-                    now: datetime) -> dict[str, Any]:
+def promotion_input(
+    agent: AgentRecord, config: Config, *, actor: str, role: str, policy_hash: str, now: datetime
+) -> dict[str, Any]:
     return {
         "agent": agent.spec.document,
         "actor": {"id": actor, "role": role},
@@ -94,26 +96,54 @@ def issue_proof(
     status = verdict.status
     expires = now + timedelta(days=proof_ttl_days) if proof_ttl_days else None
     claims = ProofClaims(
-        agent_id=agent.agent_id, version=agent.version, spec_hash=agent.spec_hash, policy_hash=policy_hash,
-        decision_id=decision_id or "", input_digest=input_digest, actor=actor, role=role,
-        governance_status=status.value, issued_at=now, expires_at=expires,
+        agent_id=agent.agent_id,
+        version=str(agent.version),
+        spec_hash=agent.spec_hash,
+        policy_hash=policy_hash,
+        # OPA names a decision only when decision logging is on (an external sidecar may not).
+        decision_id=decision_id or NO_DECISION_ID,
+        input_digest=input_digest,
+        actor=actor,
+        role=role,
+        governance_status=status.value,
+        issued_at=now,
+        expires_at=expires,
     )
     envelope = sign_proof(claims, signer)
     changed = tx.execute(
         "UPDATE agents SET status = ?, reasons = ?, sandbox_expires_at = NULL, row_version = row_version + 1,"
         " updated_at = ? WHERE id = ? AND row_version = ? AND current_version = ?",
-        (status.value, _reasons_json(verdict.warn), iso(now), agent.agent_id, agent.row_version, agent.version),
+        (
+            status.value,
+            _reasons_json(verdict.warn),
+            iso(now),
+            agent.agent_id,
+            agent.row_version,
+            agent.version,
+        ),
     ).rowcount
     if changed != 1:
-        raise UsageError(f"agent {agent.agent_id!r} changed while it was being promoted",
-                         hint="read it again and retry")
-    tx.execute("UPDATE agent_proofs SET superseded_at = ? WHERE agent_id = ? AND superseded_at IS NULL",
-               (iso(now), agent.agent_id))
+        raise UsageError(
+            f"agent {agent.agent_id!r} changed while it was being promoted", hint="read it again and retry"
+        )
+    tx.execute(
+        "UPDATE agent_proofs SET superseded_at = ? WHERE agent_id = ? AND superseded_at IS NULL",
+        (iso(now), agent.agent_id),
+    )
     tx.execute(
         "INSERT INTO agent_proofs (agent_id, version, policy_hash, spec_hash, envelope, keyid, governance_status,"
         " issued_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (agent.agent_id, agent.version, policy_hash, agent.spec_hash, envelope, signer.keyid, status.value, iso(now),
-         iso(expires)),
+        (
+            agent.agent_id,
+            agent.version,
+            policy_hash,
+            agent.spec_hash,
+            envelope,
+            signer.keyid,
+            status.value,
+            iso(now),
+            iso(expires),
+        ),
     )
 
 
@@ -149,28 +179,51 @@ def promote(
     except AgovError as exc:
         verdict = PolicyVerdict(False, (Reason(PROMOTION_DENY_ENGINE_UNAVAILABLE, exc.message),))
         signer = None
-    fields = {"agent_id": agent.id, "actor": actor, "policy_hash": policy_hash, "now": now}
+    fields: dict[str, Any] = {"agent_id": agent.id, "actor": actor, "policy_hash": policy_hash, "now": now}
     if not verdict.allow or signer is None:
         with store.transaction() as tx:
             tx.audit(Code.PROMOTION_ATTEMPT, payload={"role": role, "version": agent.version}, **fields)
-            tx.audit(Code.PROMOTION_DENIED, payload={"decision_id": decision_id,
-                                                     "deny": [r.as_dict() for r in verdict.deny]}, **fields)
-        return PromotionResult(agent.id, False, agent.status.value, verdict.deny, verdict.warn, policy_hash,
-                               decision_id)
+            tx.audit(
+                Code.PROMOTION_DENIED,
+                payload={"decision_id": decision_id, "deny": [r.as_dict() for r in verdict.deny]},
+                **fields,
+            )
+        return PromotionResult(
+            agent.id, False, agent.status.value, verdict.deny, verdict.warn, policy_hash, decision_id
+        )
     try:
         with store.transaction() as tx:
             tx.audit(Code.PROMOTION_ATTEMPT, payload={"role": role, "version": agent.version}, **fields)
             target = ProofTarget(agent.id, agent.version, agent.spec.hash, agent.row_version)
-            issue_proof(tx, target, verdict, signer, policy_hash=policy_hash, decision_id=decision_id,
-                        input_digest=digest(payload), actor=actor, role=role, now=now,
-                        proof_ttl_days=config.proof_ttl_days)
-            tx.audit(Code.PROMOTION_SUCCESS, payload={"decision_id": decision_id, "status": verdict.status.value,
-                                                      "version": agent.version, "keyid": signer.keyid,
-                                                      "warn": [r.as_dict() for r in verdict.warn]}, **fields)
+            issue_proof(
+                tx,
+                target,
+                verdict,
+                signer,
+                policy_hash=policy_hash,
+                decision_id=decision_id,
+                input_digest=digest(payload),
+                actor=actor,
+                role=role,
+                now=now,
+                proof_ttl_days=config.proof_ttl_days,
+            )
+            tx.audit(
+                Code.PROMOTION_SUCCESS,
+                payload={
+                    "decision_id": decision_id,
+                    "status": verdict.status.value,
+                    "version": agent.version,
+                    "keyid": signer.keyid,
+                    "warn": [r.as_dict() for r in verdict.warn],
+                },
+                **fields,
+            )
     except UsageError:
-        store.record_rejection(Code.PROMOTION_DENIED, payload={"reason": "concurrent change", "role": role},
-                               **fields)
+        store.record_rejection(
+            Code.PROMOTION_DENIED, payload={"reason": "concurrent change", "role": role}, **fields
+        )
         raise
-    return PromotionResult(agent.id, True, verdict.status.value, (), verdict.warn, policy_hash, decision_id,
-                           signer.keyid)
-
+    return PromotionResult(
+        agent.id, True, verdict.status.value, (), verdict.warn, policy_hash, decision_id, signer.keyid
+    )

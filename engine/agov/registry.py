@@ -111,7 +111,9 @@ def list_templates() -> list[str]:
     return sorted(p.stem for p in templates_dir().glob("*.yaml"))
 
 
-def from_template(name: str, *, agent_id: str | None = None, display_name: str | None = None) -> dict[str, Any]:
+def from_template(
+    name: str, *, agent_id: str | None = None, display_name: str | None = None
+) -> dict[str, Any]:
     """A shipped template with a fresh id and name.
 
     Raises:
@@ -159,7 +161,9 @@ def from_workflow(workflow: Mapping[str, Any], *, agent_id: str | None = None) -
         step_input = step.get("input")
         if isinstance(step_input, dict) and step_input not in inputs:
             inputs.append(dict(step_input))
-    document = skeleton(name, agent_id=agent_id or workflow.get("id"), role_class=workflow.get("role_class", "analysis"))
+    document = skeleton(
+        name, agent_id=agent_id or workflow.get("id"), role_class=workflow.get("role_class", "analysis")
+    )
     anatomy = document["spec"]["anatomy"]
     anatomy["reasoning"] = {
         "model": workflow.get("model", DEFAULT_MODEL),
@@ -183,8 +187,11 @@ def from_event(event: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
         SpecError: not an ``agent.registered`` event, or no spec in it.
     """
     if event.get("event") != "agent.registered":
-        raise SpecError(f"unsupported event type {event.get('event')!r}", path="event",
-                        hint="agov creates agents from 'agent.registered' events")
+        raise SpecError(
+            f"unsupported event type {event.get('event')!r}",
+            path="event",
+            hint="agov creates agents from 'agent.registered' events",
+        )
     agent = event.get("agent")
     if not isinstance(agent, dict):
         raise SpecError("the event carries no 'agent' spec", path="agent")
@@ -195,14 +202,21 @@ def from_event(event: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
 
 def from_answers(answers: Mapping[str, Any]) -> dict[str, Any]:
     """Build a spec from the interactive wizard's answers (the conversation mode)."""
-    document = skeleton(str(answers["name"]), agent_id=answers.get("id") or None,
-                        role_class=str(answers.get("role_class", "analysis")))
+    document = skeleton(
+        str(answers["name"]),
+        agent_id=answers.get("id") or None,
+        role_class=str(answers.get("role_class", "analysis")),
+    )
     spec = document["spec"]
     spec["agent_type"] = answers.get("agent_type", "supervised")
-    spec["anatomy"]["reasoning"] = {"model": answers.get("model", DEFAULT_MODEL),
-                                    "temperature": float(answers.get("temperature", 0.2))}
-    spec["anatomy"]["inputs"] = [{"name": n, "classification": answers.get("classification", "internal")}
-                                 for n in answers.get("inputs", [])]
+    spec["anatomy"]["reasoning"] = {
+        "model": answers.get("model", DEFAULT_MODEL),
+        "temperature": float(answers.get("temperature", 0.2)),
+    }
+    spec["anatomy"]["inputs"] = [
+        {"name": n, "classification": answers.get("classification", "internal")}
+        for n in answers.get("inputs", [])
+    ]
     spec["anatomy"]["actions"] = [{"type": a} for a in answers.get("actions", [])]
     spec["anatomy"]["memory"] = {"kind": answers.get("memory", "none")}
     spec["capabilities"] = list(answers.get("capabilities", []))
@@ -254,7 +268,12 @@ def get_agent(store: Store, agent_id: str) -> AgentRecord:
 
 
 def list_agents(
-    store: Store, *, status: str | None = None, agent_type: str | None = None, limit: int = 100, offset: int = 0
+    store: Store,
+    *,
+    status: str | None = None,
+    agent_type: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
 ) -> list[AgentRecord]:
     clauses, params = [], []
     if status:
@@ -303,21 +322,37 @@ def create_agent(
     expires = now + timedelta(days=config.sandbox_ttl_days)
     with store.transaction() as tx:
         if tx.execute("SELECT 1 FROM agents WHERE id = ?", (spec.id,)).fetchone():
-            raise UsageError(f"an agent with id {spec.id!r} already exists",
-                             hint="choose another id, or `agov agent update` it")
+            raise UsageError(
+                f"an agent with id {spec.id!r} already exists",
+                hint="choose another id, or `agov agent update` it",
+            )
         tx.execute(
             "INSERT INTO agents (id, workspace, name, type, role_class, status, current_version,"
             " sandbox_expires_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?)",
-            (spec.id, spec.workspace, spec.name, spec.agent_type, spec.role_class, Status.SANDBOX.value,
-             iso(expires), iso(now), iso(now)),
+            (
+                spec.id,
+                spec.workspace,
+                spec.name,
+                spec.agent_type,
+                spec.role_class,
+                Status.SANDBOX.value,
+                iso(expires),
+                iso(now),
+                iso(now),
+            ),
         )
         tx.execute(
             "INSERT INTO agent_versions (agent_id, version, spec, spec_hash, creation_mode, source, created_by,"
             " created_at, notes) VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?)",
             (spec.id, spec.canonical.decode(), spec.hash, mode.value, source, actor, iso(now), notes),
         )
-        tx.audit(Code.AGENT_CREATED, agent_id=spec.id, actor=actor,
-                 payload={"mode": mode.value, "source": source, "spec_hash": spec.hash}, now=now)
+        tx.audit(
+            Code.AGENT_CREATED,
+            agent_id=spec.id,
+            actor=actor,
+            payload={"mode": mode.value, "source": source, "spec_hash": spec.hash},
+            now=now,
+        )
     return get_agent(store, spec.id)
 
 
@@ -341,31 +376,63 @@ def update_agent(
     current = get_agent(store, agent_id)
     spec = validate_spec(document)
     if spec.id != agent_id:
-        raise SpecError(f"metadata.id is {spec.id!r}, not {agent_id!r}", path="metadata/id",
-                        hint="an update keeps the agent's id; use `agent create --clone` for a copy")
+        raise SpecError(
+            f"metadata.id is {spec.id!r}, not {agent_id!r}",
+            path="metadata/id",
+            hint="an update keeps the agent's id; use `agent create --clone` for a copy",
+        )
     now = now or utcnow()
     version = current.version + 1
     with store.transaction() as tx:
         tx.execute(
             "INSERT INTO agent_versions (agent_id, version, spec, spec_hash, creation_mode, source, created_by,"
             " created_at, notes) VALUES (?, ?, ?, ?, 'update', ?, ?, ?, ?)",
-            (agent_id, version, spec.canonical.decode(), spec.hash, f"{agent_id}@{current.version}", actor,
-             iso(now), notes),
+            (
+                agent_id,
+                version,
+                spec.canonical.decode(),
+                spec.hash,
+                f"{agent_id}@{current.version}",
+                actor,
+                iso(now),
+                notes,
+            ),
         )
-        tx.execute("UPDATE agent_proofs SET superseded_at = ? WHERE agent_id = ? AND superseded_at IS NULL",
-                   (iso(now), agent_id))
+        tx.execute(
+            "UPDATE agent_proofs SET superseded_at = ? WHERE agent_id = ? AND superseded_at IS NULL",
+            (iso(now), agent_id),
+        )
         changed = tx.execute(
             "UPDATE agents SET current_version = ?, name = ?, type = ?, role_class = ?, status = ?,"
             " sandbox_expires_at = ?, reasons = '[]', row_version = row_version + 1, updated_at = ?"
             " WHERE id = ? AND row_version = ?",
-            (version, spec.name, spec.agent_type, spec.role_class, Status.SANDBOX.value,
-             iso(now + timedelta(days=config.sandbox_ttl_days)), iso(now), agent_id, current.row_version),
+            (
+                version,
+                spec.name,
+                spec.agent_type,
+                spec.role_class,
+                Status.SANDBOX.value,
+                iso(now + timedelta(days=config.sandbox_ttl_days)),
+                iso(now),
+                agent_id,
+                current.row_version,
+            ),
         ).rowcount
         if changed != 1:
             raise UsageError(f"agent {agent_id!r} changed while it was being updated", hint="retry")
-        tx.audit(Code.AGENT_UPDATED, agent_id=agent_id, actor=actor, now=now,
-                 payload={"version": version, "spec_hash": spec.hash, "previous_status": current.status.value,
-                          "notes": notes, "back_to_sandbox": current.status in GOVERNED})
+        tx.audit(
+            Code.AGENT_UPDATED,
+            agent_id=agent_id,
+            actor=actor,
+            now=now,
+            payload={
+                "version": version,
+                "spec_hash": spec.hash,
+                "previous_status": current.status.value,
+                "notes": notes,
+                "back_to_sandbox": current.status in GOVERNED,
+            },
+        )
     return get_agent(store, agent_id)
 
 
@@ -377,12 +444,25 @@ def history(store: Store, agent_id: str) -> dict[str, Any]:
     """
     get_agent(store, agent_id)
     versions = [
-        {k: r[k] for k in ("version", "spec_hash", "creation_mode", "source", "created_by", "created_at", "notes")}
+        {
+            k: r[k]
+            for k in ("version", "spec_hash", "creation_mode", "source", "created_by", "created_at", "notes")
+        }
         for r in store.query("SELECT * FROM agent_versions WHERE agent_id = ? ORDER BY version", (agent_id,))
     ]
     proofs = [
-        {k: r[k] for k in ("version", "policy_hash", "keyid", "governance_status", "issued_at", "expires_at",
-                           "superseded_at")}
+        {
+            k: r[k]
+            for k in (
+                "version",
+                "policy_hash",
+                "keyid",
+                "governance_status",
+                "issued_at",
+                "expires_at",
+                "superseded_at",
+            )
+        }
         for r in store.query("SELECT * FROM agent_proofs WHERE agent_id = ? ORDER BY id", (agent_id,))
     ]
     events = [e.as_dict() for e in store.audit_events(agent_id=agent_id)]

@@ -64,12 +64,22 @@ def _chunk(store: Store, after: str, size: int) -> list[_Row]:
         f" WHERE a.status IN ({','.join('?' * len(_GOVERNED))}) AND a.id > ? ORDER BY a.id LIMIT ?",
         (*_GOVERNED, after, size),
     )
-    return [_Row(r["id"], r["current_version"], r["spec_hash"], r["row_version"], r["status"], json.loads(r["spec"]))
-            for r in rows]
+    return [
+        _Row(
+            r["id"],
+            r["current_version"],
+            r["spec_hash"],
+            r["row_version"],
+            r["status"],
+            json.loads(r["spec"]),
+        )
+        for r in rows
+    ]
 
 
-def _verdicts(evaluator: Evaluator, rows: list[_Row], config: Config, policy_hash: str,
-              now: datetime) -> tuple[dict[str, PolicyVerdict], str | None, dict[str, Any]]:
+def _verdicts(
+    evaluator: Evaluator, rows: list[_Row], config: Config, policy_hash: str, now: datetime
+) -> tuple[dict[str, PolicyVerdict], str | None, dict[str, Any]]:
     payload = {
         "agents": [{"id": r.agent_id, "agent": r.document} for r in rows],
         "org": asdict(config.org),
@@ -90,7 +100,9 @@ def _verdicts(evaluator: Evaluator, rows: list[_Row], config: Config, policy_has
     return verdicts, evaluation.decision_id, payload
 
 
-def _open_run(store: Store, policy_hash: str, previous_hash: str | None, now: datetime) -> tuple[int, str, bool]:
+def _open_run(
+    store: Store, policy_hash: str, previous_hash: str | None, now: datetime
+) -> tuple[int, str, bool]:
     row = store.query_one(
         "SELECT id, cursor FROM revalidation_runs WHERE policy_hash = ? AND finished_at IS NULL ORDER BY id DESC",
         (policy_hash,),
@@ -98,8 +110,10 @@ def _open_run(store: Store, policy_hash: str, previous_hash: str | None, now: da
     if row is not None:
         return int(row["id"]), str(row["cursor"]), True
     with store.transaction() as tx:
-        cur = tx.execute("INSERT INTO revalidation_runs (policy_hash, previous_hash, started_at) VALUES (?, ?, ?)",
-                         (policy_hash, previous_hash, iso(now)))
+        cur = tx.execute(
+            "INSERT INTO revalidation_runs (policy_hash, previous_hash, started_at) VALUES (?, ?, ?)",
+            (policy_hash, previous_hash, iso(now)),
+        )
         return int(cur.lastrowid or 0), "", False
 
 
@@ -149,11 +163,22 @@ def revalidate(
         now = now_fn()
         with store.transaction() as tx:
             tx.execute("UPDATE revalidation_runs SET finished_at = ? WHERE id = ?", (iso(now), report.run_id))
-            tx.audit(Code.POLICY_REVALIDATION, actor=REVALIDATION_ACTOR, policy_hash=policy_hash, now=now,
-                     payload={"run_id": report.run_id, "resumed": report.resumed, "total": report.total,
-                              "valid": report.valid, "restricted": report.restricted,
-                              "invalidated": report.invalidated, "newly_invalidated": report.newly_invalidated,
-                              "restored": report.restored})
+            tx.audit(
+                Code.POLICY_REVALIDATION,
+                actor=REVALIDATION_ACTOR,
+                policy_hash=policy_hash,
+                now=now,
+                payload={
+                    "run_id": report.run_id,
+                    "resumed": report.resumed,
+                    "total": report.total,
+                    "valid": report.valid,
+                    "restricted": report.restricted,
+                    "invalidated": report.invalidated,
+                    "newly_invalidated": report.newly_invalidated,
+                    "restored": report.restored,
+                },
+            )
     return report
 
 
@@ -169,8 +194,13 @@ def _tally(report: RevalidationReport, verdict: PolicyVerdict) -> None:
 
 
 def _change(row: _Row, verdict: PolicyVerdict) -> dict[str, Any]:
-    return {"agent_id": row.agent_id, "from": row.status, "to": verdict.status.value,
-            "deny": [r.as_dict() for r in verdict.deny], "warn": [r.as_dict() for r in verdict.warn]}
+    return {
+        "agent_id": row.agent_id,
+        "from": row.status,
+        "to": verdict.status.value,
+        "deny": [r.as_dict() for r in verdict.deny],
+        "warn": [r.as_dict() for r in verdict.warn],
+    }
 
 
 def _tally_dry(report: RevalidationReport, rows: list[_Row], verdicts: dict[str, PolicyVerdict]) -> None:
@@ -203,17 +233,30 @@ def _apply(
             if verdict.allow:
                 try:
                     issue_proof(
-                        tx, ProofTarget(row.agent_id, row.version, row.spec_hash, row.row_version), verdict, signer,
-                        policy_hash=policy_hash, decision_id=decision_id,
+                        tx,
+                        ProofTarget(row.agent_id, row.version, row.spec_hash, row.row_version),
+                        verdict,
+                        signer,
+                        policy_hash=policy_hash,
+                        decision_id=decision_id,
                         input_digest=digest({"agent": agent_input, "org": payload["org"]}),
-                        actor=REVALIDATION_ACTOR, role="system", now=now, proof_ttl_days=None,
+                        actor=REVALIDATION_ACTOR,
+                        role="system",
+                        now=now,
+                        proof_ttl_days=None,
                     )
                 except UsageError:
                     continue  # changed meanwhile (updated or promoted): that write already re-judged it
                 if row.status == Status.GOVERNED_INVALIDATED.value:
                     tallied.restored += 1
-                    tx.audit(Code.AGENT_RESTORED, agent_id=row.agent_id, actor=REVALIDATION_ACTOR,
-                             policy_hash=policy_hash, now=now, payload={"status": verdict.status.value})
+                    tx.audit(
+                        Code.AGENT_RESTORED,
+                        agent_id=row.agent_id,
+                        actor=REVALIDATION_ACTOR,
+                        policy_hash=policy_hash,
+                        now=now,
+                        payload={"status": verdict.status.value},
+                    )
             else:
                 reasons = json.dumps([r.as_dict() for r in verdict.deny])
                 changed = tx.execute(
@@ -225,8 +268,14 @@ def _apply(
                     continue
                 if row.status != Status.GOVERNED_INVALIDATED.value:
                     tallied.newly_invalidated += 1
-                    tx.audit(Code.AGENT_INVALIDATED, agent_id=row.agent_id, actor=REVALIDATION_ACTOR,
-                             policy_hash=policy_hash, now=now, payload={"deny": json.loads(reasons)})
+                    tx.audit(
+                        Code.AGENT_INVALIDATED,
+                        agent_id=row.agent_id,
+                        actor=REVALIDATION_ACTOR,
+                        policy_hash=policy_hash,
+                        now=now,
+                        payload={"deny": json.loads(reasons)},
+                    )
             _tally(tallied, verdict)
         report.total += tallied.total
         report.valid += tallied.valid
@@ -237,6 +286,14 @@ def _apply(
         tx.execute(
             "UPDATE revalidation_runs SET cursor = ?, total = ?, valid = ?, restricted = ?, invalidated = ?,"
             " restored = ?, newly_invalidated = ? WHERE id = ?",
-            (rows[-1].agent_id, report.total, report.valid, report.restricted, report.invalidated, report.restored,
-             report.newly_invalidated, report.run_id),
+            (
+                rows[-1].agent_id,
+                report.total,
+                report.valid,
+                report.restricted,
+                report.invalidated,
+                report.restored,
+                report.newly_invalidated,
+                report.run_id,
+            ),
         )

@@ -60,7 +60,7 @@ def _validator() -> jsonschema.protocols.Validator:
     schema = json.loads(schema_path("agent_spec.json").read_text())
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
-    return cls(schema)  # type: ignore[no-any-return]
+    return cls(schema)
 
 
 def _depth(value: Any, limit: int) -> int:
@@ -121,7 +121,7 @@ def parse_spec_bytes(raw: bytes, *, source: str = "spec", max_bytes: int = MAX_S
         else:
             # CSafeLoader when present; never the full loader (no arbitrary Python objects).
             loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-            document = yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
+            document = yaml.load(text, Loader=loader)
     except (yaml.YAMLError, ValueError) as exc:
         raise SpecError(f"{source} is not valid YAML or JSON: {exc}") from exc
     except RecursionError as exc:

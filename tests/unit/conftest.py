@@ -10,8 +10,14 @@ import pytest
 VALID_SPEC: dict[str, Any] = {
     "apiVersion": "agov/v1",
     "kind": "Agent",
-    "metadata": {"id": "finance-reconciler-prod", "name": "Finance Reconciler", "workspace": "finance",
-                 "version": "1.0.0", "owner": "finance@example.com", "tags": ["finance"]},
+    "metadata": {
+        "id": "finance-reconciler-prod",
+        "name": "Finance Reconciler",
+        "workspace": "finance",
+        "version": "1.0.0",
+        "owner": "finance@example.com",
+        "tags": ["finance"],
+    },
     "spec": {
         "agent_type": "supervised",
         "role_class": "compliance",

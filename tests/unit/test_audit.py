@@ -35,19 +35,25 @@ def test_an_untouched_chain_verifies(tmp_path: Path) -> None:
     assert report.ok and report.events == EVENTS and report.first_bad_seq is None
 
 
+def _swap_3_and_6(store: Store) -> None:
+    _raw(store, "UPDATE audit_events SET seq = -3 WHERE seq = 3")
+    _raw(store, "UPDATE audit_events SET seq = 3 WHERE seq = 6")
+    _raw(store, "UPDATE audit_events SET seq = 6 WHERE seq = -3")
+
+
 TAMPERS: dict[str, tuple[Callable[[Store], None], int]] = {
     "edit payload": (lambda s: _raw(s, "UPDATE audit_events SET payload = '{\"i\":99}' WHERE seq = 4"), 4),
     "edit type": (lambda s: _raw(s, "UPDATE audit_events SET type = 'OTHER' WHERE seq = 7"), 7),
     "edit actor": (lambda s: _raw(s, "UPDATE audit_events SET actor = 'mallory' WHERE seq = 1"), 1),
     "delete middle": (lambda s: _raw(s, "DELETE FROM audit_events WHERE seq = 5"), 5),
     "delete first": (lambda s: _raw(s, "DELETE FROM audit_events WHERE seq = 1"), 1),
-    "reorder": (lambda s: (_raw(s, "UPDATE audit_events SET seq = -3 WHERE seq = 3"),
-                           _raw(s, "UPDATE audit_events SET seq = 3 WHERE seq = 6"),
-                           _raw(s, "UPDATE audit_events SET seq = 6 WHERE seq = -3")) and None, 3),
+    "reorder": (_swap_3_and_6, 3),
     "truncate tail": (lambda s: _raw(s, "DELETE FROM audit_events WHERE seq > 8"), 9),
     "truncate all": (lambda s: _raw(s, "DELETE FROM audit_events"), 1),
-    "rehash edited row": (lambda s: _raw(s, "UPDATE audit_events SET payload = '{}', hash = ? WHERE seq = 2",
-                                         ("f" * 64,)), 2),
+    "rehash edited row": (
+        lambda s: _raw(s, "UPDATE audit_events SET payload = '{}', hash = ? WHERE seq = 2", ("f" * 64,)),
+        2,
+    ),
 }
 
 

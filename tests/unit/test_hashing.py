@@ -13,8 +13,12 @@ from agov.errors import SpecError
 from agov.hashing import canonical_json, policy_hash, spec_hash
 from agov.spec import parse_spec_bytes
 
-json_scalars = st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | st.text(max_size=20) | st.floats(
-    allow_nan=False, allow_infinity=False, width=64
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53) + 1, 2**53 - 1)
+    | st.text(max_size=20)
+    | st.floats(allow_nan=False, allow_infinity=False, width=64)
 )
 json_values = st.recursive(
     json_scalars,

@@ -352,7 +352,8 @@ class Store:
             rows = self.query("SELECT * FROM audit_events WHERE seq > ? ORDER BY seq", (after_seq,))
         else:
             rows = self.query(
-                "SELECT * FROM audit_events WHERE seq > ? AND agent_id = ? ORDER BY seq", (after_seq, agent_id)
+                "SELECT * FROM audit_events WHERE seq > ? AND agent_id = ? ORDER BY seq",
+                (after_seq, agent_id),
             )
         return [
             AuditEvent(

@@ -1,0 +1,602 @@
+"""OPA's REST data API over ``http.client``: keep-alive pool, hard deadlines, fail-closed parsing.
+
+Every fault raises; nothing here ever returns a default decision:
+
+==========================================  ==========================================
+fault                                       error
+==========================================  ==========================================
+refused, reset, DNS, TLS handshake           ``EngineUnavailableError``
+deadline passed (connect, send, wait, read)  ``EngineUnavailableError``
+malformed or truncated HTTP response         ``EngineUnavailableError``
+5xx (not a policy evaluation error)          ``EngineUnavailableError``
+401 / 403                                    ``EngineUnavailableError`` (auth)
+500 with ``eval_*`` errors (policy bug)      ``DecisionError``
+any other non-200                            ``DecisionError``
+body too large, not JSON, not an object      ``DecisionError``
+200 without ``result`` (undefined)           ``DecisionError``
+no provenance revision, or the wrong one     ``DecisionError``
+==========================================  ==========================================
+
+Queries ask for ``strict-builtin-errors=true``: without it a builtin error (say, a bad
+timestamp in ``time.parse_rfc3339_ns``) silently makes the expression undefined, which can
+make a ``deny`` rule vanish and an ``allow`` come out true.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import queue
+import re
+import socket
+import ssl
+import threading
+import time
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from agov.decisions import Evaluation
+from agov.errors import DecisionError, EngineUnavailableError
+from agov.opa.evaluator import EvaluatorConfig
+
+_PATH_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:/[A-Za-z_][A-Za-z0-9_]*)*")
+_QUERY = "?provenance=true&strict-builtin-errors=true"
+_REVISION_PROBE = "/v1/data/system/agov_revision_probe?provenance=true"
+_ERROR_BODY_LIMIT = 64 * 1024
+_AUTH_HINT = "check the bearer token (AGOV_OPA_TOKEN) and the TLS client certificate"
+
+
+@dataclass(frozen=True)
+class ConnectionConfig:
+    """Where OPA listens and how to authenticate to it.
+
+    Attributes:
+        url: ``http://host:port`` or ``https://host:port``, optionally with a path prefix.
+        token: Bearer token sent on every request (``--authentication=token`` on OPA).
+        ca_file: PEM bundle of CAs that sign OPA's server certificate (https only; the
+            system store when not given).
+        client_cert: PEM client certificate for mTLS (https only).
+        client_key: PEM key of ``client_cert`` (defaults to the key inside ``client_cert``).
+    """
+
+    url: str
+    token: str | None = field(default=None, repr=False)
+    ca_file: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+    def __post_init__(self) -> None:
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"OPA url must be http(s)://host[:port], got {self.url!r}")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError("OPA url must not carry a query, fragment or credentials")
+        try:
+            _ = parts.port
+        except ValueError as exc:
+            raise ValueError(f"OPA url has a bad port: {self.url!r}") from exc
+        if parts.scheme == "http" and (self.ca_file or self.client_cert or self.client_key):
+            raise ValueError("TLS options need an https:// OPA url")
+        if self.client_key and not self.client_cert:
+            raise ValueError("client_key needs client_cert")
+        if self.token is not None and (not self.token or any(c in self.token for c in "\r\n")):
+            raise ValueError("token must be non-empty and on one line")
+
+    @property
+    def tls(self) -> bool:
+        """Whether the connection uses TLS."""
+        return self.url.startswith("https:")
+
+
+class Reply(NamedTuple):
+    """One raw HTTP answer: status code and the complete body."""
+
+    status: int
+    body: bytes
+
+
+def require_bool(value: object, what: str) -> bool:
+    """Return ``value`` if it is a JSON boolean, else refuse it.
+
+    Args:
+        value: A field of a policy result, e.g. ``result.get("allow")``.
+        what: Its name, for the message (``"admission allow"``).
+
+    Returns:
+        The boolean.
+
+    Raises:
+        DecisionError: ``value`` is anything but ``True`` or ``False`` (``"true"``, ``1``,
+            ``None`` included).
+    """
+    if value is True or value is False:
+        return value
+    raise DecisionError(
+        f"{what} must be a boolean, got {type(value).__name__} {_short(repr(value))}: "
+        "the decision fails closed",
+        hint="fix the policy so that it always yields true or false",
+    )
+
+
+class DecisionClient:
+    """A thread-safe client for OPA's data API with a pool of keep-alive connections.
+
+    A request takes an idle connection (or opens one), and puts it back after a clean
+    answer. A connection that breaks is discarded. When a *reused* connection fails before
+    a single response byte arrived (OPA closed an idle keep-alive), the request is retried
+    once on a fresh connection; never after a timeout, never after any byte arrived.
+    """
+
+    def __init__(self, connection: ConnectionConfig, config: EvaluatorConfig | None = None) -> None:
+        """Prepare the client; no connection is opened yet.
+
+        Args:
+            connection: Where OPA is and how to authenticate.
+            config: Deadlines and size limits.
+
+        Raises:
+            EngineUnavailableError: TLS material could not be loaded.
+        """
+        self.connection = connection
+        self.config = config or EvaluatorConfig()
+        parts = urllib.parse.urlsplit(connection.url)
+        self._host = parts.hostname or ""
+        self._port = parts.port or (443 if connection.tls else 80)
+        self._prefix = parts.path.rstrip("/")
+        self._ssl = _ssl_context(connection) if connection.tls else None
+        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if connection.token:
+            self._headers["Authorization"] = f"Bearer {connection.token}"
+        self._idle: queue.LifoQueue[_Connection] = queue.LifoQueue(maxsize=self.config.pool_size)
+        self._closed = threading.Event()
+        # one encoder, not json.dumps with options (which builds a new encoder per call)
+        self._encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+    # --- decisions --------------------------------------------------------------------------
+
+    def evaluate(
+        self, path: str, input: Mapping[str, Any], *, expected_revision: str | None = None
+    ) -> Evaluation:
+        """POST ``{"input": input}`` to ``/v1/data/<path>`` and return a checked answer.
+
+        Args:
+            path: Slash-separated rule path below ``data`` (``agov/admission/decision``).
+            input: The input document.
+            expected_revision: When given, an answer from another revision is refused.
+
+        Returns:
+            The result, the revision of the configured bundle and OPA's decision id (None
+            when decision logging is off).
+
+        Raises:
+            EngineUnavailableError: See the module table.
+            DecisionError: See the module table; also for a bad ``path`` or an input that
+                does not serialize to JSON within ``max_request_bytes``.
+        """
+        if not isinstance(path, str) or not _PATH_RE.fullmatch(path):
+            raise DecisionError(f"bad policy path {path!r}: expected segments like 'agov/admission/decision'")
+        try:
+            body = self._encoder.encode({"input": dict(input)}).encode("utf-8")
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise DecisionError(f"input for data.{_dotted(path)} does not serialize to JSON: {exc}") from exc
+        if len(body) > self.config.max_request_bytes:
+            raise DecisionError(
+                f"input for data.{_dotted(path)} is {len(body)} bytes, over the "
+                f"{self.config.max_request_bytes}-byte limit"
+            )
+        reply = self.request("POST", f"/v1/data/{path}{_QUERY}", body)
+        doc = _check_reply(reply, f"data.{_dotted(path)}")
+        # (1) undefined is never "no objection"
+        if "result" not in doc:
+            raise DecisionError(
+                f"undefined decision at data.{_dotted(path)}: OPA returned HTTP 200 with no result, "
+                "so the call fails closed",
+                hint="check that the bundle defines this rule and that its package path is right",
+            )
+        # (2) the answer must name the bundle revision that produced it
+        revision = _provenance_revision(doc, self.config.bundle_name)
+        if revision is None:
+            raise DecisionError(
+                f"OPA's answer for data.{_dotted(path)} carries no revision for bundle "
+                f"{self.config.bundle_name!r}: cannot tie the decision to a policy hash",
+                hint="is the bundle activated, and does its .manifest set a revision?",
+            )
+        # (3) and, when asked, the revision the caller expects
+        if expected_revision is not None and revision != expected_revision:
+            raise DecisionError(
+                f"data.{_dotted(path)} was answered by revision {revision!r}, expected {expected_revision!r}"
+            )
+        decision_id = doc.get("decision_id")
+        if decision_id is not None and not isinstance(decision_id, str):
+            raise DecisionError(f"OPA's decision_id is not a string: {_short(decision_id)}")
+        return Evaluation(result=doc["result"], revision=revision, decision_id=decision_id)
+
+    def health(self, *, bundles: bool = True) -> None:
+        """Check ``GET /health`` (with ``?bundles``: every bundle activated at least once).
+
+        Raises:
+            EngineUnavailableError: Not 200, or OPA unreachable.
+        """
+        reply = self.request("GET", "/health?bundles" if bundles else "/health")
+        if reply.status != 200:
+            raise EngineUnavailableError(
+                f"OPA is not ready (GET /health{'?bundles' if bundles else ''} answered "
+                f"HTTP {reply.status}: {_opa_message(reply.body)})"
+            )
+
+    def revision(self) -> str | None:
+        """The active revision of the configured bundle, from ``?provenance=true``.
+
+        Returns:
+            The revision, or None while the bundle is not active.
+
+        Raises:
+            EngineUnavailableError: OPA unreachable, or refused the probe (auth, 5xx).
+            DecisionError: The answer was malformed.
+        """
+        doc = _check_reply(self.request("POST", _REVISION_PROBE, b'{"input":{}}'), "revision probe")
+        return _provenance_revision(doc, self.config.bundle_name)
+
+    def status(self) -> dict[str, Any] | None:
+        """OPA's own status report (``GET /v1/status``), or None if its status plugin is off.
+
+        Raises:
+            EngineUnavailableError: OPA unreachable or broken.
+            DecisionError: The answer was malformed.
+        """
+        reply = self.request("GET", "/v1/status")
+        if reply.status == 500 and b"not enabled" in reply.body:
+            return None
+        result = _check_reply(reply, "status").get("result")
+        if not isinstance(result, dict):
+            raise DecisionError("OPA's status report has no result object")
+        return result
+
+    # --- transport --------------------------------------------------------------------------
+
+    def request(self, method: str, target: str, body: bytes | None = None) -> Reply:
+        """Send one request under the ``timeout_s`` deadline and read the whole answer.
+
+        Args:
+            method: HTTP method.
+            target: Path and query below the base URL (``/v1/data/x?provenance=true``).
+            body: Request body (JSON).
+
+        Returns:
+            Status and body (any status; mapping statuses is the caller's business).
+
+        Raises:
+            EngineUnavailableError: Transport failure, deadline, malformed HTTP, or closed.
+            DecisionError: The body is larger than ``max_response_bytes``.
+        """
+        if self._closed.is_set():
+            raise EngineUnavailableError("the OPA client is closed")
+        deadline = time.monotonic() + self.config.timeout_s
+        retried = False
+        while True:
+            conn, reused = self._acquire()
+            try:
+                status, data, keep = self._exchange(conn, method, self._prefix + target, body, deadline)
+            except _StaleConnection as exc:
+                conn.close()
+                # (stale keep-alive) OPA closed an idle connection before we wrote: retry once
+                if reused and not retried and time.monotonic() < deadline:
+                    retried = True
+                    continue
+                raise self._unavailable(exc.__cause__ or exc) from exc.__cause__
+            except (DecisionError, EngineUnavailableError):
+                conn.close()
+                raise
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                conn.close()
+                raise self._unavailable(exc) from exc
+            except BaseException:
+                conn.close()
+                raise
+            if keep:
+                self._release(conn)
+            else:
+                conn.close()
+            return Reply(status, data)
+
+    def close(self) -> None:
+        """Close every idle connection; later requests raise. Idempotent."""
+        self._closed.set()
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
+
+    def __enter__(self) -> DecisionClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _acquire(self) -> tuple[_Connection, bool]:
+        try:
+            return self._idle.get_nowait(), True
+        except queue.Empty:
+            return _new_connection(self._host, self._port, self.config.timeout_s, self._ssl), False
+
+    def _release(self, conn: _Connection) -> None:
+        if self._closed.is_set():
+            conn.close()
+            return
+        try:
+            self._idle.put_nowait(conn)
+        except queue.Full:
+            conn.close()
+
+    def _exchange(
+        self, conn: _Connection, method: str, target: str, body: bytes | None, deadline: float
+    ) -> tuple[int, bytes, bool]:
+        clock = conn.clock
+        clock.deadline, clock.received = deadline, 0
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("deadline passed before the request was sent")
+        fresh = conn.sock is None
+        if fresh:
+            conn.timeout = remaining
+            conn.connect()
+        else:
+            conn.sock.settimeout(remaining)
+        try:
+            conn.request(method, target, body=body, headers=self._headers)
+            resp = conn.getresponse()
+        except (
+            ConnectionResetError,
+            BrokenPipeError,
+            ConnectionAbortedError,
+            http.client.RemoteDisconnected,
+        ) as exc:
+            if clock.received == 0:
+                raise _StaleConnection() from exc
+            raise
+        limit = self.config.max_response_bytes if resp.status == 200 else _ERROR_BODY_LIMIT
+        length = resp.length  # remaining Content-Length, or None (chunked / until close)
+        if length is not None and length > limit:
+            if resp.status == 200:
+                raise DecisionError(
+                    f"OPA's answer is {length} bytes, over the {limit}-byte limit (max_response_bytes)"
+                )
+            return resp.status, b"", False
+        if length is not None:
+            return resp.status, resp.read(), not resp.will_close  # read() raises IncompleteRead
+        data = _read_capped(resp, limit)
+        if data is None:
+            if resp.status == 200:
+                raise DecisionError(f"OPA's answer is over the {limit}-byte limit (max_response_bytes)")
+            return resp.status, b"", False
+        return resp.status, data, not resp.will_close
+
+    def _unavailable(self, exc: BaseException) -> EngineUnavailableError:
+        where = self.connection.url
+        if isinstance(exc, TimeoutError):
+            return EngineUnavailableError(
+                f"OPA at {where} did not answer within {self.config.timeout_s:g} s",
+                hint="is OPA overloaded? raise the timeout only if decisions are known to be slow",
+            )
+        if isinstance(exc, ConnectionRefusedError):
+            return EngineUnavailableError(
+                f"OPA at {where} refused the connection", hint="is the OPA sidecar running?"
+            )
+        if isinstance(exc, socket.gaierror):
+            return EngineUnavailableError(f"cannot resolve the OPA host in {where}: {exc}")
+        if isinstance(exc, ssl.SSLError):
+            return EngineUnavailableError(
+                f"TLS with OPA at {where} failed: {exc}", hint="check the CA file and client certificate"
+            )
+        if isinstance(exc, http.client.RemoteDisconnected):
+            return EngineUnavailableError(f"OPA at {where} closed the connection without answering")
+        if isinstance(exc, http.client.HTTPException | ValueError):
+            return EngineUnavailableError(
+                f"OPA at {where} sent a malformed or truncated HTTP response ({type(exc).__name__})"
+            )
+        return EngineUnavailableError(f"connection to OPA at {where} failed: {type(exc).__name__}: {exc}")
+
+
+# --- connections with a hard deadline ---------------------------------------------------------
+
+
+class _Clock:
+    """Per-connection deadline and byte count, read by the response reader."""
+
+    __slots__ = ("deadline", "received")
+
+    def __init__(self) -> None:
+        self.deadline = 0.0
+        self.received = 0
+
+
+class _DeadlineReader(io.RawIOBase):
+    """Socket reads that never wait past the request's deadline, however slowly bytes drip."""
+
+    def __init__(self, sock: socket.socket, clock: _Clock) -> None:
+        super().__init__()
+        self._sock = sock
+        self._clock = clock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        remaining = self._clock.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("deadline passed while reading OPA's answer")
+        self._sock.settimeout(remaining)
+        n = self._sock.recv_into(buffer)
+        self._clock.received += n
+        return n
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    _clock: _Clock
+
+    def __init__(
+        self, sock: socket.socket, debuglevel: int = 0, method: str | None = None, url: str | None = None
+    ):
+        super().__init__(sock, debuglevel, method, url)
+        self.fp.close()  # drop the plain makefile() reader; read through the deadline instead
+        self.fp = io.BufferedReader(_DeadlineReader(sock, self._clock), 65536)
+
+
+def _response_class(clock: _Clock) -> type[http.client.HTTPResponse]:
+    # getresponse() builds the response from the socket alone, so the clock rides on a class
+    class _Response(_DeadlineResponse):
+        _clock = clock
+
+    return _Response
+
+
+class _Connection(http.client.HTTPConnection):
+    clock: _Clock
+
+
+class _TLSConnection(http.client.HTTPSConnection):
+    clock: _Clock
+
+
+def _new_connection(host: str, port: int, timeout: float, context: ssl.SSLContext | None) -> _Connection:
+    clock = _Clock()
+    conn: _Connection
+    if context is None:
+        conn = _Connection(host, port, timeout=timeout)
+    else:
+        # an HTTPSConnection is an HTTPConnection; the pool only needs the shared interface
+        conn = _TLSConnection(host, port, timeout=timeout, context=context)  # type: ignore[assignment]
+    conn.clock = clock
+    conn.response_class = _response_class(clock)
+    return conn
+
+
+class _StaleConnection(Exception):
+    """A reused connection failed before any response byte (raised ``from`` the cause)."""
+
+
+def _read_capped(resp: http.client.HTTPResponse, limit: int) -> bytes | None:
+    """Read a body of unknown length; None once it grows past ``limit``."""
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        chunk = resp.read(65536)
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > limit:
+            return None
+        chunks.append(chunk)
+
+
+def _ssl_context(connection: ConnectionConfig) -> ssl.SSLContext:
+    try:
+        context = ssl.create_default_context(cafile=str(connection.ca_file) if connection.ca_file else None)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if connection.client_cert:
+            context.load_cert_chain(
+                str(connection.client_cert), str(connection.client_key) if connection.client_key else None
+            )
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise EngineUnavailableError(
+            f"cannot load TLS material for OPA at {connection.url}: {exc}",
+            hint="check the CA file, client certificate and key paths",
+        ) from exc
+    return context
+
+
+# --- answers ------------------------------------------------------------------------------------
+
+
+def _check_reply(reply: Reply, what: str) -> dict[str, Any]:
+    """Map a non-200 status to an error, and a 200 body to a JSON object."""
+    if reply.status in (401, 403):
+        raise EngineUnavailableError(
+            f"OPA refused {what} (HTTP {reply.status}): authentication or authorization failed: "
+            f"{_opa_message(reply.body)}",
+            hint=_AUTH_HINT,
+        )
+    if reply.status >= 500:
+        if reply.status == 500 and _is_eval_error(reply.body):
+            raise DecisionError(
+                f"policy evaluation failed for {what}: {_opa_message(reply.body)}",
+                hint="a policy error (builtin error, conflicting outputs): fix the policy",
+            )
+        raise EngineUnavailableError(
+            f"OPA failed on {what} (HTTP {reply.status}): {_opa_message(reply.body)}"
+        )
+    if reply.status != 200:
+        raise DecisionError(f"OPA rejected {what} (HTTP {reply.status}): {_opa_message(reply.body)}")
+    try:
+        doc = json.loads(reply.body)
+    except (ValueError, RecursionError) as exc:
+        raise DecisionError(f"OPA's answer for {what} is not JSON: {_short(reply.body)}") from exc
+    if not isinstance(doc, dict):
+        raise DecisionError(f"OPA's answer for {what} is not a JSON object: {_short(doc)}")
+    return doc
+
+
+def _provenance_revision(doc: Mapping[str, Any], bundle: str) -> str | None:
+    provenance = doc.get("provenance")
+    if not isinstance(provenance, dict):
+        return None
+    bundles = provenance.get("bundles")
+    if not isinstance(bundles, dict):
+        return None
+    entry = bundles.get(bundle)
+    if not isinstance(entry, dict):
+        return None
+    revision = entry.get("revision")
+    return revision if isinstance(revision, str) and revision else None
+
+
+def _is_eval_error(body: bytes) -> bool:
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return False
+    errors = doc.get("errors") if isinstance(doc, dict) else None
+    return isinstance(errors, list) and any(
+        isinstance(e, dict) and str(e.get("code", "")).startswith("eval_") for e in errors
+    )
+
+
+def _opa_message(body: bytes) -> str:
+    """OPA's ``{code, message}`` error, or a short excerpt of whatever came back."""
+    if not body.strip():
+        return "(empty body)"
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return _short(body)
+    if isinstance(doc, dict) and isinstance(doc.get("message"), str):
+        code = doc.get("code")
+        message = doc["message"]
+        errors = doc.get("errors")
+        if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+            message = f"{message}: {errors[0].get('message', '')}"
+        return _short(f"{code}: {message}" if code else message)
+    return _short(doc)
+
+
+def _short(value: object, limit: int = 200) -> str:
+    if isinstance(value, bytes):
+        text = value.decode("utf-8", "replace")
+    elif isinstance(value, str):
+        text = value
+    else:
+        try:
+            text = json.dumps(value)
+        except (TypeError, ValueError, RecursionError):
+            text = repr(value)
+    text = text.strip()
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _dotted(path: str) -> str:
+    return path.replace("/", ".")

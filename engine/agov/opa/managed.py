@@ -1,0 +1,630 @@
+"""A managed OPA sidecar: agov runs ``opa run --server`` itself and feeds it signed bundles.
+
+The process pulls its one bundle from an in-process :class:`BundleServer` (long polling, so a
+publish reaches it in milliseconds), verifies it with the configured ES256 key, and reports
+status and decision logs back to the same server.
+
+Decision logs go to the bundle server's ``/logs`` (batched, gzipped, every few seconds):
+that is what makes OPA put a ``decision_id`` in each answer. Console decision logs would do
+the same, but OPA prints them whatever ``--log-level`` says (measured: ~530 bytes of stderr
+per decision, unbounded), and they would bury the stderr tail used to explain failures.
+
+No ``opa`` process outlives the Python process that started it:
+
+- ``stop()`` (also on ``with`` exit and from an ``atexit`` hook) terminates, then kills;
+- on Linux the child is spawned with ``PR_SET_PDEATHSIG = SIGKILL``, from a keeper thread
+  that lives exactly as long as the sidecar (the signal follows the *thread* that forked),
+  so even ``kill -9`` of Python takes OPA down.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import dataclasses
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from agov.decisions import Evaluation
+from agov.errors import DecisionError, EngineUnavailableError, KeyMaterialError, PolicyError
+from agov.opa.binary import find_opa
+from agov.opa.bundle_server import BundleServer, BundleServerConfig
+from agov.opa.evaluator import EvaluatorConfig
+from agov.opa.http import ConnectionConfig, DecisionClient
+
+_PR_SET_PDEATHSIG = 1
+_SERVICE = "agov"
+_ADDR_IN_USE = "address already in use"
+
+
+@dataclass(frozen=True)
+class ManagedConfig:
+    """How the managed OPA process is run, with explicit limits.
+
+    Attributes:
+        startup_timeout_s: ``start()`` fails if OPA is not serving the bundle by then.
+        activation_timeout_s: Default deadline for ``activate()``.
+        stop_grace_s: Time between SIGTERM and SIGKILL.
+        long_polling_timeout_s: How long OPA asks the bundle server to hold a poll.
+        polling_min_delay_s: OPA's polling delay when long polling is off.
+        polling_max_delay_s: Also caps OPA's retry back-off after a failed download, so
+            it bounds how long a good bundle waits after a rejected one.
+        decision_log_min_delay_s: Decision-log upload interval, lower bound.
+        decision_log_max_delay_s: Decision-log upload interval, upper bound.
+        decision_log_buffer_bytes: OPA drops the oldest events beyond this.
+        kept_log_events: Decision-log events the bundle server keeps.
+        max_bundle_bytes: Largest bundle published or accepted by OPA.
+        probe_interval_s: Pause between readiness probes.
+        stderr_tail_bytes: How much of OPA's stderr goes into error messages.
+    """
+
+    startup_timeout_s: float = 15.0
+    activation_timeout_s: float = 15.0
+    stop_grace_s: float = 3.0
+    long_polling_timeout_s: int = 30
+    polling_min_delay_s: int = 1
+    polling_max_delay_s: int = 2
+    decision_log_min_delay_s: int = 5
+    decision_log_max_delay_s: int = 10
+    decision_log_buffer_bytes: int = 16 * 1024 * 1024
+    kept_log_events: int = 1000
+    max_bundle_bytes: int = 64 * 1024 * 1024
+    probe_interval_s: float = 0.02
+    stderr_tail_bytes: int = 4000
+
+    def __post_init__(self) -> None:
+        if (
+            min(self.startup_timeout_s, self.activation_timeout_s, self.stop_grace_s, self.probe_interval_s)
+            <= 0
+        ):
+            raise ValueError("ManagedConfig timeouts must be positive")
+        if not 1 <= self.polling_min_delay_s <= self.polling_max_delay_s:
+            raise ValueError("need 1 <= polling_min_delay_s <= polling_max_delay_s")
+        if not 1 <= self.decision_log_min_delay_s <= self.decision_log_max_delay_s:
+            raise ValueError("need 1 <= decision_log_min_delay_s <= decision_log_max_delay_s")
+        if min(self.long_polling_timeout_s, self.decision_log_buffer_bytes, self.max_bundle_bytes) <= 0:
+            raise ValueError("ManagedConfig limits must be positive")
+
+
+class ManagedSidecar:
+    """An ``opa run --server`` process on a free loopback port, owned by this object.
+
+    Implements :class:`~agov.opa.evaluator.Evaluator`. Use as a context manager, or call
+    :meth:`start` and :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        bundle_bytes: bytes,
+        revision: str,
+        verification_public_key_pem: str | bytes,
+        keyid: str,
+        config: EvaluatorConfig | None = None,
+        *,
+        managed: ManagedConfig | None = None,
+        opa_bin: Path | None = None,
+        start_timeout_s: float | None = None,
+    ) -> None:
+        """Check the inputs; nothing runs until :meth:`start`.
+
+        Args:
+            bundle_bytes: The initial signed bundle (``opa build ... --signing-key``).
+            revision: Its manifest revision (the policy hash).
+            verification_public_key_pem: ES256 (P-256) public key, PEM.
+            keyid: The key id the bundle's signature names (``--verification-key-id`` at
+                build time); always configured, so OPA never accepts an unsigned bundle.
+            config: Evaluation deadlines and limits.
+            managed: Process settings.
+            opa_bin: The binary; :func:`~agov.opa.binary.find_opa` when not given.
+            start_timeout_s: Overrides ``managed.startup_timeout_s``.
+
+        Raises:
+            KeyMaterialError: The key is not a P-256 public key, or the key id is unusable.
+            ValueError: Empty or oversized bundle.
+        """
+        self.config = config or EvaluatorConfig()
+        self.managed = managed or ManagedConfig()
+        if start_timeout_s is not None:
+            self.managed = dataclasses.replace(self.managed, startup_timeout_s=start_timeout_s)
+        self._key_pem = _check_es256_public_key(verification_public_key_pem)
+        if not keyid or not keyid.isprintable() or len(keyid) > 128:
+            raise KeyMaterialError(f"bad bundle signing key id {keyid!r}")
+        self._keyid = keyid
+        if not bundle_bytes or len(bundle_bytes) > self.managed.max_bundle_bytes:
+            raise ValueError(
+                f"bundle must be 1..{self.managed.max_bundle_bytes} bytes, got {len(bundle_bytes)}"
+            )
+        self._initial = (bytes(bundle_bytes), revision)
+        self._opa_bin = opa_bin
+        self._lock = threading.RLock()
+        self._stopping = threading.Event()
+        self._tmp: Path | None = None
+        self._server: BundleServer | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._keeper_release = threading.Event()
+        self._keeper: threading.Thread | None = None
+        self._stderr: IO[bytes] | None = None
+        self._client: DecisionClient | None = None
+        self._active: tuple[bytes, str] | None = None
+        self._port = 0
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> ManagedSidecar:
+        """Start OPA and wait until it serves the initial bundle's revision.
+
+        Returns:
+            self, for chaining.
+
+        Raises:
+            EngineUnavailableError: No binary, OPA died, or it was not ready in time (the
+                message carries the tail of OPA's stderr). Nothing is left running.
+            PolicyError: OPA refused the initial bundle (bad or missing signature, ...).
+        """
+        with self._lock:
+            if self._proc is not None:
+                return self
+            self._stopping.clear()
+            try:
+                self._start_locked()
+            except BaseException:
+                self._stop_locked()
+                raise
+            atexit.register(self._atexit_stop)
+        return self
+
+    def stop(self) -> None:
+        """Terminate OPA (SIGKILL after the grace period) and release everything. Idempotent."""
+        self._stopping.set()
+        with self._lock:
+            self._stop_locked()
+
+    def close(self) -> None:
+        """Same as :meth:`stop`."""
+        self.stop()
+
+    def __enter__(self) -> ManagedSidecar:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- Evaluator ----------------------------------------------------------------------------
+
+    def evaluate(
+        self, path: str, input: Mapping[str, Any], *, expected_revision: str | None = None
+    ) -> Evaluation:
+        """Evaluate ``data.<path>``; see :meth:`agov.opa.evaluator.Evaluator.evaluate`.
+
+        Raises:
+            EngineUnavailableError: Not started, OPA died, unreachable, slow or broken.
+            DecisionError: The answer was unusable (undefined, malformed, wrong revision).
+        """
+        client = self._client
+        if client is None:
+            raise EngineUnavailableError("the managed OPA sidecar is not running", hint="call start() first")
+        try:
+            return client.evaluate(path, input, expected_revision=expected_revision)
+        except EngineUnavailableError as exc:
+            raise self._with_exit_note(exc) from exc
+
+    def health(self) -> None:
+        """Check that the process lives and ``/health?bundles`` answers 200.
+
+        Raises:
+            EngineUnavailableError: It does not.
+        """
+        client = self._client
+        if client is None:
+            raise EngineUnavailableError("the managed OPA sidecar is not running", hint="call start() first")
+        try:
+            client.health()
+        except EngineUnavailableError as exc:
+            raise self._with_exit_note(exc) from exc
+
+    def revision(self) -> str | None:
+        """The revision OPA reports active (``?provenance=true``).
+
+        Raises:
+            EngineUnavailableError: Not running or unreachable.
+            DecisionError: Malformed answer.
+        """
+        client = self._client
+        if client is None:
+            raise EngineUnavailableError("the managed OPA sidecar is not running", hint="call start() first")
+        try:
+            return client.revision()
+        except EngineUnavailableError as exc:
+            raise self._with_exit_note(exc) from exc
+
+    # --- bundles ------------------------------------------------------------------------------
+
+    def activate(self, bundle_bytes: bytes, revision: str, timeout_s: float | None = None) -> None:
+        """Publish a new bundle and wait until OPA serves its revision.
+
+        If OPA refuses it (bad signature, unsigned, does not compile), OPA keeps the previous
+        bundle, and so does the bundle server: the previous bundle is published again so OPA
+        stops retrying the refused one.
+
+        Args:
+            bundle_bytes: The new signed bundle.
+            revision: Its manifest revision.
+            timeout_s: Deadline; ``ManagedConfig.activation_timeout_s`` when not given.
+
+        Raises:
+            PolicyError: OPA refused the bundle; the message carries OPA's reason.
+            EngineUnavailableError: Not running, OPA died, or no verdict in time.
+            ValueError: Empty or oversized bundle, a revision unusable as an ETag, or the
+                active revision with different bytes.
+        """
+        if not bundle_bytes or len(bundle_bytes) > self.managed.max_bundle_bytes:
+            raise ValueError(
+                f"bundle must be 1..{self.managed.max_bundle_bytes} bytes, got {len(bundle_bytes)}"
+            )
+        with self._lock:
+            server, previous = self._server, self._active
+            if server is None or self._client is None or previous is None:
+                raise EngineUnavailableError(
+                    "the managed OPA sidecar is not running", hint="call start() first"
+                )
+            if revision == previous[1]:
+                if bundle_bytes == previous[0]:
+                    return  # already active
+                # OPA would report this revision active at once, whatever it makes of the bytes
+                raise ValueError(f"revision {revision!r} is active with different bundle bytes")
+            published = server.publish(bundle_bytes, revision)
+            deadline = time.monotonic() + (timeout_s or self.managed.activation_timeout_s)
+            try:
+                self._wait_active(revision, published.generation, deadline, require_health=False)
+            except BaseException:
+                # the refused (or late) bundle must not stay on offer; OPA converges back
+                with contextlib.suppress(RuntimeError):
+                    server.publish(*previous)
+                raise
+            self._active = (bytes(bundle_bytes), revision)
+
+    @property
+    def active_revision(self) -> str | None:
+        """The revision this sidecar last confirmed active (None when not running)."""
+        active = self._active
+        return active[1] if active else None
+
+    @property
+    def bundle_server(self) -> BundleServer | None:
+        """The bundle service OPA pulls from (status report, decision logs)."""
+        return self._server
+
+    @property
+    def url(self) -> str:
+        """OPA's base URL, e.g. ``http://127.0.0.1:40123`` (empty when not running)."""
+        return f"http://127.0.0.1:{self._port}" if self._port else ""
+
+    @property
+    def pid(self) -> int | None:
+        """The OPA process id while it runs."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.returncode is None else None
+
+    def stderr_tail(self) -> str:
+        """The last ``stderr_tail_bytes`` of OPA's stderr."""
+        if self._tmp is None:
+            return ""
+        try:
+            with open(self._tmp / "opa.stderr", "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - self.managed.stderr_tail_bytes))
+                return f.read().decode("utf-8", "replace").strip()
+        except OSError:
+            return ""
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _start_locked(self) -> None:
+        opa = self._opa_bin or find_opa()
+        self._tmp = Path(tempfile.mkdtemp(prefix="agov-opa-"))  # mode 0700: the config holds a token
+        self._server = BundleServer(
+            BundleServerConfig(
+                bundle_name=self.config.bundle_name,
+                max_wait_s=float(self.managed.long_polling_timeout_s) + 5.0,
+                kept_log_events=self.managed.kept_log_events,
+            )
+        )
+        bundle_bytes, revision = self._initial
+        published = self._server.publish(bundle_bytes, revision)
+        config_path = self._tmp / "opa-config.yaml"
+        _write_private(config_path, yaml.safe_dump(self._opa_config(self._server), sort_keys=True))
+        deadline = time.monotonic() + self.managed.startup_timeout_s
+        for attempt in range(3):
+            self._port = _free_port()
+            self._spawn(opa, config_path)
+            self._client = DecisionClient(ConnectionConfig(url=self.url), self.config)
+            try:
+                self._wait_active(revision, published.generation, deadline, require_health=True)
+            except EngineUnavailableError:
+                # another process took the free port between our probe and OPA's bind
+                if attempt < 2 and _ADDR_IN_USE in self.stderr_tail() and self._exited():
+                    self._kill_process()
+                    continue
+                raise
+            self._active = (bundle_bytes, revision)
+            return
+
+    def _opa_config(self, server: BundleServer) -> dict[str, Any]:
+        m = self.managed
+        return {
+            "services": {
+                _SERVICE: {"url": server.url, "credentials": {"bearer": {"token": server.token}}},
+            },
+            "bundles": {
+                self.config.bundle_name: {
+                    "service": _SERVICE,
+                    "resource": server.resource,
+                    "persist": False,
+                    "size_limit_bytes": m.max_bundle_bytes,
+                    "polling": {
+                        "min_delay_seconds": m.polling_min_delay_s,
+                        "max_delay_seconds": m.polling_max_delay_s,
+                        "long_polling_timeout_seconds": m.long_polling_timeout_s,
+                    },
+                    # (R15) always set: without a keyid OPA accepts unsigned bundles
+                    "signing": {"keyid": self._keyid},
+                },
+            },
+            "keys": {self._keyid: {"algorithm": "ES256", "key": self._key_pem}},
+            "status": {"service": _SERVICE},
+            "decision_logs": {
+                "service": _SERVICE,
+                "reporting": {
+                    "min_delay_seconds": m.decision_log_min_delay_s,
+                    "max_delay_seconds": m.decision_log_max_delay_s,
+                    "buffer_size_limit_bytes": m.decision_log_buffer_bytes,
+                },
+            },
+        }
+
+    def _spawn(self, opa: Path, config_path: Path) -> None:
+        assert self._tmp is not None
+        if self._stderr is None:
+            self._stderr = open(self._tmp / "opa.stderr", "ab")  # noqa: SIM115 - closed in stop
+        argv = [
+            str(opa),
+            "run",
+            "--server",
+            "--addr",
+            f"127.0.0.1:{self._port}",
+            "--config-file",
+            str(config_path),
+            "--log-level",
+            "error",
+            "--skip-version-check",  # no call to GitHub at every start
+            "--shutdown-grace-period",
+            str(max(1, int(self.managed.stop_grace_s))),
+        ]
+        stderr = self._stderr
+        handoff: queue.Queue[subprocess.Popen[bytes] | BaseException] = queue.Queue(maxsize=1)
+        release = threading.Event()
+
+        def keeper() -> None:
+            # PR_SET_PDEATHSIG fires when the forking *thread* exits, so this thread forks
+            # OPA and then lives until stop() has reaped it
+            try:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=stderr,
+                    stderr=stderr,
+                    cwd=self._tmp,
+                    close_fds=True,
+                    start_new_session=True,
+                    preexec_fn=_pdeathsig_preexec(),
+                )
+            except BaseException as exc:
+                handoff.put(exc)
+                return
+            handoff.put(proc)
+            release.wait()
+
+        thread = threading.Thread(target=keeper, name="agov-opa-keeper", daemon=True)
+        thread.start()
+        got = handoff.get()
+        if isinstance(got, BaseException):
+            raise EngineUnavailableError(f"cannot start {opa}: {got}") from got
+        self._proc, self._keeper, self._keeper_release = got, thread, release
+
+    def _wait_active(self, revision: str, generation: int, deadline: float, *, require_health: bool) -> None:
+        """Wait until OPA serves ``revision``; fail fast if it dies or refuses the bundle."""
+        server, client = self._server, self._client
+        assert server is not None and client is not None
+        last_error: Exception | None = None
+        while True:
+            if self._stopping.is_set():
+                raise EngineUnavailableError("the managed OPA sidecar is stopping")
+            note = self._exit_note()
+            if note is not None:
+                raise EngineUnavailableError(f"OPA exited while loading revision {revision!r}: {note}")
+            try:
+                if client.revision() == revision:
+                    if require_health:
+                        client.health()
+                    return
+            except (EngineUnavailableError, DecisionError) as exc:
+                last_error = exc  # not listening yet, or not ready
+            # OPA downloads a bundle again only after refusing it (its ETag cache is cleared)
+            if server.times_served(generation) >= 2:
+                raise PolicyError(
+                    f"OPA refused bundle revision {revision!r}: {self._bundle_error()}; "
+                    f"it keeps serving revision {self._revision_or_none()!r}",
+                    hint="is the bundle signed with the configured key and key id, and unmodified?",
+                )
+            if time.monotonic() >= deadline:
+                detail = (
+                    f" (last probe: {last_error.message})"
+                    if isinstance(last_error, EngineUnavailableError | DecisionError)
+                    else ""
+                )
+                raise EngineUnavailableError(
+                    f"OPA did not activate revision {revision!r} in time{detail}; "
+                    f"bundle status: {self._bundle_error()}; stderr: {self.stderr_tail() or '(empty)'}",
+                    hint="run `opa run --server` with the generated config by hand to see why",
+                )
+            server.wait_for(lambda: server.times_served(generation) >= 2, self.managed.probe_interval_s)
+
+    def _bundle_error(self) -> str:
+        """OPA's own account of the bundle: code and message from its status."""
+        status: dict[str, Any] | None = None
+        client = self._client
+        if client is not None:
+            with contextlib.suppress(EngineUnavailableError, DecisionError):
+                status = client.status()
+        if status is None and self._server is not None:
+            status = self._server.last_status()
+        bundles = (status or {}).get("bundles")
+        entry = bundles.get(self.config.bundle_name) if isinstance(bundles, dict) else None
+        if not isinstance(entry, dict):
+            return "no status reported"
+        code, message = entry.get("code"), entry.get("message")
+        errors = entry.get("errors")
+        if not code and not message:
+            return f"no error reported (active revision {entry.get('active_revision')!r})"
+        extra = f" {errors}" if errors else ""
+        return f"{code}: {message}{extra}"
+
+    def _revision_or_none(self) -> str | None:
+        client = self._client
+        if client is None:
+            return None
+        try:
+            return client.revision()
+        except (EngineUnavailableError, DecisionError):
+            return None
+
+    def _exited(self) -> bool:
+        proc = self._proc
+        return proc is not None and proc.poll() is not None
+
+    def _exit_note(self, wait_s: float = 0.0) -> str | None:
+        """None while OPA runs; else its exit code and stderr tail.
+
+        ``wait_s`` lets a dying process finish: a killed Go process shows as a zombie in
+        ``/proc`` while its threads still exit, and cannot be reaped until they have.
+        """
+        proc = self._proc
+        if proc is None:
+            return None
+        if wait_s > 0:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(wait_s)
+        if proc.poll() is None:
+            return None
+        return f"exit code {proc.returncode}; stderr: {self.stderr_tail() or '(empty)'}"
+
+    def _with_exit_note(self, exc: EngineUnavailableError) -> EngineUnavailableError:
+        # a refused connection means nothing listens: give a dying process a moment to be reaped
+        refused = isinstance(exc.__cause__, ConnectionRefusedError)
+        note = self._exit_note(wait_s=0.2 if refused else 0.0)
+        if note is None:
+            return exc
+        return EngineUnavailableError(f"{exc.message}: the OPA process died ({note})", hint=exc.hint)
+
+    def _kill_process(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                proc.wait(self.managed.stop_grace_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(5)
+        self._keeper_release.set()
+        if self._keeper is not None:
+            self._keeper.join(timeout=1)
+            self._keeper = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _stop_locked(self) -> None:
+        self._kill_process()
+        self._active = None
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+        self._port = 0
+        atexit.unregister(self._atexit_stop)
+
+    def _atexit_stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop()
+
+
+def _check_es256_public_key(pem: str | bytes) -> str:
+    data = pem.encode() if isinstance(pem, str) else pem
+    try:
+        key = load_pem_public_key(data)
+    except (ValueError, TypeError) as exc:
+        raise KeyMaterialError(f"the bundle verification key is not a PEM public key: {exc}") from exc
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise KeyMaterialError(
+            "the bundle verification key must be an ECDSA P-256 public key (ES256)",
+            hint="OPA bundles have no EdDSA; sign them with an ES256 key",
+        )
+    return data.decode("ascii")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _pdeathsig_preexec() -> Callable[[], None] | None:
+    """A preexec_fn that makes the kernel SIGKILL the child when its parent thread dies."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before fork, not in the child
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return preexec

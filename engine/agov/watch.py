@@ -1,0 +1,60 @@
+"""Watch a workspace's policies and reload on change (watchdog, debounced)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+_WATCHED_SUFFIXES = (".rego", ".json", ".yaml", ".yml")
+
+
+class _Debounced(FileSystemEventHandler):
+    def __init__(self, callback: Callable[[], None], delay_s: float) -> None:
+        self._callback = callback
+        self._delay_s = delay_s
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        path = str(event.src_path)
+        if event.is_directory or not path.endswith(_WATCHED_SUFFIXES) or "/." in path:
+            return
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            # Editors write in several steps (temp file, rename); one reload after they settle.
+            self._timer = threading.Timer(self._delay_s, self._callback)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+
+
+class PolicyWatcher:
+    """Calls ``on_change`` once per burst of edits under ``policies``; serialised, never concurrent."""
+
+    def __init__(self, policies: Path, on_change: Callable[[], None], *, debounce_s: float = 0.1) -> None:
+        self._run_lock = threading.Lock()
+        self._on_change = on_change
+        self._handler = _Debounced(self._fire, debounce_s)
+        self._observer = Observer()
+        self._observer.schedule(self._handler, str(policies), recursive=True)
+
+    def _fire(self) -> None:
+        with self._run_lock:
+            self._on_change()
+
+    def start(self) -> None:
+        self._observer.start()
+
+    def stop(self) -> None:
+        self._handler.cancel()
+        self._observer.stop()
+        self._observer.join(timeout=5)

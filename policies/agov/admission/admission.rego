@@ -1,0 +1,150 @@
+# METADATA
+# title: Admission of an agent at start
+# description: |
+#   The engine computes the facts; this policy decides and names the code.
+#   A fact holds only if it is exactly true: missing, null, "true" or 1 fail.
+#   Precedence, first failing check is the code:
+#   (1) status missing or unknown: ADMISSION_DENY_INPUT_INVALID;
+#       status GOVERNED_INVALIDATED: ADMISSION_DENY_INVALIDATED.
+#   (2) agent_id empty, now not RFC 3339: ADMISSION_DENY_INPUT_INVALID.
+#   (3) GOVERNED_VALID, GOVERNED_RESTRICTED: the proof chain (_proof_chain).
+#       SANDBOX: the sandbox chain (_sandbox_chain).
+# scope: package
+# schemas:
+#   - input: schema.admission_input
+package agov.admission
+
+# Precedence. reasons lists every failing check in this order; code is the
+# first one, or ADMISSION_ALLOW when nothing fails.
+#
+#   (1) status          missing / unknown     -> ADMISSION_DENY_INPUT_INVALID
+#                       GOVERNED_INVALIDATED  -> ADMISSION_DENY_INVALIDATED
+#   (2) agent_id        missing / empty       -> ADMISSION_DENY_INPUT_INVALID
+#       now             not RFC 3339          -> ADMISSION_DENY_INPUT_INVALID
+#   (3) GOVERNED_VALID and GOVERNED_RESTRICTED (sandbox facts are ignored):
+#       proof_present        -> ADMISSION_DENY_PROOF_MISSING
+#       signature_valid      -> ADMISSION_DENY_SIGNATURE_INVALID
+#       signer_not_revoked   -> ADMISSION_DENY_SIGNER_REVOKED
+#       proof_not_expired    -> ADMISSION_DENY_PROOF_EXPIRED
+#       spec_hash_match      -> ADMISSION_DENY_SPEC_HASH_MISMATCH
+#       policy_hash_match    -> ADMISSION_DENY_POLICY_HASH_MISMATCH
+#   (3) SANDBOX (proof facts are ignored):
+#       sandbox_not_expired  -> ADMISSION_DENY_SANDBOX_EXPIRED
+#       containment_valid    -> ADMISSION_DENY_CONTAINMENT_VIOLATION
+#
+# The chains are data: to change the order, reorder the arrays below.
+_proof_chain := [
+	{"fact": "proof_present", "code": "ADMISSION_DENY_PROOF_MISSING", "message": "no promotion proof is present"},
+	{"fact": "signature_valid", "code": "ADMISSION_DENY_SIGNATURE_INVALID", "message": "the proof signature is invalid"},
+	{"fact": "signer_not_revoked", "code": "ADMISSION_DENY_SIGNER_REVOKED", "message": "the proof signer is revoked"},
+	{"fact": "proof_not_expired", "code": "ADMISSION_DENY_PROOF_EXPIRED", "message": "the proof has expired"},
+	{
+		"fact": "spec_hash_match", "code": "ADMISSION_DENY_SPEC_HASH_MISMATCH",
+		"message": "the spec hash differs from the one the proof signs",
+	},
+	{
+		"fact": "policy_hash_match", "code": "ADMISSION_DENY_POLICY_HASH_MISMATCH",
+		"message": "the policy hash differs from the one the proof signs",
+	},
+]
+
+_sandbox_chain := [
+	{"fact": "sandbox_not_expired", "code": "ADMISSION_DENY_SANDBOX_EXPIRED", "message": "the sandbox period has expired"},
+	{
+		"fact": "containment_valid", "code": "ADMISSION_DENY_CONTAINMENT_VIOLATION",
+		"message": "the sandbox containment is not in force",
+	},
+]
+
+_chains := {
+	"GOVERNED_VALID": _proof_chain,
+	"GOVERNED_RESTRICTED": _proof_chain,
+	"SANDBOX": _sandbox_chain,
+}
+
+_input_checks := [
+	{"field": "agent_id", "message": "agent_id must be a non-empty string"},
+	{"field": "now", "message": "now must be an RFC 3339 timestamp"},
+]
+
+# METADATA
+# title: Admission decision
+# description: |
+#   The engine queries POST /v1/data/agov/admission/decision and gets
+#   {"allow": bool, "code": string, "reasons": [{code, message}]}, where code
+#   is ADMISSION_ALLOW or the first failing check in the precedence order of
+#   the package description, and reasons lists every failing check in order.
+# entrypoint: true
+# schemas:
+#   - input: schema.admission_input
+decision := {"allow": allow, "code": code, "reasons": reasons}
+
+default allow := false
+
+# An empty chain never admits; every check of the chain must hold.
+allow if {
+	count(_chain) > 0
+	every check in _chain {
+		_holds(check.fact)
+	}
+	count(reasons) == 0
+}
+
+default code := "ADMISSION_DENY_INPUT_INVALID"
+
+code := "ADMISSION_ALLOW" if {
+	allow
+} else := reasons[0].code
+
+reasons := array.flatten([_status_reasons, _input_reasons, _fact_reasons])
+
+default _status := null
+
+_status := input.status
+
+default _chain := []
+
+_chain := _chains[_status]
+
+_statuses := array.concat(sort(object.keys(_chains)), ["GOVERNED_INVALIDATED"])
+
+_reason(code, message) := {"code": code, "message": message}
+
+# (1) status
+_status_reasons := [_reason(
+	"ADMISSION_DENY_INVALIDATED",
+	"the agent is GOVERNED_INVALIDATED: fix it and promote it again",
+)] if {
+	_status == "GOVERNED_INVALIDATED"
+} else := [] if {
+	_status in object.keys(_chains)
+} else := [_reason(
+	"ADMISSION_DENY_INPUT_INVALID",
+	sprintf("status %s is not one of %v", [json.marshal(_status), _statuses]),
+)]
+
+# (2) request fields
+_input_valid contains "agent_id" if {
+	is_string(input.agent_id)
+	trim_space(input.agent_id) != ""
+}
+
+_input_valid contains "now" if is_number(time.parse_rfc3339_ns(input.now))
+
+_input_reasons := [_reason("ADMISSION_DENY_INPUT_INVALID", check.message) |
+	some check in _input_checks
+	not check.field in _input_valid
+]
+
+# (3) facts of the status's chain, in chain order
+_holds(fact) if input.facts[fact] == true
+
+_shown_fact(fact) := json.marshal(value) if {
+	value := input.facts[fact]
+} else := "missing"
+
+_fact_reasons := [_reason(check.code, message) |
+	some check in _chain
+	message := sprintf("%s (facts.%s is %s, want true)", [check.message, check.fact, _shown_fact(check.fact)])
+	not _holds(check.fact)
+]

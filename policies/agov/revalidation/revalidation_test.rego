@@ -1,0 +1,83 @@
+package agov.revalidation_test
+
+import data.agov.lib.spec_rules_test
+import data.agov.revalidation
+
+agent := spec_rules_test.agent
+
+patch(doc, path, value) := json.patch(doc, [{"op": "add", "path": path, "value": value}])
+
+passing := {"id": "a-pass", "agent": agent}
+
+warning := {"id": "a-warn", "agent": patch(agent, "/spec/agent_type", "autonomous")}
+
+failing := {"id": "a-fail", "agent": patch(agent, "/spec/anatomy/reasoning/temperature", 0.9)}
+
+chunk := {
+	"agents": [passing, warning, failing],
+	"org": {"max_monthly_budget_usd": 1000},
+	"policy_hash": "9f2c0e4ab1d37c55e0b8f6a2d4c1e3f5a7b9d0c2e4f6a8b0c1d3e5f7a9b2c4d6",
+	"now": "2026-03-01T12:00:00Z",
+}
+
+codes(findings) := {f.code | some f in findings}
+
+summary(results) := {id: [r.allow, codes(r.deny), codes(r.warn)] | some id, r in results}
+
+test_mixed_chunk if {
+	summary(revalidation.results) == {
+		"a-pass": [true, set(), set()],
+		"a-warn": [true, set(), {"PROMOTION_WARN_AUTONOMOUS_AGENT"}],
+		"a-fail": [false, {"PROMOTION_DENY_TEMPERATURE_EXCEEDS_LIMIT"}, set()],
+	} with input as chunk
+}
+
+test_failing_message if {
+	revalidation.results["a-fail"].deny == {{
+		"code": "PROMOTION_DENY_TEMPERATURE_EXCEEDS_LIMIT",
+		"message": "temperature 0.9 exceeds the compliance limit 0.3",
+	}} with input as chunk
+}
+
+# The results do not depend on the order of the agents in the chunk.
+test_order_does_not_matter if {
+	forward := revalidation.results with input as chunk
+	backward := revalidation.results with input as patch(chunk, "/agents", [failing, warning, passing])
+	forward == backward
+}
+
+test_missing_org_denies_every_agent if {
+	results := revalidation.results with input as json.remove(chunk, ["org"])
+	count(results) == 3
+	every result in results {
+		result.allow == false
+		"PROMOTION_DENY_BUDGET_EXCEEDS_LIMIT" in codes(result.deny)
+	}
+}
+
+test_agent_missing_denies if {
+	result := revalidation.results.bare with input as patch(chunk, "/agents", [{"id": "bare"}])
+	result.allow == false
+	"PROMOTION_DENY_INPUT_INVALID" in codes(result.deny)
+}
+
+test_entries_without_a_usable_id_have_no_result if {
+	results := revalidation.results with input as patch(chunk, "/agents", [
+		passing,
+		{"agent": agent},
+		{"id": "", "agent": agent},
+		{"id": 7, "agent": agent},
+		"not an entry",
+	])
+	object.keys(results) == {"a-pass"}
+}
+
+test_empty_chunk if {
+	revalidation.results == {} with input as patch(chunk, "/agents", [])
+}
+
+test_a_later_policy_change_invalidates if {
+	results := revalidation.results with input as chunk
+		with data.agov.config.temperature_limits.compliance as 0.1
+	summary(results)["a-pass"] == [false, {"PROMOTION_DENY_TEMPERATURE_EXCEEDS_LIMIT"}, set()]
+}

@@ -1,0 +1,489 @@
+"""R9: OPA down, slow, broken or lying. Every fault must raise; no call may return normally.
+
+A fault-injecting fake OPA (raw sockets, one thread per connection, 127.0.0.1) plays each
+failure; the real ``DecisionClient`` talks to it. No opa binary is needed here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from agov.errors import DecisionError, EngineUnavailableError
+from agov.opa import ConnectionConfig, DecisionClient, EvaluatorConfig, ExternalSidecar, require_bool
+
+TIMEOUT_S = 1.0
+MAX_RESPONSE = 64 * 1024
+PATH = "agov/admission/decision"
+REVISION = "rev-1"
+
+GOOD = {
+    "decision_id": "d-1",
+    "provenance": {"version": "1.22.2", "bundles": {"agov": {"revision": REVISION}}},
+    "result": {"allow": True},
+}
+
+
+def _http(status: int, body: bytes, *, reason: str = "X", headers: dict[str, str] | None = None) -> bytes:
+    head = [f"HTTP/1.1 {status} {reason}", f"Content-Length: {len(body)}", "Content-Type: application/json"]
+    head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def _json(status: int, doc: object) -> bytes:
+    return _http(status, json.dumps(doc).encode())
+
+
+def _chunked(body: bytes) -> bytes:
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n"
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (len(body[i : i + 8192]), body[i : i + 8192]) for i in range(0, len(body), 8192)
+    )
+    return head + chunks + b"0\r\n\r\n"
+
+
+# A behaviour gets the connection after the request was read; it returns whether to keep it open.
+Behaviour = Callable[[socket.socket], bool]
+
+
+def send(data: bytes, *, keep: bool = True) -> Behaviour:
+    def act(conn: socket.socket) -> bool:
+        conn.sendall(data)
+        return keep
+
+    return act
+
+
+def sleep_then(seconds: float, data: bytes) -> Behaviour:
+    def act(conn: socket.socket) -> bool:
+        time.sleep(seconds)
+        conn.sendall(data)
+        return False
+
+    return act
+
+
+def drip(data: bytes, every_s: float) -> Behaviour:
+    """One byte at a time, each well within the timeout, the whole far beyond it."""
+
+    def act(conn: socket.socket) -> bool:
+        for i in range(len(data)):
+            conn.sendall(data[i : i + 1])
+            time.sleep(every_s)
+        return False
+
+    return act
+
+
+def reset_after(data: bytes) -> Behaviour:
+    """Send part of an answer, then abort the connection with a TCP RST."""
+
+    def act(conn: socket.socket) -> bool:
+        conn.sendall(data)
+        time.sleep(0.05)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return False
+
+    return act
+
+
+class FakeOPA:
+    """A loopback server that answers every request with ``behaviour``."""
+
+    def __init__(self, behaviour: Behaviour) -> None:
+        self.behaviour = behaviour
+        self.requests = 0
+        self.connections = 0
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                while _read_request(conn):
+                    self.requests += 1
+                    if not self.behaviour(conn):
+                        return
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._sock.close()
+
+
+def _read_request(conn: socket.socket) -> bool:
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return False
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(rest) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return False
+        rest += chunk
+    return True
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    behaviour: Behaviour | None  # None: nothing listens
+    expected: type[Exception]
+    match: str
+    url: str | None = None
+    expected_revision: str | None = None
+    check_allow: bool = True
+
+
+CASES = [
+    Case("refused", None, EngineUnavailableError, "refused the connection"),
+    Case("dns", None, EngineUnavailableError, "cannot resolve", url="http://opa.invalid:8181"),
+    Case(
+        "slow beyond timeout",
+        sleep_then(TIMEOUT_S + 1.5, _json(200, GOOD)),
+        EngineUnavailableError,
+        "did not answer within",
+    ),
+    Case(
+        "drip-fed beyond timeout",
+        drip(_json(200, GOOD), 0.2),
+        EngineUnavailableError,
+        "did not answer within",
+    ),
+    Case(
+        "500",
+        send(_json(500, {"code": "internal_error", "message": "boom"})),
+        EngineUnavailableError,
+        "HTTP 500.*boom",
+    ),
+    Case("502", send(_http(502, b"<html>bad gateway</html>")), EngineUnavailableError, "HTTP 502"),
+    Case("503", send(_http(503, b"")), EngineUnavailableError, "HTTP 503"),
+    Case(
+        "401",
+        send(_json(401, {"code": "unauthorized", "message": "missing token"})),
+        EngineUnavailableError,
+        "HTTP 401.*authentication",
+    ),
+    Case(
+        "403",
+        send(_json(403, {"code": "unauthorized", "message": "denied"})),
+        EngineUnavailableError,
+        "HTTP 403.*authorization",
+    ),
+    Case(
+        "404", send(_json(404, {"code": "resource_not_found", "message": "nope"})), DecisionError, "HTTP 404"
+    ),
+    Case(
+        "400",
+        send(_json(400, {"code": "invalid_parameter", "message": "bad input"})),
+        DecisionError,
+        "HTTP 400.*bad input",
+    ),
+    Case(
+        "500 policy eval error",
+        send(
+            _json(
+                500,
+                {
+                    "code": "internal_error",
+                    "message": "eval failed",
+                    "errors": [{"code": "eval_builtin_error", "message": "x"}],
+                },
+            )
+        ),
+        DecisionError,
+        "policy evaluation failed",
+    ),
+    Case("garbage body", send(_http(200, b"<html>not json")), DecisionError, "not JSON"),
+    Case(
+        "garbage HTTP",
+        send(b"SSH-2.0-OpenSSH_9.6\r\n\r\n", keep=False),
+        EngineUnavailableError,
+        "malformed or truncated",
+    ),
+    Case(
+        "empty reply",
+        send(b"", keep=False),
+        EngineUnavailableError,
+        "closed the connection without answering",
+    ),
+    Case("non-object JSON", send(_json(200, [GOOD])), DecisionError, "not a JSON object"),
+    Case("deeply nested JSON", send(_http(200, b"[" * 20000 + b"]" * 20000)), DecisionError, "not JSON"),
+    Case(
+        "truncated body",
+        send(_http(200, json.dumps(GOOD).encode())[:-20], keep=False),
+        EngineUnavailableError,
+        "malformed or truncated",
+    ),
+    Case(
+        "truncated chunked body",
+        send(_chunked(json.dumps(GOOD).encode())[:-12], keep=False),
+        EngineUnavailableError,
+        "malformed or truncated",
+    ),
+    Case(
+        "reset mid-response",
+        reset_after(_http(200, json.dumps(GOOD).encode())[:-30]),
+        EngineUnavailableError,
+        "Connection reset",
+    ),
+    Case(
+        "200 without result (undefined)",
+        send(_json(200, {"provenance": GOOD["provenance"]})),
+        DecisionError,
+        "undefined decision.*fails closed",
+    ),
+    Case(
+        "200 without provenance",
+        send(_json(200, {"result": {"allow": True}})),
+        DecisionError,
+        "no revision for bundle 'agov'",
+    ),
+    Case(
+        "200 with another bundle's provenance",
+        send(_json(200, {**GOOD, "provenance": {"bundles": {"other": {"revision": REVISION}}}})),
+        DecisionError,
+        "no revision",
+    ),
+    Case(
+        "wrong revision",
+        send(_json(200, GOOD)),
+        DecisionError,
+        "answered by revision 'rev-1', expected 'rev-2'",
+        expected_revision="rev-2",
+    ),
+    Case(
+        "non-boolean allow",
+        send(_json(200, {**GOOD, "result": {"allow": "true"}})),
+        DecisionError,
+        "must be a boolean",
+    ),
+    Case("null allow", send(_json(200, {**GOOD, "result": {}})), DecisionError, "must be a boolean"),
+    Case(
+        "non-string decision_id", send(_json(200, {**GOOD, "decision_id": 7})), DecisionError, "decision_id"
+    ),
+    Case("oversized body", send(_http(200, b" " * (MAX_RESPONSE + 1))), DecisionError, "over the .*limit"),
+    Case(
+        "oversized chunked body",
+        send(_chunked(b" " * (MAX_RESPONSE * 2)), keep=False),
+        DecisionError,
+        "over the .*limit",
+    ),
+]
+
+
+@pytest.fixture
+def config() -> EvaluatorConfig:
+    return EvaluatorConfig(timeout_s=TIMEOUT_S, max_response_bytes=MAX_RESPONSE)
+
+
+def _decide(client: DecisionClient, case: Case) -> bool:
+    """What a caller does: evaluate, then insist on a boolean allow. Returns it (fail-open)."""
+    evaluation = client.evaluate(PATH, {"agent": "a"}, expected_revision=case.expected_revision)
+    return require_bool(evaluation.result.get("allow"), "admission allow")
+
+
+def test_r9_fault_table(config: EvaluatorConfig, capsys: pytest.CaptureFixture[str]) -> None:
+    fail_open: list[str] = []
+    wrong: list[str] = []
+    latencies: dict[str, float] = {}
+    for case in CASES:
+        server = FakeOPA(case.behaviour) if case.behaviour else None
+        url = case.url or (server.url if server else f"http://127.0.0.1:{_closed_port()}")
+        client = DecisionClient(ConnectionConfig(url=url), config)
+        started = time.monotonic()
+        try:
+            allow = _decide(client, case)
+            fail_open.append(f"{case.name}: returned allow={allow!r}")
+        except (EngineUnavailableError, DecisionError) as exc:
+            if not isinstance(exc, case.expected) or not re.search(case.match, exc.message):
+                wrong.append(f"{case.name}: {type(exc).__name__}: {exc.message}")
+        finally:
+            latencies[case.name] = time.monotonic() - started
+            client.close()
+            if server:
+                server.close()
+    slowest = max(latencies, key=latencies.__getitem__)
+    with capsys.disabled():
+        print(
+            f"\nR9 fault table: {len(CASES)} cases, fail-open={len(fail_open)}, "
+            f"max latency {latencies[slowest] * 1000:.0f} ms ({slowest}; timeout {TIMEOUT_S * 1000:.0f} ms)"
+        )
+    assert fail_open == []
+    assert wrong == []
+    late = {name: round(s, 3) for name, s in latencies.items() if s > TIMEOUT_S + 0.5}
+    assert late == {}
+
+
+# --- the client's own behaviour --------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake() -> Iterator[Callable[[Behaviour], FakeOPA]]:
+    servers: list[FakeOPA] = []
+
+    def make(behaviour: Behaviour) -> FakeOPA:
+        servers.append(FakeOPA(behaviour))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+def test_healthy_answer_and_keep_alive_reuse(
+    fake: Callable[[Behaviour], FakeOPA], config: EvaluatorConfig
+) -> None:
+    server = fake(send(_json(200, GOOD)))
+    with DecisionClient(ConnectionConfig(url=server.url), config) as client:
+        for _ in range(20):
+            evaluation = client.evaluate(PATH, {"x": 1}, expected_revision=REVISION)
+            assert (evaluation.result, evaluation.revision, evaluation.decision_id) == (
+                {"allow": True},
+                REVISION,
+                "d-1",
+            )
+    assert server.requests == 20
+    assert server.connections == 1
+
+
+def test_stale_keep_alive_is_retried_once_on_a_fresh_connection(
+    fake: Callable[[Behaviour], FakeOPA], config: EvaluatorConfig
+) -> None:
+    # answers, then silently drops the connection, as an idle keep-alive timeout does
+    server = fake(send(_json(200, GOOD), keep=False))
+    with DecisionClient(ConnectionConfig(url=server.url), config) as client:
+        assert client.evaluate(PATH, {}).revision == REVISION
+        time.sleep(0.1)
+        assert client.evaluate(PATH, {}).revision == REVISION
+    assert server.requests == 2
+    assert server.connections == 2
+
+
+def test_no_retry_after_a_timeout(fake: Callable[[Behaviour], FakeOPA], config: EvaluatorConfig) -> None:
+    server = fake(sleep_then(TIMEOUT_S + 1.0, _json(200, GOOD)))
+    with (
+        DecisionClient(ConnectionConfig(url=server.url), config) as client,
+        pytest.raises(EngineUnavailableError),
+    ):
+        client.evaluate(PATH, {})
+    assert server.requests == 1
+
+
+def test_no_retry_after_response_bytes(fake: Callable[[Behaviour], FakeOPA], config: EvaluatorConfig) -> None:
+    server = fake(reset_after(b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n{"))
+    with DecisionClient(ConnectionConfig(url=server.url), config) as client:
+        # warm a connection first, so that the failing request runs on a reused one
+        for _ in range(2):
+            with pytest.raises(EngineUnavailableError):
+                client.evaluate(PATH, {})
+    assert server.requests == 2
+
+
+def test_oversized_input_is_refused_before_sending(fake: Callable[[Behaviour], FakeOPA]) -> None:
+    server = fake(send(_json(200, GOOD)))
+    cfg = EvaluatorConfig(timeout_s=TIMEOUT_S, max_request_bytes=1024)
+    with (
+        DecisionClient(ConnectionConfig(url=server.url), cfg) as client,
+        pytest.raises(DecisionError, match="over the 1024-byte limit"),
+    ):
+        client.evaluate(PATH, {"blob": "x" * 2000})
+    assert server.requests == 0
+
+
+def test_bearer_token_is_sent(config: EvaluatorConfig) -> None:
+    seen: list[bytes] = []
+
+    class Recording(FakeOPA):
+        def _serve(self, conn: socket.socket) -> None:
+            with conn:
+                data = conn.recv(65536)
+                seen.append(data)
+                conn.sendall(_json(200, GOOD))
+
+    server = Recording(send(b""))
+    try:
+        with DecisionClient(ConnectionConfig(url=server.url, token="s3cret"), config) as client:
+            client.evaluate(PATH, {})
+    finally:
+        server.close()
+    assert b"\r\nAuthorization: Bearer s3cret\r\n" in seen[0]
+    assert "s3cret" not in repr(ConnectionConfig(url=server.url, token="s3cret"))
+
+
+def test_closed_client_fails_closed(fake: Callable[[Behaviour], FakeOPA], config: EvaluatorConfig) -> None:
+    server = fake(send(_json(200, GOOD)))
+    client = DecisionClient(ConnectionConfig(url=server.url), config)
+    client.close()
+    with pytest.raises(EngineUnavailableError, match="closed"):
+        client.evaluate(PATH, {})
+
+
+def test_concurrent_callers_share_the_pool(
+    fake: Callable[[Behaviour], FakeOPA], config: EvaluatorConfig
+) -> None:
+    server = fake(send(_json(200, GOOD)))
+    results: list[str] = []
+    with DecisionClient(ConnectionConfig(url=server.url), config) as client:
+
+        def work() -> None:
+            for _ in range(50):
+                results.append(client.evaluate(PATH, {}).revision)
+
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert results == [REVISION] * 400
+    assert server.connections <= 8
+
+
+def test_external_sidecar_from_env_requires_a_url() -> None:
+    from agov.errors import UsageError
+
+    with pytest.raises(UsageError, match="AGOV_OPA_URL is not set"):
+        ExternalSidecar.from_env(environ={})
+    with pytest.raises(UsageError, match="TLS options need an https"):
+        ExternalSidecar.from_env(environ={"AGOV_OPA_URL": "http://x:1", "AGOV_OPA_CA_FILE": "/ca.pem"})
+    sidecar = ExternalSidecar.from_env(environ={"AGOV_OPA_URL": "http://127.0.0.1:1", "AGOV_OPA_TOKEN": "t"})
+    with pytest.raises(EngineUnavailableError, match="refused"):
+        sidecar.evaluate(PATH, {})
