@@ -26,6 +26,17 @@ from agov.registry import AgentRecord
 from agov.store.sqlite import iso, parse_iso
 
 ADMISSION_PATH = "agov/admission/decision"
+# The codes whose reasons the engine's notes explain (which envelope check failed and why).
+PROOF_CODES = frozenset(
+    {
+        Code.ADMISSION_DENY_PROOF_MISSING,
+        Code.ADMISSION_DENY_SIGNATURE_INVALID,
+        Code.ADMISSION_DENY_SIGNER_REVOKED,
+        Code.ADMISSION_DENY_PROOF_EXPIRED,
+        Code.ADMISSION_DENY_SPEC_HASH_MISMATCH,
+        Code.ADMISSION_DENY_POLICY_HASH_MISMATCH,
+    }
+)
 PROOF_FACTS = (
     "proof_present",
     "signature_valid",
@@ -193,7 +204,7 @@ def admit(
                 agent, proof_row, newest, key_for, active_hash, now, max_proof_bytes=max_proof_bytes
             )
         decision = decide(evaluator_loader(), agent, facts, active_hash, now)
-        if notes and not decision.allow:
+        if notes and decision.code in PROOF_CODES:
             extra = tuple(Reason(decision.code, note) for note in notes)
             decision = AdmissionDecision(
                 decision.allow,

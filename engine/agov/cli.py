@@ -469,15 +469,24 @@ def _revalidation_text(report: dict[str, Any]) -> str:
 @click.option("--dry-run", is_flag=True, help="Show who would change; change nothing.")
 @common
 def revalidate(ctx: Ctx, dry_run: bool) -> None:
-    """Re-evaluate every governed agent under the active policy (resumes an interrupted run)."""
+    """Re-evaluate every governed agent under the active policy (resumes an interrupted run).
+
+    With --dry-run, judge the workspace's policy files as they are now (even if not yet
+    reloaded) and show who would be invalidated, restricted or restored; nothing changes.
+    """
     with _engine(ctx) as engine:
-        governed = len(engine.list_agents(limit=100_000)) if not ctx.as_json else 0
-        bar, progress = _progress_runner(ctx, governed)
-        try:
-            report = engine.revalidate(dry_run=dry_run, progress=progress).as_dict()
-        finally:
-            if bar is not None:
-                bar.__exit__(None, None, None)
+        if dry_run:
+            # Who would fall under the policy tree as it is now, before it is activated.
+            report = engine.reload_policy(actor=ctx.actor, reason="revalidate --dry-run", dry_run=True)[
+                "revalidation"
+            ]
+        else:
+            bar, progress = _progress_runner(ctx, engine.count_governed())
+            try:
+                report = engine.revalidate(progress=progress).as_dict()
+            finally:
+                if bar is not None:
+                    bar.__exit__(None, None, None)
     emit(ctx, report, lambda: _revalidation_text(report))
 
 

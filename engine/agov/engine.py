@@ -10,6 +10,7 @@ with Engine.open("./.agov") as engine:
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
@@ -205,6 +206,13 @@ class Engine:
     def list_agents(self, **filters: Any) -> list[AgentRecord]:
         return registry.list_agents(self.store, **filters)
 
+    def count_governed(self) -> int:
+        row = self.store.query_one(
+            "SELECT COUNT(*) AS n FROM agents WHERE status IN (?, ?, ?)",
+            ("GOVERNED_VALID", "GOVERNED_RESTRICTED", "GOVERNED_INVALIDATED"),
+        )
+        return int(row["n"]) if row is not None else 0
+
     def history(self, agent_id: str) -> dict[str, Any]:
         return registry.history(self.store, agent_id)
 
@@ -351,47 +359,74 @@ class Engine:
         return report
 
     def reload_policy(
-        self, *, actor: str, reason: str, dry_run: bool = False, progress: Callable[[int], None] | None = None
+        self,
+        *,
+        actor: str,
+        reason: str,
+        dry_run: bool = False,
+        progress: Callable[[int], None] | None = None,
     ) -> dict[str, Any]:
         """Rebuild the policy; if its hash changed, activate it and revalidate every agent.
 
         A policy that does not compile or whose tests fail is refused and the old one stays.
+        With ``dry_run`` the candidate is built in a temporary directory and judged by a
+        throwaway sidecar: nothing is written, nothing is activated.
 
         Raises:
             PolicyError: refused (counted in ``policy_reload_failure_total`` and audited).
         """
         active = policy.active_version(self.store)
+        if dry_run:
+            return self._dry_run_reload(active)
         try:
             built = policy.build(
                 find_opa(), self.workspace.policies, self.workspace.bundles, self.workspace.keys
             )
         except PolicyError as exc:
-            self.metrics.reload_failure.inc()
-            self.store.record_rejection(
-                Code.POLICY_RELOAD_REFUSED,
-                actor=actor,
-                policy_hash=active.hash if active else None,
-                payload={"reason": reason, "error": exc.message[:4000]},
-            )
+            self._refuse_reload(exc, actor=actor, reason=reason, active=active)
             raise
         if active is not None and built.policy_hash == active.hash:
             return {"changed": False, "policy_hash": active.hash, "revalidation": None}
-        if dry_run:
-            return {
-                "changed": True,
-                "dry_run": True,
-                "policy_hash": built.policy_hash,
-                "previous_hash": active.hash if active else None,
-                "revalidation": self._dry_run_on(built.content, built.policy_hash).as_dict(),
-            }
         version = policy.record(self.store, built, actor=actor, reason=reason)
-        report = self._switch(
-            version, event=Code.POLICY_HOTRELOAD, actor=actor, reason=reason, progress=progress
-        )
+        try:
+            report = self._switch(
+                version, event=Code.POLICY_HOTRELOAD, actor=actor, reason=reason, progress=progress
+            )
+        except PolicyError as exc:  # OPA refused the bundle: the old one stays active
+            self._refuse_reload(exc, actor=actor, reason=reason, active=active)
+            raise
         self.metrics.reload_success.inc()
         return {
             "changed": True,
             "policy_hash": version.hash,
+            "previous_hash": active.hash if active else None,
+            "revalidation": report.as_dict(),
+        }
+
+    def _refuse_reload(
+        self, exc: PolicyError, *, actor: str, reason: str, active: PolicyVersion | None
+    ) -> None:
+        self.metrics.reload_failure.inc()
+        self.store.record_rejection(
+            Code.POLICY_RELOAD_REFUSED,
+            actor=actor,
+            policy_hash=active.hash if active else None,
+            payload={"reason": reason, "error": exc.message[:4000]},
+        )
+
+    def _dry_run_reload(self, active: PolicyVersion | None) -> dict[str, Any]:
+        """Judge the workspace's policy tree as it is now, without recording or activating it.
+
+        Raises:
+            PolicyError: the tree does not compile or its tests fail.
+        """
+        with tempfile.TemporaryDirectory(prefix="agov-dry-run-") as tmp:
+            built = policy.build(find_opa(), self.workspace.policies, Path(tmp), self.workspace.keys)
+            report = self._dry_run_on(built.content, built.policy_hash)
+        return {
+            "changed": active is None or built.policy_hash != active.hash,
+            "dry_run": True,
+            "policy_hash": built.policy_hash,
             "previous_hash": active.hash if active else None,
             "revalidation": report.as_dict(),
         }

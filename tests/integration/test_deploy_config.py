@@ -1,0 +1,213 @@
+"""The shipped ``opa-config.yaml`` on a real ``opa run --server``: it activates the bundle that
+``agov policy build`` signed, reports the policy hash as the revision, and refuses a bundle that
+is unsigned or altered after signing (reliability row R15)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agov.bundle import compute_policy_hash
+from agov.opa import BundleServer
+from agov.opa.bundle_server import BundleServerConfig
+from agov.opa import find_opa
+
+REPO = Path(__file__).resolve().parents[2]
+TOKEN = "deploy-config-test-token"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _agov(home: Path, *args: str) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-m", "agov.cli", *args, "--home", str(home), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    return dict(json.loads(out.stdout))
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory, opa_bin: Path) -> Path:
+    home = tmp_path_factory.mktemp("deploy") / "ws"
+    _agov(home, "init")
+    return home
+
+
+class Sidecar:
+    """A plain ``opa run --server`` on the repository's opa-config.yaml, as a deployment runs it."""
+
+    def __init__(self, home: Path, server: BundleServer) -> None:
+        self.port = _free_port()
+        env = {**os.environ, "AGOV_BUNDLE_SERVICE_URL": server.url, "AGOV_BUNDLE_TOKEN": TOKEN}
+        self.proc = subprocess.Popen(
+            [
+                str(find_opa()),
+                "run",
+                "--server",
+                "--addr",
+                f"127.0.0.1:{self.port}",
+                "--skip-version-check",
+                "--config-file",
+                str(REPO / "opa-config.yaml"),
+                "--set-file",
+                f"keys.agov-bundle.key={home / 'keys' / 'bundle-signing.es256.pub'}",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+    def get(self, path: str) -> tuple[int, dict[str, Any]]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as reply:
+                return reply.status, json.loads(reply.read() or b"{}")
+        except urllib.error.HTTPError as exc:
+            return exc.code, {}
+
+    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=2) as reply:
+            return dict(json.loads(reply.read()))
+
+    def wait_ready(self, timeout: float = 15.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.get("/health?bundles")[0] == 200:
+                    return True
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            time.sleep(0.05)
+        return False
+
+    def revision(self) -> str | None:
+        reply = self.post("/v1/data/agov/promotion?provenance=true", {"input": {}})
+        bundles = reply.get("provenance", {}).get("bundles", {})
+        return bundles.get("agov", {}).get("revision")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def serve(workspace: Path) -> Iterator[Any]:
+    started: list[tuple[BundleServer, Sidecar]] = []
+
+    def start(bundle: bytes, revision: str) -> tuple[BundleServer, Sidecar]:
+        server = BundleServer(BundleServerConfig(token=TOKEN))
+        server.publish(bundle, revision)
+        sidecar = Sidecar(workspace, server)
+        started.append((server, sidecar))
+        return server, sidecar
+
+    yield start
+    for server, sidecar in started:
+        sidecar.stop()
+        server.close()
+
+
+def _built(workspace: Path) -> tuple[str, bytes]:
+    result = _agov(workspace, "policy", "build")
+    return result["hash"], Path(result["bundle_path"]).read_bytes()
+
+
+def test_revision_reported_by_opa_is_the_policy_hash_agov_printed(workspace: Path, serve: Any) -> None:
+    policy_hash, bundle = _built(workspace)
+    assert policy_hash == compute_policy_hash(workspace / "policies")
+    _server, sidecar = serve(bundle, policy_hash)
+    assert sidecar.wait_ready(), sidecar.proc.stderr
+    assert sidecar.revision() == policy_hash
+    decision = sidecar.post("/v1/data/agov/promotion/decision", {"input": {}})["result"]
+    assert decision["allow"] is False and decision["deny"], "an empty input must be denied"
+
+
+def _rewrite(bundle: bytes, edit: Any) -> bytes:
+    out = io.BytesIO()
+    with (
+        tarfile.open(fileobj=io.BytesIO(bundle), mode="r:gz") as src,
+        tarfile.open(fileobj=out, mode="w:gz") as dst,
+    ):
+        for member in src.getmembers():
+            data = src.extractfile(member).read() if member.isfile() else b""  # type: ignore[union-attr]
+            replaced = edit(member.name, data)
+            if replaced is None:
+                continue
+            member.size = len(replaced)
+            dst.addfile(member, io.BytesIO(replaced))
+    return out.getvalue()
+
+
+def test_r15_bundle_altered_after_signing_is_not_activated(workspace: Path, serve: Any) -> None:
+    policy_hash, bundle = _built(workspace)
+
+    def loosen(name: str, data: bytes) -> bytes:
+        return (
+            data.replace(b"default allow := false", b"default allow := true")
+            if name.endswith("promotion/promotion.rego")
+            else data
+        )
+
+    altered = _rewrite(bundle, loosen)
+    assert altered != bundle
+    _server, sidecar = serve(altered, policy_hash)
+    assert not sidecar.wait_ready(timeout=4), "OPA activated a bundle altered after signing"
+    reply = sidecar.post("/v1/data/agov/promotion/decision", {"input": {}})
+    assert "result" not in reply, "no bundle may answer"
+    print("R15 altered bundle: activated 0/1")
+
+
+def test_r15_unsigned_bundle_is_not_activated(workspace: Path, serve: Any) -> None:
+    policy_hash, bundle = _built(workspace)
+    unsigned = _rewrite(bundle, lambda name, data: None if name.endswith(".signatures.json") else data)
+    _server, sidecar = serve(unsigned, policy_hash)
+    assert not sidecar.wait_ready(timeout=4), "OPA activated an unsigned bundle"
+    assert "result" not in sidecar.post("/v1/data/agov/promotion/decision", {"input": {}})
+    print("R15 unsigned bundle: activated 0/1")
+
+
+def test_policy_hash_is_deterministic_and_any_rego_byte_changes_it(workspace: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(workspace / "policies", copy)
+    original = compute_policy_hash(workspace / "policies")
+    assert compute_policy_hash(copy) == original, "same content, other place: same hash"
+    target = copy / "agov" / "admission" / "admission.rego"
+    content = target.read_bytes()
+    for index in range(0, len(content), max(1, len(content) // 64)):
+        changed = bytearray(content)
+        changed[index] ^= 0x20
+        target.write_bytes(bytes(changed))
+        assert compute_policy_hash(copy) != original, f"byte {index} changed without changing the hash"
+    target.write_bytes(content)
+    assert compute_policy_hash(copy) == original
+    (copy / "agov" / "admission" / "extra_test.rego").write_text("package agov.admission_test\n")
+    assert compute_policy_hash(copy) == original, "tests are not part of the bundle"
