@@ -22,9 +22,8 @@ from typing import Any
 import pytest
 
 from agov.bundle import compute_policy_hash
-from agov.opa import BundleServer
+from agov.opa import BundleServer, find_opa
 from agov.opa.bundle_server import BundleServerConfig
-from agov.opa import find_opa
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "deploy-config-test-token"
