@@ -11,6 +11,7 @@ with Engine.open("./.agov") as engine:
 from __future__ import annotations
 
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
@@ -57,7 +58,7 @@ class Engine:
         self.metrics = metrics or Metrics()
         self._evaluator = evaluator
         self._owns_evaluator = evaluator is None
-        self._key_material: dict[str, TrustedKey] = {}
+        self._evaluator_lock = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -141,6 +142,10 @@ class Engine:
             EngineUnavailableError: OPA could not be started or reached.
             PolicyError: there is no active policy.
         """
+        with self._evaluator_lock:
+            return self._evaluator_locked()
+
+    def _evaluator_locked(self) -> Evaluator:
         if self._evaluator is None:
             if self.config.runtime == "external":
                 from agov.opa.external import ExternalSidecar

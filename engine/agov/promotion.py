@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from agov.config import Config
-from agov.decisions import Code, PolicyVerdict, Reason, parse_verdict
+from agov.decisions import Code, PolicyVerdict, Reason, Status, parse_verdict
 from agov.errors import AgovError, UsageError
 from agov.hashing import digest
 from agov.opa.evaluator import Evaluator
@@ -166,10 +166,29 @@ def promote(
     """Evaluate and, on allow, govern the agent. Every error ends in a deny that is audited.
 
     Raises:
-        UsageError: a concurrent promotion or update of the same agent won (nothing written
-            by this one but its audit events).
+        UsageError: the version is already governed under this policy, or a concurrent
+            promotion or update of the same agent won (nothing written by this one but its
+            audit events).
     """
     decision_id: str | None = None
+    current = store.query_one(
+        "SELECT 1 FROM agent_proofs WHERE agent_id = ? AND version = ? AND policy_hash = ? AND superseded_at IS NULL",
+        (agent.id, agent.version, policy_hash),
+    )
+    if current is not None and agent.status in (Status.GOVERNED_VALID, Status.GOVERNED_RESTRICTED):
+        # One winner per version and policy: a second promotion would only mint a duplicate proof.
+        store.record_rejection(
+            Code.REQUEST_REJECTED,
+            agent_id=agent.id,
+            actor=actor,
+            policy_hash=policy_hash,
+            payload={"operation": "promote", "reason": "already promoted", "version": agent.version},
+            now=now,
+        )
+        raise UsageError(
+            f"agent {agent.id!r} version {agent.version} is already {agent.status.value} under this policy",
+            hint="update the agent to promote a new version",
+        )
     try:
         payload = promotion_input(agent, config, actor=actor, role=role, policy_hash=policy_hash, now=now)
         evaluation = evaluator_loader().evaluate(PROMOTION_PATH, payload, expected_revision=policy_hash)
