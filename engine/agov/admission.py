@@ -21,7 +21,7 @@ from agov.errors import (
 )
 from agov.opa.evaluator import Evaluator
 from agov.opa.http import require_bool
-from agov.proofs import TrustedKey, check_binding, check_not_rolled_back, verify_proof
+from agov.proofs import SignatureCache, TrustedKey, check_binding, check_not_rolled_back, verify_proof
 from agov.registry import AgentRecord
 from agov.store.sqlite import iso, parse_iso
 
@@ -66,6 +66,7 @@ def proof_facts(
     now: datetime,
     *,
     max_proof_bytes: int,
+    cache: SignatureCache | None = None,
 ) -> tuple[dict[str, bool], list[str]]:
     """The proof facts (pure apart from ``key_for``) and notes explaining any that failed.
 
@@ -82,7 +83,7 @@ def proof_facts(
     key = key_for(keyid)
     trusted = {keyid: key} if key is not None else {}
     try:
-        verified = verify_proof(envelope, trusted, now, max_size=max_proof_bytes)
+        verified = verify_proof(envelope, trusted, now, max_size=max_proof_bytes, cache=cache)
     except RevokedSignerError as exc:
         facts["signature_valid"] = True
         notes.append(str(exc))
@@ -183,6 +184,7 @@ def admit(
     now: datetime,
     *,
     max_proof_bytes: int,
+    cache: SignatureCache | None = None,
 ) -> AdmissionDecision:
     """The whole admission: load, compute facts, decide; every error becomes a deny.
 
@@ -201,7 +203,14 @@ def admit(
         else:
             proof_row, newest = proof_loader(agent.id)
             facts, notes = proof_facts(
-                agent, proof_row, newest, key_for, active_hash, now, max_proof_bytes=max_proof_bytes
+                agent,
+                proof_row,
+                newest,
+                key_for,
+                active_hash,
+                now,
+                max_proof_bytes=max_proof_bytes,
+                cache=cache,
             )
         decision = decide(evaluator_loader(), agent, facts, active_hash, now)
         if notes and decision.code in PROOF_CODES:

@@ -101,16 +101,16 @@ def run_demo(*, keep: bool = False, echo: Echo = print) -> dict[str, Any]:
                 )
 
             _chapter(echo, "3. Promotion asks agov.promotion; allowed agents earn a signed proof")
-            for record in created:
-                result = engine.promote(record.id, actor=ACTOR, role="agent_admin")
-                echo(f"    promote {record.id:<20} {'ALLOW' if result.allow else 'DENY '} -> {result.status}")
-                for reason in result.deny + result.warn:
-                    echo(f"        {reason.code}: {reason.message}")
             denied = engine.promote("finance-reconciler", actor="intern", role="viewer")
             echo(
                 f"    promote finance-reconciler as a viewer: {'ALLOW' if denied.allow else 'DENY'} "
                 f"({', '.join(r.code for r in denied.deny)})"
             )
+            for record in created:
+                result = engine.promote(record.id, actor=ACTOR, role="agent_admin")
+                echo(f"    promote {record.id:<20} {'ALLOW' if result.allow else 'DENY '} -> {result.status}")
+                for reason in result.deny + result.warn:
+                    echo(f"        {reason.code}: {reason.message}")
 
             _chapter(echo, "4. Admission at every start, fail-closed")
             for record in created:

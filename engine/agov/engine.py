@@ -10,6 +10,7 @@ with Engine.open("./.agov") as engine:
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import threading
 import time
@@ -27,7 +28,7 @@ from agov.observability import Metrics, log_decision
 from agov.opa.binary import find_opa
 from agov.opa.evaluator import Evaluator, EvaluatorConfig
 from agov.policy import PolicyVersion
-from agov.proofs import TrustedKey
+from agov.proofs import SignatureCache, TrustedKey
 from agov.registry import AgentRecord, CreationMode
 from agov.revalidation import RevalidationReport
 from agov.store.sqlite import parse_iso, utcnow
@@ -59,6 +60,8 @@ class Engine:
         self._evaluator = evaluator
         self._owns_evaluator = evaluator is None
         self._evaluator_lock = threading.Lock()
+        self._signatures = SignatureCache()
+        self._key_material: dict[str, TrustedKey] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -272,7 +275,22 @@ class Engine:
         return result
 
     def _trusted_key(self, keyid: str) -> TrustedKey | None:
-        return keyring.trusted_key(self.store, self.workspace.keys, keyid)
+        """The key with its window and revocation read from the store now; the key file is read
+        once per engine (its id is derived from its material, so a swapped file cannot pass)."""
+        state = self.store.query_one(
+            "SELECT not_before, not_after, revoked_at FROM signing_keys WHERE keyid = ?", (keyid,)
+        )
+        if state is None:
+            return None
+        material = self._key_material.get(keyid)
+        if material is None:
+            material = self._key_material[keyid] = keys.load_trusted_key(self.workspace.keys, keyid)
+        return dataclasses.replace(
+            material,
+            not_before=parse_iso(state["not_before"]),
+            not_after=parse_iso(state["not_after"]),
+            revoked_at=parse_iso(state["revoked_at"]),
+        )
 
     def _current_proof(self, agent_id: str) -> tuple[Any | None, datetime | None]:
         row = self.store.query_one(
@@ -298,6 +316,7 @@ class Engine:
             self.evaluator,
             self.clock(),
             max_proof_bytes=self.config.limits.max_proof_bytes,
+            cache=self._signatures,
         )
         self.metrics.decision_latency.labels("admission").observe(time.perf_counter() - started)
         if decision.allow:

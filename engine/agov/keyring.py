@@ -11,9 +11,9 @@ from typing import Any
 from agov import keys
 from agov.decisions import Code
 from agov.errors import KeyMaterialError, NotFoundError, UsageError
-from agov.proofs import ProofSigner, TrustedKey
+from agov.proofs import ProofSigner
 from agov.store import Store
-from agov.store.sqlite import iso, parse_iso, utcnow
+from agov.store.sqlite import iso, utcnow
 
 ALGORITHMS = ("ed25519", "hmac-sha256")
 
@@ -118,20 +118,3 @@ def active_signer(store: Store, keys_dir: Path) -> ProofSigner:
     if row is None:
         raise KeyMaterialError("no active proof signing key", hint="run `agov keys generate`")
     return keys.load_signer(keys_dir, row["keyid"])
-
-
-def trusted_key(store: Store, keys_dir: Path, keyid: str) -> TrustedKey | None:
-    """The verification key for ``keyid`` with its current window and revocation (None if unknown).
-
-    The revocation state and window are read from the store every time, never cached.
-    """
-    row = store.query_one("SELECT * FROM signing_keys WHERE keyid = ?", (keyid,))
-    if row is None:
-        return None
-    return keys.load_trusted_key(
-        keys_dir,
-        keyid,
-        not_before=parse_iso(row["not_before"]),
-        not_after=parse_iso(row["not_after"]),
-        revoked_at=parse_iso(row["revoked_at"]),
-    )

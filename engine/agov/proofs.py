@@ -15,6 +15,8 @@ import hashlib
 import hmac
 import json
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -270,9 +272,9 @@ class TrustedKey:
 class VerifiedProof:
     """A proof whose signature, signer and expiry all checked out at ``now``.
 
-    ``envelope_digest`` is SHA-256 over the canonical JSON of the verified envelope (so
-    whitespace or base64 alphabet do not change it); ``payload_digest`` is SHA-256 over the
-    signed statement bytes, which stays the same if signatures are added or removed.
+    ``envelope_digest`` is SHA-256 over the envelope bytes exactly as verified;
+    ``payload_digest`` is SHA-256 over the signed statement bytes, which stays the same if
+    signatures are added or removed.
     """
 
     claims: ProofClaims
@@ -521,7 +523,37 @@ def _parse_statement(payload: bytes) -> ProofClaims:
     )
 
 
-def _verifying_keys(envelope: Envelope, trusted: Mapping[str, TrustedKey]) -> list[TrustedKey]:
+class SignatureCache:
+    """Remembers envelopes whose signature already verified under a given key.
+
+    The entry is keyed by the SHA-256 of the exact envelope bytes and the key's id *and*
+    material, so a changed byte or another key is a miss and is verified afresh. Only the
+    signature check is skipped on a hit: revocation, validity window and expiry are judged at
+    every call. Bounded (least recently used out), thread-safe.
+    """
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self._entries: OrderedDict[tuple[str, str, bytes], None] = OrderedDict()
+        self._max = max_entries
+        self._lock = threading.Lock()
+
+    def __contains__(self, entry: tuple[str, str, bytes]) -> bool:
+        with self._lock:
+            if entry in self._entries:
+                self._entries.move_to_end(entry)
+                return True
+            return False
+
+    def add(self, entry: tuple[str, str, bytes]) -> None:
+        with self._lock:
+            self._entries[entry] = None
+            if len(self._entries) > self._max:
+                self._entries.popitem(last=False)
+
+
+def _verifying_keys(
+    envelope: Envelope, trusted: Mapping[str, TrustedKey], raw_digest: str, cache: SignatureCache | None
+) -> list[TrustedKey]:
     """Trusted keys whose signature over the envelope checks out, in signature order.
 
     The envelope's keyid only narrows which trusted key to try; the signature is always
@@ -532,10 +564,16 @@ def _verifying_keys(envelope: Envelope, trusted: Mapping[str, TrustedKey]) -> li
         key = trusted.get(keyid)
         if key is None or key.keyid != keyid:
             continue  # signatures from keys we do not trust are ignored
+        memo = (raw_digest, key.keyid, key.material)
+        if cache is not None and memo in cache:
+            verified.append(key)
+            continue
         try:
             envelope.verify([key._sslib_key()], 1)
         except UnverifiedSignatureError:
             continue
+        if cache is not None:
+            cache.add(memo)
         verified.append(key)
     return verified
 
@@ -562,7 +600,12 @@ def _signer_problem(key: TrustedKey, claims: ProofClaims, now: datetime) -> Agov
 
 
 def verify_proof(
-    envelope: bytes, trusted: Mapping[str, TrustedKey], now: datetime, *, max_size: int = DEFAULT_MAX_SIZE
+    envelope: bytes,
+    trusted: Mapping[str, TrustedKey],
+    now: datetime,
+    *,
+    max_size: int = DEFAULT_MAX_SIZE,
+    cache: SignatureCache | None = None,
 ) -> VerifiedProof:
     """Verify a proof envelope against trusted keys at time ``now``.
 
@@ -577,6 +620,8 @@ def verify_proof(
         trusted: trusted keys by key id.
         now: the current time (timezone-aware).
         max_size: largest envelope accepted, in bytes; larger input is refused unparsed.
+        cache: remembers signatures already verified (same bytes, same key), so a hot
+            admission path pays for the Ed25519 check once per proof.
 
     Returns:
         The verified claims, the key that signed them and the envelope's digests.
@@ -604,7 +649,8 @@ def verify_proof(
             "envelope carries no signatures",
             hint="the proof was stripped or never signed; re-promote the agent",
         )
-    keys = _verifying_keys(env, trusted)
+    raw_digest = sha256_hex(bytes(envelope))
+    keys = _verifying_keys(env, trusted, raw_digest, cache)
     if not keys:
         raise SignatureError(
             f"no trusted key verifies the envelope (signed by: {', '.join(env.signatures)})",
@@ -630,14 +676,10 @@ def verify_proof(
             f"proof expired at {_format_time(claims.expires_at)}",
             hint="re-promote the agent to issue a fresh proof",
         )
-    try:
-        envelope_digest = sha256_hex(canonical_json(env.to_dict()))
-    except AgovError as exc:
-        raise ProofError(f"envelope cannot be canonicalized: {exc.message}") from exc
     return VerifiedProof(
         claims=claims,
         keyid=good[0].keyid,
-        envelope_digest=envelope_digest,
+        envelope_digest=raw_digest,
         payload_digest=sha256_hex(env.payload),
     )
 

@@ -15,7 +15,7 @@ import jsonschema
 import yaml
 
 from agov.errors import SpecError
-from agov.hashing import canonical_json, spec_hash
+from agov.hashing import canonical_json, sha256_hex, spec_hash
 from agov.resources import schema_path
 
 MAX_SPEC_BYTES = 256 * 1024
@@ -164,6 +164,11 @@ def load_spec(raw: bytes, *, source: str = "spec", max_bytes: int = MAX_SPEC_BYT
 
 
 def spec_from_canonical(canonical: str | bytes) -> AgentSpec:
-    """Rebuild an AgentSpec from the canonical JSON the store holds (recomputing the hash)."""
-    document = json.loads(canonical)
-    return AgentSpec(document=document, canonical=canonical_json(document), hash=spec_hash(document))
+    """Rebuild an AgentSpec from the canonical JSON the store holds, hashing the stored bytes.
+
+    The store only ever holds RFC 8785 output, so hashing its bytes gives the spec hash; any
+    change to them, even one that keeps the meaning (whitespace, key order), changes the hash,
+    which errs towards refusing.
+    """
+    raw = canonical.encode() if isinstance(canonical, str) else bytes(canonical)
+    return AgentSpec(document=json.loads(raw), canonical=raw, hash=sha256_hex(raw))

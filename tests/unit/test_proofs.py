@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from securesystemslib.dsse import Envelope
 
 from agov import proofs
 from agov.errors import (
@@ -34,6 +35,7 @@ from agov.proofs import (
     PAYLOAD_TYPE,
     ProofClaims,
     ProofSigner,
+    SignatureCache,
     TrustedKey,
     VerifiedProof,
     check_binding,
@@ -196,14 +198,42 @@ def test_round_trip_keeps_microseconds_and_normalizes_to_utc(ed: Ed) -> None:
     assert verified.claims.expires_at is None
 
 
-def test_envelope_digest_ignores_whitespace_and_base64_alphabet(ed: Ed) -> None:
+def test_payload_digest_ignores_whitespace_and_base64_alphabet(ed: Ed) -> None:
     envelope = sign_proof(make_claims(), ed.signer)
     doc = decode(envelope)
     doc["payload"] = base64.urlsafe_b64encode(base64.b64decode(doc["payload"])).decode()
     reformatted = json.dumps(doc, indent=2).encode()
     a = verify_proof(envelope, ed.trusted(), T0)
     b = verify_proof(reformatted, ed.trusted(), T0)
-    assert (a.envelope_digest, a.payload_digest) == (b.envelope_digest, b.payload_digest)
+    assert a.payload_digest == b.payload_digest
+    assert a.envelope_digest != b.envelope_digest, "the envelope digest covers the exact bytes"
+
+
+def test_signature_cache_skips_only_the_crypto(ed: Ed, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = SignatureCache(max_entries=4)
+    envelope = sign_proof(make_claims(), ed.signer)
+    verify_proof(envelope, ed.trusted(), T0, cache=cache)
+    calls: list[int] = []
+    original = Envelope.verify
+
+    def counting(self: Envelope, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Envelope, "verify", counting)
+    verify_proof(envelope, ed.trusted(), T0, cache=cache)
+    assert calls == [], "a cached signature is not verified again"
+    # revocation is still judged on a cache hit
+    revoked = {k: replace(v, revoked_at=T0) for k, v in ed.trusted().items()}
+    with pytest.raises(RevokedSignerError):
+        verify_proof(envelope, revoked, T0, cache=cache)
+    # a flipped byte is a different envelope: verified afresh, and refused
+    tampered = bytearray(envelope)
+    index = envelope.index(b'"sig":"') + 8
+    tampered[index] = ord("A") if tampered[index] != ord("A") else ord("B")
+    with pytest.raises(SignatureError):
+        verify_proof(bytes(tampered), ed.trusted(), T0, cache=cache)
+    assert calls, "the tampered envelope went through the real check"
 
 
 def test_signing_is_deterministic_for_ed25519(ed: Ed) -> None:

@@ -1,0 +1,23 @@
+"""`agov demo` tells the whole story on a real OPA; each chapter's admission code is checked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agov.demo import run_demo
+
+
+def test_the_demo_story_shows_each_admission_code(opa_bin: Path) -> None:
+    lines: list[str] = []
+    seen = run_demo(echo=lines.append)
+    assert seen["admit:finance-reconciler"] == "ADMISSION_ALLOW"
+    assert seen["admit:scratch-pad"] == "ADMISSION_ALLOW", "a contained sandbox agent may start"
+    assert seen["tampered"] == "ADMISSION_DENY_SPEC_HASH_MISMATCH"
+    assert seen["revoked"] == "ADMISSION_DENY_SIGNER_REVOKED"
+    assert seen["after_resign"] == "ADMISSION_ALLOW"
+    assert seen["after_reload:research-analyst"] == "ADMISSION_DENY_INVALIDATED"
+    assert seen["after_reload:invoice-triage"] == "ADMISSION_DENY_INVALIDATED"
+    assert seen["after_reload:finance-reconciler"] == "ADMISSION_ALLOW"
+    assert seen["after_rollback:research-analyst"] == "ADMISSION_ALLOW"
+    assert seen["audit_ok"] is True
+    assert any("PROMOTION_DENY_ANATOMY_INCOMPLETE" in line for line in lines)
