@@ -17,6 +17,7 @@ from pathlib import Path
 
 from agov.errors import PolicyError
 from agov.hashing import policy_hash
+from agov.opa.binary import opa_version
 
 BUNDLE_ROOT = "agov"
 _DATA_FILES = frozenset({"data.json", "data.yaml", "data.yml"})
@@ -67,6 +68,8 @@ def _run(cmd: Sequence[str], what: str, *, timeout: float = 120.0) -> str:
         raise PolicyError(f"{what} timed out after {timeout:.0f}s") from exc
     if proc.returncode != 0:
         detail = (proc.stdout + proc.stderr).strip()
+        if not detail:
+            opa_version(Path(cmd[0]))  # says nothing? then check the binary works at all (raises if not)
         raise PolicyError(f"{what} failed:\n{detail}", hint="fix the policy; the active one stays in force")
     return proc.stdout
 

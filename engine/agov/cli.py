@@ -104,6 +104,8 @@ def common(func: F) -> F:
         ctx = Ctx(home=home, as_json=as_json, actor=actor or _default_actor())
         try:
             return func(ctx, **kwargs)
+        except click.exceptions.Abort:
+            fail(UsageError("aborted: no answer to a prompt (stdin closed?)"), as_json)
         except click.exceptions.Exit:
             raise
         except click.ClickException:
@@ -171,35 +173,44 @@ def agent() -> None:
 
 def _interactive_answers() -> dict[str, Any]:
     def listing(prompt: str, default: str = "") -> list[str]:
-        raw = click.prompt(prompt, default=default, show_default=bool(default))
+        raw = click.prompt(err=True, text=prompt, default=default, show_default=bool(default))
         return [part.strip() for part in str(raw).split(",") if part.strip()]
 
-    click.echo("Let's describe the agent. Press Enter to accept a default.")
-    answers: dict[str, Any] = {"name": click.prompt("Name")}
-    answers["id"] = click.prompt("Id", default=answers["name"].strip().lower().replace(" ", "-"))
-    answers["owner"] = click.prompt("Owner (email)", default="", show_default=False)
+    click.echo("Let's describe the agent. Press Enter to accept a default.", err=True)
+    answers: dict[str, Any] = {"name": click.prompt(err=True, text="Name")}
+    answers["id"] = click.prompt(
+        err=True, text="Id", default=answers["name"].strip().lower().replace(" ", "-")
+    )
+    answers["owner"] = click.prompt(err=True, text="Owner (email)", default="", show_default=False)
     answers["agent_type"] = click.prompt(
-        "Type",
+        err=True,
+        text="Type",
         type=click.Choice(["autonomous", "supervised", "advisory", "mcp_server", "custom"]),
         default="supervised",
     )
     answers["role_class"] = click.prompt(
-        "Role class", type=click.Choice(["compliance", "analysis", "ideation"]), default="analysis"
+        err=True,
+        text="Role class",
+        type=click.Choice(["compliance", "analysis", "ideation"]),
+        default="analysis",
     )
-    answers["model"] = click.prompt("Model", default="general-purpose-llm")
-    answers["temperature"] = click.prompt("Temperature", type=float, default=0.2)
+    answers["model"] = click.prompt(err=True, text="Model", default="general-purpose-llm")
+    answers["temperature"] = click.prompt(err=True, text="Temperature", type=float, default=0.2)
     answers["inputs"] = listing("Inputs it reads (comma separated)")
     answers["classification"] = click.prompt(
-        "Their data classification",
+        err=True,
+        text="Their data classification",
         type=click.Choice(["public", "internal", "confidential", "restricted"]),
         default="internal",
     )
     answers["actions"] = listing("Actions it takes (comma separated)")
     answers["capabilities"] = listing("Capabilities (comma separated)", ",".join(answers["actions"]))
     answers["memory"] = click.prompt(
-        "Memory", type=click.Choice(["none", "session", "persistent"]), default="none"
+        err=True, text="Memory", type=click.Choice(["none", "session", "persistent"]), default="none"
     )
-    answers["monthly_budget_usd"] = click.prompt("Monthly budget (USD)", type=float, default=100.0)
+    answers["monthly_budget_usd"] = click.prompt(
+        err=True, text="Monthly budget (USD)", type=float, default=100.0
+    )
     return answers
 
 
@@ -505,10 +516,11 @@ def policy_build(ctx: Ctx, reason: str) -> None:
     """Check, test, build and sign the workspace's policies; record the version."""
     with _engine(ctx) as engine:
         version = engine.build_policy(actor=ctx.actor, reason=reason)
+        bundle = engine.workspace.bundles / version.bundle_path
     emit(
         ctx,
-        version.as_dict(),
-        f"policy {version.hash}\n  bundle {version.bundle_path}{' (active)' if version.active else ''}",
+        {**version.as_dict(), "bundle_path": str(bundle.resolve())},
+        f"policy {version.hash}\n  bundle {bundle}" + (" (active)" if version.active else ""),
     )
 
 

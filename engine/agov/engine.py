@@ -32,7 +32,7 @@ from agov.proofs import SignatureCache, TrustedKey
 from agov.registry import AgentRecord, CreationMode
 from agov.revalidation import RevalidationReport
 from agov.store.sqlite import parse_iso, utcnow
-from agov.workspace import Workspace, create_layout
+from agov.workspace import Workspace, create_layout, remove_layout
 
 SYSTEM_ACTOR = "agov"
 
@@ -101,6 +101,7 @@ class Engine:
                 )
         except BaseException:
             engine.close()
+            remove_layout(home)  # init checked that none of these existed: they are all ours
             raise
         return engine
 
@@ -128,7 +129,7 @@ class Engine:
 
         bundle_key = keys.ensure_bundle_signing_key(self.workspace.keys)
         sidecar = ManagedSidecar(
-            bundle_bytes=policy.bundle_bytes(version),
+            bundle_bytes=policy.bundle_bytes(self.workspace.bundles, version),
             revision=version.hash,
             verification_public_key_pem=bundle_key.public_pem_path.read_bytes(),
             keyid=bundle_key.keyid,
@@ -490,7 +491,7 @@ class Engine:
         decision fails closed, because OPA's revision no longer matches the store's."""
         previous = policy.active_version(self.store)
         if self._evaluator is not None and hasattr(self._evaluator, "activate"):
-            self._evaluator.activate(policy.bundle_bytes(version), version.hash)
+            self._evaluator.activate(policy.bundle_bytes(self.workspace.bundles, version), version.hash)
         elif self._evaluator is not None:
             self._evaluator.close()
             self._evaluator = None
@@ -516,7 +517,7 @@ class Engine:
         return policy.history(self.store)
 
     def policy_diff(self, a: str, b: str) -> str:
-        return policy.diff(self.store, a, b)
+        return policy.diff(self.store, self.workspace.bundles, a, b)
 
     # -- keys and audit -------------------------------------------------------------------------
 

@@ -97,14 +97,27 @@ def build(opa: Path, policies: Path, bundles: Path, keys_dir: Path) -> BuiltBund
 def record(
     store: Store, built: BuiltBundle, *, actor: str, reason: str, now: datetime | None = None
 ) -> PolicyVersion:
-    """Record a built bundle as a known (not yet active) version; idempotent per hash."""
+    """Record a built bundle as a known (not yet active) version, with its audit event; a hash
+    already recorded is left as it is.
+
+    The bundle is recorded by file name: it lives in the workspace's ``bundles/``, so a
+    workspace keeps working when it is moved or opened from another directory.
+    """
     now = now or utcnow()
     with store.transaction() as tx:
-        tx.execute(
+        inserted = tx.execute(
             "INSERT INTO policy_versions (hash, bundle_path, actor, reason, created_at) VALUES (?, ?, ?, ?, ?)"
-            " ON CONFLICT(hash) DO UPDATE SET bundle_path = excluded.bundle_path",
-            (built.policy_hash, str(built.path), actor, reason, iso(now)),
-        )
+            " ON CONFLICT(hash) DO NOTHING",
+            (built.policy_hash, built.path.name, actor, reason, iso(now)),
+        ).rowcount
+        if inserted:
+            tx.audit(
+                Code.POLICY_BUILT,
+                actor=actor,
+                policy_hash=built.policy_hash,
+                now=now,
+                payload={"reason": reason, "bundle": built.path.name},
+            )
     row = store.query_one("SELECT * FROM policy_versions WHERE hash = ?", (built.policy_hash,))
     assert row is not None
     return _version(row)
@@ -137,10 +150,14 @@ def mark_active(
     return require_active(store)
 
 
-def bundle_bytes(version: PolicyVersion) -> bytes:
+def bundle_file(bundles: Path, version: PolicyVersion) -> Path:
+    return bundles / Path(version.bundle_path).name
+
+
+def bundle_bytes(bundles: Path, version: PolicyVersion) -> bytes:
     """Raises: PolicyError: the bundle file of a recorded version is gone."""
     try:
-        return Path(version.bundle_path).read_bytes()
+        return bundle_file(bundles, version).read_bytes()
     except OSError as exc:
         raise PolicyError(
             f"bundle of policy {version.hash[:12]} is unreadable: {exc}",
@@ -161,14 +178,14 @@ def bundle_sources(content: bytes) -> dict[str, str]:
     return sources
 
 
-def diff(store: Store, a: str, b: str) -> str:
+def diff(store: Store, bundles: Path, a: str, b: str) -> str:
     """A unified diff of the policy files of two recorded versions.
 
     Raises:
         NotFoundError: either version is unknown.
     """
     va, vb = find_version(store, a), find_version(store, b)
-    sa, sb = bundle_sources(bundle_bytes(va)), bundle_sources(bundle_bytes(vb))
+    sa, sb = bundle_sources(bundle_bytes(bundles, va)), bundle_sources(bundle_bytes(bundles, vb))
     out: list[str] = []
     for name in sorted(set(sa) | set(sb)):
         out.extend(

@@ -375,6 +375,7 @@ def update_agent(
     """
     current = get_agent(store, agent_id)
     spec = validate_spec(document)
+    _require_contained(spec)  # an updated agent is back in the sandbox
     if spec.id != agent_id:
         raise SpecError(
             f"metadata.id is {spec.id!r}, not {agent_id!r}",

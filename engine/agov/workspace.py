@@ -15,7 +15,17 @@ from agov.store import Store
 CONFIG_FILE = "agov.yaml"
 DB_FILE = "agov.db"
 OPA_CONFIG_FILE = "opa-config.yaml"
-ENTRIES = (CONFIG_FILE, "policies", "keys", "bundles", OPA_CONFIG_FILE, DB_FILE)
+ENTRIES = (
+    CONFIG_FILE,
+    "policies",
+    "keys",
+    "bundles",
+    OPA_CONFIG_FILE,
+    DB_FILE,
+    DB_FILE + "-wal",
+    DB_FILE + "-shm",
+    DB_FILE + ".audit-anchor",
+)
 
 
 def default_home() -> Path:
@@ -78,6 +88,10 @@ def create_layout(home: Path, config: Config) -> Workspace:
     Raises:
         WorkspaceError: any entry already exists (nothing is written then).
     """
+    if home.exists() and not home.is_dir():
+        raise WorkspaceError(
+            f"{home} exists and is not a directory", hint="choose a directory for the workspace"
+        )
     existing = collisions(home)
     if existing:
         listed = ", ".join(str(p) for p in existing)
@@ -96,3 +110,13 @@ def create_layout(home: Path, config: Config) -> Workspace:
     os.replace(tmp, home / CONFIG_FILE)
     Store(home / DB_FILE).close()
     return Workspace(home=home, config=config)
+
+
+def remove_layout(home: Path) -> None:
+    """Undo :func:`create_layout` after a failed init, so that a retry is not refused."""
+    for name in ENTRIES:
+        path = home / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

@@ -1,0 +1,162 @@
+"""`agent list` filters and paging, `agent show`, `agent update` (versions, back to SANDBOX)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from e2e_support import (
+    ADMISSION_KEYS,
+    agov,
+    assert_rejected_unchanged,
+    copy_ws,
+    create_from_spec,
+    expect_error,
+    make_spec,
+    ok,
+    parse_time,
+    patched,
+    snapshot,
+    sql,
+    write_doc,
+)
+
+pytestmark = pytest.mark.acceptance
+
+SPECS = {
+    "alpha": make_spec("alpha", agent_type="supervised"),
+    "beta": make_spec("beta", agent_type="advisory"),
+    "gamma": make_spec("gamma", agent_type="advisory"),
+    "delta": make_spec("delta", agent_type="supervised", temperature=0.3),
+}
+
+
+@pytest.fixture(scope="module")
+def ws(pristine: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("agents")
+    home = copy_ws(pristine, root / "ws")
+    for document in SPECS.values():
+        create_from_spec(home, document, root / "specs")
+    promoted = ok("promote", "delta", "--role", "agent_admin", home=home)
+    assert promoted["status"] == "GOVERNED_VALID"
+    return home
+
+
+def ids(rows: list[dict[str, object]]) -> list[object]:
+    return [r["id"] for r in rows]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], ["alpha", "beta", "delta", "gamma"]),
+        (["--status", "SANDBOX"], ["alpha", "beta", "gamma"]),
+        (["--status", "GOVERNED_VALID"], ["delta"]),
+        (["--type", "advisory"], ["beta", "gamma"]),
+        (["--limit", "2", "--offset", "1"], ["beta", "delta"]),
+        (["--status", "SANDBOX", "--type", "supervised"], ["alpha"]),
+        (["--status", "SANDBOX", "--type", "advisory", "--limit", "1", "--offset", "1"], ["gamma"]),
+    ],
+    ids=["all", "sandbox", "governed", "type", "paging", "status+type", "status+type+paging"],
+)
+def test_list_filters_and_pages(ws: Path, argv: list[str], expected: list[str]) -> None:
+    rows = ok("agent", "list", *argv, home=ws)
+    assert ids(rows) == expected
+    for row in rows:
+        assert row["status"] == ("GOVERNED_VALID" if row["id"] == "delta" else "SANDBOX")
+        assert row["type"] == SPECS[row["id"]]["spec"]["agent_type"]
+
+
+def test_show_gives_the_summary_and_the_stored_spec(ws: Path) -> None:
+    shown = ok("agent", "show", "delta", home=ws)
+    assert shown["spec"] == SPECS["delta"]
+    assert (shown["id"], shown["name"], shown["status"], shown["version"]) == (
+        "delta",
+        "Delta",
+        "GOVERNED_VALID",
+        1,
+    )
+    assert (shown["type"], shown["role_class"], shown["workspace"]) == ("supervised", "analysis", "default")
+    # governed: no sandbox expiry any more
+    assert shown["sandbox_expires_at"] is None
+    assert shown["creation_mode"] == "import"
+
+
+def test_update_stores_version_2_with_notes(ws: Path, tmp_path: Path) -> None:
+    home = copy_ws(ws, tmp_path / "ws")
+    v2 = patched(SPECS["alpha"], "spec.economics.monthly_budget_usd", 250)
+    path = write_doc(tmp_path / "alpha-v2.yaml", v2)
+
+    out = ok("agent", "update", "alpha", "--from-file", path, "--notes", "raise the budget", home=home)
+
+    assert (out["id"], out["version"], out["status"]) == ("alpha", 2, "SANDBOX")
+    assert (out["creation_mode"], out["source"]) == ("update", "alpha@1")
+    history = ok("agent", "history", "alpha", home=home)
+    assert [(v["version"], v["creation_mode"], v["notes"]) for v in history["versions"]] == [
+        (1, "import", ""),
+        (2, "update", "raise the budget"),
+    ]
+    assert history["versions"][1]["spec_hash"] == out["spec_hash"] != history["versions"][0]["spec_hash"]
+    assert [e["type"] for e in history["events"]] == ["AGENT_CREATED", "AGENT_UPDATED"]
+    assert history["events"][1]["payload"]["notes"] == "raise the budget"
+    assert ok("agent", "show", "alpha", home=home)["spec"] == v2
+
+
+def test_updating_a_governed_agent_sends_it_back_to_the_sandbox(ws: Path, tmp_path: Path) -> None:
+    home = copy_ws(ws, tmp_path / "ws")
+    first = ok("admit", "delta", home=home)
+    assert first["code"] == "ADMISSION_ALLOW"
+    v1_proof = ok("agent", "history", "delta", home=home)["proofs"]
+    assert [(p["version"], p["superseded_at"]) for p in v1_proof] == [(1, None)]
+
+    v2 = patched(SPECS["delta"], "spec.anatomy.reasoning.temperature", 0.5)
+    path = write_doc(tmp_path / "delta-v2.yaml", v2)
+    out = ok("agent", "update", "delta", "--from-file", path, "--notes", "warmer", home=home)
+
+    assert (out["status"], out["version"]) == ("SANDBOX", 2)
+    # a fresh sandbox period starts with the new version
+    expires = parse_time(out["sandbox_expires_at"]) - datetime.now(UTC)
+    assert timedelta(days=29) < expires <= timedelta(days=30)
+    history = ok("agent", "history", "delta", home=home)
+    (old,) = history["proofs"]
+    assert old["version"] == 1
+    assert old["superseded_at"] is not None
+    assert history["events"][-1]["type"] == "AGENT_UPDATED"
+    assert history["events"][-1]["payload"]["back_to_sandbox"] is True
+
+    # judged as SANDBOX now: the sandbox chain applies (its expiry is what decides) ...
+    sql(home, "UPDATE agents SET sandbox_expires_at = '2000-01-01T00:00:00.000000+00:00' WHERE id = 'delta'")
+    expired = agov("admit", "delta", home=home)
+    assert (expired.code, expired.json["code"]) == (1, "ADMISSION_DENY_SANDBOX_EXPIRED")
+    sql(home, "UPDATE agents SET sandbox_expires_at = ? WHERE id = 'delta'", [out["sandbox_expires_at"]])
+
+    # ... and forging the status back to governed finds no proof for version 2
+    forged = copy_ws(home, tmp_path / "forged")
+    sql(forged, "UPDATE agents SET status = 'GOVERNED_VALID' WHERE id = 'delta'")
+    missing = agov("admit", "delta", home=forged)
+    assert (missing.code, missing.json["code"]) == (1, "ADMISSION_DENY_PROOF_MISSING")
+    # reviving the old proof does not help either: it signs version 1's spec
+    sql(forged, "UPDATE agent_proofs SET superseded_at = NULL WHERE agent_id = 'delta'")
+    stale = agov("admit", "delta", home=forged)
+    assert (stale.code, stale.json["code"]) == (1, "ADMISSION_DENY_SPEC_HASH_MISMATCH")
+
+    # promoted again: a proof for version 2
+    promoted = ok("promote", "delta", "--role", "agent_admin", home=home)
+    assert promoted["status"] == "GOVERNED_VALID"
+    proofs = ok("agent", "history", "delta", home=home)["proofs"]
+    assert [(p["version"], p["superseded_at"] is None) for p in proofs] == [(1, False), (2, True)]
+    again = ok("admit", "delta", home=home)
+    assert set(again) == ADMISSION_KEYS
+    assert again["code"] == "ADMISSION_ALLOW"
+
+
+def test_update_to_an_uncontained_spec_is_refused(ws: Path, tmp_path: Path) -> None:
+    home = copy_ws(ws, tmp_path / "ws")
+    path = write_doc(tmp_path / "leaky.yaml", patched(SPECS["beta"], "spec.containment.external_calls", True))
+    before = snapshot(home)
+
+    error = expect_error(agov("agent", "update", "beta", "--from-file", path, home=home), 2)
+
+    assert error["message"].startswith("spec/containment")
+    assert_rejected_unchanged(before, snapshot(home))

@@ -1,0 +1,288 @@
+"""Bad input: exit 2, a message naming the problem, and nothing changed but one audit event.
+
+After every rejection, every table but ``audit_events`` is compared row by row, and the audit
+log may only have grown by a single ``REQUEST_REJECTED`` event.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from e2e_support import (
+    Result,
+    Snapshot,
+    agov,
+    assert_rejected_unchanged,
+    copy_ws,
+    expect_error,
+    make_spec,
+    new_audit,
+    ok,
+    parallel,
+    patched,
+    snapshot,
+    write_doc,
+)
+
+pytestmark = pytest.mark.acceptance
+
+BASE = make_spec("base-agent")
+
+
+@dataclass(frozen=True)
+class Files:
+    dir: Path
+
+    def __call__(self, name: str) -> str:
+        return str(self.dir / name)
+
+
+@pytest.fixture(scope="module")
+def ws(pristine: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Files]:
+    root = tmp_path_factory.mktemp("bad-input")
+    home = copy_ws(pristine, root / "ws")
+    files = root / "files"
+    write_doc(files / "base.yaml", BASE)
+    ok("agent", "create", "--from-file", files / "base.yaml", home=home)
+
+    write_doc(files / "good.yaml", make_spec("good-agent"))
+    write_doc(files / "hot.yaml", patched(make_spec("hot-agent"), "spec.anatomy.reasoning.temperature", 5))
+    write_doc(files / "role.yaml", patched(make_spec("role-agent"), "spec.role_class", "wizard"))
+    (files / "broken.yaml").write_text("apiVersion: [agov/v1\nkind: : Agent\n")
+    (files / "dir.yaml").mkdir()
+    (files / "big.yaml").write_text("# padding\n" * 30_000 + "apiVersion: agov/v1\n")
+    write_doc(files / "leaky.yaml", make_spec("leaky-agent", external_calls=True))
+    write_doc(
+        files / "leaky-event.json",
+        {
+            "event": "agent.registered",
+            "source": "reg",
+            "delivery_id": "1",
+            "agent": make_spec("ev-leaky", external_calls=True),
+        },
+        "json",
+    )
+    write_doc(files / "other-id.yaml", make_spec("other-agent"))
+    write_doc(files / "base-hot.yaml", patched(BASE, "spec.anatomy.reasoning.temperature", 5))
+    write_doc(
+        files / "workflow.yaml",
+        {"name": "Half Flow", "steps": [{"name": "a", "uses": "x.read"}, {"name": "b", "resource": "db"}]},
+    )
+    return home, Files(files)
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    argv: Callable[[Files], list[str]]
+    message: str  # a regex the error message must match
+    error: str  # the error type named in the JSON answer
+
+
+CASES = [
+    Case(
+        "schema-violation",
+        lambda f: ["agent", "create", "--from-file", f("hot.yaml")],
+        r"^spec/anatomy/reasoning/temperature: 5 is greater than the maximum of 2$",
+        "SpecError",
+    ),
+    Case(
+        "schema-enum",
+        lambda f: ["agent", "create", "--from-file", f("role.yaml")],
+        r"^spec/role_class: 'wizard' is not one of \['compliance', 'analysis', 'ideation'\]$",
+        "SpecError",
+    ),
+    Case(
+        "unparseable-yaml",
+        lambda f: ["agent", "create", "--from-file", f("broken.yaml")],
+        r"broken\.yaml is not valid YAML or JSON",
+        "SpecError",
+    ),
+    Case(
+        "missing-file",
+        lambda f: ["agent", "create", "--from-file", f("missing.yaml")],
+        r"^file not found: .*/missing\.yaml$",
+        "UsageError",
+    ),
+    Case(
+        "directory",
+        lambda f: ["agent", "create", "--from-file", f("dir.yaml")],
+        r"dir\.yaml is a directory, not a file$",
+        "UsageError",
+    ),
+    Case(
+        "oversized",
+        lambda f: ["agent", "create", "--from-file", f("big.yaml")],
+        r"big\.yaml is 300020 bytes, over the 262144-byte limit$",
+        "SpecError",
+    ),
+    Case(
+        "unknown-show", lambda f: ["agent", "show", "ghost"], r"^no agent with id 'ghost'$", "NotFoundError"
+    ),
+    Case(
+        "unknown-update",
+        lambda f: ["agent", "update", "ghost", "--from-file", f("good.yaml")],
+        r"^no agent with id 'ghost'$",
+        "NotFoundError",
+    ),
+    Case(
+        "unknown-promote",
+        lambda f: ["promote", "ghost", "--role", "agent_admin"],
+        r"^no agent with id 'ghost'$",
+        "NotFoundError",
+    ),
+    Case("unknown-admit", lambda f: ["admit", "ghost"], r"^no agent with id 'ghost'$", "NotFoundError"),
+    Case(
+        "unknown-history",
+        lambda f: ["agent", "history", "ghost"],
+        r"^no agent with id 'ghost'$",
+        "NotFoundError",
+    ),
+    Case(
+        "unknown-clone",
+        lambda f: ["agent", "create", "--clone", "ghost", "--id", "ghost-copy"],
+        r"^no agent with id 'ghost'$",
+        "NotFoundError",
+    ),
+    Case(
+        "duplicate-id",
+        lambda f: ["agent", "create", "--template", "research-analyst", "--id", "base-agent"],
+        r"^an agent with id 'base-agent' already exists$",
+        "UsageError",
+    ),
+    Case(
+        "two-modes",
+        lambda f: ["agent", "create", "--from-file", f("good.yaml"), "--template", "research-analyst"],
+        r"^choose one creation mode, not --from-file and --template$",
+        "UsageError",
+    ),
+    Case("no-mode", lambda f: ["agent", "create"], r"^say how to create the agent$", "UsageError"),
+    Case(
+        "not-contained",
+        lambda f: ["agent", "create", "--from-file", f("leaky.yaml")],
+        r"^spec/containment: a new agent starts in the sandbox and must be contained$",
+        "SpecError",
+    ),
+    Case(
+        "not-contained-event",
+        lambda f: ["agent", "create", "--from-event", f("leaky-event.json")],
+        r"^spec/containment: ",
+        "SpecError",
+    ),
+    Case(
+        "workflow-step-without-uses",
+        lambda f: ["agent", "create", "--from-workflow", f("workflow.yaml")],
+        r"^steps/1/uses: each step needs a 'uses' naming its action type$",
+        "SpecError",
+    ),
+    Case(
+        "update-other-id",
+        lambda f: ["agent", "update", "base-agent", "--from-file", f("other-id.yaml")],
+        r"^metadata/id: metadata\.id is 'other-agent', not 'base-agent'$",
+        "SpecError",
+    ),
+    Case(
+        "update-schema-violation",
+        lambda f: ["agent", "update", "base-agent", "--from-file", f("base-hot.yaml")],
+        r"^spec/anatomy/reasoning/temperature: ",
+        "SpecError",
+    ),
+    Case(
+        "unknown-status",
+        lambda f: ["agent", "list", "--status", "BOGUS"],
+        r"^unknown status 'BOGUS'$",
+        "UsageError",
+    ),
+]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    before: Snapshot
+    result: Result
+    after: Snapshot
+
+
+@pytest.fixture(scope="module")
+def outcomes(ws: tuple[Path, Files], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
+    """Every case on its own copy of the module's workspace, a few at a time."""
+    home, files = ws
+    root = tmp_path_factory.mktemp("bad-input-cases")
+
+    def run(case: Case) -> Outcome:
+        copy = copy_ws(home, root / case.id)
+        before = snapshot(copy)
+        result = agov(*case.argv(files), home=copy)
+        return Outcome(before, result, snapshot(copy))
+
+    return dict(zip([c.id for c in CASES], parallel(run, CASES), strict=True))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_exits_2_and_changes_nothing(outcomes: dict[str, Outcome], case: Case) -> None:
+    outcome = outcomes[case.id]
+
+    error = expect_error(outcome.result, 2)
+
+    assert re.search(case.message, error["message"]), error
+    assert error["type"] == case.error
+    assert_rejected_unchanged(outcome.before, outcome.after)
+
+
+def test_rejection_is_audited_with_what_was_refused(ws: tuple[Path, Files]) -> None:
+    home, files = ws
+    before = snapshot(home)
+
+    expect_error(agov("agent", "update", "base-agent", "--from-file", files("other-id.yaml"), home=home))
+
+    (added,) = new_audit(before, snapshot(home))
+    _seq, _time, kind, agent_id, actor, _policy, payload, _prev, _hash = added
+    assert (kind, agent_id, actor) == ("REQUEST_REJECTED", "base-agent", "acceptance")
+    assert '"operation":"update"' in payload
+    assert '"error":"SpecError"' in payload
+
+
+def test_text_mode_error_goes_to_stderr_with_a_hint(ws: tuple[Path, Files]) -> None:
+    home, _files = ws
+    result = agov("agent", "show", "ghost", home=home, as_json=False)
+    assert result.code == 2
+    assert result.out == ""
+    assert result.err.splitlines() == [
+        "error: no agent with id 'ghost'",
+        "  hint: `agov agent list` shows the agents",
+    ]
+
+
+def test_click_usage_errors_exit_2(ws: tuple[Path, Files]) -> None:
+    home, _files = ws
+    before = snapshot(home)
+    for argv in (["agent", "list", "--limit", "0"], ["promote", "base-agent"]):
+        result = agov(*argv, home=home)
+        assert result.code == 2, str(result)
+    assert_rejected_unchanged(before, snapshot(home))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["agent", "list"], ["admit", "x"]],
+    ids=["list", "admit"],
+)
+def test_no_workspace_exits_2_with_an_init_hint(tmp_path: Path, argv: list[str]) -> None:
+    home = tmp_path / "nowhere"
+    error = expect_error(agov(*argv, home=home), 2)
+    assert error["type"] == "WorkspaceError"
+    assert error["message"] == f"no agov workspace at {home}"
+    assert f"agov init {home}" in error["hint"]
+    assert not home.exists()
+
+
+def test_no_workspace_via_agov_home(tmp_path: Path) -> None:
+    home = tmp_path / "env-home"
+    result = agov("agent", "list", env={"AGOV_HOME": str(home)})
+    error = expect_error(result, 2)
+    assert "agov init" in error["hint"]
+    assert str(home) in error["message"]

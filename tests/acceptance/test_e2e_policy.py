@@ -1,0 +1,98 @@
+"""`agov policy build` and `agov policy history`; workspaces that move."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from e2e_support import HEX64, agov, ok, query
+
+pytestmark = pytest.mark.acceptance
+
+VERSION_KEYS = {"seq", "hash", "bundle_path", "actor", "reason", "created_at", "active"}
+
+
+def active(history: list[dict[str, object]]) -> list[object]:
+    return [v["hash"] for v in history if v["active"]]
+
+
+def test_build_of_unchanged_policies_gives_the_active_hash(fresh_ws: Path) -> None:
+    built = ok("policy", "build", home=fresh_ws)
+
+    assert set(built) == VERSION_KEYS
+    assert re.fullmatch(HEX64, built["hash"])
+    assert built["active"] is True
+    assert Path(built["bundle_path"]).is_file()
+    history = ok("policy", "history", home=fresh_ws)
+    assert [v["hash"] for v in history] == [built["hash"]]
+    assert active(history) == [built["hash"]]
+    assert query(fresh_ws, "SELECT hash FROM policy_versions WHERE active = 1") == [(built["hash"],)]
+
+
+def test_build_of_changed_policies_records_a_new_inactive_version(fresh_ws: Path) -> None:
+    (initial,) = active(ok("policy", "history", home=fresh_ws))
+    limits = fresh_ws / "policies" / "agov" / "config" / "data.json"
+    data = json.loads(limits.read_text())
+    data["temperature_limits"]["analysis"] = 0.4
+    limits.write_text(json.dumps(data, indent=2) + "\n")
+
+    built = ok("policy", "build", "--reason", "tighten analysis", home=fresh_ws)
+
+    assert re.fullmatch(HEX64, built["hash"])
+    assert built["hash"] != initial
+    assert (built["active"], built["reason"], built["actor"]) == (False, "tighten analysis", "acceptance")
+    assert (fresh_ws / "bundles" / f"{built['hash']}.tar.gz").is_file()
+    history = ok("policy", "history", home=fresh_ws)
+    assert {v["hash"] for v in history} == {initial, built["hash"]}
+    assert all(set(v) == VERSION_KEYS for v in history)
+    # exactly one active version, still the old one: build does not activate
+    assert active(history) == [initial]
+    # the same content always gives the same hash
+    assert ok("policy", "build", home=fresh_ws)["hash"] == built["hash"]
+    assert len(ok("policy", "history", home=fresh_ws)) == 2
+
+
+def test_build_refuses_a_policy_that_does_not_compile(fresh_ws: Path) -> None:
+    rego = fresh_ws / "policies" / "agov" / "promotion" / "promotion.rego"
+    rego.write_text(rego.read_text() + "\nallow if {\n")
+    before = query(fresh_ws, "SELECT * FROM policy_versions")
+
+    result = agov("policy", "build", home=fresh_ws)
+
+    assert result.code == 2, str(result)
+    assert result.json["error"]["type"] == "PolicyError"
+    assert query(fresh_ws, "SELECT * FROM policy_versions") == before
+
+
+def test_build_of_a_new_version_is_audited(fresh_ws: Path) -> None:
+    limits = fresh_ws / "policies" / "agov" / "config" / "data.json"
+    limits.write_text(limits.read_text().replace('"analysis": 0.7', '"analysis": 0.5'))
+    built = ok("policy", "build", home=fresh_ws)
+    assert built["hash"] in {row[0] for row in query(fresh_ws, "SELECT policy_hash FROM audit_events")}
+
+
+def test_a_workspace_made_with_a_relative_path_works_from_anywhere(tmp_path: Path, opa_bin: Path) -> None:
+    ok("init", "rel-ws", cwd=tmp_path)
+    home = tmp_path / "rel-ws"
+    ok("agent", "create", "--template", "research-analyst", home=Path("rel-ws"), cwd=tmp_path)
+
+    # a sandbox agent: admitted when OPA can load the policy bundle
+    result = agov("admit", "research-analyst", home=home, cwd=Path("/"))
+
+    assert result.code == 0, str(result)
+
+
+def test_a_moved_workspace_keeps_working(tmp_path: Path, opa_bin: Path) -> None:
+    original = tmp_path / "before"
+    ok("init", original)
+    ok("agent", "create", "--template", "research-analyst", home=original)
+    moved = tmp_path / "after"
+    shutil.move(original, moved)
+
+    result = agov("admit", "research-analyst", home=moved)
+
+    assert result.code == 0, str(result)
+    assert result.json["code"] == "ADMISSION_ALLOW"

@@ -1,0 +1,162 @@
+"""No orphan `opa`: whatever way `agov` ends, the OPA it started ends too.
+
+Each `agov` call runs with ``AGOV_OPA_BIN`` set to a spy that records the pid of every opa it
+starts (then execs the real one), and with ``TMPDIR`` inside the test's directory, so the
+managed OPA's command line (its ``--config-file``) names the test's directory as well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import selectors
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from e2e_support import AGOV, OpaSpy, agov, alive, base_env, copy_ws, ok, opa_processes, parent, wait_gone
+
+pytestmark = pytest.mark.acceptance
+
+METRICS = [
+    "agent_starts_allowed_total",
+    "agent_starts_denied_total",
+    "agent_invalidation_events_total",
+    "policy_reload_success_total",
+    "policy_reload_failure_total",
+    "promotion_attempts_total",
+    "promotion_denies_total",
+]
+
+
+@pytest.fixture(scope="module")
+def ws(pristine: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = copy_ws(pristine, tmp_path_factory.mktemp("processes") / "ws")
+    ok("agent", "create", "--template", "research-analyst", "--id", "runner", home=home)
+    ok("agent", "create", "--template", "ideation-partner", "--id", "waiting", home=home)
+    assert ok("promote", "runner", "--role", "agent_admin", home=home)["status"] == "GOVERNED_VALID"
+    return home
+
+
+def spy_env(spy: OpaSpy, tmp_path: Path) -> dict[str, str | None]:
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir(exist_ok=True)
+    return {**spy.env(), "TMPDIR": str(tmpdir)}
+
+
+def assert_no_opa_left(spy: OpaSpy, tmp_path: Path, *, started: bool) -> None:
+    pids = spy.pids()
+    assert bool(pids) == started, pids
+    assert wait_gone(pids) == [], f"opa still running: {pids}"
+    assert opa_processes(str(tmp_path)) == []
+
+
+def test_normal_admit(ws: Path, tmp_path: Path, opa_spy: OpaSpy) -> None:
+    result = agov("admit", "runner", home=ws, env=spy_env(opa_spy, tmp_path))
+    assert (result.code, result.json["code"]) == (0, "ADMISSION_ALLOW")
+    assert_no_opa_left(opa_spy, tmp_path, started=True)
+    # and the sidecar's private temp dir (config with a bearer token) is gone too
+    assert list((tmp_path / "tmpdir").iterdir()) == []
+
+
+def test_denied_promote(ws: Path, tmp_path: Path, opa_spy: OpaSpy) -> None:
+    result = agov("promote", "waiting", "--role", "viewer", home=ws, env=spy_env(opa_spy, tmp_path))
+    assert result.code == 1, str(result)
+    assert [r["code"] for r in result.json["deny"]] == ["PROMOTION_DENY_ROLE_NOT_ALLOWED"]
+    assert_no_opa_left(opa_spy, tmp_path, started=True)
+    assert list((tmp_path / "tmpdir").iterdir()) == []
+
+
+def test_bad_workspace_config(ws: Path, tmp_path: Path, opa_spy: OpaSpy) -> None:
+    home = copy_ws(ws, tmp_path / "ws")
+    (home / "agov.yaml").write_text(
+        (home / "agov.yaml").read_text().replace("runtime: managed", "runtime: warp")
+    )
+    result = agov("admit", "runner", home=home, env=spy_env(opa_spy, tmp_path))
+    assert result.code == 2, str(result)
+    assert "runtime must be 'managed' or 'external'" in result.json["error"]["message"]
+    assert_no_opa_left(opa_spy, tmp_path, started=False)
+
+
+def test_error_after_opa_started(ws: Path, tmp_path: Path, opa_spy: OpaSpy) -> None:
+    home = copy_ws(ws, tmp_path / "ws")
+    (key,) = [k["keyid"] for k in ok("keys", "list", home=home) if k["active"]]
+    ok("keys", "revoke", key, "--reason", "no signer left", home=home)
+    # revalidation starts OPA, then finds no key to sign with
+    result = agov("revalidate", home=home, env=spy_env(opa_spy, tmp_path))
+    assert result.code == 2, str(result)
+    assert result.json["error"]["type"] == "KeyMaterialError"
+    assert_no_opa_left(opa_spy, tmp_path, started=True)
+
+
+def start_serve(home: Path, env: dict[str, str | None]) -> tuple[subprocess.Popen[bytes], str]:
+    """Start `agov serve --metrics-port 0` and return it with its metrics URL (from stderr)."""
+    proc = subprocess.Popen(
+        [*AGOV, "serve", "--metrics-port", "0", "--home", str(home)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=base_env(**env),
+    )
+    assert proc.stderr is not None
+    os.set_blocking(proc.stderr.fileno(), False)
+    selector = selectors.DefaultSelector()
+    selector.register(proc.stderr, selectors.EVENT_READ)
+    seen = b""
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            selector.select(timeout=0.2)
+            chunk = proc.stderr.read() or b""
+            seen += chunk
+            found = re.search(rb"metrics on (http://\S+/metrics)", seen)
+            if found:
+                return proc, found.group(1).decode()
+            if proc.poll() is not None:
+                break
+    finally:
+        selector.close()
+    proc.kill()
+    proc.wait()
+    raise AssertionError(f"agov serve printed no metrics URL: {seen!r}")
+
+
+def fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.status == 200
+        return str(response.read().decode())
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_serve_serves_metrics_and_leaves_no_opa(ws: Path, tmp_path: Path, opa_spy: OpaSpy, how: str) -> None:
+    proc, url = start_serve(ws, spy_env(opa_spy, tmp_path))
+    try:
+        body = fetch(url)
+        for name in METRICS:
+            assert re.search(rf"^# TYPE {name} counter$", body, re.MULTILINE), name
+        assert re.search(r"^agent_starts_allowed_total 0\.0$", body, re.MULTILINE)
+        assert re.search(r"^# TYPE \w*decision_latency\w* histogram$", body, re.MULTILINE)
+
+        # the managed OPA runs as agov's child, and our /proc scan sees it
+        (opa,) = opa_spy.pids()
+        assert alive(opa)
+        assert parent(opa) == proc.pid
+        assert opa_processes(str(tmp_path)) == [opa]
+
+        proc.send_signal(signal.SIGKILL if how == "SIGKILL" else signal.SIGTERM)
+        code = proc.wait(timeout=15)
+        assert code == (-signal.SIGKILL if how == "SIGKILL" else 0)
+        assert wait_gone([opa]) == [], "opa outlived agov serve"
+        assert opa_processes(str(tmp_path)) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in opa_spy.pids():
+            if alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
