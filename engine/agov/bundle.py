@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,51 +61,82 @@ def compute_policy_hash(policies_root: Path) -> str:
     return policy_hash(bundle_files(policies_root))
 
 
-def _run(cmd: Sequence[str], what: str, *, timeout: float = 120.0) -> str:
+def _start(cmd: Sequence[str]) -> subprocess.Popen[str]:
     try:
-        proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=False)
-    except FileNotFoundError as exc:
-        raise PolicyError(f"cannot run {cmd[0]}", hint="run `make tools` or set AGOV_OPA_BIN") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise PolicyError(f"{what} timed out after {timeout:.0f}s") from exc
-    if proc.returncode != 0:
-        detail = (proc.stdout + proc.stderr).strip()
-        if not detail:
-            opa_version(Path(cmd[0]))  # says nothing? then check the binary works at all (raises if not)
-        raise PolicyError(f"{what} failed:\n{detail}", hint="fix the policy; the active one stays in force")
-    return proc.stdout
+        return subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    except OSError as exc:
+        raise PolicyError(
+            f"cannot run {cmd[0]}: {exc.strerror}", hint="run `make tools` or set AGOV_OPA_BIN"
+        ) from exc
 
 
-def check_policies(opa: Path, policies_root: Path) -> None:
-    """Refuse a policy tree that does not compile strictly or whose tests fail.
+def _finish(opa: Path, proc: subprocess.Popen[str], what: str, deadline: float) -> None:
+    """Wait for one step; its failure is a refused policy, unless opa itself does not work.
 
     Raises:
-        PolicyError: ``opa check --strict`` or ``opa test`` failed; the message has OPA's output.
+        PolicyError: the step failed or timed out.
+        EngineUnavailableError: the opa binary does not run at all.
     """
-    schemas = policies_root / "schemas"
-    schema_args = ["-s", str(schemas)] if schemas.is_dir() else []
-    _run([str(opa), "check", "--strict", *schema_args, str(policies_root)], "opa check --strict")
-    # --ignore schemas: the schema files are JSON and would otherwise load as data.
-    _run([str(opa), "test", "--ignore", "schemas", *schema_args, str(policies_root)], "opa test")
+    try:
+        out, err = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired as exc:
+        proc.kill()
+        proc.communicate()
+        raise PolicyError(f"{what} timed out") from exc
+    if proc.returncode != 0:
+        detail = (out + err).strip()
+        if not detail:
+            opa_version(opa)  # silent failure: check the binary runs at all
+        raise PolicyError(f"{what} failed:\n{detail}", hint="fix the policy; the active one stays in force")
 
 
-def build_bundle(
+def _tree(root: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+        and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(root).parts)
+    }
+
+
+def _stable_copy(source: Path, target: Path, attempts: int = 5) -> None:
+    """Copy a tree an editor may be writing to; retry until a copy matches the source.
+
+    Raises:
+        PolicyError: the tree kept changing while it was copied.
+    """
+    for attempt in range(attempts):
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", ".*"))
+        if _tree(target) == _tree(source):
+            return
+        time.sleep(0.05 * (attempt + 1))
+    raise PolicyError(f"{source} kept changing while it was read", hint="save the files, then reload")
+
+
+def check_and_build(
     opa: Path,
     policies_root: Path,
     out_dir: Path,
     *,
     signing_key: Path,
+    timeout_s: float = 120.0,
 ) -> BuiltBundle:
-    """Stage the bundle files, run ``opa build`` with revision = policy hash, and sign it.
+    """Check, test, build and sign one snapshot of the policy tree.
+
+    ``opa check --strict``, ``opa test`` and ``opa build`` (revision = policy hash, ES256
+    signature) run side by side on the same copy of the tree, so all three judge the same bytes
+    even while an editor is still writing; the bundle lands in ``out_dir`` only when all pass.
 
     Raises:
-        PolicyError: the tree is empty, or ``opa build`` failed.
+        PolicyError: the tree is empty, does not compile, a test fails, or the build failed.
+        EngineUnavailableError: the opa binary does not run.
     """
-    files = bundle_files(policies_root)
-    digest = policy_hash(files)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f"{digest}.tar.gz"
     with tempfile.TemporaryDirectory(prefix="agov-bundle-") as tmp:
+        snapshot = Path(tmp) / "policies"
+        _stable_copy(policies_root, snapshot)
+        files = bundle_files(snapshot)
+        digest = policy_hash(files)
         stage = Path(tmp) / "stage"
         for rel, content in files:
             dest = stage / rel
@@ -111,25 +144,46 @@ def build_bundle(
             dest.write_bytes(content)
         (stage / ".manifest").write_text(json.dumps({"roots": [BUNDLE_ROOT], "rego_version": 1}))
         partial = Path(tmp) / "bundle.tar.gz"
-        _run(
-            [
-                str(opa),
-                "build",
-                "-b",
-                str(stage),
-                "-r",
-                digest,
-                "-o",
-                str(partial),
-                "--signing-key",
-                str(signing_key),
-                "--signing-alg",
-                "ES256",
-            ],
-            "opa build",
-        )
+        schemas = snapshot / "schemas"
+        schema_args = ["-s", str(schemas)] if schemas.is_dir() else []
+        steps = [
+            ("opa check --strict", [str(opa), "check", "--strict", *schema_args, str(snapshot)]),
+            # --ignore schemas: the schema files are JSON and would otherwise load as data.
+            ("opa test", [str(opa), "test", "--ignore", "schemas", *schema_args, str(snapshot)]),
+            (
+                "opa build",
+                [
+                    str(opa),
+                    "build",
+                    "-b",
+                    str(stage),
+                    "-r",
+                    digest,
+                    "-o",
+                    str(partial),
+                    "--signing-key",
+                    str(signing_key),
+                    "--signing-alg",
+                    "ES256",
+                ],
+            ),
+        ]
+        running: list[tuple[str, subprocess.Popen[str]]] = []
+        try:
+            for what, cmd in steps:
+                running.append((what, _start(cmd)))
+            deadline = time.monotonic() + timeout_s
+            for what, proc in running:  # report the first failing step in this order
+                _finish(opa, proc, what, deadline)
+        finally:
+            for _what, proc in running:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
         content = partial.read_bytes()
-        tmp_target = out_dir / f".{digest}.tar.gz.tmp"
-        tmp_target.write_bytes(content)
-        os.replace(tmp_target, target)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"{digest}.tar.gz"
+    tmp_target = out_dir / f".{digest}.tar.gz.tmp"
+    tmp_target.write_bytes(content)
+    os.replace(tmp_target, target)
     return BuiltBundle(policy_hash=digest, path=target, content=content)

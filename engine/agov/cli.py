@@ -729,6 +729,11 @@ def serve(ctx: Ctx, watch: bool, metrics_port: int, metrics_addr: str) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with _engine(ctx) as engine:
         engine.evaluator()
+        resumed = engine.resume_revalidation()
+        if resumed is not None:
+            click.echo(
+                "finished an interrupted revalidation: " + _revalidation_text(resumed.as_dict()), err=True
+            )
         server, _thread = start_http_server(metrics_port, addr=metrics_addr, registry=engine.metrics.registry)
         click.echo(
             f"serving: policy {engine.active_policy().hash[:12]}, metrics on "

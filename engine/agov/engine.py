@@ -411,7 +411,13 @@ class Engine:
             self._refuse_reload(exc, actor=actor, reason=reason, active=active)
             raise
         if active is not None and built.policy_hash == active.hash:
-            return {"changed": False, "policy_hash": active.hash, "revalidation": None}
+            # A reload killed midway leaves its revalidation unfinished: finish it now.
+            resumed = self.resume_revalidation(progress=progress)
+            return {
+                "changed": False,
+                "policy_hash": active.hash,
+                "revalidation": resumed.as_dict() if resumed else None,
+            }
         version = policy.record(self.store, built, actor=actor, reason=reason)
         try:
             report = self._switch(
@@ -427,6 +433,15 @@ class Engine:
             "previous_hash": active.hash if active else None,
             "revalidation": report.as_dict(),
         }
+
+    def resume_revalidation(
+        self, *, progress: Callable[[int], None] | None = None
+    ) -> RevalidationReport | None:
+        """Finish a revalidation run of the active policy that was interrupted, if there is one."""
+        active = policy.active_version(self.store)
+        if active is None or not revalidation.unfinished_run(self.store, active.hash):
+            return None
+        return self.revalidate(progress=progress)
 
     def _refuse_reload(
         self, exc: PolicyError, *, actor: str, reason: str, active: PolicyVersion | None

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agov import keys
-from agov.bundle import BuiltBundle, build_bundle, check_policies, compute_policy_hash
+from agov.bundle import BuiltBundle, check_and_build, compute_policy_hash
 from agov.decisions import Code
 from agov.errors import NotFoundError, PolicyError
 from agov.store import Store
@@ -89,9 +89,8 @@ def build(opa: Path, policies: Path, bundles: Path, keys_dir: Path) -> BuiltBund
     Raises:
         PolicyError: the policy does not compile, a test fails, or the build failed.
     """
-    check_policies(opa, policies)
     bundle_key = keys.ensure_bundle_signing_key(keys_dir)
-    return build_bundle(opa, policies, bundles, signing_key=bundle_key.private_pem_path)
+    return check_and_build(opa, policies, bundles, signing_key=bundle_key.private_pem_path)
 
 
 def record(

@@ -100,6 +100,15 @@ def _verdicts(
     return verdicts, evaluation.decision_id, payload
 
 
+def unfinished_run(store: Store, policy_hash: str) -> bool:
+    return (
+        store.query_one(
+            "SELECT 1 FROM revalidation_runs WHERE policy_hash = ? AND finished_at IS NULL", (policy_hash,)
+        )
+        is not None
+    )
+
+
 def _open_run(
     store: Store, policy_hash: str, previous_hash: str | None, now: datetime
 ) -> tuple[int, str, bool]:

@@ -20,8 +20,12 @@ class _Debounced(FileSystemEventHandler):
         self._lock = threading.Lock()
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        path = str(event.src_path)
-        if event.is_directory or not path.endswith(_WATCHED_SUFFIXES) or "/." in path:
+        if event.is_directory:
+            return
+        # An atomic save (write a temp file, rename it over the target) names the policy file
+        # only as the rename's destination.
+        paths = (str(event.src_path), str(getattr(event, "dest_path", "") or ""))
+        if not any(p.endswith(_WATCHED_SUFFIXES) and "/." not in p for p in paths):
             return
         with self._lock:
             if self._timer is not None:
