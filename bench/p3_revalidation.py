@@ -1,0 +1,606 @@
+"""P3: revalidation after a policy hash change, end to end, through ``Engine.revalidate()``.
+
+Setup (not timed): a workspace whose policy P0 governs N synthetic agents, then a stricter
+policy P1 (``temperature_limits.analysis`` 0.7 -> 0.4) built and made active, as a reload does
+before it revalidates. The N agents are written in bulk with the rows ``create_agent`` +
+``promote`` leave: ``agents`` (GOVERNED_VALID, row_version 2), ``agent_versions`` (RFC 8785 spec
+and its hash) and one current ``agent_proofs`` row bound to P0. The stored envelope is one real
+signed proof copied to every agent (revalidation never reads it; it re-signs). The temperature
+is 0.00, 0.05, ... 0.45 by ``i % 10``, so exactly 10% of the agents exceed 0.4 and fall.
+
+Timed: ``Engine.revalidate(previous_hash=P0)`` in a fresh process per trial (evaluate each chunk
+in OPA, transition, re-sign, commit), against the naive loop: the same engine with
+``revalidation_chunk_size = 1``, i.e. one HTTP decision and one commit per agent. The two run
+alternately on copies of the same store. Each trial is a child process, so its ``ru_maxrss`` is
+its own; one extra 100k trial runs under ``tracemalloc`` for the Python heap peak.
+
+Goals: 100k agents <= 10 s; >= 10x the naive loop (naive measured on 10k, not extrapolated from
+less).
+
+    python bench/p3_revalidation.py [--quick] [--no-100k] [--json out.json] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import tracemalloc
+from dataclasses import asdict
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import _common as c
+from agov import policy
+from agov.config import Config, Limits
+from agov.decisions import Code, Status
+from agov.engine import Engine
+from agov.hashing import canonical_json, sha256_hex
+from agov.keys import load_signer
+from agov.proofs import ProofClaims, sign_proof
+from agov.spec import validate_spec
+from agov.store.sqlite import iso
+
+REVALIDATION_PATH = "agov/revalidation/results"
+OPA_TIMEOUT_S = 30.0
+TEMPERATURES = [round(0.05 * k, 2) for k in range(10)]  # 0.45 > 0.4: one agent in ten falls
+STRICT_LIMIT = 0.4
+FALLING = sum(1 for t in TEMPERATURES if t > STRICT_LIMIT)
+
+
+# --- setup -----------------------------------------------------------------------------------
+
+
+def build_base(root: Path) -> tuple[Path, str, str]:
+    """A workspace with P0 active (and its proof key) and the stricter P1 built and recorded."""
+    home = root / "base"
+    # a 1000-agent chunk query takes ~0.5-1 s in OPA here, and the default 2 s deadline failed a
+    # chunk at 100k agents on the loaded machine: give chunk queries room (a workspace setting)
+    config = Config(limits=Limits(opa_timeout_s=OPA_TIMEOUT_S))
+    engine = Engine.init(home, config, actor=c.ACTOR)
+    try:
+        p0 = engine.active_policy().hash
+        c.set_data_json(
+            engine.workspace.policies,
+            lambda d: d["temperature_limits"].__setitem__("analysis", STRICT_LIMIT),
+        )
+        p1 = engine.build_policy(actor=c.ACTOR, reason="bench: stricter analysis temperature").hash
+        assert p1 != p0
+    finally:
+        engine.close()
+    return home, p0, p1
+
+
+def populate(home: Path, n: int, p0: str, p1: str) -> None:
+    """Write ``n`` governed agents in bulk (proofs bound to P0), then activate P1."""
+    engine = Engine.open(home)
+    try:
+        store = engine.store
+        keyid = store.query_one("SELECT keyid FROM signing_keys WHERE active = 1")["keyid"]
+        signer = load_signer(engine.workspace.keys, keyid)
+        now = engine.clock()
+        created, issued, expires = iso(now - timedelta(days=2)), iso(now - timedelta(days=1)), None
+        if engine.config.proof_ttl_days:
+            expires = iso(now - timedelta(days=1) + timedelta(days=engine.config.proof_ttl_days))
+        template = c.research_agent("template", 0.0)
+        # one real signed proof, copied to every agent: revalidation re-signs and never reads it
+        sample = validate_spec(_agent_doc(template, 0))
+        envelope = sign_proof(
+            ProofClaims(
+                agent_id=sample.id,
+                version="1",
+                spec_hash=sample.hash,
+                policy_hash=p0,
+                decision_id="bench-bulk",
+                input_digest=sha256_hex(b"bench"),
+                actor=c.ACTOR,
+                role="agent_admin",
+                governance_status=Status.GOVERNED_VALID.value,
+                issued_at=now - timedelta(days=1),
+            ),
+            signer,
+        )
+        # what create_agent stores must be what this bulk path stores
+        assert canonical_json(sample.document) == sample.canonical
+        assert sha256_hex(sample.canonical) == sample.hash
+
+        def rows() -> Any:
+            for i in range(n):
+                doc = _agent_doc(template, i)
+                canonical = canonical_json(doc)
+                yield doc["metadata"]["id"], doc, canonical.decode(), sha256_hex(canonical)
+
+        batch: list[tuple[str, dict[str, Any], str, str]] = []
+        with store.transaction() as tx:
+            for row in rows():
+                batch.append(row)
+                if len(batch) == 5000:
+                    _insert(tx, batch, p0, keyid, envelope, created, issued, expires)
+                    batch = []
+            if batch:
+                _insert(tx, batch, p0, keyid, envelope, created, issued, expires)
+        policy.mark_active(store, p1, event=Code.POLICY_HOTRELOAD, actor=c.ACTOR, reason="bench: P1")
+    finally:
+        engine.close()
+    c.sqlite_checkpoint(home / "agov.db")
+
+
+def _agent_doc(template: dict[str, Any], i: int) -> dict[str, Any]:
+    doc = copy.deepcopy(template)
+    agent_id = f"bench-agent-{i:06d}"
+    doc["metadata"]["id"] = agent_id
+    doc["metadata"]["name"] = f"Bench agent {i}"
+    doc["spec"]["anatomy"]["reasoning"]["temperature"] = TEMPERATURES[i % len(TEMPERATURES)]
+    return doc
+
+
+def _insert(
+    tx: Any,
+    batch: list[tuple[str, dict[str, Any], str, str]],
+    p0: str,
+    keyid: str,
+    envelope: bytes,
+    created: str | None,
+    issued: str | None,
+    expires: str | None,
+) -> None:
+    tx.executemany(
+        "INSERT INTO agents (id, workspace, name, type, role_class, status, current_version,"
+        " sandbox_expires_at, reasons, row_version, created_at, updated_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, 1, NULL, '[]', 2, ?, ?)",
+        [
+            (
+                agent_id,
+                doc["metadata"].get("workspace", "default"),
+                doc["metadata"]["name"],
+                doc["spec"]["agent_type"],
+                doc["spec"]["role_class"],
+                Status.GOVERNED_VALID.value,
+                created,
+                issued,
+            )
+            for agent_id, doc, _spec, _hash in batch
+        ],
+    )
+    tx.executemany(
+        "INSERT INTO agent_versions (agent_id, version, spec, spec_hash, creation_mode, source, created_by,"
+        " created_at, notes) VALUES (?, 1, ?, ?, 'template', 'research-analyst', ?, ?, '')",
+        [(agent_id, spec, h, c.ACTOR, created) for agent_id, _doc, spec, h in batch],
+    )
+    tx.executemany(
+        "INSERT INTO agent_proofs (agent_id, version, policy_hash, spec_hash, envelope, keyid,"
+        " governance_status, issued_at, expires_at) VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (agent_id, p0, h, envelope, keyid, Status.GOVERNED_VALID.value, issued, expires)
+            for agent_id, _doc, _spec, h in batch
+        ],
+    )
+
+
+# --- one trial, in a child process ------------------------------------------------------------
+
+
+def child(args: argparse.Namespace) -> int:
+    """Open the workspace copy, start its sidecar, revalidate once, print the measurements."""
+    engine = Engine.open(Path(args.workspace))
+    try:
+        if args.mode == "naive":
+            limits = dataclasses.replace(engine.config.limits, revalidation_chunk_size=1)
+            engine.config = dataclasses.replace(engine.config, limits=limits)
+        evaluator: Any = engine.evaluator()
+        active = engine.active_policy().hash
+        warm = c.research_agent("warm-up", 0.1)
+        evaluator.evaluate(
+            REVALIDATION_PATH,
+            {
+                "agents": [{"id": "warm-up", "agent": warm}],
+                "org": asdict(engine.config.org),
+                "policy_hash": active,
+                "now": iso(engine.clock()),
+            },
+            expected_revision=active,
+        )
+        stages = _instrument(evaluator)
+        gc.collect()
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if args.tracemalloc:
+            tracemalloc.start()
+        prof = None
+        if args.profile:
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.enable()
+        t0 = time.perf_counter()
+        report = engine.revalidate(previous_hash=args.previous)
+        seconds = time.perf_counter() - t0
+        if prof is not None:
+            prof.disable()
+        peak = tracemalloc.get_traced_memory()[1] if args.tracemalloc else None
+        if args.tracemalloc:
+            tracemalloc.stop()
+        rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        opa_hwm = _vm_hwm_kb(getattr(evaluator, "pid", None))
+        bound_count = engine.store.query_one(
+            "SELECT COUNT(*) AS n FROM agent_proofs WHERE policy_hash = ? AND superseded_at IS NULL",
+            (active,),
+        )["n"]
+        opa_chunk = _opa_chunk_timers(engine, evaluator, active) if args.mode == "batch" else None
+        out = {
+            "mode": args.mode,
+            "stages": {k: {"seconds": v[0] / 1e9, "calls": v[1]} for k, v in stages.items()},
+            "opa_chunk_timers_ms": opa_chunk,
+            "seconds": seconds,
+            "total": report.total,
+            "valid": report.valid,
+            "restricted": report.restricted,
+            "invalidated": report.invalidated,
+            "newly_invalidated": report.newly_invalidated,
+            "proofs_bound_to_new_policy": bound_count,
+            "chunk_size": engine.config.limits.revalidation_chunk_size,
+            "rss_before_kb": rss_before,
+            "rss_after_kb": rss_after,
+            "tracemalloc_peak_bytes": peak,
+            "opa_vm_hwm_kb": opa_hwm,
+        }
+    finally:
+        engine.close()
+    if prof is not None:
+        import pstats
+
+        stats = pstats.Stats(prof, stream=sys.stderr)
+        print(f"\n-- cProfile of Engine.revalidate ({args.mode}, {out['total']} agents)", file=sys.stderr)
+        stats.sort_stats("cumulative").print_stats(30)
+    print(json.dumps(out))
+    return 0
+
+
+def _instrument(evaluator: Any) -> dict[str, list[int]]:
+    """Wrap the stages of a revalidation with wall-clock counters (about 1 µs per call).
+
+    Only names that exist are wrapped, so the bench survives refactors of the engine.
+    """
+    from agov import promotion, revalidation
+    from agov.store import sqlite as store_sqlite
+
+    totals: dict[str, list[int]] = {}
+
+    def wrap(owner: Any, attr: str, label: str) -> None:
+        inner = getattr(owner, attr, None)
+        if inner is None:
+            return
+        slot = totals.setdefault(label, [0, 0])
+
+        def timed(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter_ns()
+            try:
+                return inner(*a, **k)
+            finally:
+                slot[0] += time.perf_counter_ns() - t0
+                slot[1] += 1
+
+        setattr(owner, attr, timed)
+
+    wrap(revalidation, "_chunk", "read chunk: SQL + json.loads of specs (_chunk)")
+    wrap(revalidation, "_verdicts", "OPA chunk query + verdict parsing (_verdicts)")
+    wrap(evaluator, "evaluate", "  of which evaluator.evaluate (HTTP, OPA eval, JSON)")
+    wrap(revalidation, "_apply", "transition + re-sign + commit (_apply)")
+    wrap(revalidation, "digest", "  input_digest: RFC 8785 of agent + org (digest)")
+    wrap(revalidation, "issue_proof", "  issue_proof (claims, sign, 3 SQL statements)")
+    wrap(promotion, "sign_proof", "    of which sign_proof (RFC 8785 x2 + Ed25519)")
+    wrap(store_sqlite.Tx, "audit", "  audit events (hash-chained, RFC 8785)")
+    return totals
+
+
+def _opa_chunk_timers(engine: Engine, evaluator: Any, active: str) -> dict[str, float] | None:
+    """OPA's own timers (?metrics=true) for one chunk of the configured size, in ms."""
+    import http.client
+
+    url = getattr(evaluator, "url", "")
+    if not url:
+        return None
+    size = engine.config.limits.revalidation_chunk_size
+    rows = engine.store.query("SELECT agent_id, spec FROM agent_versions ORDER BY agent_id LIMIT ?", (size,))
+    payload = {
+        "agents": [{"id": r["agent_id"], "agent": json.loads(r["spec"])} for r in rows],
+        "org": asdict(engine.config.org),
+        "policy_hash": active,
+        "now": iso(engine.clock()),
+    }
+    body = json.dumps({"input": payload}, separators=(",", ":")).encode()
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        timers: dict[str, list[float]] = {}
+        for _ in range(3):
+            conn.request(
+                "POST",
+                f"/v1/data/{REVALIDATION_PATH}?metrics=true&strict-builtin-errors=true",
+                body=body,
+                headers={"Content-Type": "application/json"},
+            )
+            doc = json.loads(conn.getresponse().read())
+            for name, value in (doc.get("metrics") or {}).items():
+                if name.endswith("_ns"):
+                    timers.setdefault(name[:-3], []).append(value / 1e6)
+        out = {k: sorted(v)[len(v) // 2] for k, v in timers.items()}
+        out["agents"] = float(len(rows))
+        out["request_bytes"] = float(len(body))
+        return out
+    finally:
+        conn.close()
+
+
+def _vm_hwm_kb(pid: int | None) -> int | None:
+    if pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def trial(
+    template: Path, scratch: Path, mode: str, p0: str, *, tracemalloc_on: bool = False, profile: bool = False
+) -> dict[str, Any]:
+    ws = c.copy_workspace(template, scratch / f"trial-{mode}-{time.monotonic_ns()}")
+    try:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, str(ws), p0]
+        if tracemalloc_on:
+            cmd.append("--tracemalloc")
+        if profile:
+            cmd.append("--profile")
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False)
+        if profile or proc.returncode != 0:
+            sys.stderr.write(proc.stderr)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{mode} trial failed (exit {proc.returncode})")
+        out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+        return out
+    finally:
+        import shutil
+
+        shutil.rmtree(ws, ignore_errors=True)
+
+
+# --- orchestration ---------------------------------------------------------------------------
+
+
+def run(quick: bool, with_100k: bool, do_profile: bool) -> dict[str, Any]:
+    if quick:
+        plan = [(200, 1, 1)]  # (agents, batch trials, naive trials)
+    else:
+        plan = [(1_000, 3, 3), (10_000, 2, 1)]
+        if with_100k:
+            plan.append((100_000, 1, 0))
+    metrics: list[dict[str, Any]] = []
+    runs: dict[int, dict[str, list[dict[str, Any]]]] = {}
+    memory: dict[str, Any] | None = None
+    setup_s: dict[int, float] = {}
+    with c.tempdir("agov-bench-p3-") as root:
+        base, p0, p1 = build_base(root)
+        for n, batch_trials, naive_trials in plan:
+            t0 = time.perf_counter()
+            template = c.copy_workspace(base, root / f"template-{n}")
+            populate(template, n, p0, p1)
+            setup_s[n] = time.perf_counter() - t0
+            print(f"P3: {n} agents written in {setup_s[n]:.1f} s", file=sys.stderr)
+            got: dict[str, list[dict[str, Any]]] = {"batch": [], "naive": []}
+            # alternate batch and naive, flipping who goes first each round
+            for r in range(max(batch_trials, naive_trials)):
+                order = ["batch", "naive"] if r % 2 == 0 else ["naive", "batch"]
+                for mode in order:
+                    if len(got[mode]) < (batch_trials if mode == "batch" else naive_trials):
+                        got[mode].append(trial(template, root, mode, p0))
+                        _check(got[mode][-1], n)
+                        print(f"P3: {n} {mode}: {got[mode][-1]['seconds']:.2f} s", file=sys.stderr)
+            if n == plan[-1][0]:
+                memory = trial(template, root, "batch", p0, tracemalloc_on=True)
+                _check(memory, n)
+            if do_profile and n == (200 if quick else 10_000):
+                trial(template, root, "batch", p0, profile=True)
+            runs[n] = got
+            import shutil
+
+            shutil.rmtree(template, ignore_errors=True)
+
+    ratios: list[dict[str, Any]] = []
+    goals: list[dict[str, Any]] = []
+    naive_rate: tuple[int, float] | None = None  # (agents, seconds per agent) of the largest naive run
+    for n, got in runs.items():
+        for mode in ("batch", "naive"):
+            secs = [t["seconds"] for t in got[mode]]
+            if not secs:
+                continue
+            secs.sort()
+            label = "Engine.revalidate (chunks of 1000)" if mode == "batch" else "naive loop (chunk size 1)"
+            metrics.append(
+                {
+                    "name": f"{label}, {n:,} agents",
+                    "unit": "s",
+                    "n": len(secs),
+                    "p50": secs[len(secs) // 2],
+                    "p99": secs[-1],
+                    "max": secs[-1],
+                    "min": secs[0],
+                    "per_agent_us": secs[len(secs) // 2] / n * 1e6,
+                    "agents": n,
+                    "mode": mode,
+                }
+            )
+        if got["batch"] and got["naive"]:
+            b = sorted(t["seconds"] for t in got["batch"])[len(got["batch"]) // 2]
+            v = sorted(t["seconds"] for t in got["naive"])[len(got["naive"]) // 2]
+            target = (">=", 10.0) if n >= 10_000 else (None, None)
+            ratios.append(c.ratio(f"naive / Engine.revalidate, {n:,} agents (same run)", v / b, *target))
+            if naive_rate is None or n >= naive_rate[0]:
+                naive_rate = (n, v / n)
+    if 100_000 in runs and runs[100_000]["batch"]:
+        s = runs[100_000]["batch"][0]["seconds"]
+        goals.append(c.goal("100k agents <= 10 s", s, "<=", 10, "s"))
+        if naive_rate is not None and naive_rate[0] >= 10_000:
+            ratios.append(
+                c.ratio(
+                    f"naive rate at {naive_rate[0]:,} x 100k / Engine.revalidate 100k",
+                    naive_rate[1] * 100_000 / s,
+                    ">=",
+                    10.0,
+                )
+            )
+    mem = None
+    if memory is not None:
+        mem = {
+            "agents": memory["total"],
+            "tracemalloc_peak_mb": memory["tracemalloc_peak_bytes"] / 2**20,
+            "ru_maxrss_mb": memory["rss_after_kb"] / 1024,
+            "ru_maxrss_before_mb": memory["rss_before_kb"] / 1024,
+            "opa_vm_hwm_mb": (memory["opa_vm_hwm_kb"] or 0) / 1024,
+            "seconds_under_tracemalloc": memory["seconds"],
+        }
+        largest = runs[max(runs)]["batch"]
+        if largest:
+            mem["ru_maxrss_mb_untraced"] = largest[0]["rss_after_kb"] / 1024
+            mem["ru_maxrss_before_mb_untraced"] = largest[0]["rss_before_kb"] / 1024
+            mem["opa_vm_hwm_mb_untraced"] = (largest[0]["opa_vm_hwm_kb"] or 0) / 1024
+    result: dict[str, Any] = {
+        "figure": "P3",
+        "title": "revalidation after a policy hash change (evaluate, transition, re-sign, commit)",
+        "quick": quick,
+        "metrics": metrics,
+        "ratios": ratios,
+        "goals": goals,
+        "memory": mem,
+        "trials": {str(n): got for n, got in runs.items()},
+        "setup_seconds": {str(k): v for k, v in setup_s.items()},
+        "policy": {"p0": p0, "p1": p1, "falling_fraction": FALLING / len(TEMPERATURES)},
+        "notes": [
+            f"Each trial is a fresh process on a copy of the same store; {FALLING}/{len(TEMPERATURES)} of the "
+            "agents exceed the new temperature limit and are invalidated, the others are re-signed.",
+            f"The workspace sets limits.opa_timeout_s = {OPA_TIMEOUT_S:g} (default 2 s): with the default, a "
+            "1000-agent chunk query missed its deadline at 100k agents on the loaded machine and the run "
+            "stopped (it resumes on rerun).",
+            "The naive loop is Engine.revalidate with limits.revalidation_chunk_size = 1: one OPA query and "
+            "one transaction per agent, same code path otherwise.",
+        ],
+    }
+    result["breakdown"] = _breakdown(runs)
+    result["bound"] = bound(result)
+    return result
+
+
+def _breakdown(runs: dict[int, dict[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """Per-agent cost of each stage, from the largest batch trial and the largest naive trial."""
+    rows: list[dict[str, Any]] = []
+    for mode in ("batch", "naive"):
+        sized = [(n, got[mode][0]) for n, got in runs.items() if got[mode]]
+        if not sized:
+            continue
+        n, t = max(sized, key=lambda x: x[0])
+        label = "Engine.revalidate" if mode == "batch" else "naive loop"
+        run = f"{label}, {n:,} agents"
+        rows.append(
+            {"run": run, "name": "total", "per_agent_us": t["seconds"] / n * 1e6, "share": 1.0, "mode": mode}
+        )
+        for stage, v in t.get("stages", {}).items():
+            rows.append(
+                {
+                    "run": run,
+                    "name": stage,
+                    "per_agent_us": v["seconds"] / n * 1e6,
+                    "share": v["seconds"] / t["seconds"],
+                    "calls": v["calls"],
+                    "mode": mode,
+                }
+            )
+        timers = t.get("opa_chunk_timers_ms")
+        if timers:
+            per = timers["agents"]
+            for key, label2 in (
+                ("timer_server_handler", "OPA handler"),
+                ("timer_rego_input_parse", "  OPA input parse"),
+                ("timer_rego_query_eval", "  OPA query eval"),
+            ):
+                if key in timers:
+                    rows.append(
+                        {
+                            "run": run,
+                            "name": f"{label2} (OPA's timer, one {int(per)}-agent chunk, separate query)",
+                            "per_agent_us": timers[key] * 1000 / per,
+                            "mode": mode,
+                        }
+                    )
+    return rows
+
+
+def _check(out: dict[str, Any], n: int) -> None:
+    falling = (n // len(TEMPERATURES)) * FALLING + sum(
+        1 for i in range(n % len(TEMPERATURES)) if TEMPERATURES[i] > STRICT_LIMIT
+    )
+    expected = {"total": n, "newly_invalidated": falling, "proofs_bound_to_new_policy": n - falling}
+    got = {k: out[k] for k in expected}
+    if got != expected:
+        raise AssertionError(f"revalidation of {n} agents ({out['mode']}) gave {got}, expected {expected}")
+
+
+def bound(result: dict[str, Any]) -> str:
+    """What bounds the figure, in one sentence, from its result document."""
+    rows = {r["name"]: r for r in result["breakdown"] if r["mode"] == "batch"}
+    total = next((r for r in result["breakdown"] if r["mode"] == "batch"), None)
+    if total is None:
+        return ""
+
+    def us(prefix: str) -> float:
+        return next((r["per_agent_us"] for k, r in rows.items() if k.strip().startswith(prefix)), 0.0)
+
+    text = (
+        f"{total['run']} spends ~{total['per_agent_us']:.0f} µs per agent, serially: "
+        f"the OPA chunk query ~{us('OPA chunk query'):.0f} µs per agent (OPA's own timers on a separate "
+        f"chunk query: handler ~{us('OPA handler'):.0f}, JSON input parse ~{us('OPA input parse'):.0f}, eval "
+        f"~{us('OPA query eval'):.0f}; the rest is encoding, transfer, decision logging and parsing the answer), "
+        f"then re-sign and commit ~{us('transition'):.0f} µs per agent "
+        f"(sign_proof ~{us('of which sign_proof'):.0f}, input digest ~{us('input_digest'):.0f}, the rest SQL), "
+        f"and reading the chunk ~{us('read chunk'):.0f}; OPA and Python never overlap"
+    )
+    naive = next((r for r in result["breakdown"] if r["mode"] == "naive"), None)
+    if naive is not None:
+        text += (
+            f". The naive loop pays a whole OPA query and a commit per agent (~{naive['per_agent_us']:.0f} µs "
+            "per agent)"
+        )
+    return text + "."
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "--child":
+        cp = argparse.ArgumentParser()
+        cp.add_argument("--child", dest="mode", choices=("batch", "naive"))
+        cp.add_argument("workspace")
+        cp.add_argument("previous")
+        cp.add_argument("--tracemalloc", action="store_true")
+        cp.add_argument("--profile", action="store_true")
+        return child(cp.parse_args(argv))
+    p = c.parser(__doc__ or "")
+    p.add_argument("--no-100k", action="store_true", help="skip the 100,000-agent run (minutes)")
+    args = p.parse_args(argv)
+    result = run(args.quick, not args.no_100k, args.profile)
+    result["machine"] = c.machine()
+    c.emit(result, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    sys.exit(main())
