@@ -411,13 +411,7 @@ class Engine:
             self._refuse_reload(exc, actor=actor, reason=reason, active=active)
             raise
         if active is not None and built.policy_hash == active.hash:
-            # A reload killed midway leaves its revalidation unfinished: finish it now.
-            resumed = self.resume_revalidation(progress=progress)
-            return {
-                "changed": False,
-                "policy_hash": active.hash,
-                "revalidation": resumed.as_dict() if resumed else None,
-            }
+            return self._unchanged(active, progress)
         version = policy.record(self.store, built, actor=actor, reason=reason)
         try:
             report = self._switch(
@@ -432,6 +426,15 @@ class Engine:
             "policy_hash": version.hash,
             "previous_hash": active.hash if active else None,
             "revalidation": report.as_dict(),
+        }
+
+    def _unchanged(self, active: PolicyVersion, progress: Callable[[int], None] | None) -> dict[str, Any]:
+        # A reload killed midway leaves its revalidation unfinished: finish it now.
+        resumed = self.resume_revalidation(progress=progress)
+        return {
+            "changed": False,
+            "policy_hash": active.hash,
+            "revalidation": resumed.as_dict() if resumed else None,
         }
 
     def resume_revalidation(

@@ -61,7 +61,9 @@ def _chunk(store: Store, after: str, size: int) -> list[_Row]:
     rows = store.query(
         "SELECT a.id, a.current_version, a.row_version, a.status, v.spec, v.spec_hash FROM agents a"
         " JOIN agent_versions v ON v.agent_id = a.id AND v.version = a.current_version"
-        f" WHERE a.status IN ({','.join('?' * len(_GOVERNED))}) AND a.id > ? ORDER BY a.id LIMIT ?",
+        # `+a.status`: walk the primary key from the cursor instead of sorting every governed row
+        # per chunk (which made each chunk slower as the store grew).
+        f" WHERE +a.status IN ({','.join('?' * len(_GOVERNED))}) AND a.id > ? ORDER BY a.id LIMIT ?",
         (*_GOVERNED, after, size),
     )
     return [

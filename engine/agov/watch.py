@@ -10,6 +10,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 _WATCHED_SUFFIXES = (".rego", ".json", ".yaml", ".yml")
+_CHANGES = frozenset({"created", "modified", "moved", "deleted", "closed"})
 
 
 class _Debounced(FileSystemEventHandler):
@@ -20,7 +21,9 @@ class _Debounced(FileSystemEventHandler):
         self._lock = threading.Lock()
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_directory:
+        # Reads (opened, closed_no_write) are not changes: reacting to them would make every
+        # reload, which reads the policy files, schedule the next one.
+        if event.is_directory or event.event_type not in _CHANGES:
             return
         # An atomic save (write a temp file, rename it over the target) names the policy file
         # only as the rename's destination.
@@ -59,6 +62,6 @@ class PolicyWatcher:
         self._observer.start()
 
     def stop(self) -> None:
-        self._handler.cancel()
-        self._observer.stop()
+        self._observer.stop()  # first: no new events may schedule a reload
         self._observer.join(timeout=5)
+        self._handler.cancel()

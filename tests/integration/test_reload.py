@@ -476,3 +476,30 @@ def test_watcher_reloads_after_an_atomic_save(
     assert not failures
     if seen is None or engine.active_policy().hash != expected:
         raise KnownBug(f"the policy saved through {temp_name} was never reloaded")
+
+
+def test_watcher_ignores_reads_so_a_reload_does_not_trigger_the_next(tmp_path: Path) -> None:
+    """A reload reads every policy file; reacting to those reads reloaded forever."""
+    from agov.watch import PolicyWatcher
+
+    root = tmp_path / "policies"
+    (root / "agov").mkdir(parents=True)
+    target = root / "agov" / "data.json"
+    target.write_text("{}")
+    calls: list[float] = []
+
+    def on_change() -> None:
+        calls.append(time.monotonic())
+        for path in root.rglob("*"):  # what a reload does: read everything
+            if path.is_file():
+                path.read_bytes()
+
+    watcher = PolicyWatcher(root, on_change, debounce_s=0.05)
+    watcher.start()
+    try:
+        time.sleep(0.2)
+        target.write_text('{"a": 1}')
+        time.sleep(1.0)
+    finally:
+        watcher.stop()
+    assert len(calls) == 1, f"one edit caused {len(calls)} reloads"

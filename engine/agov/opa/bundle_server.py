@@ -264,8 +264,23 @@ class BundleServer:
             self._cond.notify_all()
 
     def _record_logs(self, events: list[Any]) -> None:
+        kept = [_slim(e) for e in events if isinstance(e, dict)]
         with self._cond:
-            self._logs.extend(e for e in events if isinstance(e, dict))
+            self._logs.extend(kept)
+
+
+_MAX_KEPT_INPUT_BYTES = 16 * 1024
+
+
+def _slim(event: dict[str, Any]) -> dict[str, Any]:
+    """Keep a decision-log event without a large input: a revalidation chunk logs every agent's
+    spec, and keeping those would grow memory with the fleet. The decision id, path, revision and
+    result stay."""
+    if "input" in event:
+        size = len(json.dumps(event["input"], separators=(",", ":")))
+        if size > _MAX_KEPT_INPUT_BYTES:
+            return {**event, "input": {"omitted_bytes": size}}
+    return event
 
 
 def _etag_matches(if_none_match: str | None, etag: str) -> bool:
