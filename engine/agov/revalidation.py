@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from agov.config import Config
 from agov.decisions import Code, PolicyVerdict, Reason, Status, parse_verdict
 from agov.errors import DecisionError, UsageError
-from agov.hashing import digest
+from agov.hashing import canonical_json, sha256_hex
 from agov.opa.evaluator import Evaluator
 from agov.promotion import ProofTarget, issue_proof
 from agov.proofs import ProofSigner
@@ -55,6 +56,7 @@ class _Row:
     row_version: int
     status: str
     document: dict[str, Any]
+    canonical: bytes
 
 
 def _chunk(store: Store, after: str, size: int) -> list[_Row]:
@@ -74,6 +76,7 @@ def _chunk(store: Store, after: str, size: int) -> list[_Row]:
             r["row_version"],
             r["status"],
             json.loads(r["spec"]),
+            r["spec"].encode(),
         )
         for r in rows
     ]
@@ -81,7 +84,7 @@ def _chunk(store: Store, after: str, size: int) -> list[_Row]:
 
 def _verdicts(
     evaluator: Evaluator, rows: list[_Row], config: Config, policy_hash: str, now: datetime
-) -> tuple[dict[str, PolicyVerdict], str | None, dict[str, Any]]:
+) -> tuple[dict[str, PolicyVerdict], str | None, dict[str, Any], datetime]:
     payload = {
         "agents": [{"id": r.agent_id, "agent": r.document} for r in rows],
         "org": asdict(config.org),
@@ -99,7 +102,7 @@ def _verdicts(
         except DecisionError as exc:
             # One agent without a usable verdict is invalidated, never waved through.
             verdicts[row.agent_id] = PolicyVerdict(False, (Reason("REVALIDATION_NO_VERDICT", exc.message),))
-    return verdicts, evaluation.decision_id, payload
+    return verdicts, evaluation.decision_id, payload, now
 
 
 def unfinished_run(store: Store, policy_hash: str) -> bool:
@@ -159,17 +162,27 @@ def revalidate(
             for name in ("total", "valid", "restricted", "invalidated", "newly_invalidated", "restored"):
                 setattr(report, name, int(saved[name]))
     size = config.limits.revalidation_chunk_size
-    while rows := _chunk(store, cursor, size):
-        now = now_fn()
-        verdicts, decision_id, payload = _verdicts(evaluator, rows, config, policy_hash, now)
-        if dry_run:
-            _tally_dry(report, rows, verdicts)
-        else:
-            assert signer is not None and report.run_id is not None
-            _apply(store, report, rows, verdicts, signer, decision_id, payload, policy_hash, now)
-        cursor = rows[-1].agent_id
-        if progress is not None:
-            progress(len(rows))
+    # OPA judges chunk n+1 while chunk n is signed and committed: the two never wait on each other.
+    # Reading ahead is safe: chunks are disjoint, and every write checks the row it read.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="agov-revalidate") as opa:
+        rows = _chunk(store, cursor, size)
+        pending = opa.submit(_verdicts, evaluator, rows, config, policy_hash, now_fn()) if rows else None
+        while rows and pending is not None:
+            verdicts, decision_id, payload, now = pending.result()
+            next_rows = _chunk(store, rows[-1].agent_id, size)
+            pending = (
+                opa.submit(_verdicts, evaluator, next_rows, config, policy_hash, now_fn())
+                if next_rows
+                else None
+            )
+            if dry_run:
+                _tally_dry(report, rows, verdicts)
+            else:
+                assert signer is not None and report.run_id is not None
+                _apply(store, report, rows, verdicts, signer, decision_id, payload, policy_hash, now)
+            if progress is not None:
+                progress(len(rows))
+            rows = next_rows
     if not dry_run:
         now = now_fn()
         with store.transaction() as tx:
@@ -226,6 +239,14 @@ def _tally_dry(report: RevalidationReport, rows: list[_Row], verdicts: dict[str,
             report.changes.append(_change(row, verdict))
 
 
+def _input_digest(row: _Row, org_canonical: bytes) -> str:
+    """SHA-256 of the RFC 8785 form of ``{"agent": {"agent": spec, "id": id}, "org": org}``: this
+    agent's part of the chunk input, assembled from the canonical bytes the store already holds
+    (keys in RFC 8785 order) instead of canonicalizing the spec again."""
+    body = b'{"agent":{"agent":' + row.canonical + b',"id":' + canonical_json(row.agent_id) + b'},"org":'
+    return sha256_hex(body + org_canonical + b"}")
+
+
 def _apply(
     store: Store,
     report: RevalidationReport,
@@ -238,8 +259,9 @@ def _apply(
     now: datetime,
 ) -> None:
     tallied = RevalidationReport(policy_hash=policy_hash, dry_run=False)
+    org_canonical = canonical_json(payload["org"])
     with store.transaction() as tx:
-        for row, agent_input in zip(rows, payload["agents"], strict=True):
+        for row in rows:
             verdict = verdicts[row.agent_id]
             if verdict.allow:
                 try:
@@ -250,7 +272,7 @@ def _apply(
                         signer,
                         policy_hash=policy_hash,
                         decision_id=decision_id,
-                        input_digest=digest({"agent": agent_input, "org": payload["org"]}),
+                        input_digest=_input_digest(row, org_canonical),
                         actor=REVALIDATION_ACTOR,
                         role="system",
                         now=now,
