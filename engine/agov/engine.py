@@ -62,6 +62,7 @@ class Engine:
         self._evaluator_lock = threading.Lock()
         self._signatures = SignatureCache()
         self._key_material: dict[str, TrustedKey] = {}
+        self._trusted_keys: dict[tuple[str, str | None, str | None, str | None], TrustedKey] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -283,24 +284,27 @@ class Engine:
         )
         if state is None:
             return None
-        material = self._key_material.get(keyid)
-        if material is None:
-            material = self._key_material[keyid] = keys.load_trusted_key(self.workspace.keys, keyid)
-        return dataclasses.replace(
-            material,
-            not_before=parse_iso(state["not_before"]),
-            not_after=parse_iso(state["not_after"]),
-            revoked_at=parse_iso(state["revoked_at"]),
-        )
+        window = (keyid, state["not_before"], state["not_after"], state["revoked_at"])
+        known = self._trusted_keys.get(window)
+        if known is None:  # first use, or the key's window or revocation changed
+            material = self._key_material.get(keyid)
+            if material is None:
+                material = self._key_material[keyid] = keys.load_trusted_key(self.workspace.keys, keyid)
+            known = self._trusted_keys[window] = dataclasses.replace(
+                material,
+                not_before=parse_iso(state["not_before"]),
+                not_after=parse_iso(state["not_after"]),
+                revoked_at=parse_iso(state["revoked_at"]),
+            )
+        return known
 
     def _current_proof(self, agent_id: str) -> tuple[Any | None, datetime | None]:
         row = self.store.query_one(
-            "SELECT * FROM agent_proofs WHERE agent_id = ? AND superseded_at IS NULL", (agent_id,)
+            "SELECT p.*, (SELECT MAX(issued_at) FROM agent_proofs WHERE agent_id = p.agent_id) AS newest"
+            " FROM agent_proofs p WHERE p.agent_id = ? AND p.superseded_at IS NULL",
+            (agent_id,),
         )
-        newest = self.store.query_one(
-            "SELECT MAX(issued_at) AS newest FROM agent_proofs WHERE agent_id = ?", (agent_id,)
-        )
-        return row, parse_iso(newest["newest"]) if newest is not None else None
+        return row, parse_iso(row["newest"]) if row is not None else None
 
     def admit(self, agent_id: str) -> AdmissionDecision:
         """Fail-closed admission of one start.

@@ -534,8 +534,20 @@ class SignatureCache:
 
     def __init__(self, max_entries: int = 100_000) -> None:
         self._entries: OrderedDict[tuple[str, str, bytes], None] = OrderedDict()
+        # raw digest -> (claims, payload digest) of envelopes that verified under some key
+        self._parsed: OrderedDict[str, tuple[ProofClaims, str]] = OrderedDict()
         self._max = max_entries
         self._lock = threading.Lock()
+
+    def parsed(self, raw_digest: str) -> tuple[ProofClaims, str] | None:
+        with self._lock:
+            return self._parsed.get(raw_digest)
+
+    def remember_parsed(self, raw_digest: str, claims: ProofClaims, payload_digest: str) -> None:
+        with self._lock:
+            self._parsed[raw_digest] = (claims, payload_digest)
+            if len(self._parsed) > self._max:
+                self._parsed.popitem(last=False)
 
     def __contains__(self, entry: tuple[str, str, bytes]) -> bool:
         with self._lock:
@@ -641,6 +653,15 @@ def verify_proof(
         raise ProofError(f"envelope must be bytes, got {type(envelope).__name__}")
     if len(envelope) > max_size:
         raise ProofError(f"envelope is {len(envelope)} bytes, over the {max_size}-byte limit")
+    raw_digest = sha256_hex(bytes(envelope))
+    # A byte-identical envelope that already verified: only the keys that verified it then (same
+    # id, same material) count, and (4)-(6) below are judged afresh.
+    remembered = cache.parsed(raw_digest) if cache is not None else None
+    if remembered is not None and cache is not None:
+        claims, payload_digest = remembered
+        keys = [k for k in trusted.values() if (raw_digest, k.keyid, k.material) in cache]
+        if keys:
+            return _judge_signers(keys, claims, now, raw_digest, payload_digest)
     # (2) shape
     env = _parse_envelope(_loads(bytes(envelope), "envelope"))
     # (3) signature
@@ -649,7 +670,6 @@ def verify_proof(
             "envelope carries no signatures",
             hint="the proof was stripped or never signed; re-promote the agent",
         )
-    raw_digest = sha256_hex(bytes(envelope))
     keys = _verifying_keys(env, trusted, raw_digest, cache)
     if not keys:
         raise SignatureError(
@@ -658,6 +678,16 @@ def verify_proof(
         )
     # decoded once, from the object whose signature was just checked
     claims = _parse_statement(env.payload)
+    payload_digest = sha256_hex(env.payload)
+    if cache is not None:
+        cache.remember_parsed(raw_digest, claims, payload_digest)
+    return _judge_signers(keys, claims, now, raw_digest, payload_digest)
+
+
+def _judge_signers(
+    keys: list[TrustedKey], claims: ProofClaims, now: datetime, raw_digest: str, payload_digest: str
+) -> VerifiedProof:
+    """Steps (4) to (6) for keys whose signature over the envelope verified."""
     good: list[TrustedKey] = []
     problems: list[AgovError] = []
     for key in keys:
@@ -680,7 +710,7 @@ def verify_proof(
         claims=claims,
         keyid=good[0].keyid,
         envelope_digest=raw_digest,
-        payload_digest=sha256_hex(env.payload),
+        payload_digest=payload_digest,
     )
 
 
