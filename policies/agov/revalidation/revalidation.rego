@@ -15,10 +15,6 @@ default _org := null
 
 _org := input.org
 
-default _agent(_) := null
-
-_agent(entry) := entry.agent
-
 # METADATA
 # title: Revalidation results
 # description: |
@@ -30,15 +26,17 @@ _agent(entry) := entry.agent
 # entrypoint: true
 # schemas:
 #   - input: schema.revalidation_input
-results[id] := {"allow": count(findings[0]) == 0, "deny": findings[0], "warn": findings[1]} if {
-	some entry in input.agents
-	id := entry.id
-	is_string(id)
-	id != ""
+results := _results(_org)
 
-	# spec_rules reads input.agent and input.org, so evaluating it once per
-	# agent needs a different input each time; only `with` gives that. One
-	# `with` for deny and warn together lets them share the per-agent cache.
-	# regal ignore:with-outside-test-context
-	findings := [spec_rules.deny, spec_rules.warn] with input as {"agent": _agent(entry), "org": _org}
+# An object comprehension, not a rule `results[id] := ... if`: OPA checks each
+# key of a partial object rule against every key before it (quadratic in the
+# chunk size). A duplicate id with a different result is a conflict error in
+# both. org is an argument, so that input.org is looked up once per chunk.
+_results(org) := {entry.id: {"allow": count(deny) == 0, "deny": deny, "warn": spec_rules.warn_for(agent, org)} |
+	some entry in input.agents
+	is_object(entry)
+	is_string(entry.id)
+	entry.id != ""
+	agent := object.get(entry, "agent", null)
+	deny := spec_rules.deny_for(agent, org)
 }
