@@ -198,6 +198,10 @@ def promote(
     except AgovError as exc:
         verdict = PolicyVerdict(False, (Reason(PROMOTION_DENY_ENGINE_UNAVAILABLE, exc.message),))
         signer = None
+    except Exception as exc:  # noqa: BLE001 - fail closed on anything unforeseen, and say what it was
+        message = f"internal error: {type(exc).__name__}: {exc}"
+        verdict = PolicyVerdict(False, (Reason(PROMOTION_DENY_ENGINE_UNAVAILABLE, message),))
+        signer = None
     fields: dict[str, Any] = {"agent_id": agent.id, "actor": actor, "policy_hash": policy_hash, "now": now}
     if not verdict.allow or signer is None:
         with store.transaction() as tx:

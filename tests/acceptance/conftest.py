@@ -9,7 +9,6 @@ sets it): then a missing binary fails, so CI cannot go green by skipping.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -18,19 +17,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from e2e_support import OpaSpy, agov, copy_ws
-
-
-@pytest.fixture(scope="session")
-def opa_bin() -> Path:
-    from agov.errors import EngineUnavailableError
-    from agov.opa.binary import find_opa
-
-    try:
-        return find_opa()
-    except EngineUnavailableError as exc:
-        if os.environ.get("AGOV_REQUIRE_OPA"):
-            pytest.fail(f"AGOV_REQUIRE_OPA is set but no opa binary was found: {exc.message}")
-        pytest.skip(f"no opa binary: {exc.message}")
 
 
 @pytest.fixture(scope="session")

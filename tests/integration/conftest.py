@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import tarfile
 from collections.abc import Callable, Iterator
@@ -19,8 +18,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agov.errors import EngineUnavailableError
-from agov.opa import EvaluatorConfig, ManagedConfig, ManagedSidecar, find_opa
+from agov.opa import EvaluatorConfig, ManagedConfig, ManagedSidecar
 
 TEST_KEYID = "agov-test-bundle-key"
 
@@ -60,21 +58,6 @@ class BuiltBundle:
 
 
 BundleFactory = Callable[..., BuiltBundle]
-
-
-def require_opa() -> Path:
-    """The opa binary; skip without one, or fail when AGOV_REQUIRE_OPA is set."""
-    try:
-        return find_opa()
-    except EngineUnavailableError as exc:
-        if os.environ.get("AGOV_REQUIRE_OPA"):
-            pytest.fail(f"AGOV_REQUIRE_OPA is set but {exc.diagnostics()}")
-        pytest.skip(f"no opa binary ({exc.message}); set AGOV_REQUIRE_OPA=1 to make this a failure")
-
-
-@pytest.fixture(scope="session")
-def opa_bin() -> Path:
-    return require_opa()
 
 
 def _make_key(directory: Path, name: str, keyid: str) -> SigningKey:
