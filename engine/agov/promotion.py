@@ -198,7 +198,7 @@ def promote(
     except AgovError as exc:
         verdict = PolicyVerdict(False, (Reason(PROMOTION_DENY_ENGINE_UNAVAILABLE, exc.message),))
         signer = None
-    except Exception as exc:  # noqa: BLE001 - fail closed on anything unforeseen, and say what it was
+    except Exception as exc:  # fail closed on anything unforeseen, and say what it was
         message = f"internal error: {type(exc).__name__}: {exc}"
         verdict = PolicyVerdict(False, (Reason(PROMOTION_DENY_ENGINE_UNAVAILABLE, message),))
         signer = None
