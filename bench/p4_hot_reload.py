@@ -208,10 +208,8 @@ def _run(engine: Engine, trials: int, quick: bool, do_profile: bool) -> dict[str
         "trials": results,
         "agents": AGENTS,
         "notes": [
-            "watchdog on Linux also reports `opened` and `closed_no_write` events, and agov.watch reacts to "
-            "every event type under policies/: the reload's own reads of the policy files (opa check, opa "
-            "test, the bundle build) schedule another reload, which does the same. `agov serve --watch` "
-            "keeps rebuilding an unchanged policy every ~0.5 s, and an edit may wait behind one of those.",
+            "agov.watch reacts to changes only (created, modified, moved, deleted, closed after a write): "
+            "reads of the policy files by a reload do not schedule another one.",
         ],
     }
     result["bound"] = bound(result)
