@@ -20,6 +20,7 @@ from agov.registry import CreationMode, from_event, from_template, from_workflow
 
 Echo = Callable[[str], None]
 ACTOR = "demo-admin"
+_BUDGET_EDIT = ('"monthly_budget_usd":200', '"monthly_budget_usd":9000')
 
 
 def _admit(engine: Engine, echo: Echo, agent_id: str) -> AdmissionDecision:
@@ -117,9 +118,9 @@ def run_demo(*, keep: bool = False, echo: Echo = print) -> dict[str, Any]:
                 seen[f"admit:{record.id}"] = _admit(engine, echo, record.id).code
 
             _chapter(echo, "5. Someone edits a governed agent's stored spec behind agov's back")
-            _tamper(engine.workspace.db_path, "finance-reconciler")
+            _edit_stored_spec(engine.workspace.db_path, "finance-reconciler", *_BUDGET_EDIT)
             seen["tampered"] = _admit(engine, echo, "finance-reconciler").code
-            _untamper(engine.workspace.db_path, "finance-reconciler")
+            _edit_stored_spec(engine.workspace.db_path, "finance-reconciler", *reversed(_BUDGET_EDIT))
             echo("    (edit undone)")
 
             _chapter(echo, "6. The proof signer is revoked")
@@ -188,23 +189,11 @@ def _event_agent() -> tuple[dict[str, Any]]:
     return (document,)
 
 
-def _tamper(db: Path, agent_id: str) -> None:
+def _edit_stored_spec(db: Path, agent_id: str, old: str, new: str) -> None:
+    """Change the stored spec behind agov's back, as an attacker with the database file would."""
     conn = sqlite3.connect(db)
     conn.execute(
-        "UPDATE agent_versions SET spec = replace(spec, '\"monthly_budget_usd\":200', "
-        "'\"monthly_budget_usd\":9000') WHERE agent_id = ?",
-        (agent_id,),
-    )
-    conn.commit()
-    conn.close()
-
-
-def _untamper(db: Path, agent_id: str) -> None:
-    conn = sqlite3.connect(db)
-    conn.execute(
-        "UPDATE agent_versions SET spec = replace(spec, '\"monthly_budget_usd\":9000', "
-        "'\"monthly_budget_usd\":200') WHERE agent_id = ?",
-        (agent_id,),
+        "UPDATE agent_versions SET spec = replace(spec, ?, ?) WHERE agent_id = ?", (old, new, agent_id)
     )
     conn.commit()
     conn.close()
