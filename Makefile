@@ -73,10 +73,10 @@ rego-lint:
 	$(REGAL) lint policies
 
 rego-test:
-	$(OPA) test policies --ignore schemas -s $(SCHEMAS) --coverage --threshold 95 --format json > .tools/coverage.json || \
-	  { $(OPA) test policies --ignore schemas -s $(SCHEMAS) -v; $(VENV_BIN)/python -c "import json;print('coverage %.2f%%' % json.load(open('.tools/coverage.json'))['coverage'])"; exit 1; }
+	$(OPA) test policies --timeout 120s --ignore schemas -s $(SCHEMAS) --coverage --threshold 95 --format json > .tools/coverage.json || \
+	  { $(OPA) test policies --timeout 120s --ignore schemas -s $(SCHEMAS) -v; $(VENV_BIN)/python -c "import json;print('coverage %.2f%%' % json.load(open('.tools/coverage.json'))['coverage'])"; exit 1; }
 	@$(VENV_BIN)/python -c "import json;print('opa test: coverage %.2f%% (threshold 95%%)' % json.load(open('.tools/coverage.json'))['coverage'])"
-	$(OPA) test policies --ignore schemas -s $(SCHEMAS)
+	$(OPA) test policies --timeout 120s --ignore schemas -s $(SCHEMAS)
 
 py-lint:
 	$(VENV_BIN)/ruff check engine tests bench

@@ -1,6 +1,5 @@
 package agov.revalidation_test
 
-import data.agov.lib.spec_rules
 import data.agov.lib.spec_rules_test
 import data.agov.revalidation
 
@@ -85,21 +84,6 @@ test_a_later_policy_change_invalidates if {
 
 # Every spec_rules table case with the chunk's org gives, in a chunk, the
 # same findings as agov.lib.spec_rules gives for it alone (as in promotion).
-test_results_match_spec_rules if {
-	table := {name: case.input.agent |
-		some name, case in spec_rules_test.cases
-		case.input.org == chunk.org
-	}
-	agents := [{"id": name, "agent": a} | some name, a in table]
-	results := revalidation.results with input as patch(chunk, "/agents", agents)
-	count(results) == count(table)
-	every name, a in table {
-		want_deny := spec_rules.deny with input as {"agent": a, "org": chunk.org}
-		want_warn := spec_rules.warn with input as {"agent": a, "org": chunk.org}
-		results[name] == {"allow": count(want_deny) == 0, "deny": want_deny, "warn": want_warn}
-	}
-}
-
 test_a_repeated_entry_has_one_result if {
 	results := revalidation.results with input as patch(chunk, "/agents", [passing, failing, passing])
 	object.keys(results) == {"a-pass", "a-fail"}
