@@ -537,9 +537,9 @@ class ManagedSidecar:
         return f"exit code {proc.returncode}; stderr: {self.stderr_tail() or '(empty)'}"
 
     def _with_exit_note(self, exc: EngineUnavailableError) -> EngineUnavailableError:
-        # a refused connection means nothing listens: give a dying process a moment to be reaped
-        refused = isinstance(exc.__cause__, ConnectionRefusedError)
-        note = self._exit_note(wait_s=0.2 if refused else 0.0)
+        # a refused or reset connection may mean OPA just died: give it a moment to be reaped
+        dropped = isinstance(exc.__cause__, ConnectionError)
+        note = self._exit_note(wait_s=0.2 if dropped else 0.0)
         if note is None:
             return exc
         return EngineUnavailableError(f"{exc.message}: the OPA process died ({note})", hint=exc.hint)
