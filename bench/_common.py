@@ -46,6 +46,17 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def main_for(
+    run: Callable[[bool, bool], dict[str, Any]], doc: str | None, argv: list[str] | None = None
+) -> int:
+    """The command line every figure script shares: parse, run, add the machine, emit."""
+    args = parser(doc or "").parse_args(argv)
+    result = run(args.quick, args.profile)
+    result["machine"] = machine()
+    emit(result, args.json)
+    return 0
+
+
 def emit(result: dict[str, Any], json_path: Path | None) -> None:
     """Print a readable summary to stderr and write the JSON document (or print it to stdout)."""
     print(render_text(result), file=sys.stderr)

@@ -330,11 +330,7 @@ def _profile_reload(engine: Engine, policies: Path, lock: threading.Lock) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = c.parser(__doc__ or "").parse_args(argv)
-    result = run(args.quick, args.profile)
-    result["machine"] = c.machine()
-    c.emit(result, args.json)
-    return 0
+    return c.main_for(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -238,17 +238,12 @@ class Engine:
         agent = registry.get_agent(self.store, agent_id)
         self.metrics.promotion_attempts.inc()
         started = time.perf_counter()
-        try:
-            policy_hash = policy.require_active(self.store).hash
-        except PolicyError as exc:
-            policy_hash = ""
-            failure: AgovError | None = exc
-        else:
-            failure = None
+        active = policy.active_version(self.store)
+        policy_hash = active.hash if active is not None else ""
 
         def evaluator() -> Evaluator:
-            if failure is not None:
-                raise failure
+            if active is None:  # no policy: promotion denies (and is audited) like any other failure
+                policy.require_active(self.store)
             return self.evaluator()
 
         result = promotion.promote(
