@@ -10,6 +10,7 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import orjson
 import rfc8785
 
 from agov.errors import SpecError
@@ -18,10 +19,21 @@ from agov.errors import SpecError
 def canonical_json(value: Any) -> bytes:
     """Serialize ``value`` as RFC 8785 canonical JSON.
 
+    Values whose RFC 8785 form is exactly what orjson writes with sorted keys (plain dicts with
+    ASCII string keys, lists, strings, safe integers, floats printed without an exponent or a
+    trailing ``.0``) take that C fast path; anything else goes through the reference encoder,
+    which also raises for what JSON cannot carry. ``tests/unit/test_hashing.py`` checks the two
+    agree.
+
     Raises:
         SpecError: the value holds something JSON cannot carry canonically (NaN, an integer
             beyond 2**53, a non-string key).
     """
+    if _fast_path_safe(value):
+        try:
+            return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:
+            pass  # a lone surrogate, say: the reference encoder gives the error
     try:
         return bytes(rfc8785.dumps(value))
     except (rfc8785.CanonicalizationError, TypeError, ValueError) as exc:
@@ -29,6 +41,41 @@ def canonical_json(value: Any) -> bytes:
             f"value cannot be canonicalized: {exc}",
             hint="use plain JSON values: strings, finite numbers, booleans, lists, maps",
         ) from exc
+
+
+_SAFE_INT = 2**53 - 1
+
+
+def _fast_path_safe(value: Any) -> bool:
+    """Whether orjson's sorted output of ``value`` is byte for byte its RFC 8785 form.
+
+    Exact types only (a str or int subclass, a tuple, takes the reference path). Keys must be
+    ASCII, where code point order and RFC 8785's UTF-16 order agree.
+    """
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        kind = type(item)
+        if kind is str or kind is bool or item is None:
+            continue
+        if kind is dict:
+            for key in item:
+                if type(key) is not str or not key.isascii():
+                    return False
+            pending.extend(item.values())
+        elif kind is list:
+            pending.extend(item)
+        elif kind is int:
+            if not -_SAFE_INT <= item <= _SAFE_INT:
+                return False
+        elif kind is float:
+            text = repr(item)
+            # ECMAScript prints 1.0 as 1 and has other exponent forms; orjson must match repr too
+            if "e" in text or "n" in text or text.endswith(".0") or orjson.dumps(item) != text.encode():
+                return False
+        else:
+            return False
+    return True
 
 
 def sha256_hex(data: bytes) -> str:

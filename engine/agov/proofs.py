@@ -1,27 +1,31 @@
 """Promotion proofs: DSSE envelopes carrying an in-toto Statement v1, signed and verified.
 
 Pure functions over values and bytes: no file I/O and no clock reads (``now`` is passed in).
-Keys come from :mod:`agov.keys`. DSSE itself (PAE, envelope, threshold verification) is
-securesystemslib's; this module adds the statement format, an HMAC-SHA256 key type that plugs
-into securesystemslib's ``Signer``/``Key`` interfaces, and the checks that turn a verified
-envelope into a decision: revocation, key validity window, expiry, binding and rollback.
+Keys come from :mod:`agov.keys`. The envelope is DSSE as securesystemslib reads and writes it
+(its ``Envelope`` verifies what this module signs, and the reverse, in the unit tests); the hot
+paths sign and verify PAE bytes with ``cryptography`` directly, with each public key parsed once.
+This module adds the statement format, an HMAC-SHA256 key type that plugs into
+securesystemslib's ``Signer``/``Key`` interfaces, and the checks that turn a verified envelope
+into a decision: revocation, key validity window, expiry, binding and rollback.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import json
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from securesystemslib.dsse import Envelope
@@ -286,10 +290,12 @@ class VerifiedProof:
 class ProofSigner:
     """Signs proofs with one key. Build it with :meth:`ed25519` or :meth:`hmac`."""
 
-    __slots__ = ("_signer", "alg", "keyid")
+    __slots__ = ("_sign", "_signer", "alg", "keyid")
 
-    def __init__(self, signer: Signer, keyid: str, alg: Alg) -> None:
+    def __init__(self, signer: Signer, sign: Callable[[bytes], bytes], keyid: str, alg: Alg) -> None:
         self._signer = signer
+        # the raw signature over PAE bytes; the securesystemslib signer only describes the key
+        self._sign = sign
         self.keyid = keyid
         self.alg: Alg = alg
 
@@ -305,7 +311,7 @@ class ProofSigner:
         raw = private_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         keyid = ed25519_keyid(raw)
         public = SSlibKey(keyid, KEY_TYPE_ED25519, ED25519, {"public": raw.hex()})
-        return cls(CryptoSigner(private_key, public), keyid, "ed25519")
+        return cls(CryptoSigner(private_key, public), private_key.sign, keyid, "ed25519")
 
     @classmethod
     def hmac(cls, secret: bytes) -> ProofSigner:
@@ -315,8 +321,8 @@ class ProofSigner:
             KeyMaterialError: the secret is too short.
         """
         _check_hmac_secret(secret)
-        keyid = hmac_keyid(secret)
-        return cls(_HmacSigner(_HmacKey(keyid, secret)), keyid, "hmac-sha256")
+        key = _HmacKey(hmac_keyid(secret), secret)
+        return cls(_HmacSigner(key), key.mac, key.keyid, "hmac-sha256")
 
     def trusted_key(
         self,
@@ -346,9 +352,10 @@ class ProofSigner:
 def pae(payload_type: str, body: bytes) -> bytes:
     """DSSE pre-authentication encoding: ``"DSSEv1" SP len(type) SP type SP len(body) SP body``.
 
-    Lengths are byte lengths (UTF-8 for the type). Delegates to securesystemslib.
+    Lengths are byte lengths (UTF-8 for the type), as securesystemslib's ``Envelope.pae``.
     """
-    return Envelope(body, payload_type, {}).pae()
+    kind = payload_type.encode("utf-8")
+    return b"DSSEv1 %d %b %d %b" % (len(kind), kind, len(body), body)
 
 
 def _format_time(value: datetime) -> str:
@@ -393,9 +400,18 @@ def sign_proof(claims: ProofClaims, signer: ProofSigner) -> bytes:
     Raises:
         SpecError: a claim value cannot be serialized canonically.
     """
-    envelope = Envelope(canonical_json(statement(claims)), PAYLOAD_TYPE, {})
-    envelope.sign(signer._signer)
-    return canonical_json(envelope.to_dict())
+    payload = canonical_json(statement(claims))
+    signature = signer._sign(pae(PAYLOAD_TYPE, payload))
+    # the shape of securesystemslib's Envelope.to_dict, which verifies it (tests/unit/test_proofs.py)
+    return canonical_json(
+        {
+            "payload": base64.standard_b64encode(payload).decode("ascii"),
+            "payloadType": PAYLOAD_TYPE,
+            "signatures": [
+                {"keyid": signer.keyid, "sig": base64.standard_b64encode(signature).decode("ascii")}
+            ],
+        }
+    )
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -412,13 +428,17 @@ def _reject_constant(name: str) -> Any:
     raise ProofError(f"non-standard JSON constant {name}")
 
 
+# one decoder for every envelope and statement: json.loads with hooks builds a new one per call
+_DECODER = json.JSONDecoder(object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+
+
 def _loads(data: bytes, what: str) -> Any:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ProofError(f"{what} is not valid UTF-8: {exc.reason} at byte {exc.start}") from exc
     try:
-        return json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+        return _DECODER.decode(text)
     except RecursionError as exc:
         raise ProofError(f"{what} is nested too deeply") from exc
     except ValueError as exc:
@@ -572,7 +592,8 @@ def _verifying_keys(
     checked with that key's own algorithm and material, never with anything the envelope says.
     """
     verified: list[TrustedKey] = []
-    for keyid in envelope.signatures:
+    signed_bytes = pae(envelope.payload_type, envelope.payload)
+    for keyid, signature in envelope.signatures.items():
         key = trusted.get(keyid)
         if key is None or key.keyid != keyid:
             continue  # signatures from keys we do not trust are ignored
@@ -580,14 +601,29 @@ def _verifying_keys(
         if cache is not None and memo in cache:
             verified.append(key)
             continue
-        try:
-            envelope.verify([key._sslib_key()], 1)
-        except UnverifiedSignatureError:
+        if not _signature_valid(key, bytes.fromhex(signature.signature), signed_bytes):
             continue
         if cache is not None:
             cache.add(memo)
         verified.append(key)
     return verified
+
+
+def _signature_valid(key: TrustedKey, signature: bytes, signed_bytes: bytes) -> bool:
+    if key.alg == "ed25519":
+        try:
+            _ed25519_verifier(key.material).verify(signature, signed_bytes)
+        except InvalidSignature:
+            return False
+        return True
+    # constant time, so a forger learns nothing from how long a mismatch takes
+    return hmac.compare_digest(signature, hmac.new(key.material, signed_bytes, hashlib.sha256).digest())
+
+
+@functools.lru_cache(maxsize=1024)
+def _ed25519_verifier(public_raw: bytes) -> Ed25519PublicKey:
+    """The parsed public key, once per key rather than once per signature."""
+    return _ed25519_public(public_raw)
 
 
 def _signer_problem(key: TrustedKey, claims: ProofClaims, now: datetime) -> AgovError | None:

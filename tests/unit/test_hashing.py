@@ -6,7 +6,8 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+import rfc8785
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from agov.errors import SpecError
@@ -59,11 +60,39 @@ def test_equivalent_number_spellings_hash_the_same(a: str, b: str) -> None:
     assert spec_hash(parse_spec_bytes(a.encode())) == spec_hash(parse_spec_bytes(b.encode()))
 
 
+# Every kind of value the fast path must either print exactly as RFC 8785 does or hand over:
+# any float (exponents, integral values, subnormals), keys beyond ASCII (UTF-16 order), control
+# characters, and integers at the edge of the safe range.
+any_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53) + 1, 2**53 - 1)
+    | st.text(max_size=12)
+    | st.floats(allow_nan=False, allow_infinity=False, width=64)
+    | st.sampled_from([0.0, -0.0, 1.0, 1e16, 1e21, 1e-6, 1e-7, 5e-324, 123.456, 2**53 - 1, -(2**53) + 1])
+)
+any_values = st.recursive(
+    any_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=25,
+)
+
+
+@given(any_values)
+@settings(max_examples=1500)
+@example({"\ue000": 1, "\U0001f600": 2, "a": [1.0, 0.35, "\x00\x1f\x7f\u2028"]})
+def test_the_fast_path_prints_exactly_what_rfc8785_prints(value: Any) -> None:
+    assert canonical_json(value) == rfc8785.dumps(value)
+
+
 def test_values_json_cannot_carry_canonically_are_refused() -> None:
     with pytest.raises(SpecError, match="cannot be canonicalized"):
         canonical_json({"n": 2**60})
     with pytest.raises(SpecError, match="cannot be canonicalized"):
         canonical_json({"n": float("nan")})
+    for odd in ({"n": float("inf")}, {1: "int key"}, {"s": "\ud800"}, {"n": -(2**53)}, [{"t": (2**60,)}]):
+        with pytest.raises(SpecError, match="cannot be canonicalized"):
+            canonical_json(odd)
 
 
 def test_policy_hash_is_order_independent_and_byte_sensitive() -> None:
