@@ -14,6 +14,8 @@ TOOLS_BIN := $(CURDIR)/.tools/bin
 OPA       := $(TOOLS_BIN)/opa
 REGAL     := $(TOOLS_BIN)/regal
 SCHEMAS   := policies/schemas
+# Rego the engine ships outside the bundle (the managed sidecar's decision-log mask)
+ENGINE_REGO := engine/agov/opa/rego
 export PATH := $(TOOLS_BIN):$(PATH)
 export AGOV_OPA_BIN := $(OPA)
 
@@ -64,19 +66,21 @@ $(REGAL): tools/regal/go.mod tools/regal/go.sum
 # --- checks, in the order `make test` runs them ---------------------------------------------
 
 rego-fmt:
-	@out=$$($(OPA) fmt --list policies); if [ -n "$$out" ]; then echo "opa fmt would change:"; echo "$$out"; exit 1; fi
+	@out=$$($(OPA) fmt --list policies $(ENGINE_REGO)); if [ -n "$$out" ]; then echo "opa fmt would change:"; echo "$$out"; exit 1; fi
 
 rego-check:
 	$(OPA) check --strict -s $(SCHEMAS) policies
+	$(OPA) check --strict $(ENGINE_REGO)
 
 rego-lint:
-	$(REGAL) lint policies
+	$(REGAL) lint policies $(ENGINE_REGO)
 
 rego-test:
 	$(OPA) test policies --timeout 120s --ignore schemas -s $(SCHEMAS) --coverage --threshold 95 --format json > .tools/coverage.json || \
 	  { $(OPA) test policies --timeout 120s --ignore schemas -s $(SCHEMAS) -v; $(VENV_BIN)/python -c "import json;print('coverage %.2f%%' % json.load(open('.tools/coverage.json'))['coverage'])"; exit 1; }
 	@$(VENV_BIN)/python -c "import json;print('opa test: coverage %.2f%% (threshold 95%%)' % json.load(open('.tools/coverage.json'))['coverage'])"
 	$(OPA) test policies --timeout 120s --ignore schemas -s $(SCHEMAS)
+	$(OPA) test $(ENGINE_REGO) --coverage --threshold 100 --format json > /dev/null || { $(OPA) test $(ENGINE_REGO) -v; exit 1; }
 
 py-lint:
 	$(VENV_BIN)/ruff check engine tests bench

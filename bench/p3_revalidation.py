@@ -289,14 +289,15 @@ def _instrument(evaluator: Any) -> dict[str, list[int]]:
 
         setattr(owner, attr, timed)
 
-    wrap(revalidation, "_chunk", "read chunk: SQL + json.loads of specs (_chunk)")
+    wrap(revalidation, "_chunk", "read chunk: SQL, stored spec bytes (_chunk)")
     wrap(revalidation, "_verdicts", "OPA chunk query + verdict parsing (_verdicts)")
     wrap(evaluator, "evaluate", "  of which evaluator.evaluate (HTTP, OPA eval, JSON)")
     wrap(revalidation, "_apply", "transition + re-sign + commit (_apply)")
-    wrap(revalidation, "digest", "  input_digest: RFC 8785 of agent + org (digest)")
-    wrap(revalidation, "issue_proof", "  issue_proof (claims, sign, 3 SQL statements)")
-    wrap(promotion, "sign_proof", "    of which sign_proof (RFC 8785 x2 + Ed25519)")
-    wrap(store_sqlite.Tx, "audit", "  audit events (hash-chained, RFC 8785)")
+    wrap(revalidation, "_unchanged", "  re-read row versions under the write lock (_unchanged)")
+    wrap(revalidation, "sign_for", "  sign_for (claims + sign_proof)")
+    wrap(promotion, "sign_proof", "    of which sign_proof (canonical JSON x2 + Ed25519)")
+    wrap(revalidation, "store_proofs", "  store_proofs (3 executemany statements)")
+    wrap(store_sqlite.Tx, "audit", "  audit events (hash-chained)")
     return totals
 
 

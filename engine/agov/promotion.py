@@ -74,6 +74,119 @@ class ProofTarget:
     row_version: int
 
 
+@dataclass(frozen=True)
+class SignedProof:
+    """A proof signed for one target, with the row values that govern the agent by it."""
+
+    target: ProofTarget
+    status: Status
+    reasons_json: str
+    envelope: bytes
+    keyid: str
+    policy_hash: str
+    issued_at: str
+    expires_at: str | None
+
+
+def sign_for(
+    agent: ProofTarget,
+    verdict: PolicyVerdict,
+    signer: ProofSigner,
+    *,
+    policy_hash: str,
+    decision_id: str | None,
+    input_digest: str,
+    actor: str,
+    role: str,
+    now: datetime,
+    proof_ttl_days: int | None,
+) -> SignedProof:
+    """Sign the proof an allowing verdict earns; nothing is written yet."""
+    status = verdict.status
+    expires = now + timedelta(days=proof_ttl_days) if proof_ttl_days else None
+    claims = ProofClaims(
+        agent_id=agent.agent_id,
+        version=str(agent.version),
+        spec_hash=agent.spec_hash,
+        policy_hash=policy_hash,
+        # OPA names a decision only when decision logging is on (an external sidecar may not).
+        decision_id=decision_id or NO_DECISION_ID,
+        input_digest=input_digest,
+        actor=actor,
+        role=role,
+        governance_status=status.value,
+        issued_at=now,
+        expires_at=expires,
+    )
+    issued_at = iso(now)
+    assert issued_at is not None
+    return SignedProof(
+        agent,
+        status,
+        _reasons_json(verdict.warn),
+        sign_proof(claims, signer),
+        signer.keyid,
+        policy_hash,
+        issued_at,
+        iso(expires),
+    )
+
+
+def store_proofs(tx: Tx, proofs: list[SignedProof]) -> None:
+    """Govern each agent by its new proof and supersede the old one, in batches of statements.
+
+    All or nothing: if any agent changed since it was read, nothing is written.
+
+    Raises:
+        UsageError: an agent changed since it was read (another promotion or update won).
+    """
+    if not proofs:
+        return
+    changed = tx.executemany(
+        "UPDATE agents SET status = ?, reasons = ?, sandbox_expires_at = NULL, row_version = row_version + 1,"
+        " updated_at = ? WHERE id = ? AND row_version = ? AND current_version = ?",
+        [
+            (
+                p.status.value,
+                p.reasons_json,
+                p.issued_at,
+                p.target.agent_id,
+                p.target.row_version,
+                p.target.version,
+            )
+            for p in proofs
+        ],
+    ).rowcount
+    if changed != len(proofs):
+        # a batch is all or nothing: the caller's transaction rolls back the rows that did match
+        raise UsageError(
+            f"{len(proofs) - changed} of {len(proofs)} agents changed while their proofs were being issued",
+            hint="read them again and retry",
+        )
+    tx.executemany(
+        "UPDATE agent_proofs SET superseded_at = ? WHERE agent_id = ? AND superseded_at IS NULL",
+        [(p.issued_at, p.target.agent_id) for p in proofs],
+    )
+    tx.executemany(
+        "INSERT INTO agent_proofs (agent_id, version, policy_hash, spec_hash, envelope, keyid, governance_status,"
+        " issued_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                p.target.agent_id,
+                p.target.version,
+                p.policy_hash,
+                p.target.spec_hash,
+                p.envelope,
+                p.keyid,
+                p.status.value,
+                p.issued_at,
+                p.expires_at,
+            )
+            for p in proofs
+        ],
+    )
+
+
 def issue_proof(
     tx: Tx,
     agent: ProofTarget,
@@ -93,58 +206,24 @@ def issue_proof(
     Raises:
         UsageError: the agent changed since it was read (another promotion or update won).
     """
-    status = verdict.status
-    expires = now + timedelta(days=proof_ttl_days) if proof_ttl_days else None
-    claims = ProofClaims(
-        agent_id=agent.agent_id,
-        version=str(agent.version),
-        spec_hash=agent.spec_hash,
+    signed = sign_for(
+        agent,
+        verdict,
+        signer,
         policy_hash=policy_hash,
-        # OPA names a decision only when decision logging is on (an external sidecar may not).
-        decision_id=decision_id or NO_DECISION_ID,
+        decision_id=decision_id,
         input_digest=input_digest,
         actor=actor,
         role=role,
-        governance_status=status.value,
-        issued_at=now,
-        expires_at=expires,
+        now=now,
+        proof_ttl_days=proof_ttl_days,
     )
-    envelope = sign_proof(claims, signer)
-    changed = tx.execute(
-        "UPDATE agents SET status = ?, reasons = ?, sandbox_expires_at = NULL, row_version = row_version + 1,"
-        " updated_at = ? WHERE id = ? AND row_version = ? AND current_version = ?",
-        (
-            status.value,
-            _reasons_json(verdict.warn),
-            iso(now),
-            agent.agent_id,
-            agent.row_version,
-            agent.version,
-        ),
-    ).rowcount
-    if changed != 1:
+    try:
+        store_proofs(tx, [signed])
+    except UsageError:
         raise UsageError(
             f"agent {agent.agent_id!r} changed while it was being promoted", hint="read it again and retry"
-        )
-    tx.execute(
-        "UPDATE agent_proofs SET superseded_at = ? WHERE agent_id = ? AND superseded_at IS NULL",
-        (iso(now), agent.agent_id),
-    )
-    tx.execute(
-        "INSERT INTO agent_proofs (agent_id, version, policy_hash, spec_hash, envelope, keyid, governance_status,"
-        " issued_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            agent.agent_id,
-            agent.version,
-            policy_hash,
-            agent.spec_hash,
-            envelope,
-            signer.keyid,
-            status.value,
-            iso(now),
-            iso(expires),
-        ),
-    )
+        ) from None
 
 
 def _reasons_json(reasons: tuple[Reason, ...]) -> str:

@@ -15,15 +15,17 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
+import orjson
+
 from agov.config import Config
 from agov.decisions import Code, PolicyVerdict, Reason, Status, parse_verdict
-from agov.errors import DecisionError, UsageError
+from agov.errors import DecisionError
 from agov.hashing import canonical_json, sha256_hex
-from agov.opa.evaluator import Evaluator
-from agov.promotion import ProofTarget, issue_proof
+from agov.opa.evaluator import EncodedInput, Evaluator
+from agov.promotion import ProofTarget, SignedProof, sign_for, store_proofs
 from agov.proofs import ProofSigner
 from agov.store import Store
-from agov.store.sqlite import iso
+from agov.store.sqlite import Tx, iso
 
 REVALIDATION_PATH = "agov/revalidation/results"
 REVALIDATION_ACTOR = "agov-revalidation"
@@ -55,8 +57,7 @@ class _Row:
     spec_hash: str
     row_version: int
     status: str
-    document: dict[str, Any]
-    canonical: bytes
+    canonical: bytes  # the stored RFC 8785 spec: sent to OPA and digested as is, never parsed
 
 
 def _chunk(store: Store, after: str, size: int) -> list[_Row]:
@@ -75,23 +76,34 @@ def _chunk(store: Store, after: str, size: int) -> list[_Row]:
             r["spec_hash"],
             r["row_version"],
             r["status"],
-            json.loads(r["spec"]),
             r["spec"].encode(),
         )
         for r in rows
     ]
 
 
+def _chunk_input(rows: list[_Row], org_canonical: bytes, policy_hash: str, now: datetime) -> EncodedInput:
+    """``{"agents": [{"id", "agent"}...], "org", "policy_hash", "now"}``, assembled from stored bytes."""
+    agents = b",".join(b'{"id":' + orjson.dumps(r.agent_id) + b',"agent":' + r.canonical + b"}" for r in rows)
+    return EncodedInput(
+        b'{"agents":['
+        + agents
+        + b'],"org":'
+        + org_canonical
+        + b',"policy_hash":'
+        + orjson.dumps(policy_hash)
+        + b',"now":'
+        + orjson.dumps(iso(now))
+        + b"}"
+    )
+
+
 def _verdicts(
-    evaluator: Evaluator, rows: list[_Row], config: Config, policy_hash: str, now: datetime
-) -> tuple[dict[str, PolicyVerdict], str | None, dict[str, Any], datetime]:
-    payload = {
-        "agents": [{"id": r.agent_id, "agent": r.document} for r in rows],
-        "org": asdict(config.org),
-        "policy_hash": policy_hash,
-        "now": iso(now),
-    }
-    evaluation = evaluator.evaluate(REVALIDATION_PATH, payload, expected_revision=policy_hash)
+    evaluator: Evaluator, rows: list[_Row], org_canonical: bytes, policy_hash: str, now: datetime
+) -> tuple[dict[str, PolicyVerdict], str | None, datetime]:
+    evaluation = evaluator.evaluate(
+        REVALIDATION_PATH, _chunk_input(rows, org_canonical, policy_hash, now), expected_revision=policy_hash
+    )
     results = evaluation.result
     if not isinstance(results, dict):
         raise DecisionError(f"revalidation results are not an object: {type(results).__name__}")
@@ -102,7 +114,7 @@ def _verdicts(
         except DecisionError as exc:
             # One agent without a usable verdict is invalidated, never waved through.
             verdicts[row.agent_id] = PolicyVerdict(False, (Reason("REVALIDATION_NO_VERDICT", exc.message),))
-    return verdicts, evaluation.decision_id, payload, now
+    return verdicts, evaluation.decision_id, now
 
 
 def unfinished_run(store: Store, policy_hash: str) -> bool:
@@ -162,16 +174,19 @@ def revalidate(
             for name in ("total", "valid", "restricted", "invalidated", "newly_invalidated", "restored"):
                 setattr(report, name, int(saved[name]))
     size = config.limits.revalidation_chunk_size
+    org_canonical = canonical_json(asdict(config.org))
     # OPA judges chunk n+1 while chunk n is signed and committed: the two never wait on each other.
     # Reading ahead is safe: chunks are disjoint, and every write checks the row it read.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="agov-revalidate") as opa:
         rows = _chunk(store, cursor, size)
-        pending = opa.submit(_verdicts, evaluator, rows, config, policy_hash, now_fn()) if rows else None
+        pending = (
+            opa.submit(_verdicts, evaluator, rows, org_canonical, policy_hash, now_fn()) if rows else None
+        )
         while rows and pending is not None:
-            verdicts, decision_id, payload, now = pending.result()
+            verdicts, decision_id, now = pending.result()
             next_rows = _chunk(store, rows[-1].agent_id, size)
             pending = (
-                opa.submit(_verdicts, evaluator, next_rows, config, policy_hash, now_fn())
+                opa.submit(_verdicts, evaluator, next_rows, org_canonical, policy_hash, now_fn())
                 if next_rows
                 else None
             )
@@ -179,7 +194,7 @@ def revalidate(
                 _tally_dry(report, rows, verdicts)
             else:
                 assert signer is not None and report.run_id is not None
-                _apply(store, report, rows, verdicts, signer, decision_id, payload, policy_hash, now)
+                _apply(store, report, rows, verdicts, signer, decision_id, org_canonical, policy_hash, now)
             if progress is not None:
                 progress(len(rows))
             rows = next_rows
@@ -254,20 +269,28 @@ def _apply(
     verdicts: dict[str, PolicyVerdict],
     signer: ProofSigner,
     decision_id: str | None,
-    payload: dict[str, Any],
+    org_canonical: bytes,
     policy_hash: str,
     now: datetime,
 ) -> None:
-    tallied = RevalidationReport(policy_hash=policy_hash, dry_run=False)
-    org_canonical = canonical_json(payload["org"])
+    """Sign, transition and commit one chunk, with the run's cursor, in one transaction."""
+    stamp = iso(now)
     with store.transaction() as tx:
+        # Agents another writer changed since the chunk was read are skipped: that write (an
+        # update or a promotion) judged them itself. Under BEGIN IMMEDIATE nothing changes them now.
+        unchanged = _unchanged(tx, rows)
+        tallied = RevalidationReport(policy_hash=policy_hash, dry_run=False)
+        signed: list[SignedProof] = []
+        invalidated: list[tuple[Any, ...]] = []
         for row in rows:
+            if row.agent_id not in unchanged:
+                continue
             verdict = verdicts[row.agent_id]
             if verdict.allow:
-                try:
-                    issue_proof(
-                        tx,
-                        ProofTarget(row.agent_id, row.version, row.spec_hash, row.row_version),
+                target = ProofTarget(row.agent_id, row.version, row.spec_hash, row.row_version)
+                signed.append(
+                    sign_for(
+                        target,
                         verdict,
                         signer,
                         policy_hash=policy_hash,
@@ -278,8 +301,7 @@ def _apply(
                         now=now,
                         proof_ttl_days=None,
                     )
-                except UsageError:
-                    continue  # changed meanwhile (updated or promoted): that write already re-judged it
+                )
                 if row.status == Status.GOVERNED_INVALIDATED.value:
                     tallied.restored += 1
                     tx.audit(
@@ -291,14 +313,16 @@ def _apply(
                         payload={"status": verdict.status.value},
                     )
             else:
-                reasons = json.dumps([r.as_dict() for r in verdict.deny])
-                changed = tx.execute(
-                    "UPDATE agents SET status = ?, reasons = ?, row_version = row_version + 1, updated_at = ?"
-                    " WHERE id = ? AND row_version = ?",
-                    (Status.GOVERNED_INVALIDATED.value, reasons, iso(now), row.agent_id, row.row_version),
-                ).rowcount
-                if changed != 1:
-                    continue
+                deny = [r.as_dict() for r in verdict.deny]
+                invalidated.append(
+                    (
+                        Status.GOVERNED_INVALIDATED.value,
+                        json.dumps(deny),
+                        stamp,
+                        row.agent_id,
+                        row.row_version,
+                    )
+                )
                 if row.status != Status.GOVERNED_INVALIDATED.value:
                     tallied.newly_invalidated += 1
                     tx.audit(
@@ -307,9 +331,15 @@ def _apply(
                         actor=REVALIDATION_ACTOR,
                         policy_hash=policy_hash,
                         now=now,
-                        payload={"deny": json.loads(reasons)},
+                        payload={"deny": deny},
                     )
             _tally(tallied, verdict)
+        store_proofs(tx, signed)  # all unchanged (checked above), so it cannot refuse
+        tx.executemany(
+            "UPDATE agents SET status = ?, reasons = ?, row_version = row_version + 1, updated_at = ?"
+            " WHERE id = ? AND row_version = ?",
+            invalidated,
+        )
         report.total += tallied.total
         report.valid += tallied.valid
         report.restricted += tallied.restricted
@@ -330,3 +360,23 @@ def _apply(
                 report.run_id,
             ),
         )
+
+
+def _unchanged(tx: Tx, rows: list[_Row]) -> set[str]:
+    """The ids of ``rows`` whose agent still has the version and row version that was read."""
+    read = {(r.agent_id, r.version, r.row_version) for r in rows}
+    found: set[str] = set()
+    ids = [r.agent_id for r in rows]
+    for start in range(0, len(ids), _IN_BATCH):
+        part = ids[start : start + _IN_BATCH]
+        for r in tx.execute(
+            f"SELECT id, current_version, row_version FROM agents WHERE id IN ({','.join('?' * len(part))})",
+            tuple(part),
+        ):
+            if (r[0], r[1], r[2]) in read:
+                found.add(r[0])
+    return found
+
+
+# SQLite's default limit on bound parameters is 32766 (999 before 3.32); stay far below either.
+_IN_BATCH = 500

@@ -127,6 +127,29 @@ def test_decision_ids_reach_the_decision_log(sidecar: ManagedSidecar) -> None:
     assert event["path"] == PATH
 
 
+def test_revalidation_specs_are_masked_out_of_the_decision_log(sidecar: ManagedSidecar) -> None:
+    kept = sidecar.evaluate(PATH, {"x": 1, "agents": ["kept"]})
+    # undefined in this test bundle, so a DecisionError; OPA logs the decision all the same
+    with pytest.raises(DecisionError, match="undefined decision"):
+        sidecar.evaluate("agov/revalidation/results", {"agents": [{"id": "a", "agent": {}}], "org": {}})
+    server = sidecar.bundle_server
+    assert server is not None
+
+    def arrived() -> list[dict[str, Any]]:
+        return [e for e in server.decision_logs() if e.get("path") == "agov/revalidation/results"]
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not arrived():
+        time.sleep(0.1)
+    events = arrived()
+    assert events, "the revalidation decision never reached /logs"
+    assert events[-1]["erased"] == ["/input/agents"]
+    assert events[-1]["input"] == {"org": {}}
+    others = {e.get("decision_id"): e for e in server.decision_logs()}
+    assert others[kept.decision_id]["input"] == {"x": 1, "agents": ["kept"]}
+    assert "erased" not in others[kept.decision_id]
+
+
 # --- hot reload and R15 ---------------------------------------------------------------------------
 
 

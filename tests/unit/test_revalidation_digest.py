@@ -1,18 +1,41 @@
-"""The revalidation input digest, assembled from stored canonical bytes, equals the RFC 8785
-digest of the same input built the slow way."""
+"""Revalidation assembles its OPA input and each agent's input digest from the stored canonical
+bytes; both equal what the slow way (parse, build the document, encode) gives."""
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
 from typing import Any
 
 from agov.hashing import canonical_json, digest
-from agov.revalidation import _input_digest, _Row
+from agov.revalidation import _chunk_input, _input_digest, _Row
+
+ODD_IDS = ("finance-reconciler-prod", 'odd"id\\é', "tab\tnew\nline")
 
 
 def test_assembled_digest_equals_the_canonical_one(valid_spec: dict[str, Any]) -> None:
     org = {"max_monthly_budget_usd": 1000.0}
-    for agent_id in ("finance-reconciler-prod", 'odd"id\\é'):
+    for agent_id in ODD_IDS:
         canonical = canonical_json(valid_spec)
-        row = _Row(agent_id, 1, "0" * 64, 1, "GOVERNED_VALID", valid_spec, canonical)
+        row = _Row(agent_id, 1, "0" * 64, 1, "GOVERNED_VALID", canonical)
         expected = digest({"agent": {"id": agent_id, "agent": valid_spec}, "org": org})
         assert _input_digest(row, canonical_json(org)) == expected
+
+
+def test_assembled_chunk_input_is_the_document_it_stands_for(valid_spec: dict[str, Any]) -> None:
+    org = {"max_monthly_budget_usd": 1000.0}
+    other = {**valid_spec, "metadata": {**valid_spec["metadata"], "name": "Zweite Fassung, ünïcødé"}}
+    specs = [valid_spec, other, valid_spec]
+    rows = [
+        _Row(agent_id, 1, "0" * 64, 1, "GOVERNED_VALID", canonical_json(spec))
+        for agent_id, spec in zip(ODD_IDS, specs, strict=True)
+    ]
+    now = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    sent = _chunk_input(rows, canonical_json(org), "ab" * 32, now)
+    assert json.loads(sent.json) == {
+        "agents": [{"id": agent_id, "agent": spec} for agent_id, spec in zip(ODD_IDS, specs, strict=True)],
+        "org": org,
+        "policy_hash": "ab" * 32,
+        "now": "2026-01-02T03:04:05.678901+00:00",
+    }
+    assert json.loads(_chunk_input([], canonical_json(org), "ab" * 32, now).json)["agents"] == []

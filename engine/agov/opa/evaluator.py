@@ -42,6 +42,19 @@ class EvaluatorConfig:
             raise ValueError(f"bundle_name {self.bundle_name!r} must match [A-Za-z0-9_.-]{{1,64}}")
 
 
+@dataclass(frozen=True)
+class EncodedInput:
+    """An input document already serialized as UTF-8 JSON, sent to OPA as it is.
+
+    For a caller that holds the bytes already: revalidation assembles a chunk of a thousand
+    agents from the canonical spec bytes the store keeps, instead of parsing each spec only to
+    encode it again. The caller vouches that ``json`` is one JSON object; OPA answers anything
+    else with an error, which fails closed like any other.
+    """
+
+    json: bytes
+
+
 @runtime_checkable
 class Evaluator(Protocol):
     """Something that answers policy queries, tied to the revision of the bundle that answered.
@@ -52,13 +65,13 @@ class Evaluator(Protocol):
     """
 
     def evaluate(
-        self, path: str, input: Mapping[str, Any], *, expected_revision: str | None = None
+        self, path: str, input: Mapping[str, Any] | EncodedInput, *, expected_revision: str | None = None
     ) -> Evaluation:
         """Evaluate ``data.<path>`` (``path`` like ``"agov/admission/decision"``) for ``input``.
 
         Args:
             path: Slash-separated rule path below ``data``.
-            input: The input document (must serialize to JSON).
+            input: The input document (must serialize to JSON), or its JSON bytes.
             expected_revision: When given, an answer from any other bundle revision is refused.
 
         Returns:

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 from agov.decisions import Evaluation
 from agov.errors import UsageError
-from agov.opa.evaluator import EvaluatorConfig
+from agov.opa.evaluator import EncodedInput, EvaluatorConfig
 from agov.opa.http import ConnectionConfig, DecisionClient
 
 ENV_OPA_URL = "AGOV_OPA_URL"
@@ -138,7 +138,7 @@ class ExternalSidecar:
         return cls(connection, config)
 
     def evaluate(
-        self, path: str, input: Mapping[str, Any], *, expected_revision: str | None = None
+        self, path: str, input: Mapping[str, Any] | EncodedInput, *, expected_revision: str | None = None
     ) -> Evaluation:
         """Evaluate ``data.<path>``; see :meth:`agov.opa.evaluator.Evaluator.evaluate`.
 

@@ -39,9 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import orjson
+
 from agov.decisions import Evaluation
 from agov.errors import DecisionError, EngineUnavailableError
-from agov.opa.evaluator import EvaluatorConfig
+from agov.opa.evaluator import EncodedInput, EvaluatorConfig
 
 _PATH_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:/[A-Za-z_][A-Za-z0-9_]*)*")
 _QUERY = "?provenance=true&strict-builtin-errors=true"
@@ -159,13 +161,13 @@ class DecisionClient:
     # --- decisions --------------------------------------------------------------------------
 
     def evaluate(
-        self, path: str, input: Mapping[str, Any], *, expected_revision: str | None = None
+        self, path: str, input: Mapping[str, Any] | EncodedInput, *, expected_revision: str | None = None
     ) -> Evaluation:
         """POST ``{"input": input}`` to ``/v1/data/<path>`` and return a checked answer.
 
         Args:
             path: Slash-separated rule path below ``data`` (``agov/admission/decision``).
-            input: The input document.
+            input: The input document, or its JSON bytes.
             expected_revision: When given, an answer from another revision is refused.
 
         Returns:
@@ -180,7 +182,10 @@ class DecisionClient:
         if not isinstance(path, str) or not _PATH_RE.fullmatch(path):
             raise DecisionError(f"bad policy path {path!r}: expected segments like 'agov/admission/decision'")
         try:
-            body = self._encoder.encode({"input": dict(input)}).encode("utf-8")
+            if isinstance(input, EncodedInput):
+                body = b'{"input":' + input.json + b"}"
+            else:
+                body = self._encoder.encode({"input": dict(input)}).encode("utf-8")
         except (TypeError, ValueError, RecursionError) as exc:
             raise DecisionError(f"input for data.{_dotted(path)} does not serialize to JSON: {exc}") from exc
         if len(body) > self.config.max_request_bytes:
@@ -552,7 +557,8 @@ def _check_reply(reply: Reply, what: str) -> dict[str, Any]:
     if reply.status != 200:
         raise DecisionError(f"OPA rejected {what} (HTTP {reply.status}): {_opa_message(reply.body)}")
     try:
-        doc = json.loads(reply.body)
+        # orjson: several times faster on a 1000-agent answer, and it refuses NaN and Infinity
+        doc = orjson.loads(reply.body)
     except (ValueError, RecursionError) as exc:
         raise DecisionError(f"OPA's answer for {what} is not JSON: {_short(reply.body)}") from exc
     if not isinstance(doc, dict):

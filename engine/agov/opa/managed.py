@@ -46,12 +46,15 @@ from agov.decisions import Evaluation
 from agov.errors import DecisionError, EngineUnavailableError, KeyMaterialError, PolicyError
 from agov.opa.binary import find_opa
 from agov.opa.bundle_server import BundleServer, BundleServerConfig
-from agov.opa.evaluator import EvaluatorConfig
+from agov.opa.evaluator import EncodedInput, EvaluatorConfig
 from agov.opa.http import ConnectionConfig, DecisionClient
 
 _PR_SET_PDEATHSIG = 1
 _SERVICE = "agov"
 _ADDR_IN_USE = "address already in use"
+
+
+DECISION_LOG_MASK = Path(__file__).resolve().parent / "rego" / "system" / "log" / "mask.rego"
 
 
 @dataclass(frozen=True)
@@ -209,7 +212,7 @@ class ManagedSidecar:
     # --- Evaluator ----------------------------------------------------------------------------
 
     def evaluate(
-        self, path: str, input: Mapping[str, Any], *, expected_revision: str | None = None
+        self, path: str, input: Mapping[str, Any] | EncodedInput, *, expected_revision: str | None = None
     ) -> Evaluation:
         """Evaluate ``data.<path>``; see :meth:`agov.opa.evaluator.Evaluator.evaluate`.
 
@@ -417,6 +420,8 @@ class ManagedSidecar:
             "--skip-version-check",  # no call to GitHub at every start
             "--shutdown-grace-period",
             str(max(1, int(self.managed.stop_grace_s))),
+            # beside the bundle, outside its roots: keeps revalidation specs out of decision logs
+            str(DECISION_LOG_MASK),
         ]
         stderr = self._stderr
         handoff: queue.Queue[subprocess.Popen[bytes] | BaseException] = queue.Queue(maxsize=1)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +214,7 @@ class Tx:
         time = iso(now or utcnow())
         assert time is not None
         body = json.dumps(payload or {}, sort_keys=True, separators=(",", ":"))
+        type_ = str(type_.value) if isinstance(type_, Enum) else type_  # a plain str hashes on the fast path
         digest = audit_hash(seq, time, type_, agent_id, actor, policy_hash, body, prev)
         self.conn.execute(
             "INSERT INTO audit_events (seq, time, type, agent_id, actor, policy_hash, payload, prev_hash, hash)"
