@@ -605,6 +605,8 @@ def _breakdown(runs: dict[int, dict[str, list[dict[str, Any]]]]) -> list[dict[st
             {"run": run, "name": "total", "per_agent_us": t["seconds"] / n * 1e6, "share": 1.0, "mode": mode}
         )
         for stage, v in t.get("stages", {}).items():
+            if not v["calls"]:
+                continue  # a stage this mode never runs (the naive loop has no chunks)
             rows.append(
                 {
                     "run": run,
