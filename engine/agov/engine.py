@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from agov import admission, audit, keyring, keys, policy, promotion, registry, revalidation
 from agov.config import Config
@@ -31,7 +31,7 @@ from agov.policy import PolicyVersion
 from agov.proofs import SignatureCache, TrustedKey
 from agov.registry import AgentRecord, CreationMode
 from agov.revalidation import RevalidationReport
-from agov.store.sqlite import parse_iso, utcnow
+from agov.store.sqlite import ReadMemo, parse_iso, utcnow
 from agov.workspace import Workspace, create_layout, remove_layout
 
 SYSTEM_ACTOR = "agov"
@@ -61,6 +61,7 @@ class Engine:
         self._owns_evaluator = evaluator is None
         self._evaluator_lock = threading.Lock()
         self._signatures = SignatureCache()
+        self._admission_reads = ReadMemo(self.store)
         self._key_material: dict[str, TrustedKey] = {}
         self._trusted_keys: dict[tuple[str, str | None, str | None, str | None], TrustedKey] = {}
 
@@ -308,11 +309,15 @@ class Engine:
             NotFoundError: no such agent (bad input; every other failure is a deny).
         """
         started = time.perf_counter()
+        try:
+            reads = self._admission_reads.view()
+        except AgovError:
+            reads = {}  # the loaders below hit the store again, and their failure denies
         decision = admission.admit(
-            lambda: registry.get_agent(self.store, agent_id),
-            self._current_proof,
-            self._trusted_key,
-            lambda: policy.require_active(self.store).hash,
+            lambda: _memo(reads, ("agent", agent_id), lambda: registry.get_agent(self.store, agent_id)),
+            lambda aid: _memo(reads, ("proof", aid), lambda: self._current_proof(aid)),
+            lambda keyid: _memo(reads, ("key", keyid), lambda: self._trusted_key(keyid)),
+            lambda: _memo(reads, "policy", lambda: policy.require_active(self.store).hash),
             self.evaluator,
             self.clock(),
             max_proof_bytes=self.config.limits.max_proof_bytes,
@@ -562,3 +567,14 @@ class Engine:
 
     def export_audit(self) -> Iterator[str]:
         return audit.export_lines(self.store)
+
+
+_T = TypeVar("_T")
+
+
+def _memo(reads: dict[Any, Any], key: Any, load: Callable[[], _T]) -> _T:
+    """``load()``, or what it gave under the same store version (failures are never kept)."""
+    if key in reads:
+        return cast(_T, reads[key])
+    value = reads[key] = load()
+    return value

@@ -317,6 +317,22 @@ class Store:
         rows = self.query(sql, params)
         return rows[0] if rows else None
 
+    def data_version(self) -> tuple[int, int]:
+        """A value that changes whenever anything commits to the database, as this thread sees it.
+
+        ``PRAGMA data_version`` moves when another connection or process commits (an edit with
+        the sqlite3 shell included); ``total_changes`` when this thread's own connection writes.
+        Reads made under an unchanged value are still current.
+
+        Raises:
+            StoreError: SQLite failed.
+        """
+        conn = self._connect()
+        try:
+            return int(conn.execute("PRAGMA data_version").fetchone()[0]), conn.total_changes
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the data version of {self.path}: {exc}") from exc
+
     # -- schema ------------------------------------------------------------------------------
 
     def schema_version(self) -> int:
@@ -379,3 +395,31 @@ class Store:
 
     def integrity_check(self) -> str:
         return str(self._connect().execute("PRAGMA integrity_check").fetchone()[0])
+
+
+class ReadMemo:
+    """Store reads kept until anything commits to the store (see :meth:`Store.data_version`).
+
+    Per thread, as SQLite connections are; bounded. For hot read paths such as admission, which
+    reads the same agent, proof, key and policy rows at every start and writes nothing.
+    """
+
+    def __init__(self, store: Store, max_entries: int = 10_000) -> None:
+        self._store = store
+        self._max = max_entries
+        self._local = threading.local()
+
+    def view(self) -> dict[Any, Any]:
+        """The reads valid now: empty after any commit since the last call on this thread.
+
+        Raises:
+            StoreError: SQLite failed.
+        """
+        version = self._store.data_version()
+        local = self._local
+        if getattr(local, "version", None) != version:
+            local.version, local.reads = version, {}
+        reads: dict[Any, Any] = local.reads
+        if len(reads) >= self._max:
+            reads.clear()
+        return reads
