@@ -385,6 +385,64 @@ def test_healthy_answer_and_keep_alive_reuse(
     assert server.connections == 1
 
 
+GOOD_BODY = json.dumps(GOOD).encode()
+
+
+@pytest.mark.parametrize(
+    ("name", "answer", "reused"),
+    [
+        ("interim 100 Continue first", b"HTTP/1.1 100 Continue\r\n\r\n" + _json(200, GOOD), True),
+        ("chunked with trailers", _chunked(GOOD_BODY)[:-2] + b"X-Trailer: 1\r\n\r\n", True),
+        ("chunk extensions", _chunked(GOOD_BODY).replace(b"\r\n{", b";ext=1\r\n{", 1), True),
+        ("lower-case header names", _json(200, GOOD).replace(b"Content-Length", b"content-length"), True),
+        (
+            "repeated equal Content-Length",
+            _http(200, GOOD_BODY, headers={"Content-Length": str(len(GOOD_BODY))}),
+            True,
+        ),
+        ("Connection: close", _http(200, GOOD_BODY, headers={"Connection": "close"}), False),
+        ("HTTP/1.0", _json(200, GOOD).replace(b"HTTP/1.1", b"HTTP/1.0", 1), False),
+        ("bytes beyond the answer", _json(200, GOOD) + b"HTTP/1.1 200 OK\r\n", False),
+    ],
+)
+def test_answers_that_parse_and_whether_the_connection_is_reused(
+    fake: Callable[[Behaviour], FakeOPA], config: EvaluatorConfig, name: str, answer: bytes, reused: bool
+) -> None:
+    server = fake(send(answer))
+    with DecisionClient(ConnectionConfig(url=server.url), config) as client:
+        for _ in range(3):
+            assert client.evaluate(PATH, {}, expected_revision=REVISION).result == {"allow": True}, name
+    assert server.requests == 3
+    assert server.connections == (1 if reused else 3), name
+
+
+@pytest.mark.parametrize(
+    ("name", "answer"),
+    [
+        ("conflicting Content-Length", _http(200, GOOD_BODY, headers={"Content-Length": "3"})),
+        ("negative Content-Length", _json(200, GOOD).replace(b"Content-Length: ", b"Content-Length: -", 1)),
+        ("folded header line", _json(200, GOOD).replace(b"\r\nContent-Type", b"\r\n Content-Type", 1)),
+        ("header line without a colon", _json(200, GOOD).replace(b"Content-Type:", b"Content-Type", 1)),
+        (
+            "bad chunk size",
+            _chunked(GOOD_BODY).replace(b"\r\n{", b"zz\r\n{", 1),
+        ),
+        ("chunk without CRLF", _chunked(GOOD_BODY).replace(b"}\r\n0", b"}XX0", 1)),
+        ("status line without a code", b"HTTP/1.1 OK\r\n\r\n"),
+        ("head without an end", b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"a" * 70_000),
+    ],
+)
+def test_answers_that_do_not_parse_fail_closed(
+    fake: Callable[[Behaviour], FakeOPA], config: EvaluatorConfig, name: str, answer: bytes
+) -> None:
+    server = fake(send(answer, keep=False))
+    with (
+        DecisionClient(ConnectionConfig(url=server.url), config) as client,
+        pytest.raises(EngineUnavailableError, match="malformed or truncated"),
+    ):
+        client.evaluate(PATH, {})
+
+
 def test_stale_keep_alive_is_retried_once_on_a_fresh_connection(
     fake: Callable[[Behaviour], FakeOPA], config: EvaluatorConfig
 ) -> None:

@@ -143,8 +143,10 @@ _shown_fact(fact) := json.marshal(value) if {
 	value := input.facts[fact]
 } else := "missing"
 
+# The filter comes first: OPA evaluates a body in order, so a message is only
+# formatted for a check that failed (admission runs at every start).
 _fact_reasons := [_reason(check.code, message) |
 	some check in _chain
-	message := sprintf("%s (facts.%s is %s, want true)", [check.message, check.fact, _shown_fact(check.fact)])
 	not _holds(check.fact)
+	message := sprintf("%s (facts.%s is %s, want true)", [check.message, check.fact, _shown_fact(check.fact)])
 ]
