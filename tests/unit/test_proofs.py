@@ -743,6 +743,12 @@ def _statement_cases(ed: Ed) -> list[tuple[str, bytes, type[ProofError], str]]:
             ProofError,
             "expires_at must be later than issued_at",
         ),
+        (
+            "duplicate key in a canonical statement",
+            sign_raw(ed, canonical_json(proofs.statement(c))[:-1] + b',"_type":"x"}'),
+            ProofError,
+            "duplicate JSON key '_type'",
+        ),
     ]
 
 
