@@ -36,7 +36,7 @@ def canonical_json(value: Any) -> bytes:
             pass  # a lone surrogate, say: the reference encoder gives the error
     try:
         return bytes(rfc8785.dumps(value))
-    except (rfc8785.CanonicalizationError, TypeError, ValueError) as exc:
+    except (rfc8785.CanonicalizationError, TypeError, ValueError, RecursionError) as exc:
         raise SpecError(
             f"value cannot be canonicalized: {exc}",
             hint="use plain JSON values: strings, finite numbers, booleans, lists, maps",
@@ -44,6 +44,7 @@ def canonical_json(value: Any) -> bytes:
 
 
 _SAFE_INT = 2**53 - 1
+_MAX_FAST_NODES = 1_000_000
 
 
 def _fast_path_safe(value: Any) -> bool:
@@ -53,7 +54,11 @@ def _fast_path_safe(value: Any) -> bool:
     ASCII, where code point order and RFC 8785's UTF-16 order agree.
     """
     pending = [value]
+    budget = _MAX_FAST_NODES  # a cycle (a list that holds itself) must end, in the reference path
     while pending:
+        budget -= 1
+        if budget < 0:
+            return False
         item = pending.pop()
         kind = type(item)
         if kind is str or kind is bool or item is None:

@@ -442,7 +442,7 @@ def _loads(data: bytes, what: str) -> Any:
         doc = orjson.loads(data)
         if canonical_json(doc) == data:
             return doc
-    except (orjson.JSONDecodeError, SpecError):
+    except (orjson.JSONDecodeError, SpecError, RecursionError):
         pass
     try:
         text = data.decode("utf-8")

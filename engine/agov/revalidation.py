@@ -29,6 +29,15 @@ from agov.store.sqlite import Tx, iso
 
 REVALIDATION_PATH = "agov/revalidation/results"
 REVALIDATION_ACTOR = "agov-revalidation"
+_TAMPERED = PolicyVerdict(
+    False,
+    (
+        Reason(
+            "REVALIDATION_SPEC_HASH_MISMATCH",
+            "the stored spec does not hash to its recorded spec hash: it was changed outside agov",
+        ),
+    ),
+)
 _GOVERNED = (Status.GOVERNED_VALID.value, Status.GOVERNED_RESTRICTED.value, Status.GOVERNED_INVALIDATED.value)
 
 
@@ -101,14 +110,20 @@ def _chunk_input(rows: list[_Row], org_canonical: bytes, policy_hash: str, now: 
 def _verdicts(
     evaluator: Evaluator, rows: list[_Row], org_canonical: bytes, policy_hash: str, now: datetime
 ) -> tuple[dict[str, PolicyVerdict], str | None, datetime]:
+    # A spec whose stored bytes no longer hash to the recorded spec hash was edited outside
+    # agov: it is invalidated, and its bytes are never spliced into the input.
+    tampered = {r.agent_id for r in rows if sha256_hex(r.canonical) != r.spec_hash}
+    intact = [r for r in rows if r.agent_id not in tampered]
     evaluation = evaluator.evaluate(
-        REVALIDATION_PATH, _chunk_input(rows, org_canonical, policy_hash, now), expected_revision=policy_hash
+        REVALIDATION_PATH,
+        _chunk_input(intact, org_canonical, policy_hash, now),
+        expected_revision=policy_hash,
     )
     results = evaluation.result
     if not isinstance(results, dict):
         raise DecisionError(f"revalidation results are not an object: {type(results).__name__}")
-    verdicts: dict[str, PolicyVerdict] = {}
-    for row in rows:
+    verdicts = dict.fromkeys(tampered, _TAMPERED)
+    for row in intact:
         try:
             verdicts[row.agent_id] = parse_verdict(results.get(row.agent_id), f"verdict for {row.agent_id}")
         except DecisionError as exc:

@@ -13,6 +13,7 @@ import pytest
 from agov.decisions import Code
 from agov.engine import Engine
 from agov.registry import CreationMode, from_template
+from agov.store.sqlite import iso
 
 AGENT = "memo-reconciler"
 EDIT = ('"monthly_budget_usd":200', '"monthly_budget_usd":201')
@@ -72,3 +73,19 @@ def test_the_engines_own_write_is_seen_by_the_next_start(engine: Engine) -> None
     engine.update_agent(AGENT, document, actor="tester")
     # an updated agent is back in the sandbox: judged by the sandbox facts now
     assert "sandbox_not_expired" in engine.admit(AGENT).facts
+
+
+def test_a_reconnected_store_does_not_serve_reads_from_before(engine: Engine) -> None:
+    # a reader that never writes (as `agov serve` admitting starts): both counters of a new
+    # connection start where the closed one's stood
+    with Engine.open(engine.workspace.home) as reader:
+        assert reader.admit(AGENT).allow
+        reader.store.close()  # the next read opens a new connection
+        conn = sqlite3.connect(engine.workspace.db_path)
+        try:
+            conn.execute("UPDATE signing_keys SET revoked_at = ? WHERE active = 1", (iso(engine.clock()),))
+            conn.commit()
+        finally:
+            conn.close()
+        decision = reader.admit(AGENT)
+    assert (decision.allow, decision.code) == (False, Code.ADMISSION_DENY_SIGNER_REVOKED)

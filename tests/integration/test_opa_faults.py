@@ -403,6 +403,11 @@ GOOD_BODY = json.dumps(GOOD).encode()
         ("Connection: close", _http(200, GOOD_BODY, headers={"Connection": "close"}), False),
         ("HTTP/1.0", _json(200, GOOD).replace(b"HTTP/1.1", b"HTTP/1.0", 1), False),
         ("bytes beyond the answer", _json(200, GOOD) + b"HTTP/1.1 200 OK\r\n", False),
+        (
+            "chunked beside a Content-Length",
+            _chunked(GOOD_BODY).replace(b"Transfer-Encoding", b"Content-Length: 5\r\nTransfer-Encoding", 1),
+            False,
+        ),
     ],
 )
 def test_answers_that_parse_and_whether_the_connection_is_reused(
@@ -441,6 +446,41 @@ def test_answers_that_do_not_parse_fail_closed(
         pytest.raises(EngineUnavailableError, match="malformed or truncated"),
     ):
         client.evaluate(PATH, {})
+
+
+def test_bytes_after_a_bodiless_answer_never_answer_the_next_request(
+    fake: Callable[[Behaviour], FakeOPA], config: EvaluatorConfig
+) -> None:
+    # a 204 with a whole allowing answer behind it: that answer belongs to no request of ours
+    server = fake(send(b"HTTP/1.1 204 No Content\r\n\r\n" + _json(200, GOOD)))
+    with DecisionClient(ConnectionConfig(url=server.url), config) as client:
+        for _ in range(3):
+            with pytest.raises(DecisionError, match="HTTP 204"):
+                client.evaluate(PATH, {})
+    assert server.connections == 3
+
+
+def test_a_stale_pool_is_dropped_and_the_retry_opens_a_fresh_connection(
+    fake: Callable[[Behaviour], FakeOPA], config: EvaluatorConfig
+) -> None:
+    # two connections go idle in the pool, then OPA closes both (as a restart would)
+    server = fake(sleep_then(0.3, _json(200, GOOD)))
+    with DecisionClient(ConnectionConfig(url=server.url), config) as client:
+        barrier = threading.Barrier(2)
+
+        def call() -> None:
+            barrier.wait()
+            client.evaluate(PATH, {})
+
+        callers = [threading.Thread(target=call) for _ in range(2)]
+        for t in callers:
+            t.start()
+        for t in callers:
+            t.join(timeout=10)
+        assert server.connections == 2
+        time.sleep(0.2)  # both server sides have closed by now
+        assert client.evaluate(PATH, {}, expected_revision=REVISION).result == {"allow": True}
+    assert server.connections == 3
 
 
 def test_stale_keep_alive_is_retried_once_on_a_fresh_connection(

@@ -90,7 +90,20 @@ def test_values_json_cannot_carry_canonically_are_refused() -> None:
         canonical_json({"n": 2**60})
     with pytest.raises(SpecError, match="cannot be canonicalized"):
         canonical_json({"n": float("nan")})
-    for odd in ({"n": float("inf")}, {1: "int key"}, {"s": "\ud800"}, {"n": -(2**53)}, [{"t": (2**60,)}]):
+    cyclic: list[Any] = []
+    cyclic.append(cyclic)
+    deep: list[Any] = []
+    for _ in range(5000):
+        deep = [deep]
+    for odd in (
+        {"n": float("inf")},
+        {1: "int key"},
+        {"s": "\ud800"},
+        {"n": -(2**53)},
+        [{"t": (2**60,)}],
+        cyclic,
+        deep,
+    ):
         with pytest.raises(SpecError, match="cannot be canonicalized"):
             canonical_json(odd)
 

@@ -601,6 +601,7 @@ def _envelope_cases(ed: Ed) -> list[tuple[str, bytes, type[ProofError], str]]:
         ("empty", b"", ProofError, "envelope is not valid JSON"),
         ("array", b"[]", ProofError, "envelope must be a JSON object, got list"),
         ("deep nesting", b"[" * 60000, ProofError, "nested too deeply"),
+        ("deep, well-formed nesting", b"[" * 1000 + b"]" * 1000, ProofError, "nested too deeply|got list"),
         ("NaN", b'{"payload": NaN}', ProofError, "non-standard JSON constant NaN"),
         (
             "duplicate key",

@@ -287,7 +287,9 @@ class DecisionClient:
         deadline = time.monotonic() + self.config.timeout_s
         retried = False
         while True:
-            conn, reused = self._acquire()
+            conn, reused = (
+                (_Connection(self._host, self._port, self._ssl), False) if retried else self._acquire()
+            )
             try:
                 status, data, keep = self._exchange(conn, method, self._prefix + target, body, deadline)
             except _StaleConnection as exc:
@@ -295,6 +297,7 @@ class DecisionClient:
                 # (stale keep-alive) OPA closed an idle connection before we wrote: retry once
                 if reused and not retried and time.monotonic() < deadline:
                     retried = True
+                    self._drop_idle()  # OPA closed one idle connection: likely all of them
                     continue
                 raise self._unavailable(exc.__cause__ or exc) from exc.__cause__
             except (DecisionError, EngineUnavailableError):
@@ -315,6 +318,9 @@ class DecisionClient:
     def close(self) -> None:
         """Close every idle connection; later requests raise. Idempotent."""
         self._closed.set()
+        self._drop_idle()
+
+    def _drop_idle(self) -> None:
         while True:
             try:
                 self._idle.get_nowait().close()
@@ -341,6 +347,8 @@ class DecisionClient:
             self._idle.put_nowait(conn)
         except queue.Full:
             conn.close()
+        if self._closed.is_set():  # close() ran meanwhile: do not leave this one in the pool
+            self._drop_idle()
 
     def _exchange(
         self, conn: _Connection, method: str, target: str, body: bytes | None, deadline: float
@@ -365,9 +373,12 @@ class DecisionClient:
                 raise _StaleConnection() from exc
             raise
         if status in (204, 304) or 100 <= status < 200:
-            return status, b"", keep
+            # no body; a 101 switches protocols, and bytes beyond the head would be misread
+            return status, b"", keep and status != 101 and conn.idle()
         limit = self.config.max_response_bytes if status == 200 else _ERROR_BODY_LIMIT
         if "chunked" in headers.get("transfer-encoding", "").lower():
+            # with a Content-Length beside it the framing is ambiguous: read chunked, then close
+            keep = keep and "content-length" not in headers
             data = conn.read_chunked(limit, deadline)
         elif "content-length" in headers:
             length = _content_length(headers["content-length"])

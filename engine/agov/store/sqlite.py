@@ -7,6 +7,7 @@ hash, so an edit, deletion, reordering or truncation shows in :meth:`Store.verif
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sqlite3
@@ -225,6 +226,9 @@ class Tx:
         return int(seq)
 
 
+_CONNECTION_IDS = itertools.count(1)
+
+
 class Store:
     """The SQLite store of one workspace. One connection per thread; WAL; foreign keys on."""
 
@@ -254,6 +258,7 @@ class Store:
                 ) from exc
             conn.row_factory = sqlite3.Row
             self._local.conn = conn
+            self._local.conn_id = next(_CONNECTION_IDS)
         return conn
 
     def close(self) -> None:
@@ -317,19 +322,22 @@ class Store:
         rows = self.query(sql, params)
         return rows[0] if rows else None
 
-    def data_version(self) -> tuple[int, int]:
+    def data_version(self) -> tuple[int, int, int]:
         """A value that changes whenever anything commits to the database, as this thread sees it.
 
         ``PRAGMA data_version`` moves when another connection or process commits (an edit with
-        the sqlite3 shell included); ``total_changes`` when this thread's own connection writes.
-        Reads made under an unchanged value are still current.
+        the sqlite3 shell included); ``total_changes`` when this thread's own connection writes;
+        the connection's id when the thread reconnects (after ``close()``), since both counters
+        start afresh. Reads made under an unchanged value are still current.
 
         Raises:
             StoreError: SQLite failed.
         """
         conn = self._connect()
         try:
-            return int(conn.execute("PRAGMA data_version").fetchone()[0]), conn.total_changes
+            # a new connection starts its counters afresh: its id keeps them apart from the last one's
+            version = int(conn.execute("PRAGMA data_version").fetchone()[0])
+            return self._local.conn_id, version, conn.total_changes
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read the data version of {self.path}: {exc}") from exc
 

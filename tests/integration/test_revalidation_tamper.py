@@ -1,0 +1,52 @@
+"""Revalidation splices each agent's stored spec bytes into the OPA input unparsed, so it first
+checks them against the recorded spec hash: a spec edited outside agov (here, bytes that try to
+smuggle a second agent entry into the chunk) is invalidated and never sent."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agov.decisions import Status
+from agov.engine import Engine
+from agov.registry import CreationMode, from_template
+
+AGENTS = ("tamper-a", "tamper-b")
+
+
+@pytest.fixture
+def engine(tmp_path: Path, opa_bin: Path) -> Iterator[Engine]:
+    with Engine.init(tmp_path / "ws", actor="tester") as eng:
+        for agent_id in AGENTS:
+            eng.create_agent(
+                from_template("finance-reconciler", agent_id=agent_id),
+                mode=CreationMode.TEMPLATE,
+                source="finance-reconciler",
+                actor="tester",
+            )
+            assert eng.promote(agent_id, actor="tester", role="agent_admin").allow
+        yield eng
+
+
+def test_a_spec_edited_outside_agov_is_invalidated_and_never_sent(engine: Engine) -> None:
+    conn = sqlite3.connect(engine.workspace.db_path)
+    try:
+        (spec,) = conn.execute("SELECT spec FROM agent_versions WHERE agent_id = ?", (AGENTS[0],)).fetchone()
+        smuggled = spec[:-1] + '},{"id":"' + AGENTS[1] + '","agent":' + spec
+        conn.execute("UPDATE agent_versions SET spec = ? WHERE agent_id = ?", (smuggled, AGENTS[0]))
+        conn.commit()
+    finally:
+        conn.close()
+
+    report = engine.revalidate()
+
+    assert (report.total, report.valid, report.newly_invalidated) == (2, 1, 1)
+    tampered = engine.store.query_one("SELECT status, reasons FROM agents WHERE id = ?", (AGENTS[0],))
+    assert tampered["status"] == Status.GOVERNED_INVALIDATED.value
+    assert "REVALIDATION_SPEC_HASH_MISMATCH" in tampered["reasons"]
+    assert engine.get_agent(AGENTS[1]).status is Status.GOVERNED_VALID
+    assert engine.admit(AGENTS[1]).allow
+    assert not engine.admit(AGENTS[0]).allow
