@@ -10,9 +10,10 @@ is 0.00, 0.05, ... 0.45 by ``i % 10``, so exactly 10% of the agents exceed 0.4 a
 
 Timed: ``Engine.revalidate(previous_hash=P0)`` in a fresh process per trial (evaluate each chunk
 in OPA, transition, re-sign, commit), against the naive loop ``naive_revalidate``: one HTTP
-decision and one commit per agent, in turn, with the engine's own OPA client, ``issue_proof`` and
-audit chain. The two run alternately on copies of the same store. Each trial is a child process, so its ``ru_maxrss`` is
-its own; one extra 100k trial runs under ``tracemalloc`` for the Python heap peak.
+decision and one commit per agent, in turn, with the engine's own OPA client, ``sign_for`` +
+``store_proofs`` and the audit chain. The two run alternately on copies of the same store. Each
+trial is a child process, so its ``ru_maxrss`` is its own; one extra 100k trial runs under
+``tracemalloc`` for the Python heap peak.
 
 Goals: 100k agents <= 10 s; >= 10x the naive loop (naive measured on 10k, not extrapolated from
 less).
@@ -192,14 +193,14 @@ def naive_revalidate(engine: Engine) -> dict[str, int]:
     """The baseline: one OPA decision and one commit per agent, one after the other.
 
     What a first implementation would write with the engine's own parts (its OPA client, the
-    same policy entry point, ``issue_proof``, the audit chain): read every governed agent, then
+    same policy entry point, ``sign_for`` + ``store_proofs``, the audit chain): read every governed agent, then
     for each one parse its spec, ask OPA about it alone, and sign + commit in its own
     transaction. No chunks, no overlap between OPA and Python, no batched SQL.
     """
     from agov import keyring
     from agov.decisions import parse_verdict
     from agov.hashing import digest
-    from agov.promotion import ProofTarget, issue_proof
+    from agov.promotion import ProofTarget, sign_for, store_proofs
 
     evaluator = engine.evaluator()
     store = engine.store
@@ -230,8 +231,7 @@ def naive_revalidate(engine: Engine) -> dict[str, int]:
         verdict = parse_verdict(answer.result.get(r["id"]), f"verdict for {r['id']}")
         with store.transaction() as tx:
             if verdict.allow:
-                issue_proof(
-                    tx,
+                signed = sign_for(
                     ProofTarget(r["id"], r["current_version"], r["spec_hash"], r["row_version"]),
                     verdict,
                     signer,
@@ -243,6 +243,7 @@ def naive_revalidate(engine: Engine) -> dict[str, int]:
                     now=now,
                     proof_ttl_days=None,
                 )
+                store_proofs(tx, [signed])
                 counts["valid"] += 1
             else:
                 deny = [x.as_dict() for x in verdict.deny]
@@ -582,7 +583,7 @@ def run(quick: bool, with_100k: bool, do_profile: bool) -> dict[str, Any]:
             "stopped (it resumes on rerun).",
             "The naive loop (naive_revalidate in this script) uses the engine's own parts: for each agent in "
             "turn it parses the stored spec, asks OPA about that agent alone over the same keep-alive client, "
-            "and signs and commits in its own transaction (issue_proof, the audit chain); no chunks, no "
+            "and signs and commits in its own transaction (sign_for + store_proofs, the audit chain); no chunks, no "
             "overlap, no batched SQL.",
         ],
     }

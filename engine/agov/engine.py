@@ -311,8 +311,8 @@ class Engine:
         started = time.perf_counter()
         try:
             reads = self._admission_reads.view()
-        except AgovError:
-            reads = {}  # the loaders below hit the store again, and their failure denies
+        except Exception:  # a cache that fails is no cache: the loaders below read the store,
+            reads = {}  # inside admission.admit, where any failure is a deny
         decision = admission.admit(
             lambda: _memo(reads, ("agent", agent_id), lambda: registry.get_agent(self.store, agent_id)),
             lambda aid: _memo(reads, ("proof", aid), lambda: self._current_proof(aid)),

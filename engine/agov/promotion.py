@@ -187,45 +187,6 @@ def store_proofs(tx: Tx, proofs: list[SignedProof]) -> None:
     )
 
 
-def issue_proof(
-    tx: Tx,
-    agent: ProofTarget,
-    verdict: PolicyVerdict,
-    signer: ProofSigner,
-    *,
-    policy_hash: str,
-    decision_id: str | None,
-    input_digest: str,
-    actor: str,
-    role: str,
-    now: datetime,
-    proof_ttl_days: int | None,
-) -> None:
-    """Sign a proof for the agent's current version, supersede the old one, set the status.
-
-    Raises:
-        UsageError: the agent changed since it was read (another promotion or update won).
-    """
-    signed = sign_for(
-        agent,
-        verdict,
-        signer,
-        policy_hash=policy_hash,
-        decision_id=decision_id,
-        input_digest=input_digest,
-        actor=actor,
-        role=role,
-        now=now,
-        proof_ttl_days=proof_ttl_days,
-    )
-    try:
-        store_proofs(tx, [signed])
-    except UsageError:
-        raise UsageError(
-            f"agent {agent.agent_id!r} changed while it was being promoted", hint="read it again and retry"
-        ) from None
-
-
 def _reasons_json(reasons: tuple[Reason, ...]) -> str:
     return json.dumps([r.as_dict() for r in reasons])
 
@@ -297,8 +258,7 @@ def promote(
         with store.transaction() as tx:
             tx.audit(Code.PROMOTION_ATTEMPT, payload={"role": role, "version": agent.version}, **fields)
             target = ProofTarget(agent.id, agent.version, agent.spec.hash, agent.row_version)
-            issue_proof(
-                tx,
+            signed = sign_for(
                 target,
                 verdict,
                 signer,
@@ -310,6 +270,12 @@ def promote(
                 now=now,
                 proof_ttl_days=config.proof_ttl_days,
             )
+            try:
+                store_proofs(tx, [signed])
+            except UsageError:
+                raise UsageError(
+                    f"agent {agent.id!r} changed while it was being promoted", hint="read it again and retry"
+                ) from None
             tx.audit(
                 Code.PROMOTION_SUCCESS,
                 payload={
