@@ -323,7 +323,7 @@ class Engine:
             max_proof_bytes=self.config.limits.max_proof_bytes,
             cache=self._signatures,
         )
-        self.metrics.decision_latency.labels("admission").observe(time.perf_counter() - started)
+        self.metrics.admission_latency.observe(time.perf_counter() - started)
         if decision.allow:
             self.metrics.starts_allowed.inc()
         else:

@@ -38,6 +38,8 @@ class Metrics:
             registry=r,
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5),
         )
+        # looked up once: admission runs at every start
+        self.admission_latency = self.decision_latency.labels("admission")
 
 
 class JsonFormatter(logging.Formatter):

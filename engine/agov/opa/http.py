@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import queue
 import re
 import socket
 import ssl
@@ -157,7 +156,9 @@ class DecisionClient:
         self._head = f"Host: {host_header}\r\nContent-Type: application/json\r\nAccept: application/json\r\n"
         if connection.token:
             self._head += f"Authorization: Bearer {connection.token}\r\n"
-        self._idle: queue.LifoQueue[_Connection] = queue.LifoQueue(maxsize=self.config.pool_size)
+        # newest last: the connection most recently used is the least likely to be stale
+        self._idle: list[_Connection] = []
+        self._idle_lock = threading.Lock()
         self._closed = threading.Event()
         # one encoder, not json.dumps with options (which builds a new encoder per call)
         self._encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -321,11 +322,10 @@ class DecisionClient:
         self._drop_idle()
 
     def _drop_idle(self) -> None:
-        while True:
-            try:
-                self._idle.get_nowait().close()
-            except queue.Empty:
-                return
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
     def __enter__(self) -> DecisionClient:
         return self
@@ -334,20 +334,21 @@ class DecisionClient:
         self.close()
 
     def _acquire(self) -> tuple[_Connection, bool]:
-        try:
-            return self._idle.get_nowait(), True
-        except queue.Empty:
-            return _Connection(self._host, self._port, self._ssl), False
+        with self._idle_lock:
+            if self._idle:
+                return self._idle.pop(), True
+        return _Connection(self._host, self._port, self._ssl), False
 
     def _release(self, conn: _Connection) -> None:
-        if self._closed.is_set():
+        pooled = False
+        if not self._closed.is_set():
+            with self._idle_lock:
+                if len(self._idle) < self.config.pool_size:
+                    self._idle.append(conn)
+                    pooled = True
+        if not pooled:
             conn.close()
-            return
-        try:
-            self._idle.put_nowait(conn)
-        except queue.Full:
-            conn.close()
-        if self._closed.is_set():  # close() ran meanwhile: do not leave this one in the pool
+        elif self._closed.is_set():  # close() ran meanwhile: do not leave this one in the pool
             self._drop_idle()
 
     def _exchange(

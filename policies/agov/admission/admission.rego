@@ -74,10 +74,27 @@ _input_checks := [
 #   {"allow": bool, "code": string, "reasons": [{code, message}]}, where code
 #   is ADMISSION_ALLOW or the first failing check in the precedence order of
 #   the package description, and reasons lists every failing check in order.
+#   Admission runs at every start and nearly every start is admitted: that
+#   answer comes from the facts alone (_every_check_holds), at under half
+#   the cost of building the reasons. admission_test checks both paths agree.
 # entrypoint: true
 # schemas:
 #   - input: schema.admission_input
-decision := {"allow": allow, "code": code, "reasons": reasons}
+decision := {"allow": true, "code": "ADMISSION_ALLOW", "reasons": []} if {
+	_every_check_holds
+} else := {"allow": allow, "code": code, "reasons": reasons}
+
+_every_check_holds if {
+	chain := _chains[input.status]
+	count(chain) > 0
+	_agent_id_valid(input.agent_id)
+	_now_valid(input.now)
+
+	# _holds inlined: a function call per fact doubles the cost of this rule
+	every check in chain {
+		input.facts[check.fact] == true
+	}
+}
 
 default allow := false
 
@@ -124,12 +141,16 @@ _status_reasons := [_reason(
 )]
 
 # (2) request fields
-_input_valid contains "agent_id" if {
-	is_string(input.agent_id)
-	trim_space(input.agent_id) != ""
+_input_valid contains "agent_id" if _agent_id_valid(input.agent_id)
+
+_input_valid contains "now" if _now_valid(input.now)
+
+_agent_id_valid(agent_id) if {
+	is_string(agent_id)
+	trim_space(agent_id) != ""
 }
 
-_input_valid contains "now" if is_number(time.parse_rfc3339_ns(input.now))
+_now_valid(now) if is_number(time.parse_rfc3339_ns(now))
 
 _input_reasons := [_reason("ADMISSION_DENY_INPUT_INVALID", check.message) |
 	some check in _input_checks

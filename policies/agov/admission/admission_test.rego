@@ -260,3 +260,11 @@ test_r14_each_required_field_dropped_denies if {
 		}
 	}
 }
+
+# Without the shortcut every admitted start would still be right, only slower.
+test_admitted_starts_take_the_shortcut if {
+	every name in ["governed valid", "governed restricted", "sandbox"] {
+		admission._every_check_holds with input as cases[name].input
+	}
+	not admission._every_check_holds with input as cases["proof missing"].input
+}
