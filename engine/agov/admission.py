@@ -9,6 +9,8 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+import orjson
+
 from agov.decisions import AdmissionDecision, Code, Reason, Status
 from agov.errors import (
     AgovError,
@@ -19,7 +21,7 @@ from agov.errors import (
     RevokedSignerError,
     RollbackError,
 )
-from agov.opa.evaluator import Evaluator
+from agov.opa.evaluator import EncodedInput, Evaluator
 from agov.opa.http import require_bool
 from agov.proofs import SignatureCache, TrustedKey, check_binding, check_not_rolled_back, verify_proof
 from agov.registry import AgentRecord
@@ -131,7 +133,10 @@ def decide(
         DecisionError: the answer is not a well-formed admission decision.
     """
     payload = {"agent_id": agent.id, "status": agent.status.value, "facts": facts, "now": iso(now)}
-    evaluation = evaluator.evaluate(ADMISSION_PATH, payload, expected_revision=active_policy_hash)
+    # strings and booleans only, so orjson's bytes are plain JSON (its one liberty, NaN as null,
+    # cannot arise); the stdlib encoder cost more than the rest of this function
+    encoded = EncodedInput(orjson.dumps(payload))
+    evaluation = evaluator.evaluate(ADMISSION_PATH, encoded, expected_revision=active_policy_hash)
     result = evaluation.result
     if not isinstance(result, dict):
         raise DecisionError(f"admission decision is not an object: {result!r}")
