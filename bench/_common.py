@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import pstats
+import random
 import shutil
 import sqlite3
 import subprocess
@@ -161,12 +162,14 @@ def summarize(name: str, samples_ns: list[int], unit: str = "µs", scale: float 
 
 
 def interleave(
-    subjects: dict[str, Callable[[], Any]], n: int, warmup: int, *, rotate: bool = True
+    subjects: dict[str, Callable[[], Any]], n: int, warmup: int, *, seed: int = 20261122
 ) -> dict[str, list[int]]:
     """Time every subject once per round, ``n`` rounds after ``warmup`` untimed rounds.
 
-    The order inside a round rotates, so no subject always runs right after the same neighbour
-    (a cold cache or a freshly woken OPA would otherwise bias one of them).
+    Each round runs the subjects in a new random order (seeded, so a rerun repeats it): every
+    subject follows every other one equally often. A fixed rotation does not do that, since in
+    a cyclic order each subject nearly always follows the same neighbour, and so inherits that
+    neighbour's after-effects (a connection it closed, garbage it left for the collector).
     """
     names = list(subjects)
     fns = [subjects[k] for k in names]
@@ -174,13 +177,10 @@ def interleave(
         for fn in fns:
             fn()
     out: list[list[int]] = [[] for _ in names]
-    order = list(range(len(names)))
-    for i in range(n):
-        if rotate:
-            shift = i % len(order)
-            round_order = order[shift:] + order[:shift]
-        else:
-            round_order = order
+    rng = random.Random(seed)
+    round_order = list(range(len(names)))
+    for _ in range(n):
+        rng.shuffle(round_order)
         for j in round_order:
             fn = fns[j]
             t0 = perf_ns()
