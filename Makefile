@@ -87,7 +87,7 @@ py-lint:
 	$(VENV_BIN)/ruff format --check engine tests bench
 
 py-types:
-	$(VENV_BIN)/mypy engine
+	$(VENV_BIN)/mypy engine bench
 
 pytest:
 	AGOV_REQUIRE_OPA=1 $(VENV_BIN)/pytest -q

@@ -27,6 +27,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from agov.store.sqlite import Store
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 ACTOR = "bench"
@@ -159,6 +161,13 @@ def summarize(name: str, samples_ns: list[int], unit: str = "µs", scale: float 
         "max": values[-1],
         "mean": sum(values) / len(values),
     }
+
+
+def one(store: Store, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Row:
+    """The one row a setup query must find."""
+    row = store.query_one(sql, params)
+    assert row is not None, f"no row for {sql}"
+    return row
 
 
 def interleave(

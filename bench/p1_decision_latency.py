@@ -229,8 +229,8 @@ def _breakdown(
     assert key is not None
     now = engine.clock()
     envelope = bytes(proof_row["envelope"])
-    canonical = store.query_one(
-        "SELECT spec FROM agent_versions WHERE agent_id = ? AND version = ?", (agent_id, agent.version)
+    canonical = c.one(
+        store, "SELECT spec FROM agent_versions WHERE agent_id = ? AND version = ?", (agent_id, agent.version)
     )["spec"]
     evaluator = engine.evaluator()
     limit = engine.config.limits.max_proof_bytes

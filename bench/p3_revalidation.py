@@ -85,7 +85,7 @@ def populate(home: Path, n: int, p0: str, p1: str) -> None:
     engine = Engine.open(home)
     try:
         store = engine.store
-        keyid = store.query_one("SELECT keyid FROM signing_keys WHERE active = 1")["keyid"]
+        keyid = c.one(store, "SELECT keyid FROM signing_keys WHERE active = 1")["keyid"]
         signer = load_signer(engine.workspace.keys, keyid)
         now = engine.clock()
         created, issued, expires = iso(now - timedelta(days=2)), iso(now - timedelta(days=1)), None
@@ -315,7 +315,8 @@ def child(args: argparse.Namespace) -> int:
             tracemalloc.stop()
         rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         opa_hwm = _vm_hwm_kb(getattr(evaluator, "pid", None))
-        bound_count = engine.store.query_one(
+        bound_count = c.one(
+            engine.store,
             "SELECT COUNT(*) AS n FROM agent_proofs WHERE policy_hash = ? AND superseded_at IS NULL",
             (active,),
         )["n"]

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import _common as c
 from agov import proofs
+from agov.errors import ProofError
 from agov.hashing import canonical_json, spec_hash
 from agov.proofs import PAYLOAD_TYPE, ProofClaims, ProofSigner, sign_proof, statement, verify_proof
 
@@ -179,7 +180,7 @@ def _breakdown(
                 ),
             }
         )
-    except (AttributeError, TypeError, proofs.ProofError) as exc:  # pragma: no cover - engine drift
+    except (AttributeError, TypeError, ProofError) as exc:  # pragma: no cover - engine drift
         print(f"(verify breakdown skipped: {exc})", file=sys.stderr)
     c.collect()
     samples = c.interleave(stages, n, warmup)
