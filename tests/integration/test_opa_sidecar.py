@@ -15,6 +15,7 @@ import pytest
 
 from agov.errors import DecisionError, EngineUnavailableError, PolicyError
 from agov.opa import ConnectionConfig, EvaluatorConfig, ExternalSidecar, ManagedSidecar, require_bool
+from agov.opa.managed import sweep_orphaned_dirs
 
 pytestmark = pytest.mark.integration
 
@@ -348,6 +349,11 @@ def test_opa_dies_with_a_sigkilled_parent(
         os.kill(child.pid, signal.SIGKILL)
         child.wait(10)
         assert _wait_gone(opa_pid, 5), f"opa {opa_pid} outlived its SIGKILLed parent"
+        # the killed child could not remove its working directory: the next start sweeps it
+        left = sorted(tmp_path.glob("agov-opa-*"))
+        assert len(left) == 1 and (left[0] / "opa-config.yaml").is_file()
+        assert sweep_orphaned_dirs(tmp_path) == left
+        assert not left[0].exists()
     finally:
         if child.poll() is None:
             child.kill()

@@ -52,6 +52,8 @@ from agov.opa.http import ConnectionConfig, DecisionClient
 _PR_SET_PDEATHSIG = 1
 _SERVICE = "agov"
 _ADDR_IN_USE = "address already in use"
+_TMP_PREFIX = "agov-opa-"
+_OWNER_FILE = "owner"
 
 
 DECISION_LOG_MASK = Path(__file__).resolve().parent / "rego" / "system" / "log" / "mask.rego"
@@ -342,7 +344,9 @@ class ManagedSidecar:
 
     def _start_locked(self) -> None:
         opa = self._opa_bin or find_opa()
-        self._tmp = Path(tempfile.mkdtemp(prefix="agov-opa-"))  # mode 0700: the config holds a token
+        sweep_orphaned_dirs(Path(tempfile.gettempdir()))
+        self._tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX))  # mode 0700: the config holds a token
+        _write_private(self._tmp / _OWNER_FILE, _process_identity(os.getpid()) or str(os.getpid()))
         self._server = BundleServer(
             BundleServerConfig(
                 bundle_name=self.config.bundle_name,
@@ -587,6 +591,58 @@ class ManagedSidecar:
     def _atexit_stop(self) -> None:
         with contextlib.suppress(Exception):
             self.stop()
+
+
+def sweep_orphaned_dirs(tmp_root: Path) -> list[Path]:
+    """Remove the working directories that agov processes killed outright (SIGKILL, OOM) left.
+
+    A directory is removed only when its owner file names a process that is gone: one with that
+    pid no longer runs, or runs with another start time (the pid was reused). Directories of
+    live processes, of other users and without an owner file are left alone; so is anything that
+    cannot be read. Returns the directories removed.
+    """
+    removed: list[Path] = []
+    try:
+        candidates = list(tmp_root.glob(f"{_TMP_PREFIX}*"))
+    except OSError:
+        return removed
+    for path in candidates:
+        try:
+            if path.is_symlink() or not path.is_dir() or path.stat().st_uid != os.getuid():
+                continue
+            owner = (path / _OWNER_FILE).read_text(encoding="ascii").strip()
+            pid = int(owner.split(" ", 1)[0])
+        except (OSError, ValueError):
+            continue
+        if pid <= 0 or _process_identity(pid) == owner or (" " not in owner and _pid_alive(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _process_identity(pid: int) -> str | None:
+    """``"<pid> <start time>"`` from /proc (Linux), or None when the process or /proc is missing.
+
+    The start time tells a reused pid from the process that wrote the owner file.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    # the command name (field 2) may hold spaces and parentheses: count fields after the last ')'
+    fields = stat.rsplit(")", 1)[-1].split()
+    return f"{pid} {fields[19]}" if len(fields) > 19 else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, owned by someone else
+    return True
 
 
 def _check_es256_public_key(pem: str | bytes) -> str:
