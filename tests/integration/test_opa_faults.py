@@ -585,3 +585,33 @@ def test_external_sidecar_from_env_requires_a_url() -> None:
     sidecar = ExternalSidecar.from_env(environ={"AGOV_OPA_URL": "http://127.0.0.1:1", "AGOV_OPA_TOKEN": "t"})
     with pytest.raises(EngineUnavailableError, match="refused"):
         sidecar.evaluate(PATH, {})
+
+
+def test_every_address_of_a_name_shares_the_one_deadline(
+    monkeypatch: pytest.MonkeyPatch, config: EvaluatorConfig
+) -> None:
+    # A listener whose accept queue is full: the kernel drops further SYNs, so connects hang.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    queued = socket.create_connection(("127.0.0.1", port))
+    real_getaddrinfo = socket.getaddrinfo
+
+    def three_addresses(host: str, *args: object, **kwargs: object) -> list[object]:
+        if host != "opa.invalid":
+            return real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))] * 3
+
+    monkeypatch.setattr(socket, "getaddrinfo", three_addresses)
+    try:
+        with DecisionClient(ConnectionConfig(url=f"http://opa.invalid:{port}"), config) as client:
+            started = time.monotonic()
+            with pytest.raises(EngineUnavailableError):
+                client.evaluate(PATH, {})
+            elapsed = time.monotonic() - started
+        # socket.create_connection would give each of the three addresses the whole timeout
+        assert elapsed < TIMEOUT_S + 0.5, f"{elapsed:.2f} s for a {TIMEOUT_S} s deadline"
+    finally:
+        queued.close()
+        listener.close()

@@ -453,7 +453,7 @@ class _Connection:
         self.received = 0
 
     def open(self, deadline: float) -> None:
-        sock = socket.create_connection((self._host, self._port), timeout=_remaining(deadline))
+        sock = _connect(self._host, self._port, deadline)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._context is not None:
@@ -569,6 +569,29 @@ class _Connection:
                 self._buffer.clear()
                 return data
         return None
+
+
+def _connect(host: str, port: int, deadline: float) -> socket.socket:
+    """``socket.create_connection``, except that every address tried shares the one deadline.
+
+    ``create_connection`` gives each address of a host name the whole timeout, so a name with
+    three unreachable addresses would take three timeouts. Name resolution itself is the
+    system resolver's, and is not bounded here.
+    """
+    first_error: OSError | None = None
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(_remaining(deadline))
+            sock.connect(address)
+        except BaseException as exc:
+            sock.close()
+            if not isinstance(exc, OSError) or isinstance(exc, TimeoutError):
+                raise  # out of time: no address after this one could be tried
+            first_error = first_error or exc
+            continue
+        return sock
+    raise first_error or OSError(f"{host} resolves to no address")
 
 
 def _remaining(deadline: float) -> float:
