@@ -166,7 +166,8 @@ def summarize(name: str, samples_ns: list[int], unit: str = "µs", scale: float 
 def one(store: Store, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Row:
     """The one row a setup query must find."""
     row = store.query_one(sql, params)
-    assert row is not None, f"no row for {sql}"
+    if row is None:
+        raise RuntimeError(f"bench setup: no row for {sql}")
     return row
 
 
@@ -175,9 +176,9 @@ def interleave(
 ) -> dict[str, list[int]]:
     """Time every subject once per round, ``n`` rounds after ``warmup`` untimed rounds.
 
-    Each round runs the subjects in a new random order (seeded, so a rerun repeats it): every
-    subject follows every other one equally often. A fixed rotation does not do that, since in
-    a cyclic order each subject nearly always follows the same neighbour, and so inherits that
+    Each round runs the subjects in a new random order (seeded, so a rerun repeats it), so each
+    subject follows each other one about equally often. A fixed rotation does not do that: in a
+    cyclic order a subject nearly always follows the same neighbour, and so inherits that
     neighbour's after-effects (a connection it closed, garbage it left for the collector).
     """
     names = list(subjects)

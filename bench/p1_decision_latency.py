@@ -352,7 +352,7 @@ def bound(result: dict[str, Any]) -> str:
         if query_eval is not None:
             text += (
                 f" and its policy evaluation {query_eval:.0f} µs (an admitted start is answered from "
-                "the facts alone; building the reasons of a deny costs about twice as much)"
+                "allow alone; the reasons are built only for a deny)"
             )
     missed = [v for k, v in stages.items() if k.startswith(("store, on a commit", "  and "))]
     if missed:

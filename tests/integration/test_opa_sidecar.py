@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -313,7 +314,7 @@ sys.stdin.read()  # block until killed
 
 
 def test_opa_dies_with_a_sigkilled_parent(
-    first_bundle: Any, signing_key: Any, opa_bin: Path, tmp_path: Path
+    first_bundle: Any, signing_key: Any, opa_bin: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if not sys.platform.startswith("linux"):
         pytest.skip("PR_SET_PDEATHSIG is Linux-only")
@@ -352,8 +353,18 @@ def test_opa_dies_with_a_sigkilled_parent(
         # the killed child could not remove its working directory: the next start sweeps it
         left = sorted(tmp_path.glob("agov-opa-*"))
         assert len(left) == 1 and (left[0] / "opa-config.yaml").is_file()
-        assert sweep_orphaned_dirs(tmp_path) == left
-        assert not left[0].exists()
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+        with ManagedSidecar(
+            first_bundle.data,
+            first_bundle.revision,
+            signing_key.public_pem,
+            signing_key.keyid,
+            opa_bin=opa_bin,
+        ):
+            now = sorted(tmp_path.glob("agov-opa-*"))
+            assert not left[0].exists() and len(now) == 1, now
+            assert sweep_orphaned_dirs(tmp_path) == []  # its own directory is locked while it runs
+        assert not now[0].exists()
     finally:
         if child.poll() is None:
             child.kill()

@@ -2,64 +2,103 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from agov.opa.managed import _process_identity, sweep_orphaned_dirs
+from agov.opa.managed import _claim_dir, sweep_orphaned_dirs
+
+_HOLD = """
+import sys
+from pathlib import Path
+from agov.opa.managed import _claim_dir
+fd = _claim_dir(Path(sys.argv[1]))
+print("held", flush=True)
+sys.stdin.read()
+"""
 
 
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
-def _leftover(root: Path, name: str, owner: str | None) -> Path:
+def _workdir(root: Path, name: str) -> Path:
     path = root / f"agov-opa-{name}"
     path.mkdir()
     (path / "opa-config.yaml").write_text("services: {}\n")
-    if owner is not None:
-        (path / "owner").write_text(owner)
     return path
 
 
-def test_only_directories_of_gone_processes_are_removed(tmp_path: Path) -> None:
-    me = _process_identity(os.getpid())
-    assert me is not None and me.startswith(f"{os.getpid()} ")
-    dead = _dead_pid()
-    gone = _leftover(tmp_path, "gone", f"{dead} 12345")
-    reused = _leftover(tmp_path, "reused", f"{os.getpid()} 1")  # same pid, another start time
-    gone_pid_only = _leftover(tmp_path, "gone-pid-only", str(dead))
-    live = _leftover(tmp_path, "live", me)
-    live_pid_only = _leftover(tmp_path, "live-pid-only", str(os.getpid()))
-    no_owner = _leftover(tmp_path, "no-owner", None)
-    garbage = _leftover(tmp_path, "garbage", "not a pid")
-    other = tmp_path / "opa-other"  # not agov's prefix, whatever its owner file says
-    other.mkdir()
-    (other / "owner").write_text(f"{dead} 12345")
+def _unlocked(root: Path, name: str) -> Path:
+    path = _workdir(root, name)
+    os.close(_claim_dir(path))  # the owner is gone: its lock went with it
+    return path
 
-    removed = sweep_orphaned_dirs(tmp_path)
 
-    assert sorted(removed) == sorted([gone, reused, gone_pid_only])
-    for path in (gone, reused, gone_pid_only):
-        assert not path.exists()
-    for path in (live, live_pid_only, no_owner, garbage, other):
-        assert path.is_dir()
+def test_only_directories_whose_lock_is_free_are_removed(tmp_path: Path) -> None:
+    gone = _unlocked(tmp_path, "gone")
+    held_here = _workdir(tmp_path, "held-here")
+    fd = _claim_dir(held_here)
+    held_elsewhere = _workdir(tmp_path, "held-elsewhere")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(held_elsewhere)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    no_lock = _workdir(tmp_path, "no-lock")
+    other_prefix = tmp_path / "opa-other"
+    other_prefix.mkdir()
+    os.close(_claim_dir(other_prefix))
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+
+        assert sweep_orphaned_dirs(tmp_path) == [gone]
+
+        assert not gone.exists()
+        for path in (held_here, held_elsewhere, no_lock, other_prefix):
+            assert path.is_dir()
+        holder.kill()  # as a SIGKILLed agov: the kernel drops the lock
+        holder.wait(10)
+        assert sweep_orphaned_dirs(tmp_path) == [held_elsewhere]
+    finally:
+        os.close(fd)
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(10)
+    assert sweep_orphaned_dirs(tmp_path) == [held_here]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["agov-opa-no-lock", "opa-other"]
+
+
+def test_a_lock_is_never_seen_unlocked_under_its_name(tmp_path: Path) -> None:
+    fd = _claim_dir(tmp_path)
+    try:
+        probe = os.open(tmp_path / "owner.lock", os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                taken = True
+            except BlockingIOError:
+                taken = False
+            assert not taken
+        finally:
+            os.close(probe)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["owner.lock"]
+    finally:
+        os.close(fd)
 
 
 def test_links_and_files_are_never_followed_or_removed(tmp_path: Path) -> None:
     target = tmp_path / "elsewhere"
     target.mkdir()
-    (target / "owner").write_text(f"{_dead_pid()} 1")
+    os.close(_claim_dir(target))
     link = tmp_path / "agov-opa-link"
     link.symlink_to(target, target_is_directory=True)
     plain = tmp_path / "agov-opa-file"
     plain.write_text("x")
+    lock_link = _workdir(tmp_path, "lock-link")
+    (lock_link / "owner.lock").symlink_to(target / "owner.lock")
 
     assert sweep_orphaned_dirs(tmp_path) == []
-    assert link.is_symlink() and (target / "owner").is_file() and plain.is_file()
+    assert link.is_symlink() and (target / "owner.lock").is_file() and plain.is_file() and lock_link.is_dir()
 
 
 def test_a_missing_root_removes_nothing(tmp_path: Path) -> None:

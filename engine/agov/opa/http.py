@@ -575,23 +575,34 @@ def _connect(host: str, port: int, deadline: float) -> socket.socket:
     """``socket.create_connection``, except that every address tried shares the one deadline.
 
     ``create_connection`` gives each address of a host name the whole timeout, so a name with
-    three unreachable addresses would take three timeouts. Name resolution itself is the
-    system resolver's, and is not bounded here.
+    three unreachable addresses would take three timeouts. As there, an address that fails
+    (refused, or a family this host cannot use) passes on to the next one while time remains,
+    and the first error is the one raised. Name resolution itself is the system resolver's,
+    and is not bounded here.
     """
-    first_error: OSError | None = None
-    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.settimeout(_remaining(deadline))
-            sock.connect(address)
-        except BaseException as exc:
-            sock.close()
-            if not isinstance(exc, OSError) or isinstance(exc, TimeoutError):
-                raise  # out of time: no address after this one could be tried
-            first_error = first_error or exc
-            continue
-        return sock
-    raise first_error or OSError(f"{host} resolves to no address")
+    errors: list[OSError] = []
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+            sock: socket.socket | None = None
+            try:
+                sock = socket.socket(family, kind, proto)
+                sock.settimeout(_remaining(deadline))
+                sock.connect(address)
+            except OSError as exc:
+                if sock is not None:
+                    sock.close()
+                if time.monotonic() >= deadline:
+                    raise  # out of time: no later address can be tried
+                errors.append(exc)
+                continue
+            except BaseException:
+                if sock is not None:
+                    sock.close()
+                raise
+            return sock
+        raise errors[0] if errors else OSError(f"{host} resolves to no address")
+    finally:
+        errors.clear()  # the tracebacks would keep this frame alive
 
 
 def _remaining(deadline: float) -> float:

@@ -23,6 +23,7 @@ import atexit
 import contextlib
 import ctypes
 import dataclasses
+import fcntl
 import os
 import queue
 import shutil
@@ -53,7 +54,7 @@ _PR_SET_PDEATHSIG = 1
 _SERVICE = "agov"
 _ADDR_IN_USE = "address already in use"
 _TMP_PREFIX = "agov-opa-"
-_OWNER_FILE = "owner"
+_OWNER_LOCK = "owner.lock"
 
 
 DECISION_LOG_MASK = Path(__file__).resolve().parent / "rego" / "system" / "log" / "mask.rego"
@@ -166,6 +167,7 @@ class ManagedSidecar:
         self._keeper_release = threading.Event()
         self._keeper: threading.Thread | None = None
         self._stderr: IO[bytes] | None = None
+        self._owner_fd: int | None = None  # flock on the working directory's owner.lock
         self._client: DecisionClient | None = None
         self._active: tuple[bytes, str] | None = None
         self._port = 0
@@ -346,7 +348,7 @@ class ManagedSidecar:
         opa = self._opa_bin or find_opa()
         sweep_orphaned_dirs(Path(tempfile.gettempdir()))
         self._tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX))  # mode 0700: the config holds a token
-        _write_private(self._tmp / _OWNER_FILE, _process_identity(os.getpid()) or str(os.getpid()))
+        self._owner_fd = _claim_dir(self._tmp)
         self._server = BundleServer(
             BundleServerConfig(
                 bundle_name=self.config.bundle_name,
@@ -585,6 +587,9 @@ class ManagedSidecar:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+        if self._owner_fd is not None:
+            os.close(self._owner_fd)
+            self._owner_fd = None
         self._port = 0
         atexit.unregister(self._atexit_stop)
 
@@ -596,53 +601,58 @@ class ManagedSidecar:
 def sweep_orphaned_dirs(tmp_root: Path) -> list[Path]:
     """Remove the working directories that agov processes killed outright (SIGKILL, OOM) left.
 
-    A directory is removed only when its owner file names a process that is gone: one with that
-    pid no longer runs, or runs with another start time (the pid was reused). Directories of
-    live processes, of other users and without an owner file are left alone; so is anything that
-    cannot be read. Returns the directories removed.
+    Each managed sidecar holds an ``flock`` on its directory's ``owner.lock`` for as long as it
+    runs; the kernel drops it when the process dies, however it dies. A directory is removed
+    only when that lock can be taken now. A lock works across pid namespaces (containers that
+    share a temp dir), where a pid would not. Directories of other users, links, and anything
+    without a lock file or that cannot be read are left alone. Never raises.
+
+    Returns:
+        The directories removed.
     """
     removed: list[Path] = []
     try:
-        candidates = list(tmp_root.glob(f"{_TMP_PREFIX}*"))
-    except OSError:
+        candidates = sorted(tmp_root.glob(f"{_TMP_PREFIX}*"))
+    except Exception:
         return removed
     for path in candidates:
         try:
-            if path.is_symlink() or not path.is_dir() or path.stat().st_uid != os.getuid():
+            if path.is_symlink() or not path.is_dir() or path.stat().st_uid != os.geteuid():
                 continue
-            owner = (path / _OWNER_FILE).read_text(encoding="ascii").strip()
-            pid = int(owner.split(" ", 1)[0])
-        except (OSError, ValueError):
+            fd = os.open(path / _OWNER_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except Exception:
             continue
-        if pid <= 0 or _process_identity(pid) == owner or (" " not in owner and _pid_alive(pid)):
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except Exception:
+            os.close(fd)
+            continue  # held: its process lives
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        finally:
+            os.close(fd)
     return removed
 
 
-def _process_identity(pid: int) -> str | None:
-    """``"<pid> <start time>"`` from /proc (Linux), or None when the process or /proc is missing.
+def _claim_dir(directory: Path) -> int:
+    """Lock ``directory/owner.lock`` for this process; the open descriptor holds the lock.
 
-    The start time tells a reused pid from the process that wrote the owner file.
+    The file is locked under another name and then renamed, so a sweep never finds it unlocked.
+
+    Raises:
+        OSError: the file cannot be created or locked.
     """
+    staging = directory / f".{_OWNER_LOCK}"
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return None
-    # the command name (field 2) may hold spaces and parentheses: count fields after the last ')'
-    fields = stat.rsplit(")", 1)[-1].split()
-    return f"{pid} {fields[19]}" if len(fields) > 19 else None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # it exists, owned by someone else
-    return True
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, f"{os.getpid()}\n".encode())  # for a person looking: who held it
+        os.rename(staging, directory / _OWNER_LOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _check_es256_public_key(pem: str | bytes) -> str:
