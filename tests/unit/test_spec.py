@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agov.errors import SpecError
+from agov.resources import policies_dir, schema_path
 from agov.spec import load_spec, parse_spec_bytes, validate_spec
 
 
@@ -107,3 +108,12 @@ def test_r1_arbitrary_bytes_never_raise_anything_but_spec_error(raw: bytes) -> N
 def test_r1_arbitrary_json_values_are_refused_cleanly(value: Any) -> None:
     with pytest.raises(SpecError):
         validate_spec(value)
+
+
+def test_the_schema_knows_exactly_the_role_classes_the_default_policy_limits() -> None:
+    # Kept in two places: the spec schema's enum and the policy's temperature limits. A role
+    # class in one only is either refused at create or denied at every promotion.
+    schema = json.loads(schema_path("agent_spec.json").read_text())
+    enum = schema["properties"]["spec"]["properties"]["role_class"]["enum"]
+    limits = json.loads((policies_dir() / "agov" / "config" / "data.json").read_text())["temperature_limits"]
+    assert sorted(enum) == sorted(limits)
