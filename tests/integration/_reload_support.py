@@ -1,4 +1,4 @@
-"""Shared helpers for the reload, hot-reload race (R10) and revalidation crash (R11) tests.
+"""Shared helpers for the integration tests: reload, hot-reload race (R10), revalidation crash (R11) and others.
 
 Imported by those test modules (pytest puts this directory on ``sys.path``); not a test itself.
 Everything here goes through agov's own API or reads its SQLite file: no mocks.

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _reload_support import create_governed
 
 from agov.decisions import Code
 from agov.engine import Engine
-from agov.registry import CreationMode, from_template
 from agov.store.sqlite import iso
 
 AGENT = "memo-reconciler"
@@ -22,13 +22,7 @@ EDIT = ('"monthly_budget_usd":200', '"monthly_budget_usd":201')
 @pytest.fixture
 def engine(tmp_path: Path, opa_bin: Path) -> Iterator[Engine]:
     with Engine.init(tmp_path / "ws", actor="tester") as eng:
-        eng.create_agent(
-            from_template("finance-reconciler", agent_id=AGENT),
-            mode=CreationMode.TEMPLATE,
-            source="finance-reconciler",
-            actor="tester",
-        )
-        assert eng.promote(AGENT, actor="tester", role="agent_admin").allow
+        create_governed(eng, AGENT)
         yield eng
 
 

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _reload_support import create_governed
 
 from agov.decisions import Status
 from agov.engine import Engine
-from agov.registry import CreationMode, from_template
 
 AGENTS = ("tamper-a", "tamper-b")
 
@@ -21,13 +21,7 @@ AGENTS = ("tamper-a", "tamper-b")
 def engine(tmp_path: Path, opa_bin: Path) -> Iterator[Engine]:
     with Engine.init(tmp_path / "ws", actor="tester") as eng:
         for agent_id in AGENTS:
-            eng.create_agent(
-                from_template("finance-reconciler", agent_id=agent_id),
-                mode=CreationMode.TEMPLATE,
-                source="finance-reconciler",
-                actor="tester",
-            )
-            assert eng.promote(agent_id, actor="tester", role="agent_admin").allow
+            create_governed(eng, agent_id)
         yield eng
 
 

@@ -63,17 +63,12 @@ def test_equivalent_number_spellings_hash_the_same(a: str, b: str) -> None:
 # Every kind of value the fast path must either print exactly as RFC 8785 does or hand over:
 # any float (exponents, integral values, subnormals), keys beyond ASCII (UTF-16 order), control
 # characters, and integers at the edge of the safe range.
-any_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**53) + 1, 2**53 - 1)
-    | st.text(max_size=12)
-    | st.floats(allow_nan=False, allow_infinity=False, width=64)
-    | st.sampled_from([0.0, -0.0, 1.0, 1e16, 1e21, 1e-6, 1e-7, 5e-324, 123.456, 2**53 - 1, -(2**53) + 1])
+any_scalars = json_scalars | st.sampled_from(
+    [0.0, -0.0, 1.0, 1e16, 1e21, 1e-6, 1e-7, 5e-324, 123.456, 2**53 - 1, -(2**53) + 1]
 )
 any_values = st.recursive(
     any_scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=25,
 )
 

@@ -489,12 +489,7 @@ class _Connection:
     def read_head(self, deadline: float) -> tuple[int, dict[str, str], bool]:
         """The status, headers (names lower-cased) and keep-alive of the next final answer."""
         while True:
-            while (end := self._buffer.find(b"\r\n\r\n")) < 0:
-                if len(self._buffer) > _MAX_HEAD_BYTES:
-                    raise http.client.LineTooLong("response head")
-                self._fill(deadline)
-            head = bytes(self._buffer[:end])
-            del self._buffer[: end + 4]
+            head = self._read_through(b"\r\n\r\n", _MAX_HEAD_BYTES, "response head", deadline)
             status_line, *lines = head.split(b"\r\n")
             match = _STATUS_RE.fullmatch(status_line)
             if match is None:
@@ -531,13 +526,17 @@ class _Connection:
         return data
 
     def _read_line(self, deadline: float) -> bytes:
-        while (end := self._buffer.find(b"\r\n")) < 0:
-            if len(self._buffer) > _MAX_LINE_BYTES:
-                raise http.client.LineTooLong("chunk size line")
+        return self._read_through(b"\r\n", _MAX_LINE_BYTES, "chunk size line", deadline)
+
+    def _read_through(self, delimiter: bytes, limit: int, what: str, deadline: float) -> bytes:
+        """The bytes before the next ``delimiter``, which is consumed too; at most ``limit``."""
+        while (end := self._buffer.find(delimiter)) < 0:
+            if len(self._buffer) > limit:
+                raise http.client.LineTooLong(what)
             self._fill(deadline)
-        line = bytes(self._buffer[:end])
-        del self._buffer[: end + 2]
-        return line
+        data = bytes(self._buffer[:end])
+        del self._buffer[: end + len(delimiter)]
+        return data
 
     def read_chunked(self, limit: int, deadline: float) -> bytes | None:
         """A chunked body; None once it grows past ``limit`` (the connection is then unusable)."""
