@@ -299,6 +299,8 @@ def child(args: argparse.Namespace) -> int:
 
             prof = cProfile.Profile()
             prof.enable()
+        opa_pid = getattr(evaluator, "pid", None)
+        opa_cpu0, agov_cpu0 = _cpu_seconds(opa_pid), time.process_time()
         t0 = time.perf_counter()
         report: Any
         if args.mode == "naive":
@@ -308,6 +310,7 @@ def child(args: argparse.Namespace) -> int:
         else:
             report = engine.revalidate(previous_hash=args.previous)
         seconds = time.perf_counter() - t0
+        agov_cpu, opa_cpu1 = time.process_time() - agov_cpu0, _cpu_seconds(opa_pid)
         if prof is not None:
             prof.disable()
         peak = tracemalloc.get_traced_memory()[1] if args.tracemalloc else None
@@ -326,6 +329,8 @@ def child(args: argparse.Namespace) -> int:
             "stages": {k: {"seconds": v[0] / 1e9, "calls": v[1]} for k, v in stages.items()},
             "opa_chunk_timers_ms": opa_chunk,
             "seconds": seconds,
+            "cpu_agov_s": agov_cpu,
+            "cpu_opa_s": None if opa_cpu0 is None or opa_cpu1 is None else opa_cpu1 - opa_cpu0,
             "total": report.total,
             "valid": report.valid,
             "restricted": report.restricted,
@@ -425,6 +430,17 @@ def _opa_chunk_timers(engine: Engine, evaluator: Any, active: str) -> dict[str, 
         return out
     finally:
         conn.close()
+
+
+def _cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of process ``pid`` (all its threads), from /proc."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _vm_hwm_kb(pid: int | None) -> int | None:
@@ -619,6 +635,26 @@ def _breakdown(runs: dict[int, dict[str, list[dict[str, Any]]]]) -> list[dict[st
                     "mode": mode,
                 }
             )
+        cores = os.cpu_count() or 1
+        if t.get("cpu_opa_s") is not None:
+            cpu = {
+                "CPU: the agov process, all threads (of the total's wall time)": t["cpu_agov_s"],
+                "CPU: the OPA sidecar": t["cpu_opa_s"],
+                f"CPU: both together, spread over {cores} cores (the floor on this machine)": (
+                    t["cpu_agov_s"] + t["cpu_opa_s"]
+                )
+                / cores,
+            }
+            for name, secs in cpu.items():
+                rows.append(
+                    {
+                        "run": run,
+                        "name": name,
+                        "per_agent_us": secs / n * 1e6,
+                        "share": secs / t["seconds"],
+                        "mode": mode,
+                    }
+                )
         timers = t.get("opa_chunk_timers_ms")
         if timers:
             per = timers["agents"]
@@ -659,16 +695,21 @@ def bound(result: dict[str, Any]) -> str:
     def us(prefix: str) -> float:
         return next((r["per_agent_us"] for k, r in rows.items() if k.strip().startswith(prefix)), 0.0)
 
-    text = (
-        f"{total['run']} spends ~{total['per_agent_us']:.0f} µs per agent (each stage timed alone below): "
-        f"the OPA chunk query ~{us('OPA chunk query'):.0f} µs per agent (OPA's own timers on a separate "
-        f"chunk query: handler ~{us('OPA handler'):.0f}, JSON input parse ~{us('OPA input parse'):.0f}, eval "
-        f"~{us('OPA query eval'):.0f}; the rest is the transfer, OPA's decision logging and the answer), "
-        f"then sign and commit ~{us('transition'):.0f} µs per agent "
-        f"(sign_proof ~{us('of which sign_proof'):.0f}, of which Ed25519 is most; SQL ~{us('store_proofs'):.0f}). "
-        "The engine overlaps the OPA query of the next chunk with the signing and commit of this one, so "
-        "the stages add up to more than the total, and the total is about the larger of the two: on 2 "
-        "cores OPA's parse + eval and Python's Ed25519 + SQLite each keep one core busy"
+    text = f"{total['run']} spends ~{total['per_agent_us']:.0f} µs per agent"
+    floor = us("CPU: both together")
+    if floor:
+        text += (
+            f", and both processes are busy: agov uses ~{us('CPU: the agov process'):.0f} µs of CPU per agent "
+            f"and OPA ~{us('CPU: the OPA sidecar'):.0f} µs, so on {os.cpu_count()} cores no run can take less "
+            f"than ~{floor:.0f} µs per agent"
+        )
+    text += (
+        f". In OPA (its own timers on a separate chunk query): handler ~{us('OPA handler'):.0f} µs per agent, "
+        f"of which JSON input parse ~{us('OPA input parse'):.0f} and eval ~{us('OPA query eval'):.0f}; "
+        f"in agov: sign and commit ~{us('transition'):.0f} µs per agent (sign_proof "
+        f"~{us('of which sign_proof'):.0f}, of which Ed25519 is most; SQL ~{us('store_proofs'):.0f}). "
+        "The engine keeps two chunk queries in flight while it signs and commits a third, so the stage "
+        "times overlap and add up to more than the total"
     )
     naive = next((r for r in result["breakdown"] if r["mode"] == "naive"), None)
     if naive is not None:

@@ -9,8 +9,9 @@ duplicating a record.
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -107,9 +108,13 @@ def _chunk_input(rows: list[_Row], org_canonical: bytes, policy_hash: str, now: 
     )
 
 
+# A chunk's verdicts by agent id, OPA's decision id, and the time the chunk was judged at
+_Judged = tuple[dict[str, PolicyVerdict], str | None, datetime]
+
+
 def _verdicts(
     evaluator: Evaluator, rows: list[_Row], org_canonical: bytes, policy_hash: str, now: datetime
-) -> tuple[dict[str, PolicyVerdict], str | None, datetime]:
+) -> _Judged:
     # A spec whose stored bytes no longer hash to the recorded spec hash was edited outside
     # agov: it is invalidated, and its bytes are never spliced into the input.
     tampered = {r.agent_id for r in rows if sha256_hex(r.canonical) != r.spec_hash}
@@ -190,21 +195,26 @@ def revalidate(
                 setattr(report, name, int(saved[name]))
     size = config.limits.revalidation_chunk_size
     org_canonical = canonical_json(asdict(config.org))
-    # OPA judges chunk n+1 while chunk n is signed and committed: the two never wait on each other.
-    # Reading ahead is safe: chunks are disjoint, and every write checks the row it read.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="agov-revalidate") as opa:
-        rows = _chunk(store, cursor, size)
-        pending = (
-            opa.submit(_verdicts, evaluator, rows, org_canonical, policy_hash, now_fn()) if rows else None
-        )
-        while rows and pending is not None:
+    # OPA judges the next chunks while this one is signed and committed, and results are applied
+    # in cursor order whatever order they arrive in. Reading ahead is safe: chunks are disjoint,
+    # and every write checks the row it read.
+    with ThreadPoolExecutor(max_workers=_QUERIES_IN_FLIGHT, thread_name_prefix="agov-revalidate") as opa:
+        queued: deque[tuple[list[_Row], Future[_Judged]]] = deque()
+        after: str | None = cursor  # None once every chunk is queued
+        while True:
+            while after is not None and len(queued) < _QUERIES_IN_FLIGHT:
+                ahead = _chunk(store, after, size)
+                if not ahead:
+                    after = None
+                    break
+                after = ahead[-1].agent_id
+                queued.append(
+                    (ahead, opa.submit(_verdicts, evaluator, ahead, org_canonical, policy_hash, now_fn()))
+                )
+            if not queued:
+                break
+            rows, pending = queued.popleft()
             verdicts, decision_id, now = pending.result()
-            next_rows = _chunk(store, rows[-1].agent_id, size)
-            pending = (
-                opa.submit(_verdicts, evaluator, next_rows, org_canonical, policy_hash, now_fn())
-                if next_rows
-                else None
-            )
             if dry_run:
                 _tally_dry(report, rows, verdicts)
             else:
@@ -212,7 +222,6 @@ def revalidate(
                 _apply(store, report, rows, verdicts, signer, decision_id, org_canonical, policy_hash, now)
             if progress is not None:
                 progress(len(rows))
-            rows = next_rows
     if not dry_run:
         now = now_fn()
         with store.transaction() as tx:
@@ -392,6 +401,11 @@ def _unchanged(tx: Tx, rows: list[_Row]) -> set[str]:
                 found.add(r[0])
     return found
 
+
+# Chunk queries in flight at once. OPA evaluates one query on one core and takes longer per chunk
+# than agov takes to sign and commit one: with a second query, OPA also uses the core agov leaves
+# idle while it waits for verdicts (10k agents on 2 cores: 2.48 s with one in flight, 1.66 s with two).
+_QUERIES_IN_FLIGHT = 2
 
 # SQLite's default limit on bound parameters is 32766 (999 before 3.32); stay far below either.
 _IN_BATCH = 500

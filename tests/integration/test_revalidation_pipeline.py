@@ -1,0 +1,133 @@
+"""Revalidation keeps two chunk queries in flight to OPA while it signs and commits a third.
+
+Chunks must still be committed in cursor order, whatever order OPA answers in, and a query that
+fails must stop the run at the last committed chunk, so that the next call resumes there. A
+wrapper around the real managed sidecar delays the first chunk query (so the second answers
+first) and fails the third; OPA itself judges every chunk.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _reload_support import ACTOR, create_governed, current_proofs, edit_data, set_analysis_limit, statuses
+
+from agov.config import Config, Limits
+from agov.engine import Engine
+from agov.errors import EngineUnavailableError
+from agov.opa.evaluator import EncodedInput, Evaluation
+
+CHUNK = 2
+# ids sort in this order; temperatures above the new limit (0.35) fall
+TEMPERATURES = {f"pipe-{i}": t for i, t in enumerate((0.1, 0.5, 0.2, 0.3, 0.6, 0.1, 0.4))}
+NEW_LIMIT = 0.35
+FALLING = {agent_id for agent_id, t in TEMPERATURES.items() if t > NEW_LIMIT}
+
+
+class ChunkFaults:
+    """Wraps ``evaluate`` of the real sidecar: delays chunk query ``slow`` and fails ``failing``."""
+
+    def __init__(self, inner: Callable[..., Evaluation], *, slow: int, failing: int | None) -> None:
+        self.inner = inner
+        self.slow = slow
+        self.failing = failing
+        self.sent = 0
+        self.answered: list[int] = []
+        self.lock = threading.Lock()
+
+    def evaluate(
+        self, path: str, input: Mapping[str, Any] | EncodedInput, *, expected_revision: str | None = None
+    ) -> Evaluation:
+        if path != "agov/revalidation/results":
+            return self.inner(path, input, expected_revision=expected_revision)
+        with self.lock:
+            self.sent += 1
+            number = self.sent
+        if number == self.slow:
+            time.sleep(0.5)
+        if number == self.failing:
+            raise EngineUnavailableError("injected: chunk query failed")
+        evaluation = self.inner(path, input, expected_revision=expected_revision)
+        with self.lock:
+            self.answered.append(number)
+        return evaluation
+
+
+@pytest.fixture
+def engine(tmp_path: Path, opa_bin: Path) -> Iterator[Engine]:
+    with Engine.init(
+        tmp_path / "ws", Config(limits=Limits(revalidation_chunk_size=CHUNK)), actor=ACTOR
+    ) as eng:
+        for agent_id, temperature in TEMPERATURES.items():
+            create_governed(eng, agent_id, temperature=temperature)
+        yield eng
+
+
+def _cursor(engine: Engine) -> tuple[str, Any]:
+    row = engine.store.query_one("SELECT cursor, finished_at FROM revalidation_runs ORDER BY id DESC")
+    assert row is not None
+    return str(row["cursor"]), row["finished_at"]
+
+
+def _bound_to(engine: Engine, policy_hash: str) -> set[str]:
+    return {
+        agent_id
+        for agent_id, proofs in current_proofs(engine.workspace.home).items()
+        if [p["policy_hash"] for p in proofs] == [policy_hash]
+    }
+
+
+def _proof_rows(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
+    return {i: [tuple(p) for p in proofs] for i, proofs in current_proofs(engine.workspace.home).items()}
+
+
+def test_a_failed_chunk_query_stops_at_the_last_committed_chunk_and_the_rerun_resumes(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = engine.workspace.home
+    ids = sorted(TEMPERATURES)
+    old_hash = engine.active_policy().hash
+    sidecar = engine.evaluator()
+    real_evaluate = sidecar.evaluate
+    faults = ChunkFaults(real_evaluate, slow=1, failing=3)
+    monkeypatch.setattr(sidecar, "evaluate", faults.evaluate)
+    proofs_before = _proof_rows(engine)
+    edit_data(home, set_analysis_limit(NEW_LIMIT))
+
+    with pytest.raises(EngineUnavailableError, match="injected"):
+        engine.reload_policy(actor=ACTOR, reason="stricter analysis temperature")
+
+    new_hash = engine.active_policy().hash
+    assert new_hash != old_hash
+    # precondition: the second query answered before the first, so order was really tested
+    assert faults.answered[:2] == [2, 1], (
+        f"chunk queries answered in order {faults.answered}: none overlapped"
+    )
+    committed, rest = ids[: 2 * CHUNK], ids[2 * CHUNK :]
+    assert _cursor(engine) == (committed[-1], None)
+    after_failure = statuses(home)
+    assert {i for i in committed if after_failure[i] == "GOVERNED_INVALIDATED"} == FALLING & set(committed)
+    assert _bound_to(engine, new_hash) == set(committed) - FALLING
+    # nothing past the last committed chunk changed: still valid, the same proof rows
+    assert {i: after_failure[i] for i in rest} == dict.fromkeys(rest, "GOVERNED_VALID")
+    proofs_after = _proof_rows(engine)
+    assert {i: proofs_after[i] for i in rest} == {i: proofs_before[i] for i in rest}
+
+    monkeypatch.setattr(sidecar, "evaluate", ChunkFaults(real_evaluate, slow=1, failing=None).evaluate)
+    report = engine.resume_revalidation()
+
+    assert report is not None and report.resumed
+    assert (report.total, report.invalidated, report.newly_invalidated) == (7, len(FALLING), len(FALLING))
+    assert _cursor(engine)[0] == ids[-1] and _cursor(engine)[1] is not None
+    final = statuses(home)
+    assert {i for i, s in final.items() if s == "GOVERNED_INVALIDATED"} == FALLING
+    assert _bound_to(engine, new_hash) == set(ids) - FALLING
+    invalidations = engine.store.query(
+        "SELECT agent_id FROM audit_events WHERE type = 'AGENT_INVALIDATED' ORDER BY agent_id"
+    )
+    assert [r["agent_id"] for r in invalidations] == sorted(FALLING)
