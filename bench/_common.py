@@ -79,7 +79,7 @@ def render_text(result: dict[str, Any]) -> str:
             f"  {m['name']:<58} p50 {fmt(m.get('p50'))} p99 {fmt(m.get('p99'))} {m.get('unit', '')}{extra}"
         )
     for r in result.get("ratios", []):
-        lines.append(f"  ratio {r['name']:<52} {r['value']:.2f}x  goal {r.get('goal', '-')}  {met(r)}")
+        lines.append(f"  ratio {r['name']:<52} {times(r)}  goal {r.get('goal', '-')}  {met(r)}")
     for g in result.get("goals", []):
         lines.append(f"  goal  {g['name']:<52} {fmt(g['value'])} {g.get('unit', '')}  {met(g)}")
     for b in result.get("breakdown", []):
@@ -108,6 +108,15 @@ def fmt(value: Any) -> str:
             return f"{value:.1f}"
         return f"{value:.2f}"
     return str(value)
+
+
+def times(item: dict[str, Any]) -> str:
+    """A ratio as ``1.23x``; with a third decimal when two would print its goal's own value."""
+    text = f"{item['value']:.2f}"
+    target = item.get("target")
+    if target is not None and text == f"{target:.2f}":
+        text = f"{item['value']:.3f}"
+    return text + "x"
 
 
 def met(item: dict[str, Any]) -> str:

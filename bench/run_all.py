@@ -159,7 +159,7 @@ def render(
             lines.append(f"| {figure} | {g['name']} | {_v(g['value'], g.get('unit', ''))} | {_met(g)} |")
         for x in r.get("ratios", []):
             if x.get("met") is not None:
-                lines.append(f"| {figure} | {x['name']} {x['goal']} | {x['value']:.2f}x | {_met(x)} |")
+                lines.append(f"| {figure} | {x['name']} {x['goal']} | {c.times(x)} | {_met(x)} |")
     for figure, _script in FIGURES:
         r = results.get(figure)
         if r is not None:
@@ -182,7 +182,7 @@ def _figure(r: dict[str, Any]) -> list[str]:
     if r.get("ratios"):
         lines += ["", "| ratio (same run) | value | goal | met |", "|---|---|---|---|"]
         for x in r["ratios"]:
-            lines.append(f"| {x['name']} | {x['value']:.2f}x | {x.get('goal', '-')} | {_met(x)} |")
+            lines.append(f"| {x['name']} | {c.times(x)} | {x.get('goal', '-')} | {_met(x)} |")
     mem = r.get("memory")
     if mem:
         lines += [
