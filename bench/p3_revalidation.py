@@ -51,7 +51,6 @@ from agov.spec import validate_spec
 from agov.store.sqlite import iso
 
 REVALIDATION_PATH = "agov/revalidation/results"
-OPA_TIMEOUT_S = 30.0
 TEMPERATURES = [round(0.05 * k, 2) for k in range(10)]  # 0.45 > 0.4: one agent in ten falls
 STRICT_LIMIT = 0.4
 FALLING = sum(1 for t in TEMPERATURES if t > STRICT_LIMIT)
@@ -63,10 +62,7 @@ FALLING = sum(1 for t in TEMPERATURES if t > STRICT_LIMIT)
 def build_base(root: Path) -> tuple[Path, str, str]:
     """A workspace with P0 active (and its proof key) and the stricter P1 built and recorded."""
     home = root / "base"
-    # a 1000-agent chunk query takes ~0.5-1 s in OPA here, and the default 2 s deadline failed a
-    # chunk at 100k agents on the loaded machine: give chunk queries room (a workspace setting)
-    config = Config(limits=Limits(opa_timeout_s=OPA_TIMEOUT_S))
-    engine = Engine.init(home, config, actor=c.ACTOR)
+    engine = Engine.init(home, Config(), actor=c.ACTOR)
     try:
         p0 = engine.active_policy().hash
         c.set_data_json(
@@ -595,9 +591,9 @@ def run(quick: bool, with_100k: bool, do_profile: bool) -> dict[str, Any]:
         "notes": [
             f"Each trial is a fresh process on a copy of the same store; {FALLING}/{len(TEMPERATURES)} of the "
             "agents exceed the new temperature limit and are invalidated, the others are re-signed.",
-            f"The workspace sets limits.opa_timeout_s = {OPA_TIMEOUT_S:g} (default 2 s): with the default, a "
-            "1000-agent chunk query missed its deadline at 100k agents on the loaded machine and the run "
-            "stopped (it resumes on rerun).",
+            f"The workspace has the default limits: a chunk query's deadline is limits.revalidation_timeout_s "
+            f"({Limits().revalidation_timeout_s:g} s), a single decision's limits.opa_timeout_s "
+            f"({Limits().opa_timeout_s:g} s).",
             "The naive loop (naive_revalidate in this script) uses the engine's own parts: for each agent in "
             "turn it parses the stored spec, asks OPA about that agent alone over the same keep-alive client, "
             "and signs and commits in its own transaction (sign_for + store_proofs, the audit chain); no chunks, no "

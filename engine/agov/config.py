@@ -10,6 +10,8 @@ import yaml
 
 from agov.errors import WorkspaceError
 
+MAX_TIMEOUT_S = 300.0  # the longest deadline any one call to OPA may have
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -17,9 +19,11 @@ class Limits:
 
     max_spec_bytes: int = 256 * 1024
     max_proof_bytes: int = 64 * 1024
-    opa_timeout_s: float = 2.0
+    opa_timeout_s: float = 2.0  # one decision: admission, promotion
     opa_start_timeout_s: float = 20.0
     revalidation_chunk_size: int = 1000
+    # one revalidation chunk query (up to revalidation_chunk_size agents in one evaluation)
+    revalidation_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,9 @@ def load_config(path: Path) -> Config:
     config: Config = _build(Config, raw, str(path.name))
     if config.runtime not in ("managed", "external"):
         raise WorkspaceError(f"{path.name}: runtime must be 'managed' or 'external', not {config.runtime!r}")
-    if config.limits.revalidation_chunk_size < 1 or config.limits.opa_timeout_s <= 0:
+    limits = config.limits
+    if limits.revalidation_chunk_size < 1 or limits.opa_timeout_s <= 0 or limits.revalidation_timeout_s <= 0:
         raise WorkspaceError(f"{path.name}: limits must be positive")
+    if max(limits.opa_timeout_s, limits.revalidation_timeout_s) > MAX_TIMEOUT_S:
+        raise WorkspaceError(f"{path.name}: OPA timeouts must be at most {MAX_TIMEOUT_S:g} s")
     return config

@@ -113,7 +113,12 @@ _Judged = tuple[dict[str, PolicyVerdict], str | None, datetime]
 
 
 def _verdicts(
-    evaluator: Evaluator, rows: list[_Row], org_canonical: bytes, policy_hash: str, now: datetime
+    evaluator: Evaluator,
+    rows: list[_Row],
+    org_canonical: bytes,
+    policy_hash: str,
+    now: datetime,
+    timeout_s: float,
 ) -> _Judged:
     # A spec whose stored bytes no longer hash to the recorded spec hash was edited outside
     # agov: it is invalidated, and its bytes are never spliced into the input.
@@ -123,6 +128,7 @@ def _verdicts(
         REVALIDATION_PATH,
         _chunk_input(intact, org_canonical, policy_hash, now),
         expected_revision=policy_hash,
+        timeout_s=timeout_s,
     )
     results = evaluation.result
     if not isinstance(results, dict):
@@ -194,6 +200,7 @@ def revalidate(
             for name in ("total", "valid", "restricted", "invalidated", "newly_invalidated", "restored"):
                 setattr(report, name, int(saved[name]))
     size = config.limits.revalidation_chunk_size
+    timeout_s = config.limits.revalidation_timeout_s
     org_canonical = canonical_json(asdict(config.org))
     # OPA judges the next chunks while this one is signed and committed, and results are applied
     # in cursor order whatever order they arrive in. Reading ahead is safe: chunks are disjoint,
@@ -208,9 +215,10 @@ def revalidate(
                     after = None
                     break
                 after = ahead[-1].agent_id
-                queued.append(
-                    (ahead, opa.submit(_verdicts, evaluator, ahead, org_canonical, policy_hash, now_fn()))
+                judged = opa.submit(
+                    _verdicts, evaluator, ahead, org_canonical, policy_hash, now_fn(), timeout_s
                 )
+                queued.append((ahead, judged))
             if not queued:
                 break
             rows, pending = queued.popleft()

@@ -507,6 +507,27 @@ def test_no_retry_after_a_timeout(fake: Callable[[Behaviour], FakeOPA], config: 
     assert server.requests == 1
 
 
+def test_a_call_with_its_own_deadline_outlasts_the_configured_one(
+    fake: Callable[[Behaviour], FakeOPA], config: EvaluatorConfig
+) -> None:
+    """A revalidation chunk query gets a longer deadline than one decision; both are hard."""
+    server = fake(sleep_then(TIMEOUT_S + 0.5, _json(200, GOOD)))
+    with DecisionClient(ConnectionConfig(url=server.url), config) as client:
+        started = time.monotonic()
+        with pytest.raises(EngineUnavailableError, match=f"did not answer within {TIMEOUT_S:g} s"):
+            client.evaluate(PATH, {})
+        assert time.monotonic() - started < TIMEOUT_S + 0.4
+        assert client.evaluate(PATH, {}, timeout_s=TIMEOUT_S + 2.0).result == {"allow": True}
+        started = time.monotonic()
+        with pytest.raises(EngineUnavailableError, match=r"did not answer within 0\.2 s"):
+            client.evaluate(PATH, {}, timeout_s=0.2)
+        assert time.monotonic() - started < 0.6
+        for bad in (0.0, -1.0, 301.0):
+            with pytest.raises(ValueError, match="timeout_s must be in"):
+                client.evaluate(PATH, {}, timeout_s=bad)
+    assert server.requests == 3
+
+
 def test_no_retry_after_response_bytes(fake: Callable[[Behaviour], FakeOPA], config: EvaluatorConfig) -> None:
     server = fake(reset_after(b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n{"))
     with DecisionClient(ConnectionConfig(url=server.url), config) as client:

@@ -38,21 +38,28 @@ class ChunkFaults:
         self.failing = failing
         self.sent = 0
         self.answered: list[int] = []
+        self.deadlines: set[float | None] = set()
         self.lock = threading.Lock()
 
     def evaluate(
-        self, path: str, input: Mapping[str, Any] | EncodedInput, *, expected_revision: str | None = None
+        self,
+        path: str,
+        input: Mapping[str, Any] | EncodedInput,
+        *,
+        expected_revision: str | None = None,
+        timeout_s: float | None = None,
     ) -> Evaluation:
         if path != "agov/revalidation/results":
-            return self.inner(path, input, expected_revision=expected_revision)
+            return self.inner(path, input, expected_revision=expected_revision, timeout_s=timeout_s)
         with self.lock:
             self.sent += 1
             number = self.sent
+            self.deadlines.add(timeout_s)
         if number == self.slow:
             time.sleep(0.5)
         if number == self.failing:
             raise EngineUnavailableError("injected: chunk query failed")
-        evaluation = self.inner(path, input, expected_revision=expected_revision)
+        evaluation = self.inner(path, input, expected_revision=expected_revision, timeout_s=timeout_s)
         with self.lock:
             self.answered.append(number)
         return evaluation
@@ -108,6 +115,8 @@ def test_a_failed_chunk_query_stops_at_the_last_committed_chunk_and_the_rerun_re
     assert faults.answered[:2] == [2, 1], (
         f"chunk queries answered in order {faults.answered}: none overlapped"
     )
+    # chunk queries run under the chunk deadline, not the one for a single decision
+    assert faults.deadlines == {engine.config.limits.revalidation_timeout_s}
     committed, rest = ids[: 2 * CHUNK], ids[2 * CHUNK :]
     assert _cursor(engine) == (committed[-1], None)
     after_failure = statuses(home)

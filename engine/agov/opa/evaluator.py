@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from agov.config import MAX_TIMEOUT_S
 from agov.decisions import Evaluation
 
 _BUNDLE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -32,8 +33,8 @@ class EvaluatorConfig:
     bundle_name: str = "agov"
 
     def __post_init__(self) -> None:
-        if not 0 < self.timeout_s <= 300:
-            raise ValueError(f"timeout_s must be in (0, 300], got {self.timeout_s}")
+        if not 0 < self.timeout_s <= MAX_TIMEOUT_S:
+            raise ValueError(f"timeout_s must be in (0, {MAX_TIMEOUT_S:g}], got {self.timeout_s}")
         if self.max_response_bytes <= 0 or self.max_request_bytes <= 0:
             raise ValueError("max_response_bytes and max_request_bytes must be positive")
         if not 1 <= self.pool_size <= 256:
@@ -65,7 +66,12 @@ class Evaluator(Protocol):
     """
 
     def evaluate(
-        self, path: str, input: Mapping[str, Any] | EncodedInput, *, expected_revision: str | None = None
+        self,
+        path: str,
+        input: Mapping[str, Any] | EncodedInput,
+        *,
+        expected_revision: str | None = None,
+        timeout_s: float | None = None,
     ) -> Evaluation:
         """Evaluate ``data.<path>`` (``path`` like ``"agov/admission/decision"``) for ``input``.
 
@@ -73,6 +79,8 @@ class Evaluator(Protocol):
             path: Slash-separated rule path below ``data``.
             input: The input document (must serialize to JSON), or its JSON bytes.
             expected_revision: When given, an answer from any other bundle revision is refused.
+            timeout_s: This call's deadline, for work larger than one decision (a revalidation
+                chunk); ``EvaluatorConfig.timeout_s`` when not given.
 
         Returns:
             The result, the bundle revision that produced it and OPA's decision id.

@@ -138,7 +138,12 @@ class ExternalSidecar:
         return cls(connection, config)
 
     def evaluate(
-        self, path: str, input: Mapping[str, Any] | EncodedInput, *, expected_revision: str | None = None
+        self,
+        path: str,
+        input: Mapping[str, Any] | EncodedInput,
+        *,
+        expected_revision: str | None = None,
+        timeout_s: float | None = None,
     ) -> Evaluation:
         """Evaluate ``data.<path>``; see :meth:`agov.opa.evaluator.Evaluator.evaluate`.
 
@@ -146,7 +151,7 @@ class ExternalSidecar:
             EngineUnavailableError: Unreachable, slow, broken, or auth refused.
             DecisionError: The answer was unusable (undefined, malformed, wrong revision).
         """
-        return self._client.evaluate(path, input, expected_revision=expected_revision)
+        return self._client.evaluate(path, input, expected_revision=expected_revision, timeout_s=timeout_s)
 
     def health(self) -> None:
         """Check ``GET /health?bundles``.

@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from agov.config import MAX_TIMEOUT_S
 from agov.decisions import Evaluation
 from agov.errors import DecisionError, EngineUnavailableError
 from agov.opa.evaluator import EncodedInput, EvaluatorConfig
@@ -166,7 +167,12 @@ class DecisionClient:
     # --- decisions --------------------------------------------------------------------------
 
     def evaluate(
-        self, path: str, input: Mapping[str, Any] | EncodedInput, *, expected_revision: str | None = None
+        self,
+        path: str,
+        input: Mapping[str, Any] | EncodedInput,
+        *,
+        expected_revision: str | None = None,
+        timeout_s: float | None = None,
     ) -> Evaluation:
         """POST ``{"input": input}`` to ``/v1/data/<path>`` and return a checked answer.
 
@@ -174,6 +180,7 @@ class DecisionClient:
             path: Slash-separated rule path below ``data`` (``agov/admission/decision``).
             input: The input document, or its JSON bytes.
             expected_revision: When given, an answer from another revision is refused.
+            timeout_s: This call's deadline instead of ``EvaluatorConfig.timeout_s``.
 
         Returns:
             The result, the revision of the configured bundle and OPA's decision id (None
@@ -198,7 +205,7 @@ class DecisionClient:
                 f"input for data.{_dotted(path)} is {len(body)} bytes, over the "
                 f"{self.config.max_request_bytes}-byte limit"
             )
-        reply = self.request("POST", f"/v1/data/{path}{_QUERY}", body)
+        reply = self.request("POST", f"/v1/data/{path}{_QUERY}", body, timeout_s=timeout_s)
         doc = _check_reply(reply, f"data.{_dotted(path)}")
         # (1) undefined is never "no objection"
         if "result" not in doc:
@@ -268,13 +275,16 @@ class DecisionClient:
 
     # --- transport --------------------------------------------------------------------------
 
-    def request(self, method: str, target: str, body: bytes | None = None) -> Reply:
+    def request(
+        self, method: str, target: str, body: bytes | None = None, *, timeout_s: float | None = None
+    ) -> Reply:
         """Send one request under the ``timeout_s`` deadline and read the whole answer.
 
         Args:
             method: HTTP method.
             target: Path and query below the base URL (``/v1/data/x?provenance=true``).
             body: Request body (JSON).
+            timeout_s: This request's deadline instead of ``EvaluatorConfig.timeout_s``.
 
         Returns:
             Status and body (any status; mapping statuses is the caller's business).
@@ -285,7 +295,10 @@ class DecisionClient:
         """
         if self._closed.is_set():
             raise EngineUnavailableError("the OPA client is closed")
-        deadline = time.monotonic() + self.config.timeout_s
+        timeout = self.config.timeout_s if timeout_s is None else timeout_s
+        if not 0 < timeout <= MAX_TIMEOUT_S:
+            raise ValueError(f"timeout_s must be in (0, {MAX_TIMEOUT_S:g}], got {timeout}")
+        deadline = time.monotonic() + timeout
         retried = False
         while True:
             conn, reused = (
@@ -300,13 +313,13 @@ class DecisionClient:
                     retried = True
                     self._drop_idle()  # OPA closed one idle connection: likely all of them
                     continue
-                raise self._unavailable(exc.__cause__ or exc) from exc.__cause__
+                raise self._unavailable(exc.__cause__ or exc, timeout) from exc.__cause__
             except (DecisionError, EngineUnavailableError):
                 conn.close()
                 raise
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 conn.close()
-                raise self._unavailable(exc) from exc
+                raise self._unavailable(exc, timeout) from exc
             except BaseException:
                 conn.close()
                 raise
@@ -398,11 +411,11 @@ class DecisionClient:
             return status, b"", False
         return status, data, keep and conn.idle()
 
-    def _unavailable(self, exc: BaseException) -> EngineUnavailableError:
+    def _unavailable(self, exc: BaseException, timeout_s: float) -> EngineUnavailableError:
         where = self.connection.url
         if isinstance(exc, TimeoutError):
             return EngineUnavailableError(
-                f"OPA at {where} did not answer within {self.config.timeout_s:g} s",
+                f"OPA at {where} did not answer within {timeout_s:g} s",
                 hint="is OPA overloaded? raise the timeout only if decisions are known to be slow",
             )
         if isinstance(exc, ConnectionRefusedError):

@@ -216,7 +216,12 @@ class ManagedSidecar:
     # --- Evaluator ----------------------------------------------------------------------------
 
     def evaluate(
-        self, path: str, input: Mapping[str, Any] | EncodedInput, *, expected_revision: str | None = None
+        self,
+        path: str,
+        input: Mapping[str, Any] | EncodedInput,
+        *,
+        expected_revision: str | None = None,
+        timeout_s: float | None = None,
     ) -> Evaluation:
         """Evaluate ``data.<path>``; see :meth:`agov.opa.evaluator.Evaluator.evaluate`.
 
@@ -228,7 +233,7 @@ class ManagedSidecar:
         if client is None:
             raise EngineUnavailableError("the managed OPA sidecar is not running", hint="call start() first")
         try:
-            return client.evaluate(path, input, expected_revision=expected_revision)
+            return client.evaluate(path, input, expected_revision=expected_revision, timeout_s=timeout_s)
         except EngineUnavailableError as exc:
             raise self._with_exit_note(exc) from exc
 
