@@ -13,15 +13,13 @@ VENV_BIN  := $(VENV)/bin
 TOOLS_BIN := $(CURDIR)/.tools/bin
 OPA       := $(TOOLS_BIN)/opa
 REGAL     := $(TOOLS_BIN)/regal
-# Stamp named after the pin, so bumping OPA_VERSION reinstalls opa
-OPA_PINNED := $(TOOLS_BIN)/.opa-$(OPA_VERSION)
 SCHEMAS   := policies/schemas
 # Rego the engine ships outside the bundle (the managed sidecar's decision-log mask)
 ENGINE_REGO := engine/agov/opa/rego
 export PATH := $(TOOLS_BIN):$(PATH)
 export AGOV_OPA_BIN := $(OPA)
 
-.PHONY: test demo bench tools venv lint rego-fmt rego-check rego-lint rego-test py-lint py-types pytest clean
+.PHONY: test demo bench tools opa venv lint rego-fmt rego-check rego-lint rego-test py-lint py-types pytest clean
 
 test: tools venv rego-fmt rego-check rego-lint rego-test py-lint py-types pytest
 
@@ -42,24 +40,26 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV_BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-tools: $(OPA_PINNED) $(REGAL)
+tools: opa $(REGAL)
 
 # True when $(1) is the pinned opa. The output is captured first: under pipefail,
 # `opa version | grep -q` fails with SIGPIPE (141) whenever grep exits before opa finishes writing.
 opa_is_pinned = out=$$($(1) version 2>/dev/null) && grep -qx "Version: $(OPA_VERSION)" <<<"$$out"
 
-# Reuse an opa already on PATH when it is the pinned version; otherwise build it.
-$(OPA_PINNED):
-	mkdir -p $(TOOLS_BIN)
-	rm -f $(OPA) $(TOOLS_BIN)/.opa-*
-	if command -v opa >/dev/null && $(call opa_is_pinned,opa); then \
-	  ln -s "$$(command -v opa)" $(OPA); \
-	else \
-	  echo "building opa v$(OPA_VERSION) (first time only, takes minutes)"; \
-	  GOBIN=$(TOOLS_BIN) go install github.com/open-policy-agent/opa@v$(OPA_VERSION); \
+# Checked on every run (one `opa version`), so a deleted binary, a dangling link or another version
+# is replaced: by the pinned opa on PATH when there is one, else by building it.
+opa:
+	@if ! { $(call opa_is_pinned,$(OPA)); }; then \
+	  mkdir -p $(TOOLS_BIN); \
+	  rm -f $(OPA); \
+	  if command -v opa >/dev/null && $(call opa_is_pinned,opa); then \
+	    ln -s "$$(command -v opa)" $(OPA); \
+	  else \
+	    echo "building opa v$(OPA_VERSION) (first time only, takes minutes)"; \
+	    GOBIN=$(TOOLS_BIN) go install github.com/open-policy-agent/opa@v$(OPA_VERSION); \
+	  fi; \
+	  $(call opa_is_pinned,$(OPA)) || { echo "$(OPA) is not opa $(OPA_VERSION)"; exit 1; }; \
 	fi
-	$(call opa_is_pinned,$(OPA)) || { echo "$(OPA) is not opa $(OPA_VERSION)"; exit 1; }
-	touch $@
 
 # Regal is built from tools/regal/go.mod (pinned there): `go install regal@version` needs the
 # module proxy's version list, which this network refuses.

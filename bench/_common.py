@@ -111,11 +111,12 @@ def fmt(value: Any) -> str:
 
 
 def times(item: dict[str, Any]) -> str:
-    """A ratio as ``1.23x``; with a third decimal when two would print its goal's own value."""
-    text = f"{item['value']:.2f}"
-    target = item.get("target")
-    if target is not None and text == f"{target:.2f}":
-        text = f"{item['value']:.3f}"
+    """A ratio as ``1.23x``, with more decimals while fewer would print its goal's own value."""
+    value, target = item["value"], item.get("target")
+    for decimals in range(2, 7):
+        text = f"{value:.{decimals}f}"
+        if target is None or value == target or text != f"{target:.{decimals}f}":
+            break
     return text + "x"
 
 

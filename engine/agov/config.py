@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -87,9 +88,21 @@ def load_config(path: Path) -> Config:
     config: Config = _build(Config, raw, str(path.name))
     if config.runtime not in ("managed", "external"):
         raise WorkspaceError(f"{path.name}: runtime must be 'managed' or 'external', not {config.runtime!r}")
-    limits = config.limits
-    if limits.revalidation_chunk_size < 1 or limits.opa_timeout_s <= 0 or limits.revalidation_timeout_s <= 0:
-        raise WorkspaceError(f"{path.name}: limits must be positive")
-    if max(limits.opa_timeout_s, limits.revalidation_timeout_s) > MAX_TIMEOUT_S:
-        raise WorkspaceError(f"{path.name}: OPA timeouts must be at most {MAX_TIMEOUT_S:g} s")
+    _check_limits(config.limits, f"{path.name}: limits")
     return config
+
+
+def _check_limits(limits: Limits, where: str) -> None:
+    """Every limit is a positive finite number (a whole one where it counts things or bytes)."""
+    for f in fields(limits):
+        value = getattr(limits, f.name)
+        whole = f.type == "int"
+        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+            raise WorkspaceError(
+                f"{where}.{f.name} must be a {'whole ' if whole else ''}number, not {value!r}"
+            )
+        if not (math.isfinite(value) and value > 0):
+            raise WorkspaceError(f"{where}.{f.name} must be positive, not {value!r}")
+    for name in ("opa_timeout_s", "revalidation_timeout_s"):
+        if getattr(limits, name) > MAX_TIMEOUT_S:
+            raise WorkspaceError(f"{where}.{name} must be at most {MAX_TIMEOUT_S:g} s")

@@ -8,6 +8,7 @@ first) and fails the third; OPA itself judges every chunk.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -15,8 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _reload_support import ACTOR, create_governed, current_proofs, edit_data, set_analysis_limit, statuses
+from _reload_support import (
+    ACTOR,
+    create_governed,
+    current_proofs,
+    edit_data,
+    set_analysis_limit,
+    snapshot,
+    statuses,
+)
 
+from agov import revalidation
 from agov.config import Config, Limits
 from agov.engine import Engine
 from agov.errors import EngineUnavailableError
@@ -30,14 +40,25 @@ FALLING = {agent_id for agent_id, t in TEMPERATURES.items() if t > NEW_LIMIT}
 
 
 class ChunkFaults:
-    """Wraps ``evaluate`` of the real sidecar: delays chunk query ``slow`` and fails ``failing``."""
+    """Wraps ``evaluate`` of the real sidecar. Chunks are numbered from 1 in cursor order (by
+    their first agent); the chunks in ``slow`` are answered after ``delay_s``, chunk ``failing``
+    raises."""
 
-    def __init__(self, inner: Callable[..., Evaluation], *, slow: int, failing: int | None) -> None:
+    def __init__(
+        self,
+        inner: Callable[..., Evaluation],
+        *,
+        slow: set[int],
+        delay_s: float = 0.5,
+        failing: int | None,
+    ) -> None:
         self.inner = inner
         self.slow = slow
+        self.delay_s = delay_s
         self.failing = failing
-        self.sent = 0
+        self.in_flight = 0
         self.answered: list[int] = []
+        self.most_in_flight = 0
         self.deadlines: set[float | None] = set()
         self.lock = threading.Lock()
 
@@ -51,15 +72,22 @@ class ChunkFaults:
     ) -> Evaluation:
         if path != "agov/revalidation/results":
             return self.inner(path, input, expected_revision=expected_revision, timeout_s=timeout_s)
+        assert isinstance(input, EncodedInput)
+        first = json.loads(input.json)["agents"][0]["id"]
+        number = sorted(TEMPERATURES).index(first) // CHUNK + 1
         with self.lock:
-            self.sent += 1
-            number = self.sent
             self.deadlines.add(timeout_s)
-        if number == self.slow:
-            time.sleep(0.5)
-        if number == self.failing:
-            raise EngineUnavailableError("injected: chunk query failed")
-        evaluation = self.inner(path, input, expected_revision=expected_revision, timeout_s=timeout_s)
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            if number in self.slow:
+                time.sleep(self.delay_s)
+            if number == self.failing:
+                raise EngineUnavailableError(f"injected: chunk {number} query failed")
+            evaluation = self.inner(path, input, expected_revision=expected_revision, timeout_s=timeout_s)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
         with self.lock:
             self.answered.append(number)
         return evaluation
@@ -101,7 +129,7 @@ def test_a_failed_chunk_query_stops_at_the_last_committed_chunk_and_the_rerun_re
     old_hash = engine.active_policy().hash
     sidecar = engine.evaluator()
     real_evaluate = sidecar.evaluate
-    faults = ChunkFaults(real_evaluate, slow=1, failing=3)
+    faults = ChunkFaults(real_evaluate, slow={1}, failing=3)
     monkeypatch.setattr(sidecar, "evaluate", faults.evaluate)
     proofs_before = _proof_rows(engine)
     edit_data(home, set_analysis_limit(NEW_LIMIT))
@@ -127,7 +155,7 @@ def test_a_failed_chunk_query_stops_at_the_last_committed_chunk_and_the_rerun_re
     proofs_after = _proof_rows(engine)
     assert {i: proofs_after[i] for i in rest} == {i: proofs_before[i] for i in rest}
 
-    monkeypatch.setattr(sidecar, "evaluate", ChunkFaults(real_evaluate, slow=1, failing=None).evaluate)
+    monkeypatch.setattr(sidecar, "evaluate", ChunkFaults(real_evaluate, slow=set(), failing=None).evaluate)
     report = engine.resume_revalidation()
 
     assert report is not None and report.resumed
@@ -140,3 +168,52 @@ def test_a_failed_chunk_query_stops_at_the_last_committed_chunk_and_the_rerun_re
         "SELECT agent_id FROM audit_events WHERE type = 'AGENT_INVALIDATED' ORDER BY agent_id"
     )
     assert [r["agent_id"] for r in invalidations] == sorted(FALLING)
+
+
+def test_two_chunk_queries_are_in_flight_while_a_chunk_is_committed(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sidecar = engine.evaluator()
+    # chunk 1 answers at once; the others take long enough to be seen running
+    faults = ChunkFaults(sidecar.evaluate, slow={2, 3, 4}, delay_s=0.5, failing=None)
+    monkeypatch.setattr(sidecar, "evaluate", faults.evaluate)
+    seen_at_apply: list[int] = []
+    apply = revalidation._apply
+
+    def counting_apply(*args: Any) -> None:
+        # the queries submitted for this commit need a moment to start in their threads
+        deadline, seen = time.monotonic() + 0.3, 0
+        while time.monotonic() < deadline and seen < 2:
+            seen = max(seen, faults.in_flight)
+            time.sleep(0.005)
+        seen_at_apply.append(seen)
+        apply(*args)
+
+    monkeypatch.setattr(revalidation, "_apply", counting_apply)
+
+    report = engine.revalidate()
+
+    assert report.total == len(TEMPERATURES)
+    # chunks 2 and 3 are judged while chunk 1 is signed and committed
+    assert seen_at_apply[0] == 2, seen_at_apply
+    assert faults.most_in_flight == 2
+
+
+def test_a_failed_chunk_query_does_not_wait_for_the_other_one_in_flight(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = snapshot(engine.workspace.home)
+    sidecar = engine.evaluator()
+    faults = ChunkFaults(sidecar.evaluate, slow={2}, delay_s=3.0, failing=1)
+    monkeypatch.setattr(sidecar, "evaluate", faults.evaluate)
+    started = time.monotonic()
+
+    with pytest.raises(EngineUnavailableError, match="injected: chunk 1"):
+        engine.revalidate()
+
+    assert time.monotonic() - started < 1.5
+    after = snapshot(engine.workspace.home)
+    # only the run's own row is new; no agent, proof or audit row changed
+    assert {t: rows for t, rows in after.items() if t != "revalidation_runs"} == {
+        t: rows for t, rows in before.items() if t != "revalidation_runs"
+    }

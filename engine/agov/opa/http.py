@@ -416,7 +416,9 @@ class DecisionClient:
         if isinstance(exc, TimeoutError):
             return EngineUnavailableError(
                 f"OPA at {where} did not answer within {timeout_s:g} s",
-                hint="is OPA overloaded? raise the timeout only if decisions are known to be slow",
+                hint="is OPA overloaded? raise the deadline only if these queries are known to be slow "
+                "(agov.yaml: limits.opa_timeout_s for one decision, limits.revalidation_timeout_s for a "
+                "revalidation chunk)",
             )
         if isinstance(exc, ConnectionRefusedError):
             return EngineUnavailableError(
