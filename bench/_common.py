@@ -8,12 +8,10 @@ not (much).
 from __future__ import annotations
 
 import argparse
-import cProfile
 import gc
 import json
 import os
 import platform
-import pstats
 import random
 import shutil
 import sqlite3
@@ -44,7 +42,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run, numbers not meaningful")
     p.add_argument("--json", type=Path, help="write the result document to this file")
     p.add_argument(
-        "--profile", action="store_true", help="also print a cProfile summary of the subject (µs per call)"
+        "--profile",
+        action="store_true",
+        help="also print a pyinstrument profile of the subject (own time and call tree)",
     )
     return p
 
@@ -212,42 +212,33 @@ def interleave(
 # --- profiling (only with --profile; the figures never run under a profiler) ----------------
 
 
-def profile(fn: Callable[[], Any], calls: int, top: int = 25, label: str = "") -> list[dict[str, Any]]:
-    """Run ``fn`` ``calls`` times under cProfile; return the top functions by cumulative time.
+@contextmanager
+def profiled(label: str, operations: int = 1, lines: int = 60) -> Iterator[None]:
+    """Sample the block with pyinstrument and print its call tree (share of the time per call
+    path) to stderr. A sampling profiler's overhead does not grow with the number of Python
+    calls, so fine-grained code is not inflated the way cProfile inflates it."""
+    from pyinstrument import Profiler
 
-    ``us_per_op`` is the cumulative time spent in that function per call of ``fn`` (what it costs
-    each operation); ``us_per_call`` is per call of that function. cProfile inflates Python-heavy
-    code, so read the shares, not the absolute numbers.
-    """
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(calls):
-        fn()
-    prof.disable()
-    stats = pstats.Stats(prof)
-    rows: list[dict[str, Any]] = []
-    for (filename, line, func), (_cc, nc, tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
-        rows.append(
-            {
-                "function": f"{_short_path(filename)}:{line}({func})",
-                "ncalls": nc,
-                "calls_per_op": nc / calls,
-                "cum_us_per_op": ct / calls * 1e6,
-                "own_us_per_op": tt / calls * 1e6,
-                "us_per_call": ct / nc * 1e6 if nc else 0.0,
-            }
-        )
-    rows.sort(key=lambda r: r["cum_us_per_op"], reverse=True)
-    rows = [r for r in rows if not r["function"].startswith(("~", "<string>", "_common.py"))][:top]
-    print(f"\n-- cProfile {label}: {calls} operations, top {top} by cumulative time", file=sys.stderr)
-    print(f"{'cum µs/op':>10} {'own µs/op':>10} {'calls/op':>9} {'µs/call':>9}  function", file=sys.stderr)
-    for r in rows:
+    profiler = Profiler(interval=0.0002)
+    profiler.start()
+    try:
+        yield
+    finally:
+        session = profiler.stop()
+        per_op = session.duration / operations * 1e6
         print(
-            f"{r['cum_us_per_op']:10.1f} {r['own_us_per_op']:10.1f} {r['calls_per_op']:9.1f}"
-            f" {r['us_per_call']:9.1f}  {r['function']}",
+            f"\n-- pyinstrument {label}: {operations} operations, {per_op:.1f} µs each (under the profiler)",
             file=sys.stderr,
         )
-    return rows
+        text = profiler.output_text(unicode=True, time="percent_of_total")
+        print("\n".join(text.splitlines()[:lines]), file=sys.stderr)
+
+
+def profile(fn: Callable[[], Any], calls: int, label: str = "") -> None:
+    """Run ``fn`` ``calls`` times under :func:`profiled`."""
+    with profiled(label, calls):
+        for _ in range(calls):
+            fn()
 
 
 def _short_path(filename: str) -> str:

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from contextlib import nullcontext
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
@@ -289,26 +290,22 @@ def child(args: argparse.Namespace) -> int:
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         if args.tracemalloc:
             tracemalloc.start()
-        prof = None
-        if args.profile:
-            import cProfile
-
-            prof = cProfile.Profile()
-            prof.enable()
         opa_pid = getattr(evaluator, "pid", None)
         opa_cpu0, agov_cpu0 = _cpu_seconds(opa_pid), time.process_time()
+        profiling = (
+            c.profiled(f"of Engine.revalidate ({args.mode})", lines=60) if args.profile else nullcontext()
+        )
         t0 = time.perf_counter()
         report: Any
-        if args.mode == "naive":
-            counts = naive_revalidate(engine)
-            # every agent starts GOVERNED_VALID, so each one invalidated is newly invalidated
-            report = SimpleNamespace(**counts, restricted=0, newly_invalidated=counts["invalidated"])
-        else:
-            report = engine.revalidate(previous_hash=args.previous)
+        with profiling:
+            if args.mode == "naive":
+                counts = naive_revalidate(engine)
+                # every agent starts GOVERNED_VALID, so each one invalidated is newly invalidated
+                report = SimpleNamespace(**counts, restricted=0, newly_invalidated=counts["invalidated"])
+            else:
+                report = engine.revalidate(previous_hash=args.previous)
         seconds = time.perf_counter() - t0
         agov_cpu, opa_cpu1 = time.process_time() - agov_cpu0, _cpu_seconds(opa_pid)
-        if prof is not None:
-            prof.disable()
         peak = tracemalloc.get_traced_memory()[1] if args.tracemalloc else None
         if args.tracemalloc:
             tracemalloc.stop()
@@ -341,12 +338,6 @@ def child(args: argparse.Namespace) -> int:
         }
     finally:
         engine.close()
-    if prof is not None:
-        import pstats
-
-        stats = pstats.Stats(prof, stream=sys.stderr)
-        print(f"\n-- cProfile of Engine.revalidate ({args.mode}, {out['total']} agents)", file=sys.stderr)
-        stats.sort_stats("cumulative").print_stats(30)
     print(json.dumps(out))
     return 0
 
