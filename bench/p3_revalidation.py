@@ -687,8 +687,8 @@ def bound(result: dict[str, Any]) -> str:
     if floor:
         text += (
             f", and both processes are busy: agov uses ~{us('CPU: the agov process'):.0f} µs of CPU per agent "
-            f"and OPA ~{us('CPU: the OPA sidecar'):.0f} µs, so on {os.cpu_count()} cores no run can take less "
-            f"than ~{floor:.0f} µs per agent"
+            f"and OPA ~{us('CPU: the OPA sidecar'):.0f} µs, so on {os.cpu_count()} cores, at these CPU costs, "
+            f"the run cannot take less than ~{floor:.0f} µs per agent"
         )
     text += (
         f". In OPA (its own timers on a separate chunk query): handler ~{us('OPA handler'):.0f} µs per agent, "
