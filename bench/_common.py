@@ -44,7 +44,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--profile",
         action="store_true",
-        help="also print a pyinstrument profile of the subject (own time and call tree)",
+        help="also print a pyinstrument profile of the subject (its call tree)",
     )
     return p
 
@@ -239,13 +239,6 @@ def profile(fn: Callable[[], Any], calls: int, label: str = "") -> None:
     with profiled(label, calls):
         for _ in range(calls):
             fn()
-
-
-def _short_path(filename: str) -> str:
-    for marker in ("/engine/agov/", "/site-packages/", "/lib/python3"):
-        if marker in filename:
-            return filename.split(marker, 1)[1]
-    return os.path.basename(filename)
 
 
 # --- machine ---------------------------------------------------------------------------------
