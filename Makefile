@@ -53,9 +53,9 @@ opa:
 	  mkdir -p $(TOOLS_BIN); \
 	  rm -f $(OPA); \
 	  if command -v opa >/dev/null && $(call opa_is_pinned,opa); then \
-	    ln -s "$$(command -v opa)" $(OPA); \
+	    ln -s "$$(realpath "$$(command -v opa)")" $(OPA); \
 	  else \
-	    echo "building opa v$(OPA_VERSION) (first time only, takes minutes)"; \
+	    echo "building opa v$(OPA_VERSION) (takes minutes unless Go's build cache has it)"; \
 	    GOBIN=$(TOOLS_BIN) go install github.com/open-policy-agent/opa@v$(OPA_VERSION); \
 	  fi; \
 	  $(call opa_is_pinned,$(OPA)) || { echo "$(OPA) is not opa $(OPA_VERSION)"; exit 1; }; \

@@ -113,7 +113,7 @@ def fmt(value: Any) -> str:
 def times(item: dict[str, Any]) -> str:
     """A ratio as ``1.23x``, with more decimals while fewer would print its goal's own value."""
     value, target = item["value"], item.get("target")
-    for decimals in range(2, 7):
+    for decimals in range(2, 18):  # 17 significant digits tell any two floats apart
         text = f"{value:.{decimals}f}"
         if target is None or value == target or text != f"{target:.{decimals}f}":
             break

@@ -317,7 +317,7 @@ def bound(result: dict[str, Any]) -> str:
 
 
 def _profile_reload(engine: Engine, policies: Path, lock: threading.Lock) -> None:
-    """cProfile one reload_policy call (no watcher): the Python side only; opa runs in children."""
+    """Profile reload_policy calls (no watcher): the Python side only; opa runs in children."""
     state = {"k": 0}
 
     def once() -> None:

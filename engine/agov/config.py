@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import yaml
 
 from agov.errors import WorkspaceError
 
 MAX_TIMEOUT_S = 300.0  # the longest deadline any one call to OPA may have
+_MAX_COUNT = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,27 @@ class Limits:
     revalidation_chunk_size: int = 1000
     # one revalidation chunk query (up to revalidation_chunk_size agents in one evaluation)
     revalidation_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        """Every limit is a positive finite number (a whole one where it counts things or bytes),
+        however the config was made: a chunk size of 0 would revalidate nobody.
+
+        Raises:
+            ValueError: naming the limit (``load_config`` reports it as a ``WorkspaceError``).
+        """
+        hints = get_type_hints(Limits)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            whole = hints[f.name] is int
+            if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+                raise ValueError(f"{f.name} must be a {'whole ' if whole else ''}number, not {value!r}")
+            if not (value > 0 and (isinstance(value, int) or math.isfinite(value))):
+                raise ValueError(f"{f.name} must be positive, not {value!r}")
+            if whole and value > _MAX_COUNT:  # SQLite and the OS take 64-bit integers at most
+                raise ValueError(f"{f.name} must be at most {_MAX_COUNT}")
+        for name in ("opa_timeout_s", "revalidation_timeout_s"):
+            if getattr(self, name) > MAX_TIMEOUT_S:
+                raise ValueError(f"{name} must be at most {MAX_TIMEOUT_S:g} s")
 
 
 @dataclass(frozen=True)
@@ -71,7 +93,7 @@ def _build(cls: type[Any], raw: Any, where: str) -> Any:
         values[name] = _build(nested, value, f"{where}.{name}") if nested else value
     try:
         return cls(**values)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise WorkspaceError(f"{where}: {exc}") from exc
 
 
@@ -88,21 +110,4 @@ def load_config(path: Path) -> Config:
     config: Config = _build(Config, raw, str(path.name))
     if config.runtime not in ("managed", "external"):
         raise WorkspaceError(f"{path.name}: runtime must be 'managed' or 'external', not {config.runtime!r}")
-    _check_limits(config.limits, f"{path.name}: limits")
     return config
-
-
-def _check_limits(limits: Limits, where: str) -> None:
-    """Every limit is a positive finite number (a whole one where it counts things or bytes)."""
-    for f in fields(limits):
-        value = getattr(limits, f.name)
-        whole = f.type == "int"
-        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
-            raise WorkspaceError(
-                f"{where}.{f.name} must be a {'whole ' if whole else ''}number, not {value!r}"
-            )
-        if not (math.isfinite(value) and value > 0):
-            raise WorkspaceError(f"{where}.{f.name} must be positive, not {value!r}")
-    for name in ("opa_timeout_s", "revalidation_timeout_s"):
-        if getattr(limits, name) > MAX_TIMEOUT_S:
-            raise WorkspaceError(f"{where}.{name} must be at most {MAX_TIMEOUT_S:g} s")

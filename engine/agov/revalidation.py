@@ -9,10 +9,10 @@ duplicating a record.
 from __future__ import annotations
 
 import json
+import threading
 from collections import deque
 from collections.abc import Callable, Generator
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import closing
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -158,7 +158,6 @@ def _judged_chunks(
     answers in. ``_QUERIES_IN_FLIGHT`` chunk queries run while the caller works on the chunk it
     was given. Reading ahead is safe: chunks are disjoint, and every write checks the row it read.
     """
-    opa = ThreadPoolExecutor(max_workers=_QUERIES_IN_FLIGHT, thread_name_prefix="agov-revalidate")
     queued: deque[tuple[list[_Row], Future[_Judged]]] = deque()
     after: str | None = cursor  # None once every chunk is queued
 
@@ -170,23 +169,34 @@ def _judged_chunks(
                 after = None
                 return
             after = ahead[-1].agent_id
-            queued.append(
-                (
-                    ahead,
-                    opa.submit(_verdicts, evaluator, ahead, org_canonical, policy_hash, now_fn(), timeout_s),
-                )
+            judged = _in_background(
+                _verdicts, evaluator, ahead, org_canonical, policy_hash, now_fn(), timeout_s
             )
+            queued.append((ahead, judged))
 
-    try:
+    top_up()
+    while queued:
+        rows, pending = queued.popleft()
+        judged = pending.result()
         top_up()
-        while queued:
-            rows, pending = queued.popleft()
-            judged = pending.result()
-            top_up()
-            yield rows, judged
-    finally:
-        # A query still running ends by its own deadline; its verdicts are never applied.
-        opa.shutdown(wait=False, cancel_futures=True)
+        yield rows, judged
+
+
+def _in_background(fn: Callable[..., _Judged], *args: Any) -> Future[_Judged]:
+    """Run ``fn(*args)`` on a daemon thread. After an error nobody waits for a query still in
+    flight, not even the interpreter at exit: it ends by its own deadline, and its verdicts are
+    never applied."""
+    future: Future[_Judged] = Future()
+
+    def run() -> None:
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # handed to the caller through the future
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="agov-revalidate", daemon=True).start()
+    return future
 
 
 def unfinished_run(store: Store, policy_hash: str) -> bool:
@@ -248,16 +258,16 @@ def revalidate(
     size = config.limits.revalidation_chunk_size
     timeout_s = config.limits.revalidation_timeout_s
     org_canonical = canonical_json(asdict(config.org))
+    # On any error the run stops at once: the queries still in flight are left to their deadline.
     chunks = _judged_chunks(store, evaluator, cursor, size, org_canonical, policy_hash, now_fn, timeout_s)
-    with closing(chunks):  # on any error, stop at once: never wait for the queries still in flight
-        for rows, (verdicts, decision_id, now) in chunks:
-            if dry_run:
-                _tally_dry(report, rows, verdicts)
-            else:
-                assert signer is not None and report.run_id is not None
-                _apply(store, report, rows, verdicts, signer, decision_id, org_canonical, policy_hash, now)
-            if progress is not None:
-                progress(len(rows))
+    for rows, (verdicts, decision_id, now) in chunks:
+        if dry_run:
+            _tally_dry(report, rows, verdicts)
+        else:
+            assert signer is not None and report.run_id is not None
+            _apply(store, report, rows, verdicts, signer, decision_id, org_canonical, policy_hash, now)
+        if progress is not None:
+            progress(len(rows))
     if not dry_run:
         now = now_fn()
         with store.transaction() as tx:

@@ -9,6 +9,8 @@ first) and fails the third; OPA itself judges every chunk.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -217,3 +219,68 @@ def test_a_failed_chunk_query_does_not_wait_for_the_other_one_in_flight(
     assert {t: rows for t, rows in after.items() if t != "revalidation_runs"} == {
         t: rows for t, rows in before.items() if t != "revalidation_runs"
     }
+
+
+def test_an_error_while_a_chunk_is_committed_does_not_wait_for_the_queries_in_flight(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = snapshot(engine.workspace.home)
+    sidecar = engine.evaluator()
+    monkeypatch.setattr(
+        sidecar, "evaluate", ChunkFaults(sidecar.evaluate, slow={2}, delay_s=3.0, failing=None).evaluate
+    )
+
+    def broken_apply(*args: Any) -> None:
+        raise RuntimeError("injected: the commit failed")
+
+    monkeypatch.setattr(revalidation, "_apply", broken_apply)
+    started = time.monotonic()
+
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.revalidate()
+
+    assert time.monotonic() - started < 1.5
+    after = snapshot(engine.workspace.home)
+    assert {t: rows for t, rows in after.items() if t != "revalidation_runs"} == {
+        t: rows for t, rows in before.items() if t != "revalidation_runs"
+    }
+
+
+# The child judges chunk 1 (which fails at once) and chunk 2 (whose OPA answers only after 5 s),
+# through revalidation's own pipeline; only OPA's answers and the chunk reads are faked.
+_EXIT_CHILD = """
+import sys, time
+from datetime import datetime, timezone
+from agov import revalidation
+from agov.errors import EngineUnavailableError
+
+class Row:
+    def __init__(self, agent_id):
+        self.agent_id = agent_id
+
+chunks = {"": [Row("a")], "a": [Row("b")], "b": []}
+revalidation._chunk = lambda store, after, size: chunks[after]
+
+def verdicts(evaluator, rows, *rest):
+    if rows[0].agent_id == "a":
+        raise EngineUnavailableError("chunk 1 failed")
+    time.sleep(5)
+    return {}, None, None
+
+revalidation._verdicts = verdicts
+pipeline = revalidation._judged_chunks(None, None, "", 1, b"{}", "h", lambda: datetime.now(timezone.utc), 5.0)
+try:
+    for _ in pipeline:
+        pass
+except EngineUnavailableError:
+    sys.exit(3)
+"""
+
+
+def test_a_failed_run_does_not_hold_the_process_at_exit() -> None:
+    """A CLI call that failed must exit now, not when the query still in flight gives up."""
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", _EXIT_CHILD], capture_output=True, text=True, timeout=30)
+    elapsed = time.monotonic() - started
+    assert done.returncode == 3, done.stderr
+    assert elapsed < 3.0, f"the process exited after {elapsed:.1f} s"

@@ -1,4 +1,5 @@
-"""``agov.yaml`` limits: each OPA deadline is checked when the workspace config is loaded."""
+"""Workspace limits: each one is checked however the config is made, from ``agov.yaml`` or in
+Python, so that no limit can quietly disable its own check (a chunk size of 0 revalidates nobody)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import yaml
 
 from agov.config import MAX_TIMEOUT_S, Config, Limits, load_config
+from agov.engine import Engine
 from agov.errors import WorkspaceError
 
 
@@ -24,23 +26,35 @@ def test_revalidation_chunks_have_their_own_deadline(tmp_path: Path) -> None:
     assert load_config(tmp_path / "missing.yaml") == Config()
 
 
-@pytest.mark.parametrize(
-    ("limits", "message"),
-    [
-        ({"revalidation_timeout_s": 0}, r"limits\.revalidation_timeout_s must be positive"),
-        ({"opa_timeout_s": -1}, r"limits\.opa_timeout_s must be positive"),
-        ({"revalidation_timeout_s": float("nan")}, "must be positive, not nan"),
-        ({"opa_timeout_s": float("inf")}, "must be positive, not inf"),
-        ({"revalidation_timeout_s": True}, "must be a number, not True"),
-        ({"opa_timeout_s": "30"}, "must be a number, not '30'"),
-        ({"revalidation_chunk_size": 10.5}, "must be a whole number"),
-        ({"max_spec_bytes": 0}, r"limits\.max_spec_bytes must be positive"),
-        ({"revalidation_timeout_s": MAX_TIMEOUT_S + 1}, f"at most {MAX_TIMEOUT_S:g} s"),
-        ({"opa_timeout_s": MAX_TIMEOUT_S + 1}, f"at most {MAX_TIMEOUT_S:g} s"),
-    ],
-)
-def test_bad_limits_are_refused_when_the_config_is_loaded(
-    tmp_path: Path, limits: dict[str, object], message: str
-) -> None:
-    with pytest.raises(WorkspaceError, match=message):
+BAD_LIMITS = [
+    ({"revalidation_chunk_size": 0}, "revalidation_chunk_size must be positive, not 0"),
+    ({"revalidation_timeout_s": 0}, "revalidation_timeout_s must be positive, not 0"),
+    ({"opa_timeout_s": -1}, "opa_timeout_s must be positive, not -1"),
+    ({"revalidation_timeout_s": float("nan")}, "must be positive, not nan"),
+    ({"opa_timeout_s": float("inf")}, "must be positive, not inf"),
+    ({"revalidation_timeout_s": True}, "must be a number, not True"),
+    ({"opa_timeout_s": "30"}, "must be a number, not '30'"),
+    ({"revalidation_chunk_size": 10.5}, "must be a whole number"),
+    ({"max_spec_bytes": 10**400}, "max_spec_bytes must be at most 2147483647"),
+    ({"revalidation_timeout_s": MAX_TIMEOUT_S + 1}, f"at most {MAX_TIMEOUT_S:g} s"),
+    ({"opa_timeout_s": 10**400}, f"at most {MAX_TIMEOUT_S:g} s"),
+]
+
+
+@pytest.mark.parametrize(("limits", "message"), BAD_LIMITS)
+def test_bad_limits_in_agov_yaml_are_refused(tmp_path: Path, limits: dict[str, object], message: str) -> None:
+    with pytest.raises(WorkspaceError, match=rf"^agov\.yaml\.limits: .*{message}"):
         load_config(_write(tmp_path, limits))
+
+
+@pytest.mark.parametrize(("limits", "message"), BAD_LIMITS)
+def test_bad_limits_made_in_python_are_refused(limits: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Limits(**limits)  # type: ignore[arg-type]
+
+
+def test_an_engine_cannot_be_created_with_a_chunk_size_of_zero(tmp_path: Path) -> None:
+    home = tmp_path / "ws"
+    with pytest.raises(ValueError, match="revalidation_chunk_size must be positive"):
+        Engine.init(home, Config(limits=Limits(revalidation_chunk_size=0)))
+    assert not home.exists()
