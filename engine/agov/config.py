@@ -42,7 +42,7 @@ class Limits:
                 raise ValueError(f"{f.name} must be a {'whole ' if whole else ''}number, not {value!r}")
             if not (value > 0 and (isinstance(value, int) or math.isfinite(value))):
                 raise ValueError(f"{f.name} must be positive, not {value!r}")
-            if whole and value > _MAX_COUNT:  # SQLite and the OS take 64-bit integers at most
+            if whole and value > _MAX_COUNT:  # far inside what SQLite (64-bit) and Python sizes take
                 raise ValueError(f"{f.name} must be at most {_MAX_COUNT}")
         for name in ("opa_timeout_s", "revalidation_timeout_s"):
             if getattr(self, name) > MAX_TIMEOUT_S:
