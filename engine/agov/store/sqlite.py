@@ -335,7 +335,6 @@ class Store:
         """
         conn = self._connect()
         try:
-            # a new connection starts its counters afresh: its id keeps them apart from the last one's
             version = int(conn.execute("PRAGMA data_version").fetchone()[0])
             return self._local.conn_id, version, conn.total_changes
         except sqlite3.Error as exc:
