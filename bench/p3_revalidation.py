@@ -43,13 +43,13 @@ from typing import Any
 import _common as c
 from agov import policy
 from agov.config import Config, Limits
-from agov.decisions import Code, Status
+from agov.decisions import Code, PolicyVerdict, Reason, Status
 from agov.engine import Engine
 from agov.hashing import canonical_json, sha256_hex
 from agov.keys import load_signer
 from agov.proofs import ProofClaims, sign_proof
 from agov.spec import validate_spec
-from agov.store.sqlite import iso
+from agov.store.sqlite import iso, parse_iso
 
 REVALIDATION_PATH = "agov/revalidation/results"
 TEMPERATURES = [round(0.05 * k, 2) for k in range(10)]  # 0.45 > 0.4: one agent in ten falls
@@ -210,8 +210,10 @@ def naive_revalidate(engine: Engine) -> dict[str, int]:
         Status.GOVERNED_INVALIDATED.value,
     )
     rows = store.query(
-        "SELECT a.id, a.current_version, a.row_version, a.status, v.spec, v.spec_hash FROM agents a"
-        " JOIN agent_versions v ON v.agent_id = a.id AND v.version = a.current_version"
+        "SELECT a.id, a.current_version, a.row_version, a.status, v.spec, v.spec_hash,"
+        " p.version AS proof_version, p.spec_hash AS proof_spec_hash, p.expires_at AS proof_expires_at"
+        " FROM agents a JOIN agent_versions v ON v.agent_id = a.id AND v.version = a.current_version"
+        " LEFT JOIN agent_proofs p ON p.agent_id = a.id AND p.superseded_at IS NULL"
         " WHERE a.status IN (?, ?, ?) ORDER BY a.id",
         governed,
     )
@@ -226,6 +228,15 @@ def naive_revalidate(engine: Engine) -> dict[str, int]:
             expected_revision=policy_hash,
         )
         verdict = parse_verdict(answer.result.get(r["id"]), f"verdict for {r['id']}")
+        # the proof on record is renewed with its own expiry, as the engine does
+        expires = parse_iso(r["proof_expires_at"])
+        renewable = (
+            r["proof_version"] == r["current_version"]
+            and r["proof_spec_hash"] == r["spec_hash"]
+            and (expires is None or expires > now)
+        )
+        if verdict.allow and not renewable:
+            verdict = PolicyVerdict(False, (Reason("REVALIDATION_PROOF_MISSING", "no renewable proof"),))
         with store.transaction() as tx:
             if verdict.allow:
                 signed = sign_for(
@@ -238,7 +249,7 @@ def naive_revalidate(engine: Engine) -> dict[str, int]:
                     actor="agov-revalidation",
                     role="system",
                     now=now,
-                    proof_ttl_days=None,
+                    expires_at=expires,
                 )
                 store_proofs(tx, [signed])
                 counts["valid"] += 1

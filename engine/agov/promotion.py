@@ -99,11 +99,11 @@ def sign_for(
     actor: str,
     role: str,
     now: datetime,
-    proof_ttl_days: int | None,
+    expires_at: datetime | None,
 ) -> SignedProof:
-    """Sign the proof an allowing verdict earns; nothing is written yet."""
+    """Sign the proof an allowing verdict earns, valid until ``expires_at`` (None: no expiry);
+    nothing is written yet."""
     status = verdict.status
-    expires = now + timedelta(days=proof_ttl_days) if proof_ttl_days else None
     claims = ProofClaims(
         agent_id=agent.agent_id,
         version=str(agent.version),
@@ -116,7 +116,7 @@ def sign_for(
         role=role,
         governance_status=status.value,
         issued_at=now,
-        expires_at=expires,
+        expires_at=expires_at,
     )
     issued_at = iso(now)
     assert issued_at is not None
@@ -128,7 +128,7 @@ def sign_for(
         signer.keyid,
         policy_hash,
         issued_at,
-        iso(expires),
+        iso(expires_at),
     )
 
 
@@ -268,7 +268,7 @@ def promote(
                 actor=actor,
                 role=role,
                 now=now,
-                proof_ttl_days=config.proof_ttl_days,
+                expires_at=now + timedelta(days=config.proof_ttl_days) if config.proof_ttl_days else None,
             )
             try:
                 store_proofs(tx, [signed])

@@ -1,9 +1,11 @@
 """Revalidation after a policy change: every governed agent, in chunks, one OPA query per chunk.
 
-Passing agents get a fresh proof bound to the new hash; failing ones are invalidated with their
-reasons; invalidated agents that pass again are restored. Each chunk commits in one transaction
-together with the run's cursor, so a run killed at any point resumes without losing or
-duplicating a record.
+Passing agents get a fresh proof bound to the new hash, renewing the proof on record: it keeps
+that proof's expiry, and an agent without a current proof for its version, or whose proof has
+expired, is invalidated instead (only a promotion issues a first proof or a later expiry).
+Failing agents are invalidated with their reasons; invalidated agents that pass again are
+restored. Each chunk commits in one transaction together with the run's cursor, so a run killed
+at any point resumes without losing or duplicating a record.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from agov.opa.evaluator import EncodedInput, Evaluator
 from agov.promotion import ProofTarget, SignedProof, sign_for, store_proofs
 from agov.proofs import ProofSigner
 from agov.store import Store
-from agov.store.sqlite import Tx, iso
+from agov.store.sqlite import Tx, iso, parse_iso
 
 REVALIDATION_PATH = "agov/revalidation/results"
 REVALIDATION_ACTOR = "agov-revalidation"
@@ -39,6 +41,11 @@ _TAMPERED = PolicyVerdict(
             "the stored spec does not hash to its recorded spec hash: it was changed outside agov",
         ),
     ),
+)
+_NO_PROOF = Reason(
+    "REVALIDATION_PROOF_MISSING",
+    "no current proof on record for this version; revalidation renews proofs, it does not issue"
+    " a first one: promote the agent again",
 )
 _GOVERNED = (Status.GOVERNED_VALID.value, Status.GOVERNED_RESTRICTED.value, Status.GOVERNED_INVALIDATED.value)
 
@@ -69,12 +76,17 @@ class _Row:
     row_version: int
     status: str
     canonical: bytes  # the stored RFC 8785 spec: sent to OPA and digested as is, never parsed
+    has_proof: bool  # a current proof on record for this version and spec hash
+    proof_expires_at: datetime | None  # that proof's expiry, which a renewed proof keeps
 
 
 def _chunk(store: Store, after: str, size: int) -> list[_Row]:
     rows = store.query(
-        "SELECT a.id, a.current_version, a.row_version, a.status, v.spec, v.spec_hash FROM agents a"
+        "SELECT a.id, a.current_version, a.row_version, a.status, v.spec, v.spec_hash,"
+        " p.version AS proof_version, p.spec_hash AS proof_spec_hash, p.expires_at AS proof_expires_at"
+        " FROM agents a"
         " JOIN agent_versions v ON v.agent_id = a.id AND v.version = a.current_version"
+        " LEFT JOIN agent_proofs p ON p.agent_id = a.id AND p.superseded_at IS NULL"
         # `+a.status`: walk the primary key from the cursor instead of sorting every governed row
         # per chunk (which made each chunk slower as the store grew).
         f" WHERE +a.status IN ({','.join('?' * len(_GOVERNED))}) AND a.id > ? ORDER BY a.id LIMIT ?",
@@ -88,6 +100,8 @@ def _chunk(store: Store, after: str, size: int) -> list[_Row]:
             r["row_version"],
             r["status"],
             r["spec"].encode(),
+            r["proof_version"] == r["current_version"] and r["proof_spec_hash"] == r["spec_hash"],
+            parse_iso(r["proof_expires_at"]),
         )
         for r in rows
     ]
@@ -141,7 +155,27 @@ def _verdicts(
         except DecisionError as exc:
             # One agent without a usable verdict is invalidated, never waved through.
             verdicts[row.agent_id] = PolicyVerdict(False, (Reason("REVALIDATION_NO_VERDICT", exc.message),))
+    for row in intact:
+        verdicts[row.agent_id] = _renewable(row, verdicts[row.agent_id], now)
     return verdicts, evaluation.decision_id, now
+
+
+def _renewable(row: _Row, verdict: PolicyVerdict, now: datetime) -> PolicyVerdict:
+    """``verdict``, unless it allows an agent whose proof on record cannot be renewed: an
+    agent with no current proof for its version (its status was set outside a promotion), or
+    with an expired one. Such an agent is invalidated; a promotion can govern it again."""
+    if not verdict.allow:
+        return verdict
+    if not row.has_proof:
+        return PolicyVerdict(False, (_NO_PROOF,))
+    if row.proof_expires_at is not None and row.proof_expires_at <= now:
+        expired = Reason(
+            "REVALIDATION_PROOF_EXPIRED",
+            f"its proof expired at {iso(row.proof_expires_at)}; revalidation does not extend a proof,"
+            " promote the agent again",
+        )
+        return PolicyVerdict(False, (expired,))
+    return verdict
 
 
 def _judged_chunks(
@@ -369,7 +403,7 @@ def _apply(
                         actor=REVALIDATION_ACTOR,
                         role="system",
                         now=now,
-                        proof_ttl_days=None,
+                        expires_at=row.proof_expires_at,
                     )
                 )
                 if row.status == Status.GOVERNED_INVALIDATED.value:

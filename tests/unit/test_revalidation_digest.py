@@ -17,7 +17,7 @@ def test_assembled_digest_equals_the_canonical_one(valid_spec: dict[str, Any]) -
     org = {"max_monthly_budget_usd": 1000.0}
     for agent_id in ODD_IDS:
         canonical = canonical_json(valid_spec)
-        row = _Row(agent_id, 1, "0" * 64, 1, "GOVERNED_VALID", canonical)
+        row = _Row(agent_id, 1, "0" * 64, 1, "GOVERNED_VALID", canonical, True, None)
         expected = digest({"agent": {"id": agent_id, "agent": valid_spec}, "org": org})
         assert _input_digest(row, canonical_json(org)) == expected
 
@@ -27,7 +27,7 @@ def test_assembled_chunk_input_is_the_document_it_stands_for(valid_spec: dict[st
     other = {**valid_spec, "metadata": {**valid_spec["metadata"], "name": "Zweite Fassung, ünïcødé"}}
     specs = [valid_spec, other, valid_spec]
     rows = [
-        _Row(agent_id, 1, "0" * 64, 1, "GOVERNED_VALID", canonical_json(spec))
+        _Row(agent_id, 1, "0" * 64, 1, "GOVERNED_VALID", canonical_json(spec), True, None)
         for agent_id, spec in zip(ODD_IDS, specs, strict=True)
     ]
     now = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
