@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,8 @@ _CHANGES = frozenset({"created", "modified", "moved", "deleted", "closed"})
 
 
 class _Debounced(FileSystemEventHandler):
-    def __init__(self, callback: Callable[[], None], delay_s: float) -> None:
+    def __init__(self, root: Path, callback: Callable[[], None], delay_s: float) -> None:
+        self._root = Path(os.path.abspath(root))
         self._callback = callback
         self._delay_s = delay_s
         self._timer: threading.Timer | None = None
@@ -28,7 +30,7 @@ class _Debounced(FileSystemEventHandler):
         # An atomic save (write a temp file, rename it over the target) names the policy file
         # only as the rename's destination.
         paths = (str(event.src_path), str(getattr(event, "dest_path", "") or ""))
-        if not any(p.endswith(_WATCHED_SUFFIXES) and "/." not in p for p in paths):
+        if not any(self._is_policy_file(p) for p in paths):
             return
         with self._lock:
             if self._timer is not None:
@@ -37,6 +39,18 @@ class _Debounced(FileSystemEventHandler):
             self._timer = threading.Timer(self._delay_s, self._callback)
             self._timer.daemon = True
             self._timer.start()
+
+    def _is_policy_file(self, path: str) -> bool:
+        """A policy or data file in the tree: hidden names count only *below* the watched root
+        (an editor's ``.x.rego.swp``, a ``.git`` directory), so a workspace that itself lives
+        under a hidden directory (``~/.agov``) is still watched."""
+        if not path.endswith(_WATCHED_SUFFIXES):
+            return False
+        try:
+            inside = Path(os.path.abspath(path)).relative_to(self._root)
+        except ValueError:
+            return False
+        return not any(part.startswith(".") for part in inside.parts)
 
     def cancel(self) -> None:
         with self._lock:
@@ -50,7 +64,7 @@ class PolicyWatcher:
     def __init__(self, policies: Path, on_change: Callable[[], None], *, debounce_s: float = 0.1) -> None:
         self._run_lock = threading.Lock()
         self._on_change = on_change
-        self._handler = _Debounced(self._fire, debounce_s)
+        self._handler = _Debounced(policies, self._fire, debounce_s)
         self._observer = Observer()
         self._observer.schedule(self._handler, str(policies), recursive=True)
 
