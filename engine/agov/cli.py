@@ -2,7 +2,8 @@
 
 Only this module exits, and errors map to exit codes in one place (:data:`EXIT_CODES`):
 0 success or allowed, 1 denied by policy (including a fail-closed deny), 2 bad usage or bad
-input (nothing changed but an audit event), 3 an internal or infrastructure error.
+input (nothing changed but an audit event), 3 an internal or infrastructure error in a command
+that is not a decision (``admit`` and ``promote`` answer such an error with a deny, exit 1).
 """
 
 from __future__ import annotations
@@ -120,6 +121,13 @@ def _engine(ctx: Ctx) -> Any:
     from agov.engine import Engine
 
     return Engine.open(ctx.home)
+
+
+def _cause(exc: BaseException) -> str:
+    """What broke, for the reason of a decision that failed closed."""
+    if isinstance(exc, AgovError):
+        return exc.message + (f" ({exc.hint})" if exc.hint else "")
+    return f"internal error: {type(exc).__name__}: {exc}"
 
 
 def _read_file(path: Path, limit: int) -> bytes:
@@ -422,8 +430,17 @@ def agent_history(ctx: Ctx, agent_id: str) -> None:
 @common
 def promote(ctx: Ctx, agent_id: str, role: str) -> None:
     """Ask the promotion policy; on allow, sign a proof and govern the agent."""
-    with _engine(ctx) as engine:
-        result = engine.promote(agent_id, actor=ctx.actor, role=role)
+    from agov.decisions import Reason
+    from agov.promotion import PROMOTION_DENY_ENGINE_UNAVAILABLE, PromotionResult
+
+    try:
+        with _engine(ctx) as engine:
+            result = engine.promote(agent_id, actor=ctx.actor, role=role)
+    except UsageError:
+        raise
+    except Exception as exc:  # a decision that cannot be made is a deny (exit 1), not exit 3
+        reason = Reason(PROMOTION_DENY_ENGINE_UNAVAILABLE, _cause(exc))
+        result = PromotionResult(agent_id, False, "unknown", (reason,), (), None, None)
 
     def text() -> str:
         if result.allow:
@@ -445,8 +462,15 @@ def promote(ctx: Ctx, agent_id: str, role: str) -> None:
 @common
 def admit(ctx: Ctx, agent_id: str) -> None:
     """Fail-closed admission: may this agent start now?"""
-    with _engine(ctx) as engine:
-        decision = engine.admit(agent_id)
+    from agov.admission import deny_unavailable
+
+    try:
+        with _engine(ctx) as engine:
+            decision = engine.admit(agent_id)
+    except UsageError:
+        raise
+    except Exception as exc:  # the store or the workspace cannot be read: a fail-closed deny
+        decision = deny_unavailable(agent_id, AgovError(_cause(exc)), None)
 
     def text() -> str:
         head = f"{decision.decision} {agent_id}: {decision.code}"

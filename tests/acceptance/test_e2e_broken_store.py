@@ -1,0 +1,72 @@
+"""A store that cannot be read: decisions fail closed (exit 1), other commands are exit 3.
+
+The CLI contract: exit 1 is a deny, a fail-closed one included; exit 3 is an infrastructure
+error in a command that is not a decision. `admit` and `promote` once exited 3 on an unreadable
+store, so a caller that only tells 0 from 1 could not read the answer as a deny.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from e2e_support import ADMISSION_KEYS, agov, db_path, expect_error, ok
+
+pytestmark = pytest.mark.acceptance
+
+
+@pytest.fixture
+def broken(fresh_ws: Path) -> Path:
+    ok("agent", "create", "--template", "research-analyst", "--id", "gov-a", home=fresh_ws)
+    assert ok("promote", "gov-a", "--role", "agent_admin", home=fresh_ws)["allow"] is True
+    assert ok("admit", "gov-a", home=fresh_ws)["allow"] is True
+    for leftover in fresh_ws.glob("agov.db-*"):  # a WAL or shared-memory file would be recovered
+        leftover.unlink()
+    db_path(fresh_ws).write_bytes(b"this is not a database " * 512)
+    return fresh_ws
+
+
+def _digest(home: Path) -> str:
+    return hashlib.sha256(db_path(home).read_bytes()).hexdigest()
+
+
+def test_admit_denies_with_the_cause(broken: Path) -> None:
+    before = _digest(broken)
+
+    result = agov("admit", "gov-a", home=broken)
+
+    assert result.code == 1, str(result)
+    body = result.json
+    assert set(body) == ADMISSION_KEYS
+    assert (body["allow"], body["code"]) == (False, "ADMISSION_DENY_ENGINE_UNAVAILABLE")
+    assert "not a database" in body["reasons"][0]["message"]
+    assert _digest(broken) == before
+
+    text = agov("admit", "gov-a", home=broken, as_json=False)
+    assert text.code == 1 and text.out.startswith("deny gov-a: ADMISSION_DENY_ENGINE_UNAVAILABLE"), str(text)
+
+
+def test_promote_denies_with_the_cause(broken: Path) -> None:
+    before = _digest(broken)
+
+    result = agov("promote", "gov-a", "--role", "agent_admin", home=broken)
+
+    assert result.code == 1, str(result)
+    body = result.json
+    assert (body["allow"], [d["code"] for d in body["deny"]]) == (
+        False,
+        ["PROMOTION_DENY_ENGINE_UNAVAILABLE"],
+    )
+    assert "not a database" in body["deny"][0]["message"]
+    assert _digest(broken) == before
+
+
+def test_a_command_that_is_not_a_decision_is_exit_3(broken: Path) -> None:
+    error = expect_error(agov("agent", "list", home=broken), code=3)
+    assert "not a database" in error["message"]
+
+
+def test_an_unknown_agent_is_still_bad_input(fresh_ws: Path) -> None:
+    expect_error(agov("admit", "no-such-agent", home=fresh_ws), code=2)
+    expect_error(agov("promote", "no-such-agent", "--role", "agent_admin", home=fresh_ws), code=2)
