@@ -13,7 +13,7 @@ from agov.decisions import Code
 from agov.errors import KeyMaterialError, NotFoundError, UsageError
 from agov.proofs import ProofSigner
 from agov.store import Store
-from agov.store.sqlite import iso, utcnow
+from agov.store.sqlite import iso, parse_iso, utcnow
 
 ALGORITHMS = ("ed25519", "hmac-sha256")
 
@@ -108,13 +108,26 @@ def revoke(store: Store, keyid: str, *, reason: str, actor: str, now: datetime |
     return get(store, keyid)
 
 
-def active_signer(store: Store, keys_dir: Path) -> ProofSigner:
-    """The key new proofs are signed with.
+def active_signer(store: Store, keys_dir: Path, now: datetime | None = None) -> ProofSigner:
+    """The key new proofs are signed with, if it may sign at ``now`` (default: the current time).
 
     Raises:
-        KeyMaterialError: there is no active, unrevoked key, or its file is missing.
+        KeyMaterialError: there is no active, unrevoked key, it is outside its validity window
+            (admission would refuse every proof it signs), or its file is missing.
     """
     row = store.query_one("SELECT * FROM signing_keys WHERE active = 1 AND revoked_at IS NULL")
     if row is None:
         raise KeyMaterialError("no active proof signing key", hint="run `agov keys generate`")
+    now = now or utcnow()
+    not_before, not_after = parse_iso(row["not_before"]), parse_iso(row["not_after"])
+    if not_before is not None and now < not_before:
+        raise KeyMaterialError(
+            f"the active proof signing key {row['keyid']} is not valid before {row['not_before']}",
+            hint="wait until then, or run `agov keys generate` for a key valid now",
+        )
+    if not_after is not None and now > not_after:
+        raise KeyMaterialError(
+            f"the active proof signing key {row['keyid']} stopped being valid at {row['not_after']}",
+            hint="run `agov keys generate` for a new key",
+        )
     return keys.load_signer(keys_dir, row["keyid"])

@@ -1,0 +1,86 @@
+"""New proofs are signed only by a key inside its validity window.
+
+A key generated with ``--not-before`` in the future once became the active signer at once:
+promotions reported success with proofs admission refused, and a revalidation re-signed every
+governed agent with it, so every one of them was then denied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _reload_support import ACTOR, agent_doc, create_governed
+
+from agov.decisions import Status
+from agov.engine import Engine
+from agov.errors import KeyMaterialError
+from agov.registry import CreationMode
+from agov.store.sqlite import utcnow
+
+GOVERNED = ("window-a", "window-b")
+
+
+@pytest.fixture
+def engine(tmp_path: Path, opa_bin: Path) -> Iterator[Engine]:
+    with Engine.init(tmp_path / "ws", actor=ACTOR) as eng:
+        start = utcnow()
+        eng.clock = lambda: start
+        for agent_id in GOVERNED:
+            create_governed(eng, agent_id)
+        eng.create_agent(agent_doc("window-new"), mode=CreationMode.IMPORT, source="x.yaml", actor=ACTOR)
+        yield eng
+
+
+def _state(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
+    return {
+        table: [tuple(r) for r in engine.store.query(f"SELECT * FROM {table} ORDER BY 1")]
+        for table in ("agents", "agent_proofs", "revalidation_runs")
+    }
+
+
+def _at(engine: Engine, when: datetime) -> None:
+    engine.clock = lambda: when
+
+
+@pytest.mark.parametrize(
+    ("window", "message"),
+    [
+        ({"not_before": timedelta(days=1)}, "is not valid before"),
+        ({"not_after": timedelta(hours=1)}, "stopped being valid at"),
+    ],
+)
+def test_a_key_outside_its_window_signs_nothing(
+    engine: Engine, window: dict[str, timedelta], message: str
+) -> None:
+    now = engine.clock()
+    key = engine.generate_key(alg="ed25519", actor=ACTOR, **{k: now + v for k, v in window.items()})
+    if "not_after" in window:
+        _at(engine, now + timedelta(hours=2))
+    before = _state(engine)
+
+    promoted = engine.promote("window-new", actor=ACTOR, role="agent_admin")
+    assert not promoted.allow
+    assert [r.code for r in promoted.deny] == ["PROMOTION_DENY_ENGINE_UNAVAILABLE"]
+    assert message in promoted.deny[0].message and key.keyid in promoted.deny[0].message
+    with pytest.raises(KeyMaterialError, match=message):
+        engine.revalidate()
+
+    assert _state(engine) == before, "no proof signed, no agent changed, no run opened"
+    assert engine.get_agent("window-new").status is Status.SANDBOX
+    for agent_id in GOVERNED:
+        assert engine.admit(agent_id).allow, "the proofs of the old key still admit"
+
+
+def test_the_key_signs_once_its_window_opens(engine: Engine) -> None:
+    opens = engine.clock() + timedelta(days=1)
+    key = engine.generate_key(alg="ed25519", actor=ACTOR, not_before=opens)
+    _at(engine, opens)
+
+    promoted = engine.promote("window-new", actor=ACTOR, role="agent_admin")
+
+    assert promoted.allow and promoted.proof_keyid == key.keyid
+    assert engine.admit("window-new").allow
