@@ -132,20 +132,32 @@ def mark_active(
     now: datetime | None = None,
     extra: dict[str, Any] | None = None,
 ) -> PolicyVersion:
-    """Flip the active row and write the audit event, in one transaction."""
+    """Flip the active row and write the audit event, in one transaction.
+
+    Unfinished revalidation runs of every other hash are closed then: once another policy has
+    judged the agents, resuming such a run from its cursor would skip the agents before it (a
+    later activation of that hash starts a run of its own). The event lists the closed runs.
+    """
     now = now or utcnow()
     previous = active_version(store)
     with store.transaction() as tx:
         tx.execute("UPDATE policy_versions SET active = 0 WHERE active = 1")
         if tx.execute("UPDATE policy_versions SET active = 1 WHERE hash = ?", (policy_hash,)).rowcount != 1:
             raise NotFoundError(f"policy version {policy_hash} is not recorded")
-        tx.audit(
-            event,
-            actor=actor,
-            policy_hash=policy_hash,
-            now=now,
-            payload={"previous_hash": previous.hash if previous else None, "reason": reason, **(extra or {})},
+        closed = [
+            int(row[0])
+            for row in tx.execute(
+                "SELECT id FROM revalidation_runs WHERE finished_at IS NULL AND policy_hash != ? ORDER BY id",
+                (policy_hash,),
+            )
+        ]
+        tx.executemany(
+            "UPDATE revalidation_runs SET finished_at = ? WHERE id = ?", [(iso(now), i) for i in closed]
         )
+        payload = {"previous_hash": previous.hash if previous else None, "reason": reason, **(extra or {})}
+        if closed:
+            payload["abandoned_revalidation_runs"] = closed
+        tx.audit(event, actor=actor, policy_hash=policy_hash, now=now, payload=payload)
     return require_active(store)
 
 
