@@ -60,6 +60,7 @@ class Engine:
         self._evaluator = evaluator
         self._owns_evaluator = evaluator is None
         self._evaluator_lock = threading.Lock()
+        self._switch_lock = threading.Lock()  # held while this engine switches policies
         self._signatures = SignatureCache()
         self._admission_reads = ReadMemo(self.store)
         self._key_material: dict[str, TrustedKey] = {}
@@ -161,6 +162,24 @@ class Engine:
                 self._evaluator = self._start_managed(policy.require_active(self.store))
         return self._evaluator
 
+    def _evaluator_for(self, policy_hash: str) -> Evaluator:
+        """The evaluator, with the managed sidecar moved to ``policy_hash`` first when the store
+        names another active policy than it serves: another process reloaded or rolled back.
+        Without this, every decision of a long-lived engine failed closed until it restarted.
+        While this engine is switching policies itself it does not interfere (decisions fail
+        closed for that moment, as designed)."""
+        evaluator = self.evaluator()
+        serving = getattr(evaluator, "active_revision", policy_hash)
+        if serving == policy_hash or not policy_hash or not hasattr(evaluator, "activate"):
+            return evaluator
+        if self._switch_lock.acquire(blocking=False):
+            try:
+                version = policy.find_version(self.store, policy_hash)
+                evaluator.activate(policy.bundle_bytes(self.workspace.bundles, version), version.hash)
+            finally:
+                self._switch_lock.release()
+        return evaluator
+
     # -- agents ----------------------------------------------------------------------------------
 
     def create_agent(
@@ -245,7 +264,7 @@ class Engine:
         def evaluator() -> Evaluator:
             if active is None:  # no policy: promotion denies (and is audited) like any other failure
                 policy.require_active(self.store)
-            return self.evaluator()
+            return self._evaluator_for(policy_hash)
 
         result = promotion.promote(
             self.store,
@@ -313,12 +332,16 @@ class Engine:
             reads = self._admission_reads.view()
         except Exception:  # a cache that fails is no cache: the loaders below read the store,
             reads = {}  # inside admission.admit, where any failure is a deny
+
+        def active_hash() -> str:
+            return _memo(reads, "policy", lambda: policy.require_active(self.store).hash)
+
         decision = admission.admit(
             lambda: _memo(reads, ("agent", agent_id), lambda: registry.get_agent(self.store, agent_id)),
             lambda aid: _memo(reads, ("proof", aid), lambda: self._current_proof(aid)),
             lambda keyid: _memo(reads, ("key", keyid), lambda: self._trusted_key(keyid)),
-            lambda: _memo(reads, "policy", lambda: policy.require_active(self.store).hash),
-            self.evaluator,
+            active_hash,
+            lambda: self._evaluator_for(active_hash()),
             self.clock(),
             max_proof_bytes=self.config.limits.max_proof_bytes,
             cache=self._signatures,
@@ -375,7 +398,7 @@ class Engine:
         report = revalidation.revalidate(
             self.store,
             self.config,
-            evaluator or self.evaluator(),
+            evaluator or self._evaluator_for(target),
             lambda: keyring.active_signer(self.store, self.workspace.keys, self.clock()),
             policy_hash=target,
             now_fn=self.clock,
@@ -512,12 +535,13 @@ class Engine:
         """Activate in OPA first, then in the store, then revalidate. Between the two steps every
         decision fails closed, because OPA's revision no longer matches the store's."""
         previous = policy.active_version(self.store)
-        if self._evaluator is not None and hasattr(self._evaluator, "activate"):
-            self._evaluator.activate(policy.bundle_bytes(self.workspace.bundles, version), version.hash)
-        elif self._evaluator is not None:
-            self._evaluator.close()
-            self._evaluator = None
-        policy.mark_active(self.store, version.hash, event=event, actor=actor, reason=reason)
+        with self._switch_lock:  # no decision moves the sidecar back to the store's hash meanwhile
+            if self._evaluator is not None and hasattr(self._evaluator, "activate"):
+                self._evaluator.activate(policy.bundle_bytes(self.workspace.bundles, version), version.hash)
+            elif self._evaluator is not None:
+                self._evaluator.close()
+                self._evaluator = None
+            policy.mark_active(self.store, version.hash, event=event, actor=actor, reason=reason)
         return self.revalidate(previous_hash=previous.hash if previous else None, progress=progress)
 
     def _dry_run_on(self, content: bytes, policy_hash: str) -> RevalidationReport:

@@ -270,6 +270,14 @@ def promote(
                 now=now,
                 expires_at=now + timedelta(days=config.proof_ttl_days) if config.proof_ttl_days else None,
             )
+            active = tx.execute("SELECT hash FROM policy_versions WHERE active = 1").fetchone()
+            if active is None or active[0] != policy_hash:
+                # a reload or rollback committed since the verdict: its revalidation skips agents
+                # written after it read them, so a proof bound to the old policy would stay unjudged
+                raise UsageError(
+                    f"the active policy changed while agent {agent.id!r} was being promoted",
+                    hint="promote it again: the policy now active judges it",
+                )
             try:
                 store_proofs(tx, [signed])
             except UsageError:

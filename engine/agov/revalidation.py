@@ -23,7 +23,7 @@ import orjson
 
 from agov.config import Config
 from agov.decisions import Code, PolicyVerdict, Reason, Status, parse_verdict
-from agov.errors import DecisionError
+from agov.errors import DecisionError, UsageError
 from agov.hashing import canonical_json, sha256_hex
 from agov.opa.evaluator import EncodedInput, Evaluator
 from agov.promotion import ProofTarget, SignedProof, sign_for, store_proofs
@@ -380,8 +380,10 @@ def _apply(
     """Sign, transition and commit one chunk, with the run's cursor, in one transaction."""
     stamp = iso(now)
     with store.transaction() as tx:
+        _still_current(tx, report.run_id, policy_hash)
         # Agents another writer changed since the chunk was read are skipped: that write (an
-        # update or a promotion) judged them itself. Under BEGIN IMMEDIATE nothing changes them now.
+        # update, or a promotion under this same policy) judged them itself. Under BEGIN
+        # IMMEDIATE nothing changes them now.
         unchanged = _unchanged(tx, rows)
         tallied = RevalidationReport(policy_hash=policy_hash, dry_run=False)
         signed: list[SignedProof] = []
@@ -463,6 +465,23 @@ def _apply(
                 report.newly_invalidated,
                 report.run_id,
             ),
+        )
+
+
+def _still_current(tx: Tx, run_id: int | None, policy_hash: str) -> None:
+    """Stop a run whose policy is no longer active (another process activated one, and closed
+    this run): its proofs would be bound to a policy that no longer decides anything, and they
+    could overwrite what the new policy's own run already judged.
+
+    Raises:
+        UsageError: the active policy changed during the run.
+    """
+    active = tx.execute("SELECT hash FROM policy_versions WHERE active = 1").fetchone()
+    run = tx.execute("SELECT finished_at FROM revalidation_runs WHERE id = ?", (run_id,)).fetchone()
+    if active is None or active[0] != policy_hash or run is None or run[0] is not None:
+        raise UsageError(
+            f"the active policy changed during the revalidation under {policy_hash[:12]}; it is stopped",
+            hint="the policy now active revalidates every agent in its own run",
         )
 
 

@@ -1,0 +1,123 @@
+"""Writes judged under one policy do not commit after another policy became active.
+
+A revalidation skips agents written after it read them, trusting that write to have judged
+them. A promotion judged under the old policy that committed after a reload broke that trust:
+its agent kept a proof bound to the old policy and was never judged by the new one. Likewise a
+revalidation run whose policy was replaced meanwhile (by another process) kept signing proofs
+bound to it, which could overwrite what the new policy's own run had judged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _reload_support import ACTOR, agent_doc, create_governed, edit_data, set_analysis_limit
+
+from agov import keyring, policy
+from agov.config import Config, Limits
+from agov.decisions import Code, Status
+from agov.engine import Engine
+from agov.errors import UsageError
+from agov.registry import CreationMode
+
+HOT, COOL = "a-hot", "b-cool"  # temperature 0.5 fails once the analysis limit is 0.4
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "ws"
+
+
+@pytest.fixture
+def engine(home: Path, opa_bin: Path) -> Iterator[Engine]:
+    with Engine.init(home, Config(limits=Limits(revalidation_chunk_size=1)), actor=ACTOR) as eng:
+        yield eng
+
+
+def _state(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
+    return {
+        table: [tuple(r) for r in engine.store.query(f"SELECT * FROM {table} ORDER BY 1")]
+        for table in ("agents", "agent_proofs")
+    }
+
+
+def test_a_promotion_judged_before_a_reload_does_not_commit_after_it(
+    engine: Engine, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine.create_agent(agent_doc(HOT, temperature=0.5), mode=CreationMode.IMPORT, source="x", actor=ACTOR)
+    load_signer = keyring.active_signer
+    reloaded: list[str] = []
+
+    def reload_meanwhile(*args: Any) -> Any:
+        # between the promotion's verdict (under P1) and its commit, another process reloads
+        edit_data(home, set_analysis_limit(0.4))
+        with Engine.open(home) as other:
+            reloaded.append(other.reload_policy(actor="other", reason="P2")["policy_hash"])
+        return load_signer(*args)
+
+    monkeypatch.setattr(keyring, "active_signer", reload_meanwhile)
+    with pytest.raises(UsageError, match="active policy changed while agent 'a-hot' was being promoted"):
+        engine.promote(HOT, actor=ACTOR, role="agent_admin")
+    monkeypatch.setattr(keyring, "active_signer", load_signer)
+
+    assert engine.active_policy().hash == reloaded[0]
+    assert engine.get_agent(HOT).status is Status.SANDBOX
+    assert engine.store.query("SELECT 1 FROM agent_proofs WHERE agent_id = ?", (HOT,)) == []
+    denied = engine.store.query_one(
+        "SELECT payload FROM audit_events WHERE type = ? ORDER BY seq DESC", (Code.PROMOTION_DENIED,)
+    )
+    assert "concurrent change" in denied["payload"]
+    # promoted again, it is judged by the policy now active
+    again = engine.promote(HOT, actor=ACTOR, role="agent_admin")
+    assert [r.code for r in again.deny] == ["PROMOTION_DENY_TEMPERATURE_EXCEEDS_LIMIT"]
+
+
+def test_a_run_whose_policy_was_replaced_stops_before_its_next_chunk(engine: Engine, home: Path) -> None:
+    create_governed(engine, HOT, temperature=0.5)
+    create_governed(engine, COOL, temperature=0.3)
+    p1 = engine.active_policy().hash
+    before: dict[str, list[tuple[Any, ...]]] = {}
+
+    def replaced_after_first_chunk(done: int) -> None:
+        if before:
+            return
+        before.update(_state(engine))  # HOT's chunk is committed
+        # another process rolls back to P1 while this run (P2) is between its chunks
+        with Engine.open(home) as other:
+            policy.mark_active(other.store, p1, event=Code.POLICY_ROLLBACK, actor="other", reason="back")
+
+    edit_data(home, set_analysis_limit(0.4))
+    with pytest.raises(UsageError, match="active policy changed during the revalidation"):
+        engine.reload_policy(actor=ACTOR, reason="P2", progress=replaced_after_first_chunk)
+
+    assert engine.active_policy().hash == p1
+    assert before["agents"], "setup: the first chunk was committed"
+    assert _state(engine) == before, "the chunk after the switch was not committed"
+    proof = engine.store.query_one(
+        "SELECT policy_hash FROM agent_proofs WHERE agent_id = ? AND superseded_at IS NULL", (COOL,)
+    )
+    assert proof["policy_hash"] == p1, "COOL kept its P1 proof"
+    run = engine.store.query_one("SELECT finished_at, cursor FROM revalidation_runs ORDER BY id DESC")
+    assert run["finished_at"] is not None and run["cursor"] == HOT, "closed by the rollback, not finished"
+
+
+def test_a_long_lived_engine_follows_a_reload_made_by_another_process(engine: Engine, home: Path) -> None:
+    create_governed(engine, COOL, temperature=0.3)
+    assert engine.admit(COOL).allow
+    serving = engine.evaluator()
+
+    edit_data(home, set_analysis_limit(0.4))
+    with Engine.open(home) as other:
+        p2 = other.reload_policy(actor="other", reason="P2")["policy_hash"]
+        assert other.admit(COOL).allow
+
+    decision = engine.admit(COOL)
+
+    assert (decision.allow, decision.policy_hash) == (True, p2)
+    assert getattr(serving, "active_revision", None) == p2, "the same sidecar, moved to P2"
+    # and this engine's own reload of the same tree is a no-op that keeps deciding
+    assert engine.reload_policy(actor=ACTOR, reason="same tree")["changed"] is False
+    assert engine.admit(COOL).allow
