@@ -385,6 +385,11 @@ def update_agent(
     now = now or utcnow()
     version = current.version + 1
     with store.transaction() as tx:
+        # Under the write lock: another update that won since the read would make this version
+        # number collide (a raw IntegrityError); refuse it as the lost race it is.
+        latest = tx.execute("SELECT row_version FROM agents WHERE id = ?", (agent_id,)).fetchone()
+        if latest is None or latest[0] != current.row_version:
+            raise UsageError(f"agent {agent_id!r} changed while it was being updated", hint="retry")
         tx.execute(
             "INSERT INTO agent_versions (agent_id, version, spec, spec_hash, creation_mode, source, created_by,"
             " created_at, notes) VALUES (?, ?, ?, ?, 'update', ?, ?, ?, ?)",

@@ -107,6 +107,37 @@ def test_promotion_racing_an_update_never_proves_the_new_version(engine: Engine)
     assert proof is not None and proof["version"] == 2
 
 
+def test_an_update_that_lost_a_race_is_refused_as_such(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agov import registry
+
+    agent_id = "update-loser"
+    _create(engine, agent_id)
+    winner = from_template("finance-reconciler", agent_id=agent_id)
+    winner["spec"]["economics"]["monthly_budget_usd"] = 150
+    loser = from_template("finance-reconciler", agent_id=agent_id)
+    loser["spec"]["economics"]["monthly_budget_usd"] = 120
+    validate = registry.validate_spec
+
+    def another_update_wins_meanwhile(document: object) -> object:
+        # after the loser read version 1, before its transaction: the winner writes version 2
+        monkeypatch.setattr(registry, "validate_spec", validate)
+        engine.update_agent(agent_id, winner, actor="winner")
+        return validate(document)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(registry, "validate_spec", another_update_wins_meanwhile)
+    with pytest.raises(UsageError, match="changed while it was being updated"):
+        engine.update_agent(agent_id, loser, actor="loser")
+
+    record = engine.get_agent(agent_id)
+    assert record.version == 2 and record.spec.document["spec"]["economics"]["monthly_budget_usd"] == 150
+    rejected = engine.store.query_one(
+        "SELECT actor FROM audit_events WHERE type = 'REQUEST_REJECTED' AND agent_id = ?", (agent_id,)
+    )
+    assert rejected is not None and rejected["actor"] == "loser"
+
+
 def test_integrity_after_the_races(engine: Engine) -> None:
     conn = sqlite3.connect(engine.workspace.db_path)
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
