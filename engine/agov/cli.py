@@ -111,10 +111,20 @@ def common(func: F) -> F:
             raise
         except click.ClickException:
             raise
+        except BrokenPipeError:
+            _stdout_closed()
         except (AgovError, Exception) as exc:
             fail(exc, as_json)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _stdout_closed() -> NoReturn:
+    """The reader went away (``agov audit export | head``): stop quietly, as a process killed by
+    SIGPIPE would, instead of reporting an internal error."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+    sys.exit(128 + 13)
 
 
 def _engine(ctx: Ctx) -> Any:

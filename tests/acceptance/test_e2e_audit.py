@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from e2e_support import HEX64, agov, copy_ws, ok, parallel, query, sql
+from e2e_support import AGOV, HEX64, agov, base_env, copy_ws, ok, parallel, query, sql
 
 pytestmark = pytest.mark.acceptance
 
@@ -99,3 +101,23 @@ def test_verify_finds_tampering(tampered: dict[str, tuple[int, dict[str, object]
     assert report["ok"] is False
     assert report["first_bad_seq"] == first_bad
     assert report["problem"]
+
+
+def test_export_to_a_reader_that_went_away_stops_quietly(ws: Path) -> None:
+    """`agov audit export | head -1`: the pipe closes early. That is no internal error (it was
+    exit 3 with a traceback-like message): agov stops as a process killed by SIGPIPE would."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line is written
+    try:
+        proc = subprocess.run(
+            [*AGOV, "audit", "export", "--home", str(ws)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            env=base_env(),
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 128 + 13
+    assert proc.stderr == b""
