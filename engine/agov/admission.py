@@ -174,7 +174,7 @@ def deny_unavailable(agent_id: str, error: AgovError, policy_hash: str | None) -
     return AdmissionDecision(
         allow=False,
         code=Code.ADMISSION_DENY_ENGINE_UNAVAILABLE,
-        reasons=(Reason(Code.ADMISSION_DENY_ENGINE_UNAVAILABLE, error.message),),
+        reasons=(Reason(Code.ADMISSION_DENY_ENGINE_UNAVAILABLE, error.in_one_line()),),
         policy_hash=policy_hash,
         agent_id=agent_id,
     )

@@ -136,7 +136,7 @@ def _engine(ctx: Ctx) -> Any:
 def _cause(exc: BaseException) -> str:
     """What broke, for the reason of a decision that failed closed."""
     if isinstance(exc, AgovError):
-        return exc.message + (f" ({exc.hint})" if exc.hint else "")
+        return exc.in_one_line()
     return f"internal error: {type(exc).__name__}: {exc}"
 
 

@@ -18,6 +18,10 @@ class AgovError(Exception):
         if hint:
             self.hint = hint
 
+    def in_one_line(self) -> str:
+        """The message with its hint, for the reason of a decision that failed closed."""
+        return f"{self.message} (hint: {self.hint})" if self.hint else self.message
+
     def diagnostics(self) -> str:
         """A message a user can act on: what went wrong, then what to do about it."""
         return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message

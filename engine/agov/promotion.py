@@ -236,7 +236,7 @@ def promote(
         verdict = parse_verdict(evaluation.result, "promotion decision")
         signer: ProofSigner | None = signer_loader() if verdict.allow else None
     except AgovError as exc:
-        verdict = PolicyVerdict(False, (Reason(PROMOTION_DENY_ENGINE_UNAVAILABLE, exc.message),))
+        verdict = PolicyVerdict(False, (Reason(PROMOTION_DENY_ENGINE_UNAVAILABLE, exc.in_one_line()),))
         signer = None
     except Exception as exc:  # fail closed on anything unforeseen, and say what it was
         message = f"internal error: {type(exc).__name__}: {exc}"
