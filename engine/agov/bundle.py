@@ -71,8 +71,13 @@ def _start(cmd: Sequence[str]) -> subprocess.Popen[str]:
         ) from exc
 
 
-def _finish(opa: Path, proc: subprocess.Popen[str], what: str, deadline: float) -> None:
+def _finish(
+    opa: Path, proc: subprocess.Popen[str], what: str, deadline: float, shown_as: dict[str, str]
+) -> None:
     """Wait for one step; its failure is a refused policy, unless opa itself does not work.
+
+    ``shown_as`` maps the snapshot's directories to the user's tree, so that an error names
+    the file the user edits rather than a temporary copy of it.
 
     Raises:
         PolicyError: the step failed or timed out.
@@ -88,6 +93,8 @@ def _finish(opa: Path, proc: subprocess.Popen[str], what: str, deadline: float) 
         detail = (out + err).strip()
         if not detail:
             opa_version(opa)  # silent failure: check the binary runs at all
+        for copy, original in shown_as.items():
+            detail = detail.replace(copy, original)
         raise PolicyError(f"{what} failed:\n{detail}", hint="fix the policy; the active one stays in force")
 
 
@@ -191,7 +198,13 @@ def check_and_build(
                 running.append((what, _start(cmd)))
             deadline = time.monotonic() + timeout_s
             for what, proc in running:  # report the first failing step in this order
-                _finish(opa, proc, what, deadline)
+                _finish(
+                    opa,
+                    proc,
+                    what,
+                    deadline,
+                    {str(snapshot): str(policies_root), str(stage): str(policies_root)},
+                )
         finally:
             for _what, proc in running:
                 if proc.poll() is None:

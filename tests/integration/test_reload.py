@@ -206,8 +206,12 @@ def test_a_refused_reload_keeps_the_old_policy_in_store_and_opa(
     seq = _last_seq(engine)
 
     undo = breakage(home)
-    with pytest.raises(PolicyError, match=message):
+    with pytest.raises(PolicyError, match=message) as refused:
         engine.reload_policy(actor=ACTOR, reason="broken edit")
+    # the error names the user's files, never the temporary snapshot they were checked in
+    assert "agov-bundle-" not in refused.value.message
+    if breakage is _syntax_error:
+        assert str(home / "policies" / "agov") in refused.value.message
 
     # the old hash stays active, in the store and in OPA, and still decides
     assert engine.active_policy().hash == old
