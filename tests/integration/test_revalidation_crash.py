@@ -90,7 +90,9 @@ class Kill:
 
 def _run_child(home: Path, kill: Kill | None) -> ChildRun:
     run = ChildRun()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    tmpdir = home.with_name(home.name + ".tmp")  # a killed child cannot clean its temp dirs
+    tmpdir.mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmpdir)}
     stderr_path = home.with_name(home.name + ".stderr")
     progress = threading.Condition()
     eof = False
