@@ -23,7 +23,7 @@ import orjson
 
 from agov.config import Config
 from agov.decisions import Code, PolicyVerdict, Reason, Status, parse_verdict
-from agov.errors import DecisionError, UsageError
+from agov.errors import DecisionError, KeyMaterialError, UsageError
 from agov.hashing import canonical_json, sha256_hex
 from agov.opa.evaluator import EncodedInput, Evaluator
 from agov.promotion import ProofTarget, SignedProof, sign_for, store_proofs
@@ -299,7 +299,17 @@ def revalidate(
             _tally_dry(report, rows, verdicts)
         else:
             assert signer is not None and report.run_id is not None
-            _apply(store, report, rows, verdicts, signer, decision_id, org_canonical, policy_hash, now)
+            try:
+                _apply(store, report, rows, verdicts, signer, decision_id, org_canonical, policy_hash, now)
+            except KeyMaterialError:
+                # the proofs this run signed so far carry a key that may no longer sign: close
+                # the run rather than leave it to resume, so that the next run re-signs them too
+                with store.transaction() as tx:
+                    tx.execute(
+                        "UPDATE revalidation_runs SET finished_at = ? WHERE id = ? AND finished_at IS NULL",
+                        (iso(now_fn()), report.run_id),
+                    )
+                raise
         if progress is not None:
             progress(len(rows))
     if not dry_run:
@@ -380,7 +390,7 @@ def _apply(
     """Sign, transition and commit one chunk, with the run's cursor, in one transaction."""
     stamp = iso(now)
     with store.transaction() as tx:
-        _still_current(tx, report.run_id, policy_hash)
+        _still_current(tx, report.run_id, policy_hash, signer.keyid, now)
         # Agents another writer changed since the chunk was read are skipped: that write (an
         # update, or a promotion under this same policy) judged them itself. Under BEGIN
         # IMMEDIATE nothing changes them now.
@@ -468,14 +478,23 @@ def _apply(
         )
 
 
-def _still_current(tx: Tx, run_id: int | None, policy_hash: str) -> None:
+def _still_current(tx: Tx, run_id: int | None, policy_hash: str, keyid: str, now: datetime) -> None:
     """Stop a run whose policy is no longer active (another process activated one, and closed
     this run): its proofs would be bound to a policy that no longer decides anything, and they
-    could overwrite what the new policy's own run already judged.
+    could overwrite what the new policy's own run already judged. Stop it too when its signing
+    key was revoked or left its validity window since the run began: admission would refuse
+    every proof it signs from then on.
 
     Raises:
         UsageError: the active policy changed during the run.
+        KeyMaterialError: the signing key may no longer sign (the next run resumes here).
     """
+    key = tx.execute("SELECT revoked_at, not_after FROM signing_keys WHERE keyid = ?", (keyid,)).fetchone()
+    if key is None or key[0] is not None or (key[1] is not None and now > datetime.fromisoformat(key[1])):
+        raise KeyMaterialError(
+            f"proof signing key {keyid} was revoked or expired during the revalidation; it is stopped",
+            hint="run `agov keys generate` if no other key is active, then `agov revalidate`",
+        )
     active = tx.execute("SELECT hash FROM policy_versions WHERE active = 1").fetchone()
     run = tx.execute("SELECT finished_at FROM revalidation_runs WHERE id = ?", (run_id,)).fetchone()
     if active is None or active[0] != policy_hash or run is None or run[0] is not None:

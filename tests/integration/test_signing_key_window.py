@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from _reload_support import ACTOR, agent_doc, create_governed
 
+from agov.config import Config, Limits
 from agov.decisions import Status
 from agov.engine import Engine
 from agov.errors import KeyMaterialError
@@ -84,3 +85,39 @@ def test_the_key_signs_once_its_window_opens(engine: Engine) -> None:
 
     assert promoted.allow and promoted.proof_keyid == key.keyid
     assert engine.admit("window-new").allow
+
+
+def test_a_key_revoked_during_a_run_stops_it_and_the_next_run_re_signs_everyone(
+    tmp_path: Path, opa_bin: Path
+) -> None:
+    home = tmp_path / "chunked"
+    with Engine.init(home, Config(limits=Limits(revalidation_chunk_size=1)), actor=ACTOR) as engine:
+        for agent_id in GOVERNED:
+            create_governed(engine, agent_id)
+        first_key = engine.list_keys()[0].keyid
+        state: dict[str, list[tuple[Any, ...]]] = {}
+
+        def revoke_after_first_chunk(done: int) -> None:
+            if state:
+                return
+            state.update(_state(engine))  # GOVERNED[0] is re-signed, with the first key
+            with Engine.open(home) as other:  # another process revokes that key
+                other.revoke_key(first_key, reason="leaked", actor="other")
+
+        with pytest.raises(KeyMaterialError, match="revoked or expired during the revalidation"):
+            engine.revalidate(progress=revoke_after_first_chunk)
+        after = _state(engine)
+        assert after["agent_proofs"] == state["agent_proofs"], "nothing signed after the revocation"
+        run = engine.store.query_one("SELECT finished_at FROM revalidation_runs ORDER BY id DESC")
+        assert run["finished_at"] is not None, "the run is closed, not left to resume"
+
+        engine.generate_key(alg="ed25519", actor=ACTOR)
+        report = engine.revalidate()
+
+        assert (report.resumed, report.total, report.valid) == (False, 2, 2)
+        for agent_id in GOVERNED:
+            keyid = engine.store.query_one(
+                "SELECT keyid FROM agent_proofs WHERE agent_id = ? AND superseded_at IS NULL", (agent_id,)
+            )["keyid"]
+            assert keyid != first_key
+            assert engine.admit(agent_id).allow
