@@ -174,8 +174,11 @@ class Engine:
             return evaluator
         if self._switch_lock.acquire(blocking=False):
             try:
-                version = policy.find_version(self.store, policy_hash)
-                evaluator.activate(policy.bundle_bytes(self.workspace.bundles, version), version.hash)
+                # ``policy_hash`` may be a read from before this engine's own switch: follow only
+                # what the store says now, never move the sidecar back
+                version = policy.require_active(self.store)
+                if version.hash != getattr(evaluator, "active_revision", version.hash):
+                    evaluator.activate(policy.bundle_bytes(self.workspace.bundles, version), version.hash)
             finally:
                 self._switch_lock.release()
         return evaluator
