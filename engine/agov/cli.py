@@ -443,14 +443,26 @@ def promote(ctx: Ctx, agent_id: str, role: str) -> None:
     from agov.decisions import Reason
     from agov.promotion import PROMOTION_DENY_ENGINE_UNAVAILABLE, PromotionResult
 
+    def denied(exc: BaseException) -> PromotionResult:  # a decision that cannot be made is a deny
+        reason = Reason(PROMOTION_DENY_ENGINE_UNAVAILABLE, _cause(exc))
+        return PromotionResult(agent_id, False, "unknown", (reason,), (), None, None)
+
+    # only opening the workspace and the decision itself: an error in close() after a
+    # committed promotion must not be reported as a deny
     try:
-        with _engine(ctx) as engine:
-            result = engine.promote(agent_id, actor=ctx.actor, role=role)
+        engine = _engine(ctx)
     except UsageError:
         raise
-    except Exception as exc:  # a decision that cannot be made is a deny (exit 1), not exit 3
-        reason = Reason(PROMOTION_DENY_ENGINE_UNAVAILABLE, _cause(exc))
-        result = PromotionResult(agent_id, False, "unknown", (reason,), (), None, None)
+    except Exception as exc:
+        result = denied(exc)
+    else:
+        with engine:
+            try:
+                result = engine.promote(agent_id, actor=ctx.actor, role=role)
+            except UsageError:
+                raise
+            except Exception as exc:
+                result = denied(exc)
 
     def text() -> str:
         if result.allow:
@@ -475,12 +487,14 @@ def admit(ctx: Ctx, agent_id: str) -> None:
     from agov.admission import deny_unavailable
 
     try:
-        with _engine(ctx) as engine:
-            decision = engine.admit(agent_id)
+        engine = _engine(ctx)
     except UsageError:
         raise
     except Exception as exc:  # the store or the workspace cannot be read: a fail-closed deny
         decision = deny_unavailable(agent_id, AgovError(_cause(exc)), None)
+    else:
+        with engine:  # admit itself turns every failure but an unknown agent into a deny
+            decision = engine.admit(agent_id)
 
     def text() -> str:
         head = f"{decision.decision} {agent_id}: {decision.code}"

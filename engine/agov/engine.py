@@ -23,7 +23,7 @@ from typing import Any, TypeVar, cast
 from agov import admission, audit, keyring, keys, policy, promotion, registry, revalidation
 from agov.config import Config
 from agov.decisions import AdmissionDecision, Code
-from agov.errors import AgovError, PolicyError, UsageError
+from agov.errors import AgovError, KeyMaterialError, PolicyError, UsageError
 from agov.observability import Metrics, log_decision
 from agov.opa.binary import find_opa
 from agov.opa.evaluator import Evaluator, EvaluatorConfig
@@ -94,6 +94,7 @@ class Engine:
                 event=Code.POLICY_HOTRELOAD,
                 actor=actor,
                 reason="initial policy",
+                open_run=False,  # no agent to revalidate yet
             )
             with engine.store.transaction() as tx:
                 tx.audit(
@@ -447,8 +448,8 @@ class Engine:
             report = self._switch(
                 version, event=Code.POLICY_HOTRELOAD, actor=actor, reason=reason, progress=progress
             )
-        except PolicyError as exc:  # OPA refused the bundle: the old one stays active
-            self._refuse_reload(exc, actor=actor, reason=reason, active=active)
+        except (PolicyError, KeyMaterialError) as exc:  # refused by OPA, or no key to re-sign with:
+            self._refuse_reload(exc, actor=actor, reason=reason, active=active)  # the old one stays
             raise
         self.metrics.reload_success.inc()
         return {
@@ -477,7 +478,7 @@ class Engine:
         return self.revalidate(progress=progress)
 
     def _refuse_reload(
-        self, exc: PolicyError, *, actor: str, reason: str, active: PolicyVersion | None
+        self, exc: AgovError, *, actor: str, reason: str, active: PolicyVersion | None
     ) -> None:
         self.metrics.reload_failure.inc()
         self.store.record_rejection(
@@ -538,6 +539,9 @@ class Engine:
         """Activate in OPA first, then in the store, then revalidate. Between the two steps every
         decision fails closed, because OPA's revision no longer matches the store's."""
         previous = policy.active_version(self.store)
+        # before anything changes: a switch whose revalidation cannot sign would leave every
+        # agent bound to the old policy, so denied, until someone revalidates
+        keyring.active_signer(self.store, self.workspace.keys, self.clock())
         with self._switch_lock:  # no decision moves the sidecar back to the store's hash meanwhile
             if self._evaluator is not None and hasattr(self._evaluator, "activate"):
                 self._evaluator.activate(policy.bundle_bytes(self.workspace.bundles, version), version.hash)

@@ -93,5 +93,9 @@ class DecisionError(InfrastructureError):
     """OPA answered, but not with a usable decision (no result, wrong type, wrong revision)."""
 
 
+class ConflictError(InfrastructureError):
+    """Another process changed what this operation depends on, after it began: run it again."""
+
+
 class StoreError(InfrastructureError):
     """The SQLite store failed or holds something it should not."""

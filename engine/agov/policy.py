@@ -131,12 +131,16 @@ def mark_active(
     reason: str,
     now: datetime | None = None,
     extra: dict[str, Any] | None = None,
+    open_run: bool = True,
 ) -> PolicyVersion:
     """Flip the active row and write the audit event, in one transaction.
 
     Unfinished revalidation runs of every other hash are closed then: once another policy has
     judged the agents, resuming such a run from its cursor would skip the agents before it (a
     later activation of that hash starts a run of its own). The event lists the closed runs.
+    With ``open_run`` the new hash's run is opened in the same transaction, so a process that
+    dies right after the switch leaves a run that the next reload, ``serve`` or ``revalidate``
+    finishes, rather than agents bound to a policy nothing will revalidate them under.
     """
     now = now or utcnow()
     previous = active_version(store)
@@ -157,6 +161,14 @@ def mark_active(
         payload = {"previous_hash": previous.hash if previous else None, "reason": reason, **(extra or {})}
         if closed:
             payload["abandoned_revalidation_runs"] = closed
+        pending = tx.execute(
+            "SELECT 1 FROM revalidation_runs WHERE finished_at IS NULL AND policy_hash = ?", (policy_hash,)
+        ).fetchone()
+        if open_run and pending is None:
+            tx.execute(
+                "INSERT INTO revalidation_runs (policy_hash, previous_hash, started_at) VALUES (?, ?, ?)",
+                (policy_hash, previous.hash if previous else None, iso(now)),
+            )
         tx.audit(event, actor=actor, policy_hash=policy_hash, now=now, payload=payload)
     return require_active(store)
 

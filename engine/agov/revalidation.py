@@ -23,7 +23,7 @@ import orjson
 
 from agov.config import Config
 from agov.decisions import Code, PolicyVerdict, Reason, Status, parse_verdict
-from agov.errors import DecisionError, KeyMaterialError, UsageError
+from agov.errors import ConflictError, DecisionError, KeyMaterialError
 from agov.hashing import canonical_json, sha256_hex
 from agov.opa.evaluator import EncodedInput, Evaluator
 from agov.promotion import ProofTarget, SignedProof, sign_for, store_proofs
@@ -249,8 +249,8 @@ def _open_run(
         "SELECT id, cursor FROM revalidation_runs WHERE policy_hash = ? AND finished_at IS NULL ORDER BY id DESC",
         (policy_hash,),
     )
-    if row is not None:
-        return int(row["id"]), str(row["cursor"]), True
+    if row is not None:  # opened by the activation, or interrupted: resumed if it got anywhere
+        return int(row["id"]), str(row["cursor"]), bool(row["cursor"])
     with store.transaction() as tx:
         cur = tx.execute(
             "INSERT INTO revalidation_runs (policy_hash, previous_hash, started_at) VALUES (?, ?, ?)",
@@ -301,14 +301,10 @@ def revalidate(
             assert signer is not None and report.run_id is not None
             try:
                 _apply(store, report, rows, verdicts, signer, decision_id, org_canonical, policy_hash, now)
-            except KeyMaterialError:
-                # the proofs this run signed so far carry a key that may no longer sign: close
-                # the run rather than leave it to resume, so that the next run re-signs them too
-                with store.transaction() as tx:
-                    tx.execute(
-                        "UPDATE revalidation_runs SET finished_at = ? WHERE id = ? AND finished_at IS NULL",
-                        (iso(now_fn()), report.run_id),
-                    )
+            except KeyMaterialError as exc:
+                # the proofs this run signed so far carry a key that may no longer sign: the run
+                # starts again from the first agent when it is resumed, so it re-signs them too
+                _restart(store, report.run_id, policy_hash, exc, now_fn())
                 raise
         if progress is not None:
             progress(len(rows))
@@ -478,6 +474,22 @@ def _apply(
         )
 
 
+def _restart(store: Store, run_id: int, policy_hash: str, cause: KeyMaterialError, now: datetime) -> None:
+    with store.transaction() as tx:
+        tx.execute(
+            "UPDATE revalidation_runs SET cursor = '', total = 0, valid = 0, restricted = 0, invalidated = 0,"
+            " restored = 0, newly_invalidated = 0 WHERE id = ? AND finished_at IS NULL",
+            (run_id,),
+        )
+        tx.audit(
+            Code.POLICY_REVALIDATION,
+            actor=REVALIDATION_ACTOR,
+            policy_hash=policy_hash,
+            now=now,
+            payload={"run_id": run_id, "stopped": cause.message, "restarts_from_the_first_agent": True},
+        )
+
+
 def _still_current(tx: Tx, run_id: int | None, policy_hash: str, keyid: str, now: datetime) -> None:
     """Stop a run whose policy is no longer active (another process activated one, and closed
     this run): its proofs would be bound to a policy that no longer decides anything, and they
@@ -486,8 +498,8 @@ def _still_current(tx: Tx, run_id: int | None, policy_hash: str, keyid: str, now
     every proof it signs from then on.
 
     Raises:
-        UsageError: the active policy changed during the run.
-        KeyMaterialError: the signing key may no longer sign (the next run resumes here).
+        ConflictError: the active policy changed, or the run was closed, during the run.
+        KeyMaterialError: the signing key may no longer sign.
     """
     key = tx.execute("SELECT revoked_at, not_after FROM signing_keys WHERE keyid = ?", (keyid,)).fetchone()
     if key is None or key[0] is not None or (key[1] is not None and now > datetime.fromisoformat(key[1])):
@@ -498,9 +510,10 @@ def _still_current(tx: Tx, run_id: int | None, policy_hash: str, keyid: str, now
     active = tx.execute("SELECT hash FROM policy_versions WHERE active = 1").fetchone()
     run = tx.execute("SELECT finished_at FROM revalidation_runs WHERE id = ?", (run_id,)).fetchone()
     if active is None or active[0] != policy_hash or run is None or run[0] is not None:
-        raise UsageError(
-            f"the active policy changed during the revalidation under {policy_hash[:12]}; it is stopped",
-            hint="the policy now active revalidates every agent in its own run",
+        raise ConflictError(
+            f"the revalidation under {policy_hash[:12]} was stopped: another process activated a policy,"
+            " or closed this run, while it ran",
+            hint="the run of the policy now active judges every agent; `agov revalidate` finishes it",
         )
 
 

@@ -9,7 +9,9 @@ bound to it, which could overwrite what the new policy's own run had judged.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from agov import keyring, policy
 from agov.config import Config, Limits
 from agov.decisions import Code, Status
 from agov.engine import Engine
-from agov.errors import UsageError
+from agov.errors import ConflictError, KeyMaterialError, UsageError
 from agov.registry import CreationMode
 
 HOT, COOL = "a-hot", "b-cool"  # temperature 0.5 fails once the analysis limit is 0.4
@@ -53,6 +55,7 @@ def test_a_promotion_judged_before_a_reload_does_not_commit_after_it(
 
     def reload_meanwhile(*args: Any) -> Any:
         # between the promotion's verdict (under P1) and its commit, another process reloads
+        monkeypatch.setattr(keyring, "active_signer", load_signer)  # once
         edit_data(home, set_analysis_limit(0.4))
         with Engine.open(home) as other:
             reloaded.append(other.reload_policy(actor="other", reason="P2")["policy_hash"])
@@ -90,7 +93,7 @@ def test_a_run_whose_policy_was_replaced_stops_before_its_next_chunk(engine: Eng
             policy.mark_active(other.store, p1, event=Code.POLICY_ROLLBACK, actor="other", reason="back")
 
     edit_data(home, set_analysis_limit(0.4))
-    with pytest.raises(UsageError, match="active policy changed during the revalidation"):
+    with pytest.raises(ConflictError, match="another process activated a policy, or closed this run"):
         engine.reload_policy(actor=ACTOR, reason="P2", progress=replaced_after_first_chunk)
 
     assert engine.active_policy().hash == p1
@@ -100,7 +103,9 @@ def test_a_run_whose_policy_was_replaced_stops_before_its_next_chunk(engine: Eng
         "SELECT policy_hash FROM agent_proofs WHERE agent_id = ? AND superseded_at IS NULL", (COOL,)
     )
     assert proof["policy_hash"] == p1, "COOL kept its P1 proof"
-    run = engine.store.query_one("SELECT finished_at, cursor FROM revalidation_runs ORDER BY id DESC")
+    run = engine.store.query_one(
+        "SELECT finished_at, cursor FROM revalidation_runs WHERE policy_hash != ? ORDER BY id DESC", (p1,)
+    )
     assert run["finished_at"] is not None and run["cursor"] == HOT, "closed by the rollback, not finished"
 
 
@@ -121,3 +126,105 @@ def test_a_long_lived_engine_follows_a_reload_made_by_another_process(engine: En
     # and this engine's own reload of the same tree is a no-op that keeps deciding
     assert engine.reload_policy(actor=ACTOR, reason="same tree")["changed"] is False
     assert engine.admit(COOL).allow
+
+
+def test_a_reload_with_no_key_that_may_sign_is_refused_before_anything_changes(
+    engine: Engine, home: Path
+) -> None:
+    create_governed(engine, COOL, temperature=0.3)
+    p1 = engine.active_policy().hash
+    engine.generate_key(alg="ed25519", actor=ACTOR, not_before=engine.clock() + timedelta(days=1))
+    runs = engine.store.query("SELECT * FROM revalidation_runs")
+
+    edit_data(home, set_analysis_limit(0.4))
+    with pytest.raises(KeyMaterialError, match="is not valid before"):
+        engine.reload_policy(actor=ACTOR, reason="P2 without a key")
+
+    assert engine.active_policy().hash == p1
+    assert getattr(engine.evaluator(), "active_revision", None) == p1, "OPA was not switched either"
+    assert engine.store.query("SELECT * FROM revalidation_runs") == runs
+    refused = engine.store.query_one("SELECT payload FROM audit_events WHERE type = 'POLICY_RELOAD_REFUSED'")
+    assert "is not valid before" in refused["payload"]
+    assert engine.admit(COOL).allow
+
+
+def test_a_switch_that_died_before_its_revalidation_is_finished_by_the_next_reload(
+    engine: Engine, home: Path
+) -> None:
+    create_governed(engine, HOT, temperature=0.5)
+    create_governed(engine, COOL, temperature=0.3)
+    edit_data(home, set_analysis_limit(0.4))
+    p2 = engine.build_policy(actor=ACTOR, reason="P2").hash
+    # a process that activated P2 and died before revalidating
+    policy.mark_active(engine.store, p2, event=Code.POLICY_HOTRELOAD, actor="gone", reason="P2")
+
+    again = engine.reload_policy(actor=ACTOR, reason="same tree")
+
+    assert again["changed"] is False and again["revalidation"] is not None
+    assert again["revalidation"]["total"] == 2
+    assert engine.get_agent(HOT).status is Status.GOVERNED_INVALIDATED
+    assert engine.admit(COOL).allow
+
+
+def test_a_run_closed_by_a_re_activation_of_its_own_policy_stops(engine: Engine, home: Path) -> None:
+    create_governed(engine, HOT, temperature=0.5)
+    create_governed(engine, COOL, temperature=0.3)
+    p1 = engine.active_policy().hash
+    before: dict[str, list[tuple[Any, ...]]] = {}
+
+    def back_and_forth_after_first_chunk(done: int) -> None:
+        if before:
+            return
+        before.update(_state(engine))
+        p2 = engine.active_policy().hash
+        with Engine.open(home) as other:  # P1 and then P2 again: P2 is active, this run is closed
+            policy.mark_active(other.store, p1, event=Code.POLICY_ROLLBACK, actor="other", reason="back")
+            policy.mark_active(other.store, p2, event=Code.POLICY_ROLLBACK, actor="other", reason="forth")
+
+    edit_data(home, set_analysis_limit(0.4))
+    with pytest.raises(ConflictError):
+        engine.reload_policy(actor=ACTOR, reason="P2", progress=back_and_forth_after_first_chunk)
+
+    assert _state(engine) == before
+    report = engine.revalidate()  # the re-activation's own run judges everyone
+    assert (report.resumed, report.total) == (False, 2)
+    assert engine.get_agent(HOT).status is Status.GOVERNED_INVALIDATED
+
+
+def test_a_run_whose_policy_is_no_longer_active_stops(engine: Engine, home: Path) -> None:
+    create_governed(engine, HOT, temperature=0.5)
+    create_governed(engine, COOL, temperature=0.3)
+    p1 = engine.active_policy().hash
+    before: dict[str, list[tuple[Any, ...]]] = {}
+
+    def active_flag_moved_after_first_chunk(done: int) -> None:
+        if before:
+            return
+        before.update(_state(engine))
+        conn = sqlite3.connect(engine.workspace.db_path)  # outside agov: the run is not closed
+        try:
+            conn.execute("UPDATE policy_versions SET active = 0 WHERE active = 1")
+            conn.execute("UPDATE policy_versions SET active = 1 WHERE hash = ?", (p1,))
+            conn.commit()
+        finally:
+            conn.close()
+
+    edit_data(home, set_analysis_limit(0.4))
+    with pytest.raises(ConflictError):
+        engine.reload_policy(actor=ACTOR, reason="P2", progress=active_flag_moved_after_first_chunk)
+
+    assert _state(engine) == before
+
+
+def test_a_decision_never_moves_the_sidecar_back_to_a_hash_it_read_before_a_switch(
+    engine: Engine, home: Path
+) -> None:
+    create_governed(engine, COOL, temperature=0.3)
+    p1 = engine.active_policy().hash
+    edit_data(home, set_analysis_limit(0.4))
+    p2 = engine.reload_policy(actor=ACTOR, reason="P2")["policy_hash"]
+
+    # what an admission that read the active hash just before the switch asks for
+    sidecar = engine._evaluator_for(p1)
+
+    assert getattr(sidecar, "active_revision", None) == p2

@@ -87,7 +87,7 @@ def test_the_key_signs_once_its_window_opens(engine: Engine) -> None:
     assert engine.admit("window-new").allow
 
 
-def test_a_key_revoked_during_a_run_stops_it_and_the_next_run_re_signs_everyone(
+def test_a_key_revoked_during_a_run_stops_it_and_its_resumption_re_signs_everyone(
     tmp_path: Path, opa_bin: Path
 ) -> None:
     home = tmp_path / "chunked"
@@ -108,13 +108,21 @@ def test_a_key_revoked_during_a_run_stops_it_and_the_next_run_re_signs_everyone(
             engine.revalidate(progress=revoke_after_first_chunk)
         after = _state(engine)
         assert after["agent_proofs"] == state["agent_proofs"], "nothing signed after the revocation"
-        run = engine.store.query_one("SELECT finished_at FROM revalidation_runs ORDER BY id DESC")
-        assert run["finished_at"] is not None, "the run is closed, not left to resume"
+        run = engine.store.query_one(
+            "SELECT id, finished_at, cursor, total FROM revalidation_runs ORDER BY id DESC"
+        )
+        assert (run["finished_at"], run["cursor"], run["total"]) == (None, "", 0), (
+            "open, from the first agent"
+        )
+        stopped = engine.store.query_one(
+            "SELECT payload FROM audit_events WHERE type = 'POLICY_REVALIDATION' ORDER BY seq DESC"
+        )
+        assert "revoked or expired during the revalidation" in stopped["payload"]
 
         engine.generate_key(alg="ed25519", actor=ACTOR)
         report = engine.revalidate()
 
-        assert (report.resumed, report.total, report.valid) == (False, 2, 2)
+        assert (report.run_id, report.resumed, report.total, report.valid) == (run["id"], False, 2, 2)
         for agent_id in GOVERNED:
             keyid = engine.store.query_one(
                 "SELECT keyid FROM agent_proofs WHERE agent_id = ? AND superseded_at IS NULL", (agent_id,)

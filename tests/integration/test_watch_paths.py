@@ -47,7 +47,7 @@ def test_an_edit_reloads_wherever_the_workspace_lives(tmp_path: Path, home: str)
     data.parent.mkdir(parents=True)
     data.write_text("{}\n")
 
-    assert _watch(policies, data, '{"edited": true}\n') == 1
+    assert _watch(policies, data, '{"edited": true}\n') >= 1  # an editor's steps may come apart
 
 
 @pytest.mark.parametrize("hidden", [".git/config.json", "agov/.data.json", "agov/.swap/x.rego"])
