@@ -123,7 +123,9 @@ def parse_spec_bytes(raw: bytes, *, source: str = "spec", max_bytes: int = MAX_S
             loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
             document = yaml.load(text, Loader=loader)
     except (yaml.YAMLError, ValueError) as exc:
-        raise SpecError(f"{source} is not valid YAML or JSON: {exc}") from exc
+        # PyYAML names a parsed string "<unicode string>": name the user's file instead
+        detail = str(exc).replace('"<unicode string>"', f'"{source}"')
+        raise SpecError(f"{source} is not valid YAML or JSON: {detail}") from exc
     except RecursionError as exc:
         raise SpecError(f"{source} is nested too deeply") from exc
     if not isinstance(document, dict):
@@ -131,11 +133,15 @@ def parse_spec_bytes(raw: bytes, *, source: str = "spec", max_bytes: int = MAX_S
     return document
 
 
+_SHOWN_ERRORS = 10
+
+
 def validate_spec(document: Any) -> AgentSpec:
     """Validate a parsed document against the agent spec schema and compute its hash.
 
     Raises:
-        SpecError: the first schema violation, naming the field path and the reason.
+        SpecError: every schema violation (up to ``_SHOWN_ERRORS``), each with its field path
+            and reason; ``path`` names the first.
     """
     if _depth(document, MAX_DEPTH) > MAX_DEPTH:
         raise SpecError(f"spec is nested deeper than {MAX_DEPTH} levels")
@@ -146,10 +152,16 @@ def validate_spec(document: Any) -> AgentSpec:
         raise SpecError(f"spec holds a value JSON cannot carry: {exc}") from exc
     errors = sorted(_validator().iter_errors(document), key=lambda e: (list(e.absolute_path), e.message))
     if errors:
-        first = errors[0]
-        path = "/".join(str(p) for p in first.absolute_path) or "(document)"
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise SpecError(f"{first.message}{more}", path=path, hint="see the spec reference in README.md")
+        where = ["/".join(str(p) for p in e.absolute_path) or "(document)" for e in errors]
+        others = [
+            f"{w}: {e.message}" for w, e in zip(where[1:_SHOWN_ERRORS], errors[1:_SHOWN_ERRORS], strict=True)
+        ]
+        if len(errors) > _SHOWN_ERRORS:
+            others.append(f"and {len(errors) - _SHOWN_ERRORS} more")
+        also = "".join(f"\n  also {line}" for line in others)  # one fix-and-retry round, not ten
+        raise SpecError(
+            f"{errors[0].message}{also}", path=where[0], hint="see the spec reference in README.md"
+        )
     canonical = canonical_json(document)
     return AgentSpec(document=document, canonical=canonical, hash=spec_hash(document))
 

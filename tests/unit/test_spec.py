@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from typing import Any
 
 import pytest
@@ -117,3 +118,31 @@ def test_the_schema_knows_exactly_the_role_classes_the_default_policy_limits() -
     enum = schema["properties"]["spec"]["properties"]["role_class"]["enum"]
     limits = json.loads((policies_dir() / "agov" / "config" / "data.json").read_text())["temperature_limits"]
     assert sorted(enum) == sorted(limits)
+
+
+def test_every_schema_error_is_named_not_only_the_first(valid_spec: dict[str, Any]) -> None:
+    valid_spec["spec"]["agent_type"] = "rogue"
+    valid_spec["spec"]["economics"]["monthly_budget_usd"] = -1
+    del valid_spec["metadata"]["version"]
+    with pytest.raises(SpecError) as info:
+        validate_spec(valid_spec)
+    lines = info.value.message.splitlines()
+    assert lines[0] == "metadata: 'version' is a required property"
+    assert lines[1].startswith("  also spec/agent_type: 'rogue' is not one of")
+    assert lines[2] == "  also spec/economics/monthly_budget_usd: -1 is less than the minimum of 0"
+    assert info.value.path == "metadata"
+
+
+def test_past_ten_schema_errors_the_rest_are_counted() -> None:
+    document = {"apiVersion": "v2", "kind": "Robot", "metadata": {}, "spec": {}}  # 11 errors or more
+    with pytest.raises(SpecError) as info:
+        validate_spec(document)
+    lines = info.value.message.splitlines()
+    assert len(lines) == 11 and re.fullmatch(r"  also and \d+ more", lines[-1]), lines
+
+
+def test_a_yaml_error_names_the_file_not_a_placeholder() -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec_bytes(b"a: [1,\nb: 2\n", source="broken.yaml")
+    assert '"broken.yaml", line 1' in info.value.message
+    assert "<unicode string>" not in info.value.message
