@@ -161,10 +161,13 @@ def mark_active(
         payload = {"previous_hash": previous.hash if previous else None, "reason": reason, **(extra or {})}
         if closed:
             payload["abandoned_revalidation_runs"] = closed
-        pending = tx.execute(
-            "SELECT 1 FROM revalidation_runs WHERE finished_at IS NULL AND policy_hash = ?", (policy_hash,)
-        ).fetchone()
-        if open_run and pending is None:
+        if (
+            open_run
+            and not tx.execute(
+                "SELECT 1 FROM revalidation_runs WHERE finished_at IS NULL AND policy_hash = ?",
+                (policy_hash,),
+            ).fetchone()
+        ):
             tx.execute(
                 "INSERT INTO revalidation_runs (policy_hash, previous_hash, started_at) VALUES (?, ?, ?)",
                 (policy_hash, previous.hash if previous else None, iso(now)),

@@ -151,12 +151,12 @@ def _verdicts(
     verdicts = dict.fromkeys(tampered, _TAMPERED)
     for row in intact:
         try:
-            verdicts[row.agent_id] = parse_verdict(results.get(row.agent_id), f"verdict for {row.agent_id}")
+            verdict = parse_verdict(results.get(row.agent_id), f"verdict for {row.agent_id}")
         except DecisionError as exc:
             # One agent without a usable verdict is invalidated, never waved through.
             verdicts[row.agent_id] = PolicyVerdict(False, (Reason("REVALIDATION_NO_VERDICT", exc.message),))
-    for row in intact:
-        verdicts[row.agent_id] = _renewable(row, verdicts[row.agent_id], now)
+        else:
+            verdicts[row.agent_id] = _renewable(row, verdict, now)
     return verdicts, evaluation.decision_id, now
 
 

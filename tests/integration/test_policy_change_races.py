@@ -10,7 +10,7 @@ bound to it, which could overwrite what the new policy's own run had judged.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -78,27 +78,37 @@ def test_a_promotion_judged_before_a_reload_does_not_commit_after_it(
     assert [r.code for r in again.deny] == ["PROMOTION_DENY_TEMPERATURE_EXCEEDS_LIMIT"]
 
 
-def test_a_run_whose_policy_was_replaced_stops_before_its_next_chunk(engine: Engine, home: Path) -> None:
+def _reload_to_p2_and(engine: Engine, home: Path, after_first_chunk: Callable[[str, str], None]) -> str:
+    """Govern HOT and COOL, then reload to P2 (analysis limit 0.4) in chunks of one. Once HOT's
+    chunk is committed, ``after_first_chunk(p1, p2)`` acts as another process would; the run
+    must then stop with ``ConflictError`` before it commits anything more. Returns P1's hash."""
     create_governed(engine, HOT, temperature=0.5)
     create_governed(engine, COOL, temperature=0.3)
     p1 = engine.active_policy().hash
     before: dict[str, list[tuple[Any, ...]]] = {}
 
-    def replaced_after_first_chunk(done: int) -> None:
-        if before:
-            return
-        before.update(_state(engine))  # HOT's chunk is committed
-        # another process rolls back to P1 while this run (P2) is between its chunks
-        with Engine.open(home) as other:
-            policy.mark_active(other.store, p1, event=Code.POLICY_ROLLBACK, actor="other", reason="back")
+    def once(done: int) -> None:
+        if not before:
+            before.update(_state(engine))
+            after_first_chunk(p1, engine.active_policy().hash)
 
     edit_data(home, set_analysis_limit(0.4))
     with pytest.raises(ConflictError, match="another process activated a policy, or closed this run"):
-        engine.reload_policy(actor=ACTOR, reason="P2", progress=replaced_after_first_chunk)
+        engine.reload_policy(actor=ACTOR, reason="P2", progress=once)
+
+    assert before["agents"], "setup: the first chunk was committed"
+    assert _state(engine) == before, "nothing was committed after the change"
+    return p1
+
+
+def test_a_run_whose_policy_was_replaced_stops_before_its_next_chunk(engine: Engine, home: Path) -> None:
+    def rollback(p1: str, p2: str) -> None:
+        with Engine.open(home) as other:
+            policy.mark_active(other.store, p1, event=Code.POLICY_ROLLBACK, actor="other", reason="back")
+
+    p1 = _reload_to_p2_and(engine, home, rollback)
 
     assert engine.active_policy().hash == p1
-    assert before["agents"], "setup: the first chunk was committed"
-    assert _state(engine) == before, "the chunk after the switch was not committed"
     proof = engine.store.query_one(
         "SELECT policy_hash FROM agent_proofs WHERE agent_id = ? AND superseded_at IS NULL", (COOL,)
     )
@@ -167,40 +177,20 @@ def test_a_switch_that_died_before_its_revalidation_is_finished_by_the_next_relo
 
 
 def test_a_run_closed_by_a_re_activation_of_its_own_policy_stops(engine: Engine, home: Path) -> None:
-    create_governed(engine, HOT, temperature=0.5)
-    create_governed(engine, COOL, temperature=0.3)
-    p1 = engine.active_policy().hash
-    before: dict[str, list[tuple[Any, ...]]] = {}
-
-    def back_and_forth_after_first_chunk(done: int) -> None:
-        if before:
-            return
-        before.update(_state(engine))
-        p2 = engine.active_policy().hash
+    def back_and_forth(p1: str, p2: str) -> None:
         with Engine.open(home) as other:  # P1 and then P2 again: P2 is active, this run is closed
             policy.mark_active(other.store, p1, event=Code.POLICY_ROLLBACK, actor="other", reason="back")
             policy.mark_active(other.store, p2, event=Code.POLICY_ROLLBACK, actor="other", reason="forth")
 
-    edit_data(home, set_analysis_limit(0.4))
-    with pytest.raises(ConflictError):
-        engine.reload_policy(actor=ACTOR, reason="P2", progress=back_and_forth_after_first_chunk)
+    _reload_to_p2_and(engine, home, back_and_forth)
 
-    assert _state(engine) == before
     report = engine.revalidate()  # the re-activation's own run judges everyone
     assert (report.resumed, report.total) == (False, 2)
     assert engine.get_agent(HOT).status is Status.GOVERNED_INVALIDATED
 
 
 def test_a_run_whose_policy_is_no_longer_active_stops(engine: Engine, home: Path) -> None:
-    create_governed(engine, HOT, temperature=0.5)
-    create_governed(engine, COOL, temperature=0.3)
-    p1 = engine.active_policy().hash
-    before: dict[str, list[tuple[Any, ...]]] = {}
-
-    def active_flag_moved_after_first_chunk(done: int) -> None:
-        if before:
-            return
-        before.update(_state(engine))
+    def active_flag_moved(p1: str, p2: str) -> None:
         conn = sqlite3.connect(engine.workspace.db_path)  # outside agov: the run is not closed
         try:
             conn.execute("UPDATE policy_versions SET active = 0 WHERE active = 1")
@@ -209,11 +199,7 @@ def test_a_run_whose_policy_is_no_longer_active_stops(engine: Engine, home: Path
         finally:
             conn.close()
 
-    edit_data(home, set_analysis_limit(0.4))
-    with pytest.raises(ConflictError):
-        engine.reload_policy(actor=ACTOR, reason="P2", progress=active_flag_moved_after_first_chunk)
-
-    assert _state(engine) == before
+    _reload_to_p2_and(engine, home, active_flag_moved)
 
 
 def test_a_decision_never_moves_the_sidecar_back_to_a_hash_it_read_before_a_switch(

@@ -44,10 +44,8 @@ def _runs(engine: Engine) -> list[Any]:
     )
 
 
-def test_a_run_interrupted_before_a_rollback_is_not_resumed_later(
-    engine: Engine, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    p1 = engine.active_policy().hash
+def _reload_p2_interrupted_after_its_first_chunk(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reload to P2 (analysis limit 0.4); OPA fails on the second chunk, so HOT's is committed."""
     judge = revalidation._verdicts
 
     def second_chunk_fails(evaluator: Any, rows: list[Any], *args: Any) -> Any:
@@ -60,6 +58,13 @@ def test_a_run_interrupted_before_a_rollback_is_not_resumed_later(
     with pytest.raises(EngineUnavailableError):
         engine.reload_policy(actor=ACTOR, reason="P2, interrupted")
     monkeypatch.setattr(revalidation, "_verdicts", judge)
+
+
+def test_a_run_interrupted_before_a_rollback_is_not_resumed_later(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p1 = engine.active_policy().hash
+    _reload_p2_interrupted_after_its_first_chunk(engine, monkeypatch)
     p2 = engine.active_policy().hash
     interrupted = _runs(engine)[-1]
     assert (interrupted["policy_hash"], interrupted["finished_at"], interrupted["cursor"]) == (p2, None, HOT)
@@ -83,18 +88,7 @@ def test_a_run_interrupted_before_a_rollback_is_not_resumed_later(
 
 
 def test_a_run_of_the_active_policy_still_resumes(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    judge = revalidation._verdicts
-
-    def second_chunk_fails(evaluator: Any, rows: list[Any], *args: Any) -> Any:
-        if rows[0].agent_id == COOL:
-            raise EngineUnavailableError("injected: OPA went away")
-        return judge(evaluator, rows, *args)
-
-    edit_data(engine.workspace.home, set_analysis_limit(0.4))
-    monkeypatch.setattr(revalidation, "_verdicts", second_chunk_fails)
-    with pytest.raises(EngineUnavailableError):
-        engine.reload_policy(actor=ACTOR, reason="P2, interrupted")
-    monkeypatch.setattr(revalidation, "_verdicts", judge)
+    _reload_p2_interrupted_after_its_first_chunk(engine, monkeypatch)
 
     resumed = engine.reload_policy(actor=ACTOR, reason="unchanged: finish the run")
 
