@@ -36,10 +36,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Ctx:
     """Per-invocation options shared by every command."""
 
-    def __init__(self, home: Path, as_json: bool, actor: str) -> None:
+    def __init__(self, home: Path, as_json: bool, actor: str, opa_url: str | None = None) -> None:
         self.home = home
         self.as_json = as_json
         self.actor = actor
+        self.opa_url = opa_url
 
 
 def _default_actor() -> str:
@@ -86,7 +87,7 @@ def emit(ctx: Ctx, payload: Any, text: str | Callable[[], str]) -> None:
 
 
 def common(func: F) -> F:
-    """--home, --json and --actor on every command; errors mapped to exit codes here."""
+    """--home, --json, --actor and --opa-url on every command; errors mapped to exit codes here."""
 
     @click.option(
         "--home",
@@ -100,9 +101,15 @@ def common(func: F) -> F:
     @click.option(
         "--actor", envvar="AGOV_ACTOR", default=None, help="Who is acting (env AGOV_ACTOR; default: $USER)."
     )
+    @click.option(
+        "--opa-url",
+        default=None,
+        metavar="URL",
+        help="Decide with the OPA sidecar at URL (the external runtime), whatever agov.yaml says.",
+    )
     @functools.wraps(func)
-    def wrapper(home: Path, as_json: bool, actor: str | None, **kwargs: Any) -> Any:
-        ctx = Ctx(home=home, as_json=as_json, actor=actor or _default_actor())
+    def wrapper(home: Path, as_json: bool, actor: str | None, opa_url: str | None, **kwargs: Any) -> Any:
+        ctx = Ctx(home=home, as_json=as_json, actor=actor or _default_actor(), opa_url=opa_url)
         try:
             return func(ctx, **kwargs)
         except click.exceptions.Abort:
@@ -130,7 +137,17 @@ def _stdout_closed() -> NoReturn:
 def _engine(ctx: Ctx) -> Any:
     from agov.engine import Engine
 
-    return Engine.open(ctx.home)
+    return Engine.open(ctx.home, opa_url=ctx.opa_url)
+
+
+def _managed_only(ctx: Ctx, command: str) -> None:
+    """A command that builds its own policy and sidecar cannot use another OPA: say so rather
+    than ignore the option."""
+    if ctx.opa_url is not None:
+        raise UsageError(
+            f"{command} runs its own managed OPA; --opa-url does not apply to it",
+            hint="drop --opa-url; use it with the commands that ask OPA (promote, admit, revalidate, policy reload)",
+        )
 
 
 def _cause(exc: BaseException) -> str:
@@ -170,6 +187,7 @@ def init(ctx: Ctx, directory: Path | None) -> None:
     """Create a workspace (refuses to overwrite anything)."""
     from agov.engine import Engine
 
+    _managed_only(ctx, "init")
     home = directory or ctx.home
     with Engine.init(home, Config(), actor=ctx.actor) as engine:
         active = engine.active_policy()
@@ -750,6 +768,7 @@ def demo(ctx: Ctx, keep: bool) -> None:
     """The whole loop in a temporary workspace, told as a story."""
     from agov.demo import run_demo
 
+    _managed_only(ctx, "demo")
     run_demo(keep=keep, echo=click.echo)
 
 

@@ -11,6 +11,7 @@ with Engine.open("./.agov") as engine:
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 import threading
 import time
@@ -51,9 +52,15 @@ class Engine:
         evaluator: Evaluator | None = None,
         clock: Callable[[], datetime] = utcnow,
         metrics: Metrics | None = None,
+        opa_url: str | None = None,
     ) -> None:
+        """``opa_url``: decide with the OPA sidecar at this URL (the external runtime), whatever
+        ``agov.yaml`` says; it wins over ``opa_url`` there and over ``AGOV_OPA_URL``."""
         self.workspace = workspace
         self.config: Config = workspace.config
+        if opa_url is not None:
+            self.config = dataclasses.replace(self.config, runtime="external", opa_url=opa_url)
+        self._opa_url = opa_url
         self.store = workspace.store()
         self.clock = clock
         self.metrics = metrics or Metrics()
@@ -156,9 +163,12 @@ class Engine:
     def _evaluator_locked(self) -> Evaluator:
         if self._evaluator is None:
             if self.config.runtime == "external":
-                from agov.opa.external import ExternalSidecar
+                from agov.opa.external import ENV_OPA_URL, ExternalSidecar
 
-                self._evaluator = ExternalSidecar.from_config(self.config, self._evaluator_config())
+                environ = dict(os.environ)
+                if self._opa_url is not None:
+                    environ[ENV_OPA_URL] = self._opa_url  # the command line wins over the environment
+                self._evaluator = ExternalSidecar.from_config(self.config, self._evaluator_config(), environ)
             else:
                 self._evaluator = self._start_managed(policy.require_active(self.store))
         return self._evaluator

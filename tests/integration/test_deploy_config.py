@@ -1,6 +1,7 @@
 """The shipped ``opa-config.yaml`` on a real ``opa run --server``: it activates the bundle that
 ``agov policy build`` signed, reports the policy hash as the revision, and refuses a bundle that
-is unsigned or altered after signing (reliability row R15)."""
+is unsigned or altered after signing (reliability row R15); and `agov --opa-url` decides with
+such a sidecar."""
 
 from __future__ import annotations
 
@@ -210,3 +211,51 @@ def test_policy_hash_is_deterministic_and_any_rego_byte_changes_it(workspace: Pa
     assert compute_policy_hash(copy) == original
     (copy / "agov" / "admission" / "extra_test.rego").write_text("package agov.admission_test\n")
     assert compute_policy_hash(copy) == original, "tests are not part of the bundle"
+
+
+def _cli(home: Path, *args: str, env: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    out = subprocess.run(
+        [sys.executable, "-m", "agov.cli", *args, "--home", str(home), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    return out.returncode, json.loads(out.stdout or out.stderr)
+
+
+def test_the_cli_decides_with_the_deployed_sidecar_named_by_opa_url(workspace: Path, serve: Any) -> None:
+    policy_hash, bundle = _built(workspace)
+    _server, sidecar = serve(bundle, policy_hash)
+    assert sidecar.wait_ready(), sidecar.proc.stderr
+    url = f"http://127.0.0.1:{sidecar.port}"
+    _agov(workspace, "agent", "create", "--template", "research-analyst", "--id", "deployed-runner")
+    # No opa binary agov could start: every decision below is the deployed sidecar's. The
+    # variable naming another (dead) sidecar loses to the command line.
+    env = {**os.environ, "AGOV_OPA_BIN": str(workspace / "no-such-opa"), "AGOV_OPA_URL": "http://127.0.0.1:1"}
+
+    code, promoted = _cli(
+        workspace, "promote", "deployed-runner", "--role", "agent_admin", "--opa-url", url, env=env
+    )
+    assert (code, promoted["allow"], promoted["status"]) == (0, True, "GOVERNED_VALID"), promoted
+    assert promoted["policy_hash"] == policy_hash
+    code, admitted = _cli(workspace, "admit", "deployed-runner", "--opa-url", url, env=env)
+    assert (code, admitted["code"], admitted["policy_hash"]) == (0, "ADMISSION_ALLOW", policy_hash), admitted
+    assert admitted["decision_id"], "the sidecar logs decisions (opa-config.yaml), so each one has an id"
+
+    # without the option, the workspace's managed runtime is used: here it cannot start
+    code, managed = _cli(workspace, "admit", "deployed-runner", env=env)
+    assert (code, managed["code"]) == (1, "ADMISSION_DENY_ENGINE_UNAVAILABLE"), managed
+
+    sidecar.stop()
+    code, gone = _cli(workspace, "admit", "deployed-runner", "--opa-url", url, env=env)
+    assert (code, gone["code"]) == (1, "ADMISSION_DENY_ENGINE_UNAVAILABLE"), gone
+    assert url in gone["reasons"][0]["message"], gone
+
+
+def test_opa_url_is_refused_by_commands_that_run_their_own_opa(tmp_path: Path) -> None:
+    for args in (("init", str(tmp_path / "ws")), ("demo",)):
+        code, error = _cli(tmp_path, *args, "--opa-url", "http://127.0.0.1:8181", env=dict(os.environ))
+        assert code == 2, error
+        assert "--opa-url does not apply" in error["error"]["message"], error
+    assert not (tmp_path / "ws").exists(), "nothing is created"
