@@ -62,9 +62,9 @@ def compute_policy_hash(policies_root: Path) -> str:
     return policy_hash(bundle_files(policies_root))
 
 
-def _start(cmd: Sequence[str]) -> subprocess.Popen[str]:
+def _start(cmd: Sequence[str], cwd: Path | None = None) -> subprocess.Popen[str]:
     try:
-        return subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
     except OSError as exc:
         raise PolicyError(
             f"cannot run {cmd[0]}: {exc.strerror}", hint="run `make tools` or set AGOV_OPA_BIN"
@@ -154,8 +154,9 @@ def check_and_build(
         partial = Path(tmp) / "bundle.tar.gz"
         schemas = snapshot / "schemas"
         schema_args = ["-s", str(schemas)] if schemas.is_dir() else []
-        steps = [
-            ("opa check --strict", [str(opa), "check", "--strict", *schema_args, str(snapshot)]),
+        opa = opa.resolve()  # the build runs in the stage directory
+        steps: list[tuple[str, list[str], Path | None]] = [
+            ("opa check --strict", [str(opa), "check", "--strict", *schema_args, str(snapshot)], None),
             # --ignore schemas: the schema files are JSON and would otherwise load as data.
             # *_agreement_test.rego: exhaustive cross-checks that `make test` runs; skipped here so
             # that a saved policy reaches the sidecar in well under a second.
@@ -173,6 +174,7 @@ def check_and_build(
                     *schema_args,
                     str(snapshot),
                 ],
+                None,
             ),
             (
                 "opa build",
@@ -180,22 +182,23 @@ def check_and_build(
                     str(opa),
                     "build",
                     "-b",
-                    str(stage),
+                    ".",  # from the stage, so the bundle's files are agov/..., not a temporary path
                     "-r",
                     digest,
                     "-o",
                     str(partial),
                     "--signing-key",
-                    str(signing_key),
+                    str(signing_key.resolve()),
                     "--signing-alg",
                     "ES256",
                 ],
+                stage,
             ),
         ]
         running: list[tuple[str, subprocess.Popen[str]]] = []
         try:
-            for what, cmd in steps:
-                running.append((what, _start(cmd)))
+            for what, cmd, cwd in steps:
+                running.append((what, _start(cmd, cwd)))
             deadline = time.monotonic() + timeout_s
             for what, proc in running:  # report the first failing step in this order
                 _finish(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,18 @@ def test_build_of_unchanged_policies_gives_the_active_hash(fresh_ws: Path) -> No
     assert set(built) == VERSION_KEYS
     assert re.fullmatch(HEX64, built["hash"])
     assert built["active"] is True
-    assert Path(built["bundle_path"]).is_file()
+    with tarfile.open(built["bundle_path"]) as bundle:
+        names = sorted(name.lstrip("/") for name in bundle.getnames())
+    # named as in the policy tree (OPA's errors and coverage show them), not by a temporary path
+    assert names == [
+        ".manifest",
+        ".signatures.json",
+        "agov/admission/admission.rego",
+        "agov/lib/spec_rules/spec_rules.rego",
+        "agov/promotion/promotion.rego",
+        "agov/revalidation/revalidation.rego",
+        "data.json",
+    ]
     history = ok("policy", "history", home=fresh_ws)
     assert [v["hash"] for v in history] == [built["hash"]]
     assert active(history) == [built["hash"]]
