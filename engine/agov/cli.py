@@ -643,11 +643,18 @@ def policy_rollback(ctx: Ctx, policy_hash: str, reason: str) -> None:
     """Re-activate an earlier signed bundle and revalidate."""
     with _engine(ctx) as engine:
         result = engine.rollback_policy(policy_hash, actor=ctx.actor, reason=reason)
-    emit(
-        ctx,
-        result,
-        lambda: f"rolled back to {result['policy_hash'][:12]}\n" + _revalidation_text(result["revalidation"]),
-    )
+
+    def text() -> str:
+        lines = [f"rolled back to {result['policy_hash'][:12]}", _revalidation_text(result["revalidation"])]
+        if result["workspace_policy_hash"] != result["policy_hash"]:
+            lines.append(
+                f"note: the files under policies/ still hash to {result['workspace_policy_hash'][:12]}; the next"
+                " `agov policy reload` (or a change seen by `serve --watch`) activates them again: edit them back"
+                " to keep this rollback"
+            )
+        return "\n".join(lines)
+
+    emit(ctx, result, text)
 
 
 # -- keys ---------------------------------------------------------------------------------------

@@ -534,6 +534,8 @@ class Engine:
         return {
             "policy_hash": target.hash,
             "previous_hash": active.hash if active else None,
+            # the files under policies/ are not rolled back: a later reload activates them again
+            "workspace_policy_hash": policy.current_tree_hash(self.workspace.policies),
             "revalidation": report.as_dict(),
         }
 

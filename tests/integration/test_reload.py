@@ -306,6 +306,7 @@ def test_rollback_restores_the_agents_the_bad_version_invalidated(engine: Engine
     result = engine.rollback_policy(old[:12], actor=ACTOR, reason="undo the bad version")
 
     assert result["policy_hash"] == old and result["previous_hash"] == bad
+    assert result["workspace_policy_hash"] == bad, "the files still hold the bad version"
     assert result["revalidation"]["restored"] == 2
     assert result["revalidation"]["invalidated"] == 0
     assert statuses(home) == BEFORE
