@@ -188,7 +188,7 @@ def store_proofs(tx: Tx, proofs: list[SignedProof]) -> None:
 
 
 def _reasons_json(reasons: tuple[Reason, ...]) -> str:
-    return json.dumps([r.as_dict() for r in reasons])
+    return json.dumps([r.as_dict() for r in reasons]) if reasons else "[]"
 
 
 def promote(

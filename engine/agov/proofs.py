@@ -170,6 +170,8 @@ class _HmacSigner(Signer):
 def _require_aware(name: str, value: datetime | None) -> datetime | None:
     if value is None:
         return None
+    if type(value) is datetime and value.tzinfo is UTC:  # what agov's own clock gives
+        return value
     if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
         raise ProofError(f"{name} must be a timezone-aware datetime, got {value!r}")
     return value.astimezone(UTC)
@@ -200,6 +202,35 @@ class ProofClaims:
     expires_at: datetime | None = None
 
     def __post_init__(self) -> None:
+        if not self._well_formed():
+            self._refuse()  # names the first field that is wrong
+        object.__setattr__(self, "issued_at", _require_aware("issued_at", self.issued_at))
+        expires_at = _require_aware("expires_at", self.expires_at)
+        object.__setattr__(self, "expires_at", expires_at)
+        if expires_at is not None and expires_at <= self.issued_at:
+            raise ProofError("claim expires_at must be later than issued_at")
+
+    def _well_formed(self) -> bool:
+        """The checks of :meth:`_refuse` in one expression: revalidation makes claims per agent."""
+        return (
+            type(self.agent_id) is str
+            and type(self.version) is str
+            and type(self.decision_id) is str
+            and type(self.actor) is str
+            and type(self.role) is str
+            and bool(self.agent_id and self.version and self.decision_id and self.actor and self.role)
+            and "@" not in self.version
+            and type(self.governance_status) is str
+            and self.governance_status in _STATUSES
+            and type(self.spec_hash) is str
+            and type(self.policy_hash) is str
+            and type(self.input_digest) is str
+            and _HEX64.fullmatch(self.spec_hash) is not None
+            and _HEX64.fullmatch(self.policy_hash) is not None
+            and _HEX64.fullmatch(self.input_digest) is not None
+        )
+
+    def _refuse(self) -> None:
         for name in ("agent_id", "version", "decision_id", "actor", "role", "governance_status"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
@@ -213,11 +244,6 @@ class ProofClaims:
                 raise ProofError(f"claim {name} must be 64 lowercase hex characters, got {value!r}")
         if self.governance_status not in _STATUSES:
             raise ProofError(f"claim governance_status is not a known status: {self.governance_status!r}")
-        object.__setattr__(self, "issued_at", _require_aware("issued_at", self.issued_at))
-        expires_at = _require_aware("expires_at", self.expires_at)
-        object.__setattr__(self, "expires_at", expires_at)
-        if expires_at is not None and expires_at <= self.issued_at:
-            raise ProofError("claim expires_at must be later than issued_at")
 
     @property
     def subject_name(self) -> str:
@@ -360,6 +386,7 @@ def pae(payload_type: str, body: bytes) -> bytes:
     return b"DSSEv1 %d %b %d %b" % (len(kind), kind, len(body), body)
 
 
+@functools.lru_cache(maxsize=1024)  # a revalidation chunk shares one issue time, agents often an expiry
 def _format_time(value: datetime) -> str:
     value = value.astimezone(UTC)
     spec = "seconds" if value.microsecond == 0 else "microseconds"
@@ -379,21 +406,114 @@ def _parse_time(name: str, value: Any) -> datetime:
 
 def statement(claims: ProofClaims) -> dict[str, Any]:
     """The in-toto Statement v1 that a proof's envelope carries for ``claims``."""
+    return _statement(
+        claims.subject_name,
+        claims.spec_hash,
+        claims.policy_hash,
+        claims.decision_id,
+        claims.input_digest,
+        claims.actor,
+        claims.role,
+        claims.governance_status,
+        _format_time(claims.issued_at),
+        None if claims.expires_at is None else _format_time(claims.expires_at),
+    )
+
+
+def _statement(
+    name: str,
+    spec_hash: str,
+    policy_hash: str,
+    decision_id: str,
+    input_digest: str,
+    actor: str,
+    role: str,
+    governance_status: str,
+    issued_at: str,
+    expires_at: str | None,
+) -> dict[str, Any]:
     return {
         "_type": STATEMENT_TYPE,
-        "subject": [{"name": claims.subject_name, "digest": {"sha256": claims.spec_hash}}],
+        "subject": [{"name": name, "digest": {"sha256": spec_hash}}],
         "predicateType": PREDICATE_TYPE,
         "predicate": {
-            "policy_hash": claims.policy_hash,
-            "decision_id": claims.decision_id,
-            "input_digest": claims.input_digest,
-            "actor": claims.actor,
-            "role": claims.role,
-            "governance_status": claims.governance_status,
-            "issued_at": _format_time(claims.issued_at),
-            "expires_at": None if claims.expires_at is None else _format_time(claims.expires_at),
+            "policy_hash": policy_hash,
+            "decision_id": decision_id,
+            "input_digest": input_digest,
+            "actor": actor,
+            "role": role,
+            "governance_status": governance_status,
+            "issued_at": issued_at,
+            "expires_at": expires_at,
         },
     }
+
+
+class _Template:
+    """The canonical bytes of a fixed-shape document whose variable parts are all strings (or
+    null), as pieces to join with the encoded values: the shape is canonicalized once, by
+    ``canonical_json`` itself, with a marker string in every variable place, so the key order
+    is the reference encoder's. One string encodes the same in both (orjson's escaping is RFC
+    8785's, ``tests/unit/test_hashing.py``); ``tests/unit/test_proofs.py`` checks whole proofs."""
+
+    __slots__ = ("_order", "_pieces")
+
+    def __init__(self, build: Callable[..., Any], arity: int) -> None:
+        encoded_markers = [orjson.dumps(f"\x00agov-template-{i}\x00") for i in range(arity)]
+        encoded = canonical_json(build(*(orjson.loads(m) for m in encoded_markers)))
+        places = []
+        for index, marker in enumerate(encoded_markers):
+            if encoded.count(marker) != 1:
+                raise AssertionError(f"template marker {index} is not in place exactly once")
+            places.append((encoded.index(marker), index, len(marker)))
+        places.sort()
+        pieces, start = [], 0
+        for position, _index, length in places:
+            pieces.append(encoded[start:position])
+            start = position + length
+        pieces.append(encoded[start:])
+        self._pieces = tuple(pieces)
+        self._order = tuple(index for _position, index, _length in places)  # argument per place
+
+    def render(self, *values: str | None) -> bytes:
+        """Raises: orjson.JSONEncodeError: a value that orjson refuses (a lone surrogate)."""
+        pieces = self._pieces
+        out = [pieces[0]]
+        for index, piece in zip(self._order, pieces[1:], strict=True):
+            value = values[index]
+            out.append(b"null" if value is None else orjson.dumps(value))
+            out.append(piece)
+        return b"".join(out)
+
+
+_STATEMENT = _Template(_statement, 10)
+_ENVELOPE = _Template(
+    lambda payload, keyid, sig: {
+        "payload": payload,
+        "payloadType": PAYLOAD_TYPE,
+        "signatures": [{"keyid": keyid, "sig": sig}],
+    },
+    3,
+)
+
+
+def _statement_bytes(claims: ProofClaims) -> bytes:
+    """``canonical_json(statement(claims))``, from the template."""
+    try:
+        return _STATEMENT.render(
+            claims.subject_name,
+            claims.spec_hash,
+            claims.policy_hash,
+            claims.decision_id,
+            claims.input_digest,
+            claims.actor,
+            claims.role,
+            claims.governance_status,
+            _format_time(claims.issued_at),
+            None if claims.expires_at is None else _format_time(claims.expires_at),
+        )
+    except orjson.JSONEncodeError:
+        return canonical_json(statement(claims))  # the reference encoder names the problem
 
 
 def sign_proof(claims: ProofClaims, signer: ProofSigner) -> bytes:
@@ -402,17 +522,13 @@ def sign_proof(claims: ProofClaims, signer: ProofSigner) -> bytes:
     Raises:
         SpecError: a claim value cannot be serialized canonically.
     """
-    payload = canonical_json(statement(claims))
+    payload = _statement_bytes(claims)
     signature = signer._sign(pae(PAYLOAD_TYPE, payload))
     # the shape of securesystemslib's Envelope.to_dict, which verifies it (tests/unit/test_proofs.py)
-    return canonical_json(
-        {
-            "payload": base64.standard_b64encode(payload).decode("ascii"),
-            "payloadType": PAYLOAD_TYPE,
-            "signatures": [
-                {"keyid": signer.keyid, "sig": base64.standard_b64encode(signature).decode("ascii")}
-            ],
-        }
+    return _ENVELOPE.render(
+        base64.standard_b64encode(payload).decode("ascii"),
+        signer.keyid,
+        base64.standard_b64encode(signature).decode("ascii"),
     )
 
 

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from securesystemslib.dsse import Envelope
 
 from agov import proofs
+from agov.decisions import Status
 from agov.errors import (
     ExpiredProofError,
     KeyMaterialError,
@@ -30,6 +31,7 @@ from agov.errors import (
     RevokedSignerError,
     RollbackError,
     SignatureError,
+    SpecError,
 )
 from agov.hashing import canonical_json
 from agov.proofs import (
@@ -781,6 +783,93 @@ def test_claims_validation() -> None:
     with pytest.raises(ProofError, match="policy_hash must be 64 lowercase hex"):
         make_claims(policy_hash="A" * 64)
     assert replace(make_claims(), expires_at=None).expires_at is None
+
+
+class _Text(str):
+    """A str subclass: accepted wherever a str is (the fast check in ProofClaims takes exact types)."""
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        (name, bad, f"{name} must be a non-empty string")
+        for name in ("agent_id", "version", "decision_id", "actor", "role", "governance_status")
+        for bad in ("", None, 7, ["x"], b"x")
+    ]
+    + [
+        (name, bad, f"{name} must be 64 lowercase hex")
+        for name in ("spec_hash", "policy_hash", "input_digest")
+        for bad in ("", "a" * 63, "a" * 65, "A" * 64, "g" * 64, None, ["a" * 64], b"a" * 64)
+    ]
+    + [("governance_status", "VALID", "not a known status"), ("version", "1@2", "must not contain '@'")],
+)
+def test_every_claim_field_is_checked(field: str, value: Any, message: str) -> None:
+    with pytest.raises(ProofError, match=message):
+        make_claims(**{field: value})
+
+
+def test_claims_of_str_subclasses_and_other_zones_sign_as_plain_ones(ed: Ed) -> None:
+    plain = make_claims()
+    subclassed = make_claims(
+        **{
+            name: _Text(getattr(plain, name))
+            for name in ("agent_id", "version", "actor", "spec_hash", "role")
+        },
+        issued_at=T0.astimezone(timezone(timedelta(hours=2))),
+    )
+    assert subclassed.issued_at == T0 and subclassed.issued_at.tzinfo is UTC
+    assert sign_proof(subclassed, ed.signer) == sign_proof(plain, ed.signer)
+
+
+def test_a_claim_that_cannot_be_canonical_json_is_refused_as_before(ed: Ed) -> None:
+    claims = make_claims(actor="lone \ud800 surrogate")
+    with pytest.raises(SpecError, match="cannot be canonicalized"):
+        sign_proof(claims, ed.signer)
+
+
+_claim_text = st.text(min_size=1, max_size=12).filter(lambda t: "@" not in t)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    agent_id=_claim_text,
+    version=_claim_text,
+    decision_id=_claim_text,
+    actor=_claim_text,
+    role=_claim_text,
+    status=st.sampled_from(sorted(s.value for s in Status)),
+    issued_us=st.integers(0, 10**12),
+    expires_in_us=st.none() | st.integers(1, 10**12),
+)
+def test_the_statement_and_envelope_templates_are_the_reference_encoding(
+    agent_id: str,
+    version: str,
+    decision_id: str,
+    actor: str,
+    role: str,
+    status: str,
+    issued_us: int,
+    expires_in_us: int | None,
+) -> None:
+    """sign_proof fills templates made once from canonical_json: any claims (quotes, controls,
+    non-ASCII, whole and fractional seconds, with or without expiry) give the reference bytes."""
+    issued = T0 + timedelta(microseconds=issued_us)
+    claims = make_claims(
+        agent_id=agent_id,
+        version=version,
+        decision_id=decision_id,
+        actor=actor,
+        role=role,
+        governance_status=status,
+        issued_at=issued,
+        expires_at=None if expires_in_us is None else issued + timedelta(microseconds=expires_in_us),
+    )
+    reference = canonical_json(proofs.statement(claims))
+    assert proofs._statement_bytes(claims) == reference
+    envelope = sign_proof(claims, ProofSigner.hmac(b"k" * 32))
+    doc = json.loads(envelope)
+    assert canonical_json(doc) == envelope
+    assert base64.standard_b64decode(doc["payload"]) == reference
 
 
 # --- size limit -------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ hash, so an edit, deletion, reordering or truncation shows in :meth:`Store.verif
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -124,6 +125,7 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+@functools.lru_cache(maxsize=1024)  # a revalidation chunk writes one time, and agents often share an expiry
 def iso(ts: datetime | None) -> str | None:
     """Timestamps are stored as ISO 8601 UTC with microseconds, so they sort as text."""
     if ts is None:
