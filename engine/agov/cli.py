@@ -146,7 +146,7 @@ def _managed_only(ctx: Ctx, command: str) -> None:
     if ctx.opa_url is not None:
         raise UsageError(
             f"{command} runs its own managed OPA; --opa-url does not apply to it",
-            hint="drop --opa-url; use it with the commands that ask OPA (promote, admit, revalidate, policy reload)",
+            hint="drop --opa-url; use it with the commands that ask the sidecar (promote, admit, revalidate)",
         )
 
 
@@ -646,11 +646,11 @@ def policy_rollback(ctx: Ctx, policy_hash: str, reason: str) -> None:
 
     def text() -> str:
         lines = [f"rolled back to {result['policy_hash'][:12]}", _revalidation_text(result["revalidation"])]
-        if result["workspace_policy_hash"] != result["policy_hash"]:
+        if result["workspace_policy_hash"] not in (None, result["policy_hash"]):
             lines.append(
                 f"note: the files under policies/ still hash to {result['workspace_policy_hash'][:12]}; the next"
-                " `agov policy reload` (or a change seen by `serve --watch`) activates them again: edit them back"
-                " to keep this rollback"
+                " `agov policy reload` (or a change seen by `serve --watch`) builds them and, if they pass,"
+                " activates them again: edit them back to keep this rollback"
             )
         return "\n".join(lines)
 

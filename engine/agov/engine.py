@@ -55,11 +55,21 @@ class Engine:
         opa_url: str | None = None,
     ) -> None:
         """``opa_url``: decide with the OPA sidecar at this URL (the external runtime), whatever
-        ``agov.yaml`` says; it wins over ``opa_url`` there and over ``AGOV_OPA_URL``."""
+        ``agov.yaml`` says; it wins over ``opa_url`` there and over ``AGOV_OPA_URL``. Its token
+        and TLS files then come from ``AGOV_OPA_*`` only, never from ``agov.yaml``."""
         self.workspace = workspace
         self.config: Config = workspace.config
         if opa_url is not None:
-            self.config = dataclasses.replace(self.config, runtime="external", opa_url=opa_url)
+            # agov.yaml's token and TLS files belong to its own opa_url: never sent elsewhere
+            self.config = dataclasses.replace(
+                self.config,
+                runtime="external",
+                opa_url=opa_url,
+                opa_token=None,
+                opa_ca_file=None,
+                opa_client_cert=None,
+                opa_client_key=None,
+            )
         self._opa_url = opa_url
         self.store = workspace.store()
         self.clock = clock
@@ -535,9 +545,17 @@ class Engine:
             "policy_hash": target.hash,
             "previous_hash": active.hash if active else None,
             # the files under policies/ are not rolled back: a later reload activates them again
-            "workspace_policy_hash": policy.current_tree_hash(self.workspace.policies),
+            "workspace_policy_hash": self._tree_hash_or_none(),
             "revalidation": report.as_dict(),
         }
+
+    def _tree_hash_or_none(self) -> str | None:
+        """The hash of the files under policies/, or None when they cannot be read as a policy
+        tree: the rollback has happened by then, and reporting it matters more."""
+        try:
+            return policy.current_tree_hash(self.workspace.policies)
+        except (AgovError, OSError):
+            return None
 
     def _switch(
         self,

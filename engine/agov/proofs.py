@@ -386,9 +386,16 @@ def pae(payload_type: str, body: bytes) -> bytes:
     return b"DSSEv1 %d %b %d %b" % (len(kind), kind, len(body), body)
 
 
-@functools.lru_cache(maxsize=1024)  # a revalidation chunk shares one issue time, agents often an expiry
 def _format_time(value: datetime) -> str:
-    value = value.astimezone(UTC)
+    if type(value) is datetime and value.tzinfo is UTC:  # what ProofClaims holds: cached
+        return _format_utc(value)
+    return _format_utc.__wrapped__(value.astimezone(UTC))
+
+
+@functools.lru_cache(maxsize=1024)
+def _format_utc(value: datetime) -> str:
+    """A revalidation chunk shares one issue time, and agents often an expiry. Only plain UTC
+    datetimes come here (see ``agov.store.sqlite._iso_utc`` for why)."""
     spec = "seconds" if value.microsecond == 0 else "microseconds"
     return value.replace(tzinfo=None).isoformat(timespec=spec) + "Z"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -259,3 +260,73 @@ def test_opa_url_is_refused_by_commands_that_run_their_own_opa(tmp_path: Path) -
         assert code == 2, error
         assert "--opa-url does not apply" in error["error"]["message"], error
     assert not (tmp_path / "ws").exists(), "nothing is created"
+
+
+def test_opa_url_takes_no_credentials_from_agov_yaml(
+    workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """agov.yaml's token and TLS files belong to its own opa_url: a URL given on the command
+    line never receives them, only what the AGOV_OPA_* variables say."""
+    from agov.engine import Engine
+
+    home = tmp_path / "ws"
+    shutil.copytree(workspace, home)
+    config = (home / "agov.yaml").read_text()
+    for key, value in (
+        ("runtime", "external"),
+        ("opa_url", "https://configured-sidecar:8181"),
+        ("opa_token", "token-for-the-configured-sidecar"),
+        ("opa_ca_file", str(tmp_path / "ca.pem")),
+    ):
+        config, found = re.subn(rf"^{key}: .*$", f"{key}: {value}", config, flags=re.M)
+        assert found == 1, key
+    (home / "agov.yaml").write_text(config)
+    (tmp_path / "ca.pem").write_bytes(_self_signed_pem())
+    for name in (
+        "AGOV_OPA_URL",
+        "AGOV_OPA_TOKEN",
+        "AGOV_OPA_CA_FILE",
+        "AGOV_OPA_CLIENT_CERT",
+        "AGOV_OPA_CLIENT_KEY",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+    def connection(**kwargs: Any) -> Any:
+        with Engine.open(home, **kwargs) as engine:
+            return engine.evaluator().connection  # built, not connected
+
+    configured = connection()
+    assert (configured.url, configured.token) == (
+        "https://configured-sidecar:8181",
+        "token-for-the-configured-sidecar",
+    )
+    assert configured.ca_file == tmp_path / "ca.pem"
+    named = connection(opa_url="http://127.0.0.1:9")
+    assert (named.url, named.token, named.ca_file) == ("http://127.0.0.1:9", None, None)
+    monkeypatch.setenv("AGOV_OPA_TOKEN", "token-from-the-environment")
+    assert connection(opa_url="http://127.0.0.1:9").token == "token-from-the-environment"
+
+
+def _self_signed_pem() -> bytes:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)

@@ -296,6 +296,23 @@ def test_revalidation_invalidates_restricts_and_binds_proofs_to_the_new_hash(hom
                 assert decision.allow and decision.policy_hash == new, agent_id
 
 
+def test_rollback_is_reported_even_when_the_policy_files_cannot_be_read(engine: Engine, home: Path) -> None:
+    """Rollback is the recovery command: a broken tree under policies/ must not turn the
+    rollback that already happened into an error."""
+    old = engine.active_policy().hash
+    edit_data(home, set_analysis_limit(0.4))
+    engine.reload_policy(actor=ACTOR, reason="too tight")
+    shutil.rmtree(home / "policies" / "agov")
+    with pytest.raises(PolicyError):
+        compute_policy_hash(home / "policies")
+
+    result = engine.rollback_policy(old, actor=ACTOR, reason="undo, with the files gone")
+
+    assert (result["policy_hash"], result["workspace_policy_hash"]) == (old, None)
+    assert result["revalidation"]["restored"] == 2
+    assert engine.active_policy().hash == old
+
+
 def test_rollback_restores_the_agents_the_bad_version_invalidated(engine: Engine, home: Path) -> None:
     old = engine.active_policy().hash
     edit_data(home, set_analysis_limit(0.4))

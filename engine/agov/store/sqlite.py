@@ -125,12 +125,21 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-@functools.lru_cache(maxsize=1024)  # a revalidation chunk writes one time, and agents often share an expiry
 def iso(ts: datetime | None) -> str | None:
     """Timestamps are stored as ISO 8601 UTC with microseconds, so they sort as text."""
     if ts is None:
         return None
+    if type(ts) is datetime and ts.tzinfo is UTC:  # agov's own clock: cached, see _iso_utc
+        return _iso_utc(ts)
     return ts.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+@functools.lru_cache(maxsize=1024)
+def _iso_utc(ts: datetime) -> str:
+    """A revalidation chunk writes one time, and agents often share an expiry. Only plain UTC
+    datetimes are cached: two times in a zone with a DST fold compare (and hash) equal an hour
+    apart, and a subclass compares equal to a plain datetime."""
+    return ts.isoformat(timespec="microseconds")
 
 
 def parse_iso(text: str | None) -> datetime | None:
