@@ -595,11 +595,18 @@ def policy_build(ctx: Ctx, reason: str) -> None:
 @click.option("--dry-run", is_flag=True, help="Show who would be invalidated; activate nothing.")
 @common
 def policy_reload(ctx: Ctx, reason: str, dry_run: bool) -> None:
-    """Rebuild; if the hash changed, activate it and revalidate every agent."""
+    """Rebuild; if the hash changed, activate it and revalidate every agent (also, under the same
+    hash, when the org limits in agov.yaml changed since the last revalidation)."""
     with _engine(ctx) as engine:
         result = engine.reload_policy(actor=ctx.actor, reason=reason, dry_run=dry_run)
 
     def text() -> str:
+        if not result["changed"] and result["org_changed"]:
+            judged = "would judge" if dry_run else "judged"
+            return (
+                f"policy unchanged ({result['policy_hash'][:12]}), but the org limits in agov.yaml changed:"
+                f" {judged} every governed agent again\n" + _revalidation_text(result["revalidation"])
+            )
         if not result["changed"]:
             return f"policy unchanged ({result['policy_hash'][:12]})"
         head = f"{'would activate' if dry_run else 'activated'} policy {result['policy_hash'][:12]}"

@@ -22,9 +22,10 @@ from types import TracebackType
 from typing import Any, TypeVar, cast
 
 from agov import admission, audit, keyring, keys, policy, promotion, registry, revalidation
-from agov.config import Config
+from agov.config import Config, load_config
 from agov.decisions import AdmissionDecision, Code
 from agov.errors import AgovError, KeyMaterialError, PolicyError, UsageError
+from agov.hashing import canonical_json
 from agov.observability import Metrics, log_decision
 from agov.opa.binary import find_opa
 from agov.opa.evaluator import Evaluator, EvaluatorConfig
@@ -33,7 +34,7 @@ from agov.proofs import SignatureCache, TrustedKey
 from agov.registry import AgentRecord, CreationMode
 from agov.revalidation import RevalidationReport
 from agov.store.sqlite import ReadMemo, parse_iso, utcnow
-from agov.workspace import Workspace, create_layout, remove_layout
+from agov.workspace import CONFIG_FILE, Workspace, create_layout, remove_layout
 
 SYSTEM_ACTOR = "agov"
 
@@ -114,6 +115,14 @@ class Engine:
                 open_run=False,  # no agent to revalidate yet
             )
             with engine.store.transaction() as tx:
+                # what the first policy and org limits judged: no agent, so a reload re-judges
+                # only when agov.yaml's org limits change later
+                revalidation.record_empty_run(
+                    tx,
+                    built.policy_hash,
+                    canonical_json(dataclasses.asdict(engine.config.org)),
+                    engine.clock(),
+                )
                 tx.audit(
                     Code.WORKSPACE_INIT,
                     actor=actor,
@@ -141,6 +150,15 @@ class Engine:
         self.close()
 
     # -- OPA -------------------------------------------------------------------------------------
+
+    def _judging_config(self) -> Config:
+        """The config, with the org limits ``agov.yaml`` holds now: a long-lived engine (``serve``)
+        judges promotions and revalidations with the limits in force, not those it started with.
+
+        Raises:
+            WorkspaceError: agov.yaml cannot be read now.
+        """
+        return dataclasses.replace(self.config, org=load_config(self.workspace.home / CONFIG_FILE).org)
 
     def _evaluator_config(self) -> EvaluatorConfig:
         return EvaluatorConfig(timeout_s=self.config.limits.opa_timeout_s)
@@ -292,7 +310,7 @@ class Engine:
 
         result = promotion.promote(
             self.store,
-            self.config,
+            self._judging_config(),
             agent,
             evaluator,
             lambda: keyring.active_signer(self.store, self.workspace.keys, self.clock()),
@@ -421,7 +439,7 @@ class Engine:
         target = policy_hash or policy.require_active(self.store).hash
         report = revalidation.revalidate(
             self.store,
-            self.config,
+            self._judging_config(),
             evaluator or self._evaluator_for(target),
             lambda: keyring.active_signer(self.store, self.workspace.keys, self.clock()),
             policy_hash=target,
@@ -442,7 +460,9 @@ class Engine:
         dry_run: bool = False,
         progress: Callable[[int], None] | None = None,
     ) -> dict[str, Any]:
-        """Rebuild the policy; if its hash changed, activate it and revalidate every agent.
+        """Rebuild the policy; if its hash changed, activate it and revalidate every agent. With
+        the same hash, revalidate every agent when the org limits in agov.yaml differ from those
+        the last run judged with (``org_changed``).
 
         A policy that does not compile or whose tests fail is refused and the old one stays.
         With ``dry_run`` the candidate is built in a temporary directory and judged by a
@@ -480,13 +500,26 @@ class Engine:
         }
 
     def _unchanged(self, active: PolicyVersion, progress: Callable[[int], None] | None) -> dict[str, Any]:
-        # A reload killed midway leaves its revalidation unfinished: finish it now.
-        resumed = self.resume_revalidation(progress=progress)
+        # A reload killed midway leaves its revalidation unfinished: finish it now (with the org
+        # limits agov.yaml holds now).
+        report = self.resume_revalidation(progress=progress)
+        # The org limits are part of what judges an agent, though not of the policy hash: when
+        # agov.yaml's differ from those the last run judged with, every agent is judged again.
+        org_changed = self._org_changed(active.hash)
+        if org_changed:
+            report = self.revalidate(previous_hash=active.hash, progress=progress)
         return {
             "changed": False,
+            "org_changed": org_changed,
             "policy_hash": active.hash,
-            "revalidation": resumed.as_dict() if resumed else None,
+            "revalidation": report.as_dict() if report else None,
         }
+
+    def _org_changed(self, policy_hash: str) -> bool:
+        """Whether agov.yaml's org limits differ from those the last run under ``policy_hash``
+        judged every governed agent with."""
+        org = revalidation.org_digest(canonical_json(dataclasses.asdict(self._judging_config().org)))
+        return revalidation.judged_org(self.store, policy_hash) != org
 
     def resume_revalidation(
         self, *, progress: Callable[[int], None] | None = None
@@ -517,8 +550,10 @@ class Engine:
         with tempfile.TemporaryDirectory(prefix="agov-dry-run-") as tmp:
             built = policy.build(find_opa(), self.workspace.policies, Path(tmp), self.workspace.keys)
             report = self._dry_run_on(built.content, built.policy_hash)
+        changed = active is None or built.policy_hash != active.hash
         return {
-            "changed": active is None or built.policy_hash != active.hash,
+            "changed": changed,
+            "org_changed": not changed and active is not None and self._org_changed(active.hash),
             "dry_run": True,
             "policy_hash": built.policy_hash,
             "previous_hash": active.hash if active else None,

@@ -6,6 +6,9 @@ expired, is invalidated instead (only a promotion issues a first proof or a late
 Failing agents are invalidated with their reasons; invalidated agents that pass again are
 restored. Each chunk commits in one transaction together with the run's cursor, so a run killed
 at any point resumes without losing or duplicating a record.
+
+A run records the org limits it judges with (``org_digest``): when those in ``agov.yaml`` change,
+a reload re-judges every agent under the same policy hash (see ``Engine.reload_policy``).
 """
 
 from __future__ import annotations
@@ -233,6 +236,30 @@ def _in_background(fn: Callable[..., _Judged], *args: Any) -> Future[_Judged]:
     return future
 
 
+def org_digest(org_canonical: bytes) -> str:
+    """What a run records of the org limits it judges with: SHA-256 of their RFC 8785 form."""
+    return sha256_hex(org_canonical)
+
+
+def judged_org(store: Store, policy_hash: str) -> str | None:
+    """The org digest of the last finished run under ``policy_hash``: the org limits every
+    governed agent was last judged with (None when no run recorded one)."""
+    row = store.query_one(
+        "SELECT org_digest FROM revalidation_runs WHERE policy_hash = ? AND finished_at IS NOT NULL"
+        " ORDER BY id DESC",
+        (policy_hash,),
+    )
+    return None if row is None else row["org_digest"]
+
+
+def record_empty_run(tx: Tx, policy_hash: str, org_canonical: bytes, now: datetime) -> None:
+    """A finished run over no agent: what a new workspace's first policy and org limits judged."""
+    tx.execute(
+        "INSERT INTO revalidation_runs (policy_hash, started_at, finished_at, org_digest) VALUES (?, ?, ?, ?)",
+        (policy_hash, iso(now), iso(now), org_digest(org_canonical)),
+    )
+
+
 def unfinished_run(store: Store, policy_hash: str) -> bool:
     return (
         store.query_one(
@@ -243,20 +270,45 @@ def unfinished_run(store: Store, policy_hash: str) -> bool:
 
 
 def _open_run(
-    store: Store, policy_hash: str, previous_hash: str | None, now: datetime
+    store: Store, policy_hash: str, previous_hash: str | None, org: str, now: datetime
 ) -> tuple[int, str, bool]:
-    row = store.query_one(
-        "SELECT id, cursor FROM revalidation_runs WHERE policy_hash = ? AND finished_at IS NULL ORDER BY id DESC",
-        (policy_hash,),
-    )
-    if row is not None:  # opened by the activation, or interrupted: resumed if it got anywhere
-        return int(row["id"]), str(row["cursor"]), bool(row["cursor"])
+    """The run to work on: the unfinished one (opened by the activation, or interrupted), or a
+    new one. An unfinished run that judged with other org limits starts again from the first
+    agent, so no agent stays judged by the old limits."""
     with store.transaction() as tx:
-        cur = tx.execute(
-            "INSERT INTO revalidation_runs (policy_hash, previous_hash, started_at) VALUES (?, ?, ?)",
-            (policy_hash, previous_hash, iso(now)),
+        row = tx.execute(
+            "SELECT id, cursor, org_digest FROM revalidation_runs WHERE policy_hash = ? AND finished_at IS NULL"
+            " ORDER BY id DESC",
+            (policy_hash,),
+        ).fetchone()
+        if row is None:
+            cur = tx.execute(
+                "INSERT INTO revalidation_runs (policy_hash, previous_hash, started_at, org_digest)"
+                " VALUES (?, ?, ?, ?)",
+                (policy_hash, previous_hash, iso(now), org),
+            )
+            return int(cur.lastrowid or 0), "", False
+        run_id, cursor, digest = int(row[0]), str(row[1]), row[2]
+        if digest == org:
+            return run_id, cursor, bool(cursor)  # resumed if it got anywhere
+        tx.execute(
+            "UPDATE revalidation_runs SET org_digest = ?, cursor = '', total = 0, valid = 0, restricted = 0,"
+            " invalidated = 0, restored = 0, newly_invalidated = 0 WHERE id = ?",
+            (org, run_id),
         )
-        return int(cur.lastrowid or 0), "", False
+        if cursor:
+            tx.audit(
+                Code.POLICY_REVALIDATION,
+                actor=REVALIDATION_ACTOR,
+                policy_hash=policy_hash,
+                now=now,
+                payload={
+                    "run_id": run_id,
+                    "stopped": "the org limits in agov.yaml changed during the run",
+                    "restarts_from_the_first_agent": True,
+                },
+            )
+        return run_id, "", False
 
 
 def revalidate(
@@ -279,11 +331,14 @@ def revalidate(
         KeyMaterialError: no active signing key (nothing is changed then).
     """
     report = RevalidationReport(policy_hash=policy_hash, dry_run=dry_run)
+    org_canonical = canonical_json(asdict(config.org))
     cursor = ""
     signer: ProofSigner | None = None
     if not dry_run:
         signer = signer_loader()
-        report.run_id, cursor, report.resumed = _open_run(store, policy_hash, previous_hash, now_fn())
+        report.run_id, cursor, report.resumed = _open_run(
+            store, policy_hash, previous_hash, org_digest(org_canonical), now_fn()
+        )
         if report.resumed:
             saved = store.query_one("SELECT * FROM revalidation_runs WHERE id = ?", (report.run_id,))
             assert saved is not None
@@ -291,7 +346,6 @@ def revalidate(
                 setattr(report, name, int(saved[name]))
     size = config.limits.revalidation_chunk_size
     timeout_s = config.limits.revalidation_timeout_s
-    org_canonical = canonical_json(asdict(config.org))
     # On any error the run stops at once: the queries still in flight are left to their deadline.
     chunks = _judged_chunks(store, evaluator, cursor, size, org_canonical, policy_hash, now_fn, timeout_s)
     for rows, (verdicts, decision_id, now) in chunks:
@@ -386,7 +440,7 @@ def _apply(
     """Sign, transition and commit one chunk, with the run's cursor, in one transaction."""
     stamp = iso(now)
     with store.transaction() as tx:
-        _still_current(tx, report.run_id, policy_hash, signer.keyid, now)
+        _still_current(tx, report.run_id, policy_hash, org_digest(org_canonical), signer.keyid, now)
         # Agents another writer changed since the chunk was read are skipped: that write (an
         # update, or a promotion under this same policy) judged them itself. Under BEGIN
         # IMMEDIATE nothing changes them now.
@@ -490,7 +544,7 @@ def _restart(store: Store, run_id: int, policy_hash: str, cause: KeyMaterialErro
         )
 
 
-def _still_current(tx: Tx, run_id: int | None, policy_hash: str, keyid: str, now: datetime) -> None:
+def _still_current(tx: Tx, run_id: int | None, policy_hash: str, org: str, keyid: str, now: datetime) -> None:
     """Stop a run whose policy is no longer active (another process activated one, and closed
     this run): its proofs would be bound to a policy that no longer decides anything, and they
     could overwrite what the new policy's own run already judged. Stop it too when its signing
@@ -498,7 +552,8 @@ def _still_current(tx: Tx, run_id: int | None, policy_hash: str, keyid: str, now
     every proof it signs from then on.
 
     Raises:
-        ConflictError: the active policy changed, or the run was closed, during the run.
+        ConflictError: the active policy changed, or the run was closed, or restarted by another
+            process judging with other org limits, during the run.
         KeyMaterialError: the signing key may no longer sign.
     """
     key = tx.execute("SELECT revoked_at, not_after FROM signing_keys WHERE keyid = ?", (keyid,)).fetchone()
@@ -508,11 +563,13 @@ def _still_current(tx: Tx, run_id: int | None, policy_hash: str, keyid: str, now
             hint="run `agov keys generate` if no other key is active, then `agov revalidate`",
         )
     active = tx.execute("SELECT hash FROM policy_versions WHERE active = 1").fetchone()
-    run = tx.execute("SELECT finished_at FROM revalidation_runs WHERE id = ?", (run_id,)).fetchone()
-    if active is None or active[0] != policy_hash or run is None or run[0] is not None:
+    run = tx.execute(
+        "SELECT finished_at, org_digest FROM revalidation_runs WHERE id = ?", (run_id,)
+    ).fetchone()
+    if active is None or active[0] != policy_hash or run is None or run[0] is not None or run[1] != org:
         raise ConflictError(
             f"the revalidation under {policy_hash[:12]} was stopped: another process activated a policy,"
-            " or closed this run, while it ran",
+            " closed this run, or restarted it with other org limits, while it ran",
             hint="the run of the policy now active judges every agent; `agov revalidate` finishes it",
         )
 

@@ -108,3 +108,26 @@ def test_a_moved_workspace_keeps_working(tmp_path: Path, opa_bin: Path) -> None:
 
     assert result.code == 0, str(result)
     assert result.json["code"] == "ADMISSION_ALLOW"
+
+
+def test_reload_after_an_org_limit_change_judges_every_agent_again(fresh_ws: Path) -> None:
+    ok("agent", "create", "--template", "research-analyst", "--id", "spender", home=fresh_ws)
+    ok("promote", "spender", "--role", "agent_admin", home=fresh_ws)
+    budget = query(fresh_ws, "SELECT spec FROM agent_versions WHERE agent_id = 'spender'")[0][0]
+    spent = json.loads(budget)["spec"]["economics"]["monthly_budget_usd"]
+    config = fresh_ws / "agov.yaml"
+    config.write_text(
+        config.read_text().replace("max_monthly_budget_usd: 1000.0", f"max_monthly_budget_usd: {spent / 2}")
+    )
+
+    result = agov("policy", "reload", home=fresh_ws, as_json=False)
+
+    assert result.code == 0, str(result)
+    assert "but the org limits in agov.yaml changed: judged every governed agent again" in result.out, (
+        result.out
+    )
+    assert "invalidated 1 (1 new)" in result.out, result.out
+    denied = agov("admit", "spender", home=fresh_ws)
+    assert (denied.code, denied.json["code"]) == (1, "ADMISSION_DENY_INVALIDATED")
+    again = agov("policy", "reload", home=fresh_ws, as_json=False)
+    assert re.fullmatch(r"policy unchanged \([0-9a-f]{12}\)\n", again.out), again.out

@@ -71,7 +71,7 @@ def set_analysis_limit(limit: float) -> Callable[[dict[str, Any]], None]:
 
 
 def edit_config(home: Path, mutate: Callable[[dict[str, Any]], None]) -> None:
-    """Edit ``agov.yaml`` (read when an engine is opened)."""
+    """Edit ``agov.yaml`` (its org limits are read whenever an engine judges)."""
     path = home / "agov.yaml"
     raw = yaml.safe_load(path.read_text())
     mutate(raw)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from _reload_support import ACTOR, agent_doc, create_governed, edit_data, set_analysis_limit
 
-from agov import keyring, policy
+from agov import keyring, policy, revalidation
 from agov.config import Config, Limits
 from agov.decisions import Code, Status
 from agov.engine import Engine
@@ -93,7 +93,7 @@ def _reload_to_p2_and(engine: Engine, home: Path, after_first_chunk: Callable[[s
             after_first_chunk(p1, engine.active_policy().hash)
 
     edit_data(home, set_analysis_limit(0.4))
-    with pytest.raises(ConflictError, match="another process activated a policy, or closed this run"):
+    with pytest.raises(ConflictError, match="another process activated a policy, closed this run"):
         engine.reload_policy(actor=ACTOR, reason="P2", progress=once)
 
     assert before["agents"], "setup: the first chunk was committed"
@@ -117,6 +117,22 @@ def test_a_run_whose_policy_was_replaced_stops_before_its_next_chunk(engine: Eng
         "SELECT finished_at, cursor FROM revalidation_runs WHERE policy_hash != ? ORDER BY id DESC", (p1,)
     )
     assert run["finished_at"] is not None and run["cursor"] == HOT, "closed by the rollback, not finished"
+
+
+def test_a_run_another_process_restarted_with_other_org_limits_stops_before_its_next_chunk(
+    engine: Engine, home: Path
+) -> None:
+    def restart_with_other_limits(p1: str, p2: str) -> None:
+        # what another process's reload does after agov.yaml's org limits changed
+        with Engine.open(home) as other:
+            revalidation._open_run(
+                other.store, p2, p1, revalidation.org_digest(b'{"other":1}'), other.clock()
+            )
+
+    _reload_to_p2_and(engine, home, restart_with_other_limits)
+
+    run = engine.store.query_one("SELECT finished_at, cursor FROM revalidation_runs ORDER BY id DESC")
+    assert (run["finished_at"], run["cursor"]) == (None, ""), "left to the process that restarted it"
 
 
 def test_a_long_lived_engine_follows_a_reload_made_by_another_process(engine: Engine, home: Path) -> None:

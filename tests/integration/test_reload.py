@@ -247,7 +247,7 @@ def test_revalidation_invalidates_restricts_and_binds_proofs_to_the_new_hash(hom
             create_governed(eng, agent_id, **knobs)
         old = eng.active_policy().hash
     assert statuses(home) == BEFORE
-    # org limits are configuration (agov.yaml), read when the engine opens
+    # org limits are configuration (agov.yaml), read when an engine judges
     edit_config(home, lambda raw: raw["org"].update(max_monthly_budget_usd=350))
     edit_data(home, set_analysis_limit(0.4))
 
@@ -392,7 +392,9 @@ def test_reloading_an_unchanged_tree_changes_nothing(engine: Engine, home: Path)
     )  # tests are not part of the bundle
     second = engine.reload_policy(actor=ACTOR, reason="saved again")
 
-    assert first == second == {"changed": False, "policy_hash": old, "revalidation": None}
+    assert (
+        first == second == {"changed": False, "org_changed": False, "policy_hash": old, "revalidation": None}
+    )
     assert snapshot(home) == before
     assert engine.evaluator().revision() == old
     assert metric(engine, SUCCESS) == metric(engine, FAILURE) == 0

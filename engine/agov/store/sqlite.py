@@ -24,7 +24,7 @@ from typing import Any
 from agov.errors import StoreError
 from agov.hashing import canonical_json, sha256_hex
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 GENESIS_HASH = "0" * 64
 
 # Each entry migrates from version i to i + 1; the list only ever grows.
@@ -117,6 +117,10 @@ _MIGRATIONS: list[str] = [
         prev_hash TEXT NOT NULL,
         hash TEXT NOT NULL
     );
+    """,
+    # the org limits (agov.yaml) a run judges with: a change of them re-judges every agent
+    """
+    ALTER TABLE revalidation_runs ADD COLUMN org_digest TEXT;
     """,
 ]
 

@@ -1,0 +1,150 @@
+"""The org limits in agov.yaml judge agents too, though they are not part of the policy hash: a
+change of them alone makes the next reload judge every governed agent again, under the same
+hash, with the limits in force. A run interrupted under other limits starts again from the
+first agent. Before, an agent over a lowered budget stayed governed until the next policy change.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _reload_support import ACTOR, create_governed, edit_config, edit_data, set_analysis_limit, snapshot
+
+from agov import revalidation
+from agov.config import Config, Limits
+from agov.decisions import Code
+from agov.engine import Engine
+from agov.errors import EngineUnavailableError
+
+# chunks of one, in id order
+CAST = {"a-small": 100, "b-spender": 300, "c-hot": 100}  # monthly budgets; c-hot runs at 0.5
+
+
+@pytest.fixture
+def engine(tmp_path: Path, opa_bin: Path) -> Iterator[Engine]:
+    with Engine.init(tmp_path / "ws", Config(limits=Limits(revalidation_chunk_size=1)), actor=ACTOR) as eng:
+        for agent_id, budget in CAST.items():
+            create_governed(eng, agent_id, temperature=0.5 if agent_id == "c-hot" else 0.3, budget=budget)
+        yield eng
+
+
+def _statuses(engine: Engine) -> dict[str, str]:
+    return {a.id: a.status.value for a in engine.list_agents()}
+
+
+def _set_org_budget(engine: Engine, budget: float) -> None:
+    edit_config(engine.workspace.home, lambda raw: raw["org"].update(max_monthly_budget_usd=budget))
+
+
+def test_lowering_the_org_budget_alone_rejudges_every_agent_at_the_next_reload(engine: Engine) -> None:
+    policy_hash = engine.active_policy().hash
+    _set_org_budget(engine, 250)  # b-spender's 300 is now over it
+
+    # this engine was opened before the edit: it judges with the limits agov.yaml holds now
+    result = engine.reload_policy(actor=ACTOR, reason="org budget lowered")
+
+    assert (result["changed"], result["org_changed"], result["policy_hash"]) == (False, True, policy_hash)
+    assert {k: result["revalidation"][k] for k in ("total", "valid", "newly_invalidated")} == {
+        "total": 3,
+        "valid": 2,
+        "newly_invalidated": 1,
+    }
+    assert _statuses(engine) == {
+        "a-small": "GOVERNED_VALID",
+        "b-spender": "GOVERNED_INVALIDATED",
+        "c-hot": "GOVERNED_VALID",
+    }
+    assert [r["code"] for r in engine.get_agent("b-spender").reasons] == [
+        "PROMOTION_DENY_BUDGET_EXCEEDS_LIMIT"
+    ]
+    assert engine.admit("b-spender").code == "ADMISSION_DENY_INVALIDATED"
+    assert engine.admit("a-small").allow, "re-signed under the same policy hash"
+
+    # judged once: the next reload, with nothing changed, changes nothing
+    before = snapshot(engine.workspace.home)
+    again = engine.reload_policy(actor=ACTOR, reason="nothing changed")
+    assert (again["org_changed"], again["revalidation"]) == (False, None)
+    assert snapshot(engine.workspace.home) == before
+
+    # raising it again restores the agent
+    _set_org_budget(engine, 1000)
+    restored = engine.reload_policy(actor=ACTOR, reason="org budget raised")
+    assert restored["org_changed"] is True and restored["revalidation"]["restored"] == 1
+    assert engine.admit("b-spender").allow
+
+
+def test_a_dry_run_shows_who_an_org_change_would_invalidate_and_changes_nothing(engine: Engine) -> None:
+    _set_org_budget(engine, 250)
+    before = snapshot(engine.workspace.home)
+
+    result = engine.reload_policy(actor=ACTOR, reason="what if", dry_run=True)
+
+    assert (result["changed"], result["org_changed"]) == (False, True)
+    assert [c["agent_id"] for c in result["revalidation"]["changes"]] == ["b-spender"]
+    assert snapshot(engine.workspace.home) == before
+
+
+def test_a_run_interrupted_under_other_org_limits_starts_again_from_the_first_agent(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    judge = revalidation._verdicts
+
+    def third_chunk_fails(evaluator: Any, rows: list[Any], *args: Any) -> Any:
+        if rows[0].agent_id == "c-hot":
+            raise EngineUnavailableError("injected: OPA went away")
+        return judge(evaluator, rows, *args)
+
+    # a reload to P2 (analysis 0.4) judges a-small and b-spender under budget 1000, then stops
+    edit_data(engine.workspace.home, set_analysis_limit(0.4))
+    monkeypatch.setattr(revalidation, "_verdicts", third_chunk_fails)
+    with pytest.raises(EngineUnavailableError):
+        engine.reload_policy(actor=ACTOR, reason="P2, interrupted")
+    monkeypatch.setattr(revalidation, "_verdicts", judge)
+    run = engine.store.query_one("SELECT id, cursor FROM revalidation_runs WHERE finished_at IS NULL")
+    assert run is not None and run["cursor"] == "b-spender"
+    assert _statuses(engine)["b-spender"] == "GOVERNED_VALID", "judged under budget 1000"
+
+    _set_org_budget(engine, 250)
+    result = engine.reload_policy(actor=ACTOR, reason="finish P2, with the lower budget")
+
+    assert result["changed"] is False and result["revalidation"]["total"] == 3, "every agent, not the rest"
+    assert result["revalidation"]["resumed"] is False
+    assert _statuses(engine) == {
+        "a-small": "GOVERNED_VALID",
+        "b-spender": "GOVERNED_INVALIDATED",  # before the cursor: judged again, with 250
+        "c-hot": "GOVERNED_INVALIDATED",
+    }
+    restarted = engine.store.query_one(
+        "SELECT payload FROM audit_events WHERE type = ? AND payload LIKE '%org limits%'",
+        (Code.POLICY_REVALIDATION,),
+    )
+    assert restarted is not None
+    assert json.loads(restarted["payload"]) == {
+        "run_id": run["id"],
+        "stopped": "the org limits in agov.yaml changed during the run",
+        "restarts_from_the_first_agent": True,
+    }
+    assert engine.reload_policy(actor=ACTOR, reason="done")["org_changed"] is False
+
+
+def test_a_store_from_before_org_digests_is_migrated_and_judged_once(engine: Engine) -> None:
+    home = engine.workspace.home
+    engine.close()
+    conn = sqlite3.connect(home / "agov.db")
+    with conn:  # back to schema 1, as agov before this change left it
+        conn.execute("ALTER TABLE revalidation_runs DROP COLUMN org_digest")
+        conn.execute("PRAGMA user_version = 1")
+    conn.close()
+
+    with Engine.open(home) as upgraded:
+        assert upgraded.store.schema_version() == 2
+        # no run recorded the limits the agents were judged with: judged again, once
+        first = upgraded.reload_policy(actor=ACTOR, reason="after the upgrade")
+        assert first["org_changed"] is True and first["revalidation"]["total"] == 3
+        assert upgraded.reload_policy(actor=ACTOR, reason="again")["org_changed"] is False
+        assert all(upgraded.admit(agent_id).allow for agent_id in ("a-small", "b-spender"))
