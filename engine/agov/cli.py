@@ -810,11 +810,14 @@ def serve(ctx: Ctx, watch: bool, metrics_port: int, metrics_addr: str) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with _engine(ctx) as engine:
         engine.evaluator()
-        resumed = engine.resume_revalidation()
-        if resumed is not None:
-            click.echo(
-                "finished an interrupted revalidation: " + _revalidation_text(resumed.as_dict()), err=True
+        caught_up = engine.catch_up(actor=ctx.actor, reason="serve: start")
+        if caught_up["revalidation"] is not None:
+            why = (
+                "org limits in agov.yaml changed"
+                if caught_up["org_changed"]
+                else "finished an interrupted run"
             )
+            click.echo(f"{why}: " + _revalidation_text(caught_up["revalidation"]), err=True)
         server, _thread = start_http_server(metrics_port, addr=metrics_addr, registry=engine.metrics.registry)
         click.echo(
             f"serving: policy {engine.active_policy().hash[:12]}, metrics on "
@@ -830,7 +833,7 @@ def serve(ctx: Ctx, watch: bool, metrics_port: int, metrics_addr: str) -> None:
                 except AgovError as exc:
                     click.echo(f"reload refused: {exc.diagnostics()}", err=True)
                     return
-                if result["changed"]:
+                if result["revalidation"] is not None:  # a new policy, changed org limits, or a resumed run
                     click.echo(_revalidation_text(result["revalidation"]), err=True)
 
         watcher = PolicyWatcher(engine.workspace.policies, reload) if watch else None

@@ -24,7 +24,7 @@ from typing import Any, TypeVar, cast
 from agov import admission, audit, keyring, keys, policy, promotion, registry, revalidation
 from agov.config import Config, load_config
 from agov.decisions import AdmissionDecision, Code
-from agov.errors import AgovError, KeyMaterialError, PolicyError, UsageError
+from agov.errors import AgovError, KeyMaterialError, PolicyError, UsageError, WorkspaceError
 from agov.hashing import canonical_json
 from agov.observability import Metrics, log_decision
 from agov.opa.binary import find_opa
@@ -158,7 +158,10 @@ class Engine:
         Raises:
             WorkspaceError: agov.yaml cannot be read now.
         """
-        return dataclasses.replace(self.config, org=load_config(self.workspace.home / CONFIG_FILE).org)
+        path = self.workspace.home / CONFIG_FILE
+        if not path.is_file():  # load_config would give the default limits: never judge with those
+            raise WorkspaceError(f"{path} is gone: the org limits cannot be read", hint="restore it")
+        return dataclasses.replace(self.config, org=load_config(path).org)
 
     def _evaluator_config(self) -> EvaluatorConfig:
         return EvaluatorConfig(timeout_s=self.config.limits.opa_timeout_s)
@@ -310,7 +313,7 @@ class Engine:
 
         result = promotion.promote(
             self.store,
-            self._judging_config(),
+            self._judging_config,
             agent,
             evaluator,
             lambda: keyring.active_signer(self.store, self.workspace.keys, self.clock()),
@@ -482,14 +485,15 @@ class Engine:
             self._refuse_reload(exc, actor=actor, reason=reason, active=active)
             raise
         if active is not None and built.policy_hash == active.hash:
-            return self._unchanged(active, progress)
+            return self.catch_up(actor=actor, reason=reason, progress=progress)
         version = policy.record(self.store, built, actor=actor, reason=reason)
         try:
             report = self._switch(
                 version, event=Code.POLICY_HOTRELOAD, actor=actor, reason=reason, progress=progress
             )
-        except (PolicyError, KeyMaterialError) as exc:  # refused by OPA, or no key to re-sign with:
-            self._refuse_reload(exc, actor=actor, reason=reason, active=active)  # the old one stays
+        # refused by OPA, no key to re-sign with, or no org limits to judge with: the old one stays
+        except (PolicyError, KeyMaterialError, WorkspaceError) as exc:
+            self._refuse_reload(exc, actor=actor, reason=reason, active=active)
             raise
         self.metrics.reload_success.inc()
         return {
@@ -499,14 +503,38 @@ class Engine:
             "revalidation": report.as_dict(),
         }
 
-    def _unchanged(self, active: PolicyVersion, progress: Callable[[int], None] | None) -> dict[str, Any]:
-        # A reload killed midway leaves its revalidation unfinished: finish it now (with the org
-        # limits agov.yaml holds now).
+    def catch_up(
+        self, *, actor: str, reason: str, progress: Callable[[int], None] | None = None
+    ) -> dict[str, Any]:
+        """Bring every governed agent's judgement up to date under the active policy: finish an
+        interrupted run, then, when the org limits in agov.yaml differ from those the last run
+        judged with, judge every agent again (the limits judge agents too, but are not part of the
+        policy hash). A reload of an unchanged tree does this, and ``serve`` at start.
+
+        Raises:
+            PolicyError: there is no active policy.
+            WorkspaceError: agov.yaml cannot be read (nothing is changed then).
+        """
+        active = policy.require_active(self.store)
         report = self.resume_revalidation(progress=progress)
-        # The org limits are part of what judges an agent, though not of the policy hash: when
-        # agov.yaml's differ from those the last run judged with, every agent is judged again.
-        org_changed = self._org_changed(active.hash)
+        org = self._judging_config().org
+        digest = revalidation.org_digest(canonical_json(dataclasses.asdict(org)))
+        judged = revalidation.judged_org(self.store, active.hash)
+        org_changed = judged != digest
         if org_changed:
+            with self.store.transaction() as tx:
+                tx.audit(
+                    Code.ORG_LIMITS_CHANGED,
+                    actor=actor,
+                    policy_hash=active.hash,
+                    now=self.clock(),
+                    payload={
+                        "reason": reason,
+                        "previous_org_digest": judged,
+                        "org_digest": digest,
+                        "org": dataclasses.asdict(org),
+                    },
+                )
             report = self.revalidate(previous_hash=active.hash, progress=progress)
         return {
             "changed": False,
@@ -607,6 +635,7 @@ class Engine:
         # before anything changes: a switch whose revalidation cannot sign would leave every
         # agent bound to the old policy, so denied, until someone revalidates
         keyring.active_signer(self.store, self.workspace.keys, self.clock())
+        self._judging_config()  # and the org limits it judges with
         with self._switch_lock:  # no decision moves the sidecar back to the store's hash meanwhile
             if self._evaluator is not None and hasattr(self._evaluator, "activate"):
                 self._evaluator.activate(policy.bundle_bytes(self.workspace.bundles, version), version.hash)

@@ -193,7 +193,7 @@ def _reasons_json(reasons: tuple[Reason, ...]) -> str:
 
 def promote(
     store: Store,
-    config: Config,
+    config_loader: Callable[[], Config],
     agent: AgentRecord,
     evaluator_loader: Callable[[], Evaluator],
     signer_loader: Callable[[], ProofSigner],
@@ -203,7 +203,8 @@ def promote(
     policy_hash: str,
     now: datetime,
 ) -> PromotionResult:
-    """Evaluate and, on allow, govern the agent. Every error ends in a deny that is audited.
+    """Evaluate and, on allow, govern the agent. Every error ends in a deny that is audited,
+    also one reading the config (its org limits and proof lifetime) through ``config_loader``.
 
     Raises:
         UsageError: the version is already governed under this policy, or a concurrent
@@ -229,7 +230,9 @@ def promote(
             f"agent {agent.id!r} version {agent.version} is already {agent.status.value} under this policy",
             hint="update the agent to promote a new version",
         )
+    config: Config | None = None
     try:
+        config = config_loader()
         payload = promotion_input(agent, config, actor=actor, role=role, policy_hash=policy_hash, now=now)
         evaluation = evaluator_loader().evaluate(PROMOTION_PATH, payload, expected_revision=policy_hash)
         decision_id = evaluation.decision_id
@@ -243,7 +246,7 @@ def promote(
         verdict = PolicyVerdict(False, (Reason(PROMOTION_DENY_ENGINE_UNAVAILABLE, message),))
         signer = None
     fields: dict[str, Any] = {"agent_id": agent.id, "actor": actor, "policy_hash": policy_hash, "now": now}
-    if not verdict.allow or signer is None:
+    if not verdict.allow or signer is None or config is None:
         with store.transaction() as tx:
             tx.audit(Code.PROMOTION_ATTEMPT, payload={"role": role, "version": agent.version}, **fields)
             tx.audit(

@@ -297,16 +297,17 @@ def _open_run(
             (org, run_id),
         )
         if cursor:
+            why = (
+                "the org limits in agov.yaml changed during the run"
+                if digest is not None
+                else "the run recorded no org limits (begun by an agov from before they were recorded)"
+            )
             tx.audit(
                 Code.POLICY_REVALIDATION,
                 actor=REVALIDATION_ACTOR,
                 policy_hash=policy_hash,
                 now=now,
-                payload={
-                    "run_id": run_id,
-                    "stopped": "the org limits in agov.yaml changed during the run",
-                    "restarts_from_the_first_agent": True,
-                },
+                payload={"run_id": run_id, "stopped": why, "restarts_from_the_first_agent": True},
             )
         return run_id, "", False
 
@@ -363,26 +364,39 @@ def revalidate(
         if progress is not None:
             progress(len(rows))
     if not dry_run:
-        now = now_fn()
-        with store.transaction() as tx:
-            tx.execute("UPDATE revalidation_runs SET finished_at = ? WHERE id = ?", (iso(now), report.run_id))
-            tx.audit(
-                Code.POLICY_REVALIDATION,
-                actor=REVALIDATION_ACTOR,
-                policy_hash=policy_hash,
-                now=now,
-                payload={
-                    "run_id": report.run_id,
-                    "resumed": report.resumed,
-                    "total": report.total,
-                    "valid": report.valid,
-                    "restricted": report.restricted,
-                    "invalidated": report.invalidated,
-                    "newly_invalidated": report.newly_invalidated,
-                    "restored": report.restored,
-                },
-            )
+        assert signer is not None and report.run_id is not None
+        try:
+            _finish(store, report, signer, org_digest(org_canonical), policy_hash, now_fn())
+        except KeyMaterialError as exc:
+            _restart(store, report.run_id, policy_hash, exc, now_fn())
+            raise
     return report
+
+
+def _finish(
+    store: Store, report: RevalidationReport, signer: ProofSigner, org: str, policy_hash: str, now: datetime
+) -> None:
+    """Close the run, if it is still this process's to close: another process may have
+    restarted it (other org limits) or closed it (another policy) after its last chunk."""
+    with store.transaction() as tx:
+        _still_current(tx, report.run_id, policy_hash, org, signer.keyid, now)
+        tx.execute("UPDATE revalidation_runs SET finished_at = ? WHERE id = ?", (iso(now), report.run_id))
+        tx.audit(
+            Code.POLICY_REVALIDATION,
+            actor=REVALIDATION_ACTOR,
+            policy_hash=policy_hash,
+            now=now,
+            payload={
+                "run_id": report.run_id,
+                "resumed": report.resumed,
+                "total": report.total,
+                "valid": report.valid,
+                "restricted": report.restricted,
+                "invalidated": report.invalidated,
+                "newly_invalidated": report.newly_invalidated,
+                "restored": report.restored,
+            },
+        )
 
 
 def _tally(report: RevalidationReport, verdict: PolicyVerdict) -> None:

@@ -90,7 +90,7 @@ def test_promotion_racing_an_update_never_proves_the_new_version(engine: Engine)
     with pytest.raises(UsageError, match="changed while it was being promoted"):
         promotion.promote(
             engine.store,
-            engine.config,
+            lambda: engine.config,
             stale,
             engine.evaluator,
             lambda: keyring.active_signer(engine.store, engine.workspace.keys),

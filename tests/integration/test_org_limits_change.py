@@ -13,13 +13,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _reload_support import ACTOR, create_governed, edit_config, edit_data, set_analysis_limit, snapshot
+from _reload_support import (
+    ACTOR,
+    agent_doc,
+    create_governed,
+    edit_config,
+    edit_data,
+    set_analysis_limit,
+    snapshot,
+)
 
 from agov import revalidation
 from agov.config import Config, Limits
 from agov.decisions import Code
 from agov.engine import Engine
-from agov.errors import EngineUnavailableError
+from agov.errors import ConflictError, EngineUnavailableError, WorkspaceError
+from agov.registry import CreationMode
 
 # chunks of one, in id order
 CAST = {"a-small": 100, "b-spender": 300, "c-hot": 100}  # monthly budgets; c-hot runs at 0.5
@@ -64,6 +73,13 @@ def test_lowering_the_org_budget_alone_rejudges_every_agent_at_the_next_reload(e
     ]
     assert engine.admit("b-spender").code == "ADMISSION_DENY_INVALIDATED"
     assert engine.admit("a-small").allow, "re-signed under the same policy hash"
+    changed = engine.store.query_one(
+        "SELECT actor, policy_hash, payload FROM audit_events WHERE type = ?", (Code.ORG_LIMITS_CHANGED,)
+    )
+    assert (changed["actor"], changed["policy_hash"]) == (ACTOR, policy_hash)
+    payload = json.loads(changed["payload"])
+    assert payload["reason"] == "org budget lowered" and payload["org"] == {"max_monthly_budget_usd": 250}
+    assert payload["previous_org_digest"] != payload["org_digest"]
 
     # judged once: the next reload, with nothing changed, changes nothing
     before = snapshot(engine.workspace.home)
@@ -110,10 +126,10 @@ def test_a_run_interrupted_under_other_org_limits_starts_again_from_the_first_ag
     assert _statuses(engine)["b-spender"] == "GOVERNED_VALID", "judged under budget 1000"
 
     _set_org_budget(engine, 250)
-    result = engine.reload_policy(actor=ACTOR, reason="finish P2, with the lower budget")
+    # resuming alone (no later full run to hide a resume from the cursor)
+    report = engine.resume_revalidation()
 
-    assert result["changed"] is False and result["revalidation"]["total"] == 3, "every agent, not the rest"
-    assert result["revalidation"]["resumed"] is False
+    assert report is not None and (report.total, report.resumed) == (3, False), "every agent, not the rest"
     assert _statuses(engine) == {
         "a-small": "GOVERNED_VALID",
         "b-spender": "GOVERNED_INVALIDATED",  # before the cursor: judged again, with 250
@@ -148,3 +164,64 @@ def test_a_store_from_before_org_digests_is_migrated_and_judged_once(engine: Eng
         assert first["org_changed"] is True and first["revalidation"]["total"] == 3
         assert upgraded.reload_policy(actor=ACTOR, reason="again")["org_changed"] is False
         assert all(upgraded.admit(agent_id).allow for agent_id in ("a-small", "b-spender"))
+
+
+def test_a_run_restarted_by_another_process_after_its_last_chunk_is_not_closed_as_finished(
+    engine: Engine,
+) -> None:
+    """Closing the run checks it is still this process's: else the run would be recorded as
+    having judged everyone with the other process's limits, and no later reload would."""
+    judged: list[int] = []
+    policy_hash = engine.active_policy().hash
+
+    def after_each_chunk(done: int) -> None:
+        judged.append(done)
+        if len(judged) == len(CAST):  # the last chunk is committed; another process restarts the run
+            with Engine.open(engine.workspace.home) as other:
+                revalidation._open_run(
+                    other.store, policy_hash, None, revalidation.org_digest(b"{}"), other.clock()
+                )
+
+    with pytest.raises(ConflictError, match="restarted it with other org limits"):
+        engine.revalidate(progress=after_each_chunk)
+
+    run = engine.store.query_one(
+        "SELECT finished_at, cursor, org_digest FROM revalidation_runs ORDER BY id DESC"
+    )
+    assert (run["finished_at"], run["cursor"]) == (None, ""), "left to the process that restarted it"
+    assert run["org_digest"] == revalidation.org_digest(b"{}")
+
+
+def test_an_unreadable_agov_yaml_denies_a_promotion_and_refuses_a_reload_before_anything_changes(
+    engine: Engine,
+) -> None:
+    home = engine.workspace.home
+    engine.create_agent(agent_doc("d-new"), mode=CreationMode.IMPORT, source="x", actor=ACTOR)
+    edit_data(home, set_analysis_limit(0.4))
+    config = (home / "agov.yaml").read_text()
+    for broken in ("org: [not, a, mapping]\n", None):  # unparseable, then gone
+        if broken is None:
+            (home / "agov.yaml").unlink()
+        else:
+            (home / "agov.yaml").write_text(config + broken)
+        before = snapshot(home)
+        active = engine.active_policy().hash
+
+        result = engine.promote("d-new", actor=ACTOR, role="agent_admin")
+        assert not result.allow and [r.code for r in result.deny] == ["PROMOTION_DENY_ENGINE_UNAVAILABLE"]
+        assert "agov.yaml" in result.deny[0].message
+        with pytest.raises(WorkspaceError, match=r"agov\.yaml"):
+            engine.reload_policy(actor=ACTOR, reason="P2 without org limits")
+
+        assert engine.active_policy().hash == active, "the policy was not switched"
+        after = snapshot(home)
+        # the audit log grows, and the candidate is recorded as built (as `policy build` does)
+        kept = ("agents", "agent_versions", "agent_proofs", "revalidation_runs", "signing_keys")
+        assert {t: after[t] for t in kept} == {t: before[t] for t in kept}
+        assert engine.store.query("SELECT hash FROM policy_versions WHERE active = 1")[0][0] == active
+        types = [e[0] for e in engine.store.query("SELECT type FROM audit_events ORDER BY seq DESC LIMIT 4")]
+        assert types[0] == "POLICY_RELOAD_REFUSED", types
+        assert types[-2:] == ["PROMOTION_DENIED", "PROMOTION_ATTEMPT"] or types[1:3] == [
+            "PROMOTION_DENIED",
+            "PROMOTION_ATTEMPT",
+        ], types
