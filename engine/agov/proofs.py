@@ -413,7 +413,12 @@ def _parse_time(name: str, value: Any) -> datetime:
 
 def statement(claims: ProofClaims) -> dict[str, Any]:
     """The in-toto Statement v1 that a proof's envelope carries for ``claims``."""
-    return _statement(
+    return _statement(*_statement_values(claims))
+
+
+def _statement_values(claims: ProofClaims) -> tuple[str, str, str, str, str, str, str, str, str, str | None]:
+    """The arguments of :func:`_statement` for ``claims``, in its order."""
+    return (
         claims.subject_name,
         claims.spec_hash,
         claims.policy_hash,
@@ -507,18 +512,7 @@ _ENVELOPE = _Template(
 def _statement_bytes(claims: ProofClaims) -> bytes:
     """``canonical_json(statement(claims))``, from the template."""
     try:
-        return _STATEMENT.render(
-            claims.subject_name,
-            claims.spec_hash,
-            claims.policy_hash,
-            claims.decision_id,
-            claims.input_digest,
-            claims.actor,
-            claims.role,
-            claims.governance_status,
-            _format_time(claims.issued_at),
-            None if claims.expires_at is None else _format_time(claims.expires_at),
-        )
+        return _STATEMENT.render(*_statement_values(claims))
     except orjson.JSONEncodeError:
         return canonical_json(statement(claims))  # the reference encoder names the problem
 

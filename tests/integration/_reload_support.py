@@ -138,3 +138,28 @@ def metric(engine: Engine, name: str) -> float:
 class KnownBug(AssertionError):
     """Raised only by the assertion that shows a known bug, so that ``xfail(raises=KnownBug)``
     does not also swallow a broken precondition of the same test."""
+
+
+def reload_interrupted_at(engine: Engine, agent_id: str, monkeypatch: Any) -> None:
+    """Reload to P2 (analysis limit 0.4); OPA fails on the chunk that starts with ``agent_id``,
+    so the chunks before it are committed and the run is left unfinished."""
+    from agov import revalidation
+    from agov.errors import EngineUnavailableError
+
+    judge = revalidation._verdicts
+
+    def chunk_fails(evaluator: Any, rows: list[Any], *args: Any) -> Any:
+        if rows[0].agent_id == agent_id:
+            raise EngineUnavailableError("injected: OPA went away")
+        return judge(evaluator, rows, *args)
+
+    edit_data(engine.workspace.home, set_analysis_limit(0.4))
+    monkeypatch.setattr(revalidation, "_verdicts", chunk_fails)
+    try:
+        engine.reload_policy(actor=ACTOR, reason="P2, interrupted")
+    except EngineUnavailableError:
+        pass
+    else:
+        raise AssertionError(f"setup: the reload was not interrupted at {agent_id}")
+    finally:
+        monkeypatch.setattr(revalidation, "_verdicts", judge)

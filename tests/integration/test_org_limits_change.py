@@ -10,7 +10,6 @@ import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from _reload_support import (
@@ -19,6 +18,7 @@ from _reload_support import (
     create_governed,
     edit_config,
     edit_data,
+    reload_interrupted_at,
     set_analysis_limit,
     snapshot,
 )
@@ -27,7 +27,7 @@ from agov import revalidation
 from agov.config import Config, Limits
 from agov.decisions import Code
 from agov.engine import Engine
-from agov.errors import ConflictError, EngineUnavailableError, WorkspaceError
+from agov.errors import ConflictError, WorkspaceError
 from agov.registry import CreationMode
 
 # chunks of one, in id order
@@ -108,19 +108,8 @@ def test_a_dry_run_shows_who_an_org_change_would_invalidate_and_changes_nothing(
 def test_a_run_interrupted_under_other_org_limits_starts_again_from_the_first_agent(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    judge = revalidation._verdicts
-
-    def third_chunk_fails(evaluator: Any, rows: list[Any], *args: Any) -> Any:
-        if rows[0].agent_id == "c-hot":
-            raise EngineUnavailableError("injected: OPA went away")
-        return judge(evaluator, rows, *args)
-
     # a reload to P2 (analysis 0.4) judges a-small and b-spender under budget 1000, then stops
-    edit_data(engine.workspace.home, set_analysis_limit(0.4))
-    monkeypatch.setattr(revalidation, "_verdicts", third_chunk_fails)
-    with pytest.raises(EngineUnavailableError):
-        engine.reload_policy(actor=ACTOR, reason="P2, interrupted")
-    monkeypatch.setattr(revalidation, "_verdicts", judge)
+    reload_interrupted_at(engine, "c-hot", monkeypatch)
     run = engine.store.query_one("SELECT id, cursor FROM revalidation_runs WHERE finished_at IS NULL")
     assert run is not None and run["cursor"] == "b-spender"
     assert _statuses(engine)["b-spender"] == "GOVERNED_VALID", "judged under budget 1000"

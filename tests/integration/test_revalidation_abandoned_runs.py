@@ -14,13 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _reload_support import ACTOR, create_governed, edit_data, set_analysis_limit
+from _reload_support import ACTOR, create_governed, reload_interrupted_at
 
-from agov import revalidation
 from agov.config import Config, Limits
 from agov.decisions import Status
 from agov.engine import Engine
-from agov.errors import EngineUnavailableError
 
 HOT, COOL = "a-hot", "b-cool"  # chunks of one, in id order: HOT's chunk first
 
@@ -46,18 +44,7 @@ def _runs(engine: Engine) -> list[Any]:
 
 def _reload_p2_interrupted_after_its_first_chunk(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     """Reload to P2 (analysis limit 0.4); OPA fails on the second chunk, so HOT's is committed."""
-    judge = revalidation._verdicts
-
-    def second_chunk_fails(evaluator: Any, rows: list[Any], *args: Any) -> Any:
-        if rows[0].agent_id == COOL:
-            raise EngineUnavailableError("injected: OPA went away")
-        return judge(evaluator, rows, *args)
-
-    edit_data(engine.workspace.home, set_analysis_limit(0.4))
-    monkeypatch.setattr(revalidation, "_verdicts", second_chunk_fails)
-    with pytest.raises(EngineUnavailableError):
-        engine.reload_policy(actor=ACTOR, reason="P2, interrupted")
-    monkeypatch.setattr(revalidation, "_verdicts", judge)
+    reload_interrupted_at(engine, COOL, monkeypatch)
 
 
 def test_a_run_interrupted_before_a_rollback_is_not_resumed_later(
