@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import Any, TypeVar, cast
 
 from agov import admission, audit, keyring, keys, policy, promotion, registry, revalidation
-from agov.config import Config, load_config
+from agov.config import Config, OrgLimits, load_config
 from agov.decisions import AdmissionDecision, Code
 from agov.errors import AgovError, KeyMaterialError, PolicyError, UsageError, WorkspaceError
 from agov.hashing import canonical_json
@@ -517,9 +517,7 @@ class Engine:
         """
         active = policy.require_active(self.store)
         report = self.resume_revalidation(progress=progress)
-        org = self._judging_config().org
-        digest = revalidation.org_digest(canonical_json(dataclasses.asdict(org)))
-        judged = revalidation.judged_org(self.store, active.hash)
+        org, digest, judged = self._org_state(active.hash)
         org_changed = judged != digest
         if org_changed:
             with self.store.transaction() as tx:
@@ -543,11 +541,12 @@ class Engine:
             "revalidation": report.as_dict() if report else None,
         }
 
-    def _org_changed(self, policy_hash: str) -> bool:
-        """Whether agov.yaml's org limits differ from those the last run under ``policy_hash``
-        judged every governed agent with."""
-        org = revalidation.org_digest(canonical_json(dataclasses.asdict(self._judging_config().org)))
-        return revalidation.judged_org(self.store, policy_hash) != org
+    def _org_state(self, policy_hash: str) -> tuple[OrgLimits, str, str | None]:
+        """agov.yaml's org limits and their digest, and the digest of those the last run under
+        ``policy_hash`` judged every governed agent with."""
+        org = self._judging_config().org
+        digest = revalidation.org_digest(canonical_json(dataclasses.asdict(org)))
+        return org, digest, revalidation.judged_org(self.store, policy_hash)
 
     def resume_revalidation(
         self, *, progress: Callable[[int], None] | None = None
@@ -579,9 +578,13 @@ class Engine:
             built = policy.build(find_opa(), self.workspace.policies, Path(tmp), self.workspace.keys)
             report = self._dry_run_on(built.content, built.policy_hash)
         changed = active is None or built.policy_hash != active.hash
+        org_changed = False
+        if not changed and active is not None:
+            _org, digest, judged = self._org_state(active.hash)
+            org_changed = judged != digest
         return {
             "changed": changed,
-            "org_changed": not changed and active is not None and self._org_changed(active.hash),
+            "org_changed": org_changed,
             "dry_run": True,
             "policy_hash": built.policy_hash,
             "previous_hash": active.hash if active else None,
