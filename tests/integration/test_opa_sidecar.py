@@ -260,6 +260,27 @@ def test_stop_leaves_no_opa_process(first_bundle: Any, signing_key: Any, opa_bin
         sc.evaluate(PATH, {"x": 1})
 
 
+@pytest.mark.parametrize(("operator_gogc", "expected"), [(None, b"GOGC=200"), ("50", b"GOGC=50")])
+def test_the_managed_opa_runs_with_a_lower_gc_cost_unless_the_operator_chose_one(
+    first_bundle: Any,
+    signing_key: Any,
+    opa_bin: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    operator_gogc: str | None,
+    expected: bytes,
+) -> None:
+    if operator_gogc is None:
+        monkeypatch.delenv("GOGC", raising=False)
+    else:
+        monkeypatch.setenv("GOGC", operator_gogc)
+    with ManagedSidecar(
+        first_bundle.data, first_bundle.revision, signing_key.public_pem, signing_key.keyid, opa_bin=opa_bin
+    ) as sc:
+        environ = Path(f"/proc/{sc.pid}/environ").read_bytes().split(b"\0")
+        assert [e for e in environ if e.startswith(b"GOGC=")] == [expected]
+        assert sc.evaluate(PATH, {"x": 1}).result["allow"] is True
+
+
 def test_failed_start_leaves_no_opa_process(build_bundle: Any, signing_key: Any, opa_bin: Path) -> None:
     unsigned = build_bundle("rev-unsigned-start", signed=False)
     sc = ManagedSidecar(

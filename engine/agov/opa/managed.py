@@ -79,6 +79,11 @@ class ManagedConfig:
         max_bundle_bytes: Largest bundle published or accepted by OPA.
         probe_interval_s: Pause between readiness probes.
         stderr_tail_bytes: How much of OPA's stderr goes into error messages.
+        gogc: Go's garbage-collection target for the OPA process (``GOGC``), unless the
+            environment sets one. A revalidation chunk is about 1 MB of JSON that OPA parses
+            into short-lived values; at Go's default of 100 it spent about a fifth of its CPU
+            collecting them (a 1000-agent chunk: ~170 against ~135 µs of OPA CPU per agent at
+            200, for ~30 MB more peak memory). None leaves Go's default.
     """
 
     startup_timeout_s: float = 15.0
@@ -94,6 +99,7 @@ class ManagedConfig:
     max_bundle_bytes: int = 64 * 1024 * 1024
     probe_interval_s: float = 0.02
     stderr_tail_bytes: int = 4000
+    gogc: int | None = 200
 
     def __post_init__(self) -> None:
         if (
@@ -107,6 +113,8 @@ class ManagedConfig:
             raise ValueError("need 1 <= decision_log_min_delay_s <= decision_log_max_delay_s")
         if min(self.long_polling_timeout_s, self.decision_log_buffer_bytes, self.max_bundle_bytes) <= 0:
             raise ValueError("ManagedConfig limits must be positive")
+        if self.gogc is not None and self.gogc <= 0:
+            raise ValueError("ManagedConfig gogc must be positive (None: Go's default)")
 
 
 class ManagedSidecar:
@@ -414,6 +422,12 @@ class ManagedSidecar:
             },
         }
 
+    def _opa_environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.managed.gogc is not None and "GOGC" not in env:  # an operator's GOGC wins
+            env["GOGC"] = str(self.managed.gogc)
+        return env
+
     def _spawn(self, opa: Path, config_path: Path) -> None:
         assert self._tmp is not None
         if self._stderr is None:
@@ -447,6 +461,7 @@ class ManagedSidecar:
                     stdin=subprocess.DEVNULL,
                     stdout=stderr,
                     stderr=stderr,
+                    env=self._opa_environment(),
                     cwd=self._tmp,
                     close_fds=True,
                     start_new_session=True,
