@@ -385,7 +385,7 @@ def _instrument(evaluator: Any) -> dict[str, list[int]]:
     wrap(revalidation, "_apply", "transition + re-sign + commit (_apply)")
     wrap(revalidation, "_unchanged", "  re-read row versions under the write lock (_unchanged)")
     wrap(revalidation, "sign_for", "  sign_for (claims + sign_proof)")
-    wrap(promotion, "sign_proof", "    of which sign_proof (canonical JSON x2 + Ed25519)")
+    wrap(promotion, "sign_proof", "    of which sign_proof (statement and envelope templates + Ed25519)")
     wrap(revalidation, "store_proofs", "  store_proofs (3 executemany statements)")
     wrap(store_sqlite.Tx, "audit", "  audit events (hash-chained)")
     return totals
