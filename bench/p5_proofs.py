@@ -148,7 +148,7 @@ def _breakdown(
         "sign: ProofClaims(...) (field checks)": lambda: ProofClaims(**_claim_fields(claims)),
         "sign: statement bytes (the template sign_proof fills)": lambda: proofs._statement_bytes(claims),
         "sign: Ed25519 over the PAE (ProofSigner)": lambda: signer._sign(signed_bytes),
-        "sign: envelope bytes (base64 twice, the template)": lambda: proofs._ENVELOPE.render(
+        "sign: envelope bytes (base64 of the payload, the template)": lambda: proofs._ENVELOPE.render(
             base64.standard_b64encode(payload).decode("ascii"),
             envelope_dict["signatures"][0]["keyid"],
             envelope_dict["signatures"][0]["sig"],

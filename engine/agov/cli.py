@@ -810,14 +810,18 @@ def serve(ctx: Ctx, watch: bool, metrics_port: int, metrics_addr: str) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with _engine(ctx) as engine:
         engine.evaluator()
-        caught_up = engine.catch_up(actor=ctx.actor, reason="serve: start")
-        if caught_up["revalidation"] is not None:
-            why = (
-                "org limits in agov.yaml changed"
-                if caught_up["org_changed"]
-                else "finished an interrupted run"
-            )
-            click.echo(f"{why}: " + _revalidation_text(caught_up["revalidation"]), err=True)
+        try:
+            caught_up = engine.catch_up(actor=ctx.actor, reason="serve: start")
+        except AgovError as exc:  # serve anyway: agents not yet re-judged under a new policy are denied
+            click.echo(f"could not bring the agents up to date: {exc.diagnostics()}", err=True)
+        else:
+            if caught_up["revalidation"] is not None:
+                why = (
+                    "org limits in agov.yaml changed"
+                    if caught_up["org_changed"]
+                    else "finished an interrupted run"
+                )
+                click.echo(f"{why}: " + _revalidation_text(caught_up["revalidation"]), err=True)
         server, _thread = start_http_server(metrics_port, addr=metrics_addr, registry=engine.metrics.registry)
         click.echo(
             f"serving: policy {engine.active_policy().hash[:12]}, metrics on "

@@ -432,6 +432,7 @@ class Engine:
         evaluator: Evaluator | None = None,
         policy_hash: str | None = None,
         previous_hash: str | None = None,
+        org_change: revalidation.OrgChange | None = None,
     ) -> RevalidationReport:
         """Re-evaluate every governed agent under the active policy (or ``policy_hash`` in a dry run).
 
@@ -450,6 +451,7 @@ class Engine:
             dry_run=dry_run,
             previous_hash=previous_hash,
             progress=progress,
+            org_change=org_change,
         )
         if not dry_run:
             self.metrics.invalidations.inc(report.newly_invalidated)
@@ -485,7 +487,11 @@ class Engine:
             self._refuse_reload(exc, actor=actor, reason=reason, active=active)
             raise
         if active is not None and built.policy_hash == active.hash:
-            return self.catch_up(actor=actor, reason=reason, progress=progress)
+            try:
+                return self.catch_up(actor=actor, reason=reason, progress=progress)
+            except (KeyMaterialError, WorkspaceError) as exc:  # no key to sign, no limits to judge with
+                self._refuse_reload(exc, actor=actor, reason=reason, active=active)
+                raise
         version = policy.record(self.store, built, actor=actor, reason=reason)
         try:
             report = self._switch(
@@ -514,26 +520,22 @@ class Engine:
         Raises:
             PolicyError: there is no active policy.
             WorkspaceError: agov.yaml cannot be read (nothing is changed then).
+            KeyMaterialError: no key may sign (nothing is changed then).
+            EngineUnavailableError, DecisionError: OPA failed; the run resumes at the next call.
         """
         active = policy.require_active(self.store)
-        report = self.resume_revalidation(progress=progress)
-        org, digest, judged = self._org_state(active.hash)
-        org_changed = judged != digest
-        if org_changed:
-            with self.store.transaction() as tx:
-                tx.audit(
-                    Code.ORG_LIMITS_CHANGED,
-                    actor=actor,
-                    policy_hash=active.hash,
-                    now=self.clock(),
-                    payload={
-                        "reason": reason,
-                        "previous_org_digest": judged,
-                        "org_digest": digest,
-                        "org": dataclasses.asdict(org),
-                    },
-                )
-            report = self.revalidate(previous_hash=active.hash, progress=progress)
+        _org, digest, judged = self._org_state(active.hash)
+        change = revalidation.OrgChange(actor=actor, reason=reason, previous_digest=judged)
+        report: RevalidationReport | None = None
+        org_changed = False
+        pending, pending_digest = revalidation.unfinished_run_digest(self.store, active.hash)
+        if pending:
+            # a run interrupted under other limits starts again with these: that is the change
+            org_changed = pending_digest is not None and pending_digest != digest
+            report = self.revalidate(progress=progress, org_change=change if org_changed else None)
+        if revalidation.judged_org(self.store, active.hash) != digest:
+            org_changed = True
+            report = self.revalidate(previous_hash=active.hash, progress=progress, org_change=change)
         return {
             "changed": False,
             "org_changed": org_changed,

@@ -83,6 +83,16 @@ class _Row:
     proof_expires_at: datetime | None  # that proof's expiry, which a renewed proof keeps
 
 
+@dataclass(frozen=True)
+class OrgChange:
+    """Who judges the fleet again because the org limits changed, and why: audited as
+    ``ORG_LIMITS_CHANGED`` in the transaction that opens (or restarts) the run that does it."""
+
+    actor: str
+    reason: str
+    previous_digest: str | None  # the limits the last finished run judged with
+
+
 def _chunk(store: Store, after: str, size: int) -> list[_Row]:
     rows = store.query(
         "SELECT a.id, a.current_version, a.row_version, a.status, v.spec, v.spec_hash,"
@@ -260,6 +270,16 @@ def record_empty_run(tx: Tx, policy_hash: str, org_canonical: bytes, now: dateti
     )
 
 
+def unfinished_run_digest(store: Store, policy_hash: str) -> tuple[bool, str | None]:
+    """Whether ``policy_hash`` has an unfinished run, and the org digest it judges with (None
+    for a run that has not judged anything yet, or one from before digests were recorded)."""
+    row = store.query_one(
+        "SELECT org_digest FROM revalidation_runs WHERE policy_hash = ? AND finished_at IS NULL ORDER BY id DESC",
+        (policy_hash,),
+    )
+    return (False, None) if row is None else (True, row["org_digest"])
+
+
 def unfinished_run(store: Store, policy_hash: str) -> bool:
     return (
         store.query_one(
@@ -270,11 +290,17 @@ def unfinished_run(store: Store, policy_hash: str) -> bool:
 
 
 def _open_run(
-    store: Store, policy_hash: str, previous_hash: str | None, org: str, now: datetime
+    store: Store,
+    policy_hash: str,
+    previous_hash: str | None,
+    org_canonical: bytes,
+    now: datetime,
+    org_change: OrgChange | None,
 ) -> tuple[int, str, bool]:
     """The run to work on: the unfinished one (opened by the activation, or interrupted), or a
     new one. An unfinished run that judged with other org limits starts again from the first
-    agent, so no agent stays judged by the old limits."""
+    agent, so no agent stays judged by the old limits. ``org_change`` is audited with the run."""
+    org = org_digest(org_canonical)
     with store.transaction() as tx:
         row = tx.execute(
             "SELECT id, cursor, org_digest FROM revalidation_runs WHERE policy_hash = ? AND finished_at IS NULL"
@@ -287,7 +313,9 @@ def _open_run(
                 " VALUES (?, ?, ?, ?)",
                 (policy_hash, previous_hash, iso(now), org),
             )
-            return int(cur.lastrowid or 0), "", False
+            run_id = int(cur.lastrowid or 0)
+            _audit_org_change(tx, org_change, run_id, policy_hash, org, org_canonical, now, restarted=False)
+            return run_id, "", False
         run_id, cursor, digest = int(row[0]), str(row[1]), row[2]
         if digest == org:
             return run_id, cursor, bool(cursor)  # resumed if it got anywhere
@@ -296,7 +324,11 @@ def _open_run(
             " invalidated = 0, restored = 0, newly_invalidated = 0 WHERE id = ?",
             (org, run_id),
         )
-        if cursor:
+        if org_change is not None:
+            _audit_org_change(
+                tx, org_change, run_id, policy_hash, org, org_canonical, now, restarted=bool(cursor)
+            )
+        elif cursor:
             why = (
                 "the org limits in agov.yaml changed during the run"
                 if digest is not None
@@ -312,6 +344,35 @@ def _open_run(
         return run_id, "", False
 
 
+def _audit_org_change(
+    tx: Tx,
+    change: OrgChange | None,
+    run_id: int,
+    policy_hash: str,
+    org: str,
+    org_canonical: bytes,
+    now: datetime,
+    *,
+    restarted: bool,
+) -> None:
+    if change is None:
+        return
+    tx.audit(
+        Code.ORG_LIMITS_CHANGED,
+        actor=change.actor,
+        policy_hash=policy_hash,
+        now=now,
+        payload={
+            "reason": change.reason,
+            "previous_org_digest": change.previous_digest,
+            "org_digest": org,
+            "org": json.loads(org_canonical),
+            "run_id": run_id,
+            "restarts_from_the_first_agent": restarted,
+        },
+    )
+
+
 def revalidate(
     store: Store,
     config: Config,
@@ -323,6 +384,7 @@ def revalidate(
     dry_run: bool = False,
     previous_hash: str | None = None,
     progress: Callable[[int], None] | None = None,
+    org_change: OrgChange | None = None,
 ) -> RevalidationReport:
     """Re-evaluate every governed agent under ``policy_hash``.
 
@@ -338,7 +400,7 @@ def revalidate(
     if not dry_run:
         signer = signer_loader()
         report.run_id, cursor, report.resumed = _open_run(
-            store, policy_hash, previous_hash, org_digest(org_canonical), now_fn()
+            store, policy_hash, previous_hash, org_canonical, now_fn(), org_change
         )
         if report.resumed:
             saved = store.query_one("SELECT * FROM revalidation_runs WHERE id = ?", (report.run_id,))

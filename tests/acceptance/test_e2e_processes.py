@@ -160,3 +160,46 @@ def test_serve_serves_metrics_and_leaves_no_opa(ws: Path, tmp_path: Path, opa_sp
             if alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+
+
+def test_serve_starts_even_when_it_cannot_bring_the_agents_up_to_date(
+    ws: Path, tmp_path: Path, opa_spy: OpaSpy
+) -> None:
+    """At start `serve` judges the agents again when agov.yaml's org limits changed; when it
+    cannot (here no key may sign), it says why and serves anyway: nothing was changed."""
+    home = copy_ws(ws, tmp_path / "ws")
+    (keyid,) = [k["keyid"] for k in ok("keys", "list", home=home)]
+    ok("keys", "revoke", keyid, "--reason", "compromised", home=home)
+    config = home / "agov.yaml"
+    config.write_text(
+        config.read_text().replace("max_monthly_budget_usd: 1000.0", "max_monthly_budget_usd: 250.0")
+    )
+
+    proc = subprocess.Popen(
+        [*AGOV, "serve", "--metrics-port", "0", "--home", str(home)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=base_env(**spy_env(opa_spy, tmp_path)),
+    )
+    try:
+        assert proc.stderr is not None
+        lines = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline().decode()
+            lines.append(line)
+            if "metrics on http://" in line or not line:
+                break
+        text = "".join(lines)
+        assert "could not bring the agents up to date: no active proof signing key" in text, text
+        url = re.search(r"metrics on (http://\S+/metrics)", text)
+        assert url is not None, text
+        assert "promotion_attempts_total" in fetch(url.group(1))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert wait_gone(opa_spy.pids()) == []

@@ -10,6 +10,7 @@ import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _reload_support import (
@@ -27,7 +28,7 @@ from agov import revalidation
 from agov.config import Config, Limits
 from agov.decisions import Code
 from agov.engine import Engine
-from agov.errors import ConflictError, WorkspaceError
+from agov.errors import ConflictError, KeyMaterialError, WorkspaceError
 from agov.registry import CreationMode
 
 # chunks of one, in id order
@@ -167,9 +168,7 @@ def test_a_run_restarted_by_another_process_after_its_last_chunk_is_not_closed_a
         judged.append(done)
         if len(judged) == len(CAST):  # the last chunk is committed; another process restarts the run
             with Engine.open(engine.workspace.home) as other:
-                revalidation._open_run(
-                    other.store, policy_hash, None, revalidation.org_digest(b"{}"), other.clock()
-                )
+                revalidation._open_run(other.store, policy_hash, None, b"{}", other.clock(), None)
 
     with pytest.raises(ConflictError, match="restarted it with other org limits"):
         engine.revalidate(progress=after_each_chunk)
@@ -214,3 +213,60 @@ def test_an_unreadable_agov_yaml_denies_a_promotion_and_refuses_a_reload_before_
             "PROMOTION_DENIED",
             "PROMOTION_ATTEMPT",
         ], types
+
+
+def _events(engine: Engine, kind: str) -> list[dict[str, Any]]:
+    rows = engine.store.query("SELECT actor, payload FROM audit_events WHERE type = ? ORDER BY seq", (kind,))
+    return [{"actor": r["actor"], **json.loads(r["payload"])} for r in rows]
+
+
+def test_an_org_change_with_no_key_that_may_sign_is_refused_and_audited_as_refused(engine: Engine) -> None:
+    (key,) = engine.list_keys()
+    engine.revoke_key(key.keyid, reason="compromised", actor=ACTOR)
+    _set_org_budget(engine, 250)
+    before = snapshot(engine.workspace.home)
+
+    for attempt in ("first", "second"):
+        with pytest.raises(KeyMaterialError):
+            engine.reload_policy(actor=ACTOR, reason=f"org budget lowered, {attempt} try")
+
+    after = snapshot(engine.workspace.home)
+    kept = ("agents", "agent_versions", "agent_proofs", "revalidation_runs", "policy_versions")
+    assert {t: after[t] for t in kept} == {t: before[t] for t in kept}
+    assert _events(engine, Code.ORG_LIMITS_CHANGED) == [], "no re-judgement happened, none is recorded"
+    assert len(_events(engine, Code.POLICY_RELOAD_REFUSED)) == 2
+
+
+def test_an_unchanged_tree_whose_org_limits_cannot_be_read_is_a_refused_reload(engine: Engine) -> None:
+    config = engine.workspace.home / "agov.yaml"
+    config.write_text(config.read_text() + "org: [not, a, mapping]\n")
+
+    with pytest.raises(WorkspaceError):
+        engine.reload_policy(actor=ACTOR, reason="same tree")
+
+    (refused,) = _events(engine, Code.POLICY_RELOAD_REFUSED)
+    assert refused["actor"] == ACTOR and "agov.yaml" in refused["error"]
+
+
+def test_an_org_change_picked_up_by_resuming_an_interrupted_run_is_audited_once(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reload_interrupted_at(engine, "c-hot", monkeypatch)
+    run = engine.store.query_one("SELECT id FROM revalidation_runs WHERE finished_at IS NULL")
+    _set_org_budget(engine, 250)
+
+    result = engine.reload_policy(actor=ACTOR, reason="finish P2, with the lower budget")
+
+    assert (result["changed"], result["org_changed"]) == (False, True)
+    assert result["revalidation"]["total"] == 3
+    (changed,) = _events(engine, Code.ORG_LIMITS_CHANGED)
+    assert (changed["actor"], changed["reason"], changed["run_id"]) == (
+        ACTOR,
+        "finish P2, with the lower budget",
+        run["id"],
+    )
+    assert changed["restarts_from_the_first_agent"] is True
+    assert changed["org"] == {"max_monthly_budget_usd": 250}
+    assert _statuses(engine)["b-spender"] == "GOVERNED_INVALIDATED"
+    assert engine.reload_policy(actor=ACTOR, reason="again")["org_changed"] is False
+    assert len(_events(engine, Code.ORG_LIMITS_CHANGED)) == 1

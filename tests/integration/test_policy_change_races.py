@@ -125,9 +125,7 @@ def test_a_run_another_process_restarted_with_other_org_limits_stops_before_its_
     def restart_with_other_limits(p1: str, p2: str) -> None:
         # what another process's reload does after agov.yaml's org limits changed
         with Engine.open(home) as other:
-            revalidation._open_run(
-                other.store, p2, p1, revalidation.org_digest(b'{"other":1}'), other.clock()
-            )
+            revalidation._open_run(other.store, p2, p1, b'{"other":1}', other.clock(), None)
 
     _reload_to_p2_and(engine, home, restart_with_other_limits)
 

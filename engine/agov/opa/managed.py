@@ -424,7 +424,7 @@ class ManagedSidecar:
 
     def _opa_environment(self) -> dict[str, str]:
         env = dict(os.environ)
-        if self.managed.gogc is not None and "GOGC" not in env:  # an operator's GOGC wins
+        if self.managed.gogc is not None and not env.get("GOGC"):  # an operator's GOGC wins
             env["GOGC"] = str(self.managed.gogc)
         return env
 
