@@ -787,7 +787,9 @@ def demo(ctx: Ctx, keep: bool) -> None:
 
 
 @main.command()
-@click.option("--watch", is_flag=True, help="Reload the policy when a file under policies/ changes.")
+@click.option(
+    "--watch", is_flag=True, help="Reload the policy when a file under policies/, or agov.yaml, changes."
+)
 @click.option(
     "--metrics-port",
     type=click.IntRange(0, 65535),
@@ -805,6 +807,7 @@ def serve(ctx: Ctx, watch: bool, metrics_port: int, metrics_addr: str) -> None:
     from prometheus_client import start_http_server
 
     from agov.watch import PolicyWatcher
+    from agov.workspace import CONFIG_FILE
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -833,14 +836,20 @@ def serve(ctx: Ctx, watch: bool, metrics_port: int, metrics_addr: str) -> None:
         def reload() -> None:
             with lock:
                 try:
-                    result = engine.reload_policy(actor=ctx.actor, reason="watch: policy files changed")
+                    result = engine.reload_policy(
+                        actor=ctx.actor, reason="watch: policy files or agov.yaml changed"
+                    )
                 except AgovError as exc:
                     click.echo(f"reload refused: {exc.diagnostics()}", err=True)
                     return
                 if result["revalidation"] is not None:  # a new policy, changed org limits, or a resumed run
                     click.echo(_revalidation_text(result["revalidation"]), err=True)
 
-        watcher = PolicyWatcher(engine.workspace.policies, reload) if watch else None
+        watcher = (
+            PolicyWatcher(engine.workspace.policies, reload, config_file=engine.workspace.home / CONFIG_FILE)
+            if watch
+            else None
+        )
         if watcher is not None:
             watcher.start()
         try:

@@ -1,4 +1,4 @@
-"""Watch a workspace's policies and reload on change (watchdog, debounced)."""
+"""Watch a workspace's policies (and its config file) and reload on change (watchdog, debounced)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 _WATCHED_SUFFIXES = (".rego", ".json", ".yaml", ".yml")
@@ -15,8 +15,11 @@ _CHANGES = frozenset({"created", "modified", "moved", "deleted", "closed"})
 
 
 class _Debounced(FileSystemEventHandler):
-    def __init__(self, root: Path, callback: Callable[[], None], delay_s: float) -> None:
+    def __init__(
+        self, root: Path, callback: Callable[[], None], delay_s: float, files: tuple[Path, ...] = ()
+    ) -> None:
         self._root = Path(os.path.abspath(root))
+        self._files = frozenset(os.path.abspath(f) for f in files)
         self._callback = callback
         self._delay_s = delay_s
         self._timer: threading.Timer | None = None
@@ -30,7 +33,7 @@ class _Debounced(FileSystemEventHandler):
         # An atomic save (write a temp file, rename it over the target) names the policy file
         # only as the rename's destination.
         paths = (str(event.src_path), str(getattr(event, "dest_path", "") or ""))
-        if not any(self._is_policy_file(p) for p in paths):
+        if not any(self._is_policy_file(p) or os.path.abspath(p) in self._files for p in paths if p):
             return
         with self._lock:
             if self._timer is not None:
@@ -61,12 +64,30 @@ class _Debounced(FileSystemEventHandler):
 class PolicyWatcher:
     """Calls ``on_change`` once per burst of edits under ``policies``; serialised, never concurrent."""
 
-    def __init__(self, policies: Path, on_change: Callable[[], None], *, debounce_s: float = 0.1) -> None:
+    def __init__(
+        self,
+        policies: Path,
+        on_change: Callable[[], None],
+        *,
+        debounce_s: float = 0.1,
+        config_file: Path | None = None,
+    ) -> None:
+        """``config_file`` (``agov.yaml``) is watched too: its org limits judge agents."""
         self._run_lock = threading.Lock()
         self._on_change = on_change
-        self._handler = _Debounced(policies, self._fire, debounce_s)
+        files = (config_file,) if config_file is not None else ()
+        self._handler = _Debounced(policies, self._fire, debounce_s, files)
         self._observer = Observer()
         self._observer.schedule(self._handler, str(policies), recursive=True)
+        if config_file is not None:
+            # Its directory also holds agov.db, written at every commit: only completed saves
+            # (a write closed, or a temp file renamed over it) are asked of the kernel there.
+            self._observer.schedule(
+                self._handler,
+                str(config_file.parent),
+                recursive=False,
+                event_filter=[FileClosedEvent, FileMovedEvent],
+            )
 
     def _fire(self) -> None:
         with self._run_lock:

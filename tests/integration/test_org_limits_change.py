@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from agov.decisions import Code
 from agov.engine import Engine
 from agov.errors import ConflictError, KeyMaterialError, WorkspaceError
 from agov.registry import CreationMode
+from agov.watch import PolicyWatcher
 
 # chunks of one, in id order
 CAST = {"a-small": 100, "b-spender": 300, "c-hot": 100}  # monthly budgets; c-hot runs at 0.5
@@ -270,3 +272,32 @@ def test_an_org_change_picked_up_by_resuming_an_interrupted_run_is_audited_once(
     assert _statuses(engine)["b-spender"] == "GOVERNED_INVALIDATED"
     assert engine.reload_policy(actor=ACTOR, reason="again")["org_changed"] is False
     assert len(_events(engine, Code.ORG_LIMITS_CHANGED)) == 1
+
+
+def test_serve_watch_rejudges_the_agents_when_agov_yaml_is_saved(engine: Engine) -> None:
+    """`serve --watch` watches agov.yaml too: a saved budget cut invalidates the agent over it."""
+    failures: list[BaseException] = []
+
+    def reload() -> None:  # as cli.py's serve wires it
+        try:
+            engine.reload_policy(actor=ACTOR, reason="watch: policy files or agov.yaml changed")
+        except Exception as exc:
+            failures.append(exc)
+
+    watcher = PolicyWatcher(
+        engine.workspace.policies, reload, config_file=engine.workspace.home / "agov.yaml"
+    )
+    watcher.start()
+    try:
+        time.sleep(0.2)
+        _set_org_budget(engine, 250)
+        deadline = time.monotonic() + 20
+        while _statuses(engine)["b-spender"] != "GOVERNED_INVALIDATED" and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        watcher.stop()
+    assert failures == []
+    assert _statuses(engine)["b-spender"] == "GOVERNED_INVALIDATED"
+    assert [e["reason"] for e in _events(engine, Code.ORG_LIMITS_CHANGED)] == [
+        "watch: policy files or agov.yaml changed"
+    ]

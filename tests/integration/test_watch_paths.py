@@ -7,8 +7,11 @@ absolute path instead of below the watched root.
 
 from __future__ import annotations
 
+import os
+import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -56,3 +59,55 @@ def test_hidden_files_inside_the_tree_do_not_reload(tmp_path: Path, hidden: str)
     (policies / "agov").mkdir(parents=True)
 
     assert _watch(policies, policies / hidden, "{}\n") == 0
+
+
+def _watch_config(home: Path, act: Callable[[], None]) -> int:
+    """Watch ``home/policies`` and ``home/agov.yaml``, run ``act``, count the reloads."""
+    fired: list[float] = []
+    seen = threading.Event()
+
+    def on_change() -> None:
+        fired.append(time.monotonic())
+        seen.set()
+
+    watcher = PolicyWatcher(home / "policies", on_change, debounce_s=0.05, config_file=home / "agov.yaml")
+    watcher.start()
+    try:
+        time.sleep(0.2)
+        act()
+        seen.wait(SETTLE_S)
+        time.sleep(0.2)
+    finally:
+        watcher.stop()
+    return len(fired)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    home = tmp_path / ".agov"
+    (home / "policies" / "agov").mkdir(parents=True)
+    (home / "agov.yaml").write_text("org:\n  max_monthly_budget_usd: 1000.0\n")
+    return home
+
+
+def test_a_saved_agov_yaml_reloads_whether_written_in_place_or_renamed_over(home: Path) -> None:
+    config = home / "agov.yaml"
+    assert _watch_config(home, lambda: config.write_text("org:\n  max_monthly_budget_usd: 250.0\n")) >= 1
+
+    def rename_over() -> None:
+        scratch = home / ".agov.yaml.tmp"
+        scratch.write_text("org:\n  max_monthly_budget_usd: 500.0\n")
+        os.replace(scratch, config)
+
+    assert _watch_config(home, rename_over) >= 1
+
+
+def test_the_store_and_other_files_beside_agov_yaml_do_not_reload(home: Path) -> None:
+    def write_the_store_and_others() -> None:
+        with sqlite3.connect(home / "agov.db") as conn:  # commits, then closes: as agov does
+            conn.execute("CREATE TABLE t (x)")
+            conn.executemany("INSERT INTO t VALUES (?)", [(i,) for i in range(100)])
+        conn.close()
+        (home / "opa-config.yaml").write_text("services: {}\n")
+
+    assert _watch_config(home, write_the_store_and_others) == 0
