@@ -97,16 +97,25 @@ def _build(cls: type[Any], raw: Any, where: str) -> Any:
         raise WorkspaceError(f"{where}: {exc}") from exc
 
 
-def load_config(path: Path) -> Config:
+def load_config(path: Path, *, require_org: bool = False) -> Config:
     """Read ``agov.yaml``.
 
+    ``require_org``: the file must state the org limits itself. Limits that judge agents are
+    never taken from the defaults of an empty or half-written file.
+
     Raises:
-        WorkspaceError: missing, unparseable, or holding unknown keys or bad values.
+        WorkspaceError: missing, unparseable, or holding unknown keys or bad values; or, with
+            ``require_org``, stating no org limits.
     """
     try:
         raw = yaml.safe_load(path.read_text()) if path.exists() else None
     except (OSError, yaml.YAMLError) as exc:
         raise WorkspaceError(f"cannot read {path}: {exc}") from exc
+    if require_org and not (isinstance(raw, dict) and isinstance(raw.get("org"), dict) and raw["org"]):
+        raise WorkspaceError(
+            f"{path} states no org limits (empty, or caught mid-save?): agents are not judged with defaults",
+            hint="write the org section (max_monthly_budget_usd) back, then retry",
+        )
     config: Config = _build(Config, raw, str(path.name))
     if config.runtime not in ("managed", "external"):
         raise WorkspaceError(f"{path.name}: runtime must be 'managed' or 'external', not {config.runtime!r}")

@@ -161,7 +161,7 @@ class Engine:
         path = self.workspace.home / CONFIG_FILE
         if not path.is_file():  # load_config would give the default limits: never judge with those
             raise WorkspaceError(f"{path} is gone: the org limits cannot be read", hint="restore it")
-        return dataclasses.replace(self.config, org=load_config(path).org)
+        return dataclasses.replace(self.config, org=load_config(path, require_org=True).org)
 
     def _evaluator_config(self) -> EvaluatorConfig:
         return EvaluatorConfig(timeout_s=self.config.limits.opa_timeout_s)
