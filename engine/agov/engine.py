@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import Any, TypeVar, cast
 
 from agov import admission, audit, keyring, keys, policy, promotion, registry, revalidation
-from agov.config import Config, OrgLimits, load_config
+from agov.config import Config, load_config
 from agov.decisions import AdmissionDecision, Code
 from agov.errors import AgovError, KeyMaterialError, PolicyError, UsageError, WorkspaceError
 from agov.hashing import canonical_json
@@ -433,8 +433,10 @@ class Engine:
         policy_hash: str | None = None,
         previous_hash: str | None = None,
         org_change: revalidation.OrgChange | None = None,
+        config: Config | None = None,
     ) -> RevalidationReport:
-        """Re-evaluate every governed agent under the active policy (or ``policy_hash`` in a dry run).
+        """Re-evaluate every governed agent under the active policy (or ``policy_hash`` in a dry run),
+        with ``config`` when the caller has just read it (else agov.yaml is read now).
 
         Raises:
             EngineUnavailableError, DecisionError: OPA failed; rerun to resume.
@@ -443,7 +445,7 @@ class Engine:
         target = policy_hash or policy.require_active(self.store).hash
         report = revalidation.revalidate(
             self.store,
-            self._judging_config(),
+            config or self._judging_config(),
             evaluator or self._evaluator_for(target),
             lambda: keyring.active_signer(self.store, self.workspace.keys, self.clock()),
             policy_hash=target,
@@ -524,7 +526,7 @@ class Engine:
             EngineUnavailableError, DecisionError: OPA failed; the run resumes at the next call.
         """
         active = policy.require_active(self.store)
-        _org, digest, judged = self._org_state(active.hash)
+        config, digest, judged = self._org_state(active.hash)
         change = revalidation.OrgChange(actor=actor, reason=reason, previous_digest=judged)
         report: RevalidationReport | None = None
         org_changed = False
@@ -532,10 +534,14 @@ class Engine:
         if pending:
             # a run interrupted under other limits starts again with these: that is the change
             org_changed = pending_digest is not None and pending_digest != digest
-            report = self.revalidate(progress=progress, org_change=change if org_changed else None)
+            report = self.revalidate(
+                progress=progress, org_change=change if org_changed else None, config=config
+            )
         if revalidation.judged_org(self.store, active.hash) != digest:
             org_changed = True
-            report = self.revalidate(previous_hash=active.hash, progress=progress, org_change=change)
+            report = self.revalidate(
+                previous_hash=active.hash, progress=progress, org_change=change, config=config
+            )
         return {
             "changed": False,
             "org_changed": org_changed,
@@ -543,12 +549,13 @@ class Engine:
             "revalidation": report.as_dict() if report else None,
         }
 
-    def _org_state(self, policy_hash: str) -> tuple[OrgLimits, str, str | None]:
-        """agov.yaml's org limits and their digest, and the digest of those the last run under
-        ``policy_hash`` judged every governed agent with."""
-        org = self._judging_config().org
-        digest = revalidation.org_digest(canonical_json(dataclasses.asdict(org)))
-        return org, digest, revalidation.judged_org(self.store, policy_hash)
+    def _org_state(self, policy_hash: str) -> tuple[Config, str, str | None]:
+        """The config with agov.yaml's org limits (read once, for whatever judges next), their
+        digest, and the digest of those the last run under ``policy_hash`` judged every governed
+        agent with."""
+        config = self._judging_config()
+        digest = revalidation.org_digest(canonical_json(dataclasses.asdict(config.org)))
+        return config, digest, revalidation.judged_org(self.store, policy_hash)
 
     def resume_revalidation(
         self, *, progress: Callable[[int], None] | None = None
@@ -582,7 +589,7 @@ class Engine:
         changed = active is None or built.policy_hash != active.hash
         org_changed = False
         if not changed and active is not None:
-            _org, digest, judged = self._org_state(active.hash)
+            _config, digest, judged = self._org_state(active.hash)
             org_changed = judged != digest
         return {
             "changed": changed,
@@ -640,7 +647,7 @@ class Engine:
         # before anything changes: a switch whose revalidation cannot sign would leave every
         # agent bound to the old policy, so denied, until someone revalidates
         keyring.active_signer(self.store, self.workspace.keys, self.clock())
-        self._judging_config()  # and the org limits it judges with
+        config = self._judging_config()  # and the org limits it judges with
         with self._switch_lock:  # no decision moves the sidecar back to the store's hash meanwhile
             if self._evaluator is not None and hasattr(self._evaluator, "activate"):
                 self._evaluator.activate(policy.bundle_bytes(self.workspace.bundles, version), version.hash)
@@ -648,7 +655,9 @@ class Engine:
                 self._evaluator.close()
                 self._evaluator = None
             policy.mark_active(self.store, version.hash, event=event, actor=actor, reason=reason)
-        return self.revalidate(previous_hash=previous.hash if previous else None, progress=progress)
+        return self.revalidate(
+            previous_hash=previous.hash if previous else None, progress=progress, config=config
+        )
 
     def _dry_run_on(self, content: bytes, policy_hash: str) -> RevalidationReport:
         """Evaluate a candidate bundle in a throwaway sidecar: nothing is activated or written."""

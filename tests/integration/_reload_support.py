@@ -9,7 +9,8 @@ from __future__ import annotations
 import copy
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import yaml
 
 from agov.engine import Engine
 from agov.registry import CreationMode, from_template
+from agov.store.sqlite import utcnow
 
 ACTOR = "reload-tester"
 ADMIN_ROLE = "agent_admin"
@@ -49,6 +51,17 @@ def create_governed(engine: Engine, agent_id: str, **knobs: Any) -> str:
     result = engine.promote(agent_id, actor=ACTOR, role=ADMIN_ROLE)
     assert result.allow, f"setup: promotion of {agent_id} denied: {result.deny}"
     return agent_id
+
+
+@contextmanager
+def engine_governing(home: Path, agent_ids: Iterable[str]) -> Iterator[Engine]:
+    """A new workspace whose clock stands still, with ``agent_ids`` governed."""
+    with Engine.init(home, actor=ACTOR) as engine:
+        start = utcnow()
+        engine.clock = lambda: start
+        for agent_id in agent_ids:
+            create_governed(engine, agent_id)
+        yield engine
 
 
 def data_file(home: Path) -> Path:

@@ -18,23 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _reload_support import ACTOR, agent_doc, create_governed
+from _reload_support import ACTOR, agent_doc, engine_governing
 
 from agov.decisions import Status
 from agov.engine import Engine
 from agov.registry import CreationMode
-from agov.store.sqlite import parse_iso, utcnow
+from agov.store.sqlite import parse_iso
 
 GOVERNED = ("renew-a", "renew-b")
 
 
 @pytest.fixture
 def engine(tmp_path: Path, opa_bin: Path) -> Iterator[Engine]:
-    with Engine.init(tmp_path / "ws", actor=ACTOR) as eng:
-        start = utcnow()
-        eng.clock = lambda: start
-        for agent_id in GOVERNED:
-            create_governed(eng, agent_id)
+    with engine_governing(tmp_path / "ws", GOVERNED) as eng:
         yield eng
 
 
