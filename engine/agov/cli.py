@@ -610,6 +610,8 @@ def policy_reload(ctx: Ctx, reason: str, dry_run: bool) -> None:
         if not result["changed"]:
             return f"policy unchanged ({result['policy_hash'][:12]})"
         head = f"{'would activate' if dry_run else 'activated'} policy {result['policy_hash'][:12]}"
+        if result["org_changed"]:
+            head += "; the org limits in agov.yaml changed as well since the last revalidation"
         return head + "\n" + _revalidation_text(result["revalidation"])
 
     emit(ctx, result, text)
@@ -652,7 +654,10 @@ def policy_rollback(ctx: Ctx, policy_hash: str, reason: str) -> None:
         result = engine.rollback_policy(policy_hash, actor=ctx.actor, reason=reason)
 
     def text() -> str:
-        lines = [f"rolled back to {result['policy_hash'][:12]}", _revalidation_text(result["revalidation"])]
+        head = f"rolled back to {result['policy_hash'][:12]}"
+        if result["org_changed"]:
+            head += "; the org limits in agov.yaml changed as well since the last revalidation"
+        lines = [head, _revalidation_text(result["revalidation"])]
         if result["workspace_policy_hash"] not in (None, result["policy_hash"]):
             lines.append(
                 f"note: the files under policies/ still hash to {result['workspace_policy_hash'][:12]}; the next"

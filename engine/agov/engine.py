@@ -496,7 +496,7 @@ class Engine:
                 raise
         version = policy.record(self.store, built, actor=actor, reason=reason)
         try:
-            report = self._switch(
+            report, org_changed = self._switch(
                 version, event=Code.POLICY_HOTRELOAD, actor=actor, reason=reason, progress=progress
             )
         # refused by OPA, no key to re-sign with, or no org limits to judge with: the old one stays
@@ -506,6 +506,7 @@ class Engine:
         self.metrics.reload_success.inc()
         return {
             "changed": True,
+            "org_changed": org_changed,
             "policy_hash": version.hash,
             "previous_hash": active.hash if active else None,
             "revalidation": report.as_dict(),
@@ -588,9 +589,10 @@ class Engine:
             report = self._dry_run_on(built.content, built.policy_hash)
         changed = active is None or built.policy_hash != active.hash
         org_changed = False
-        if not changed and active is not None:
+        if active is not None:
             _config, digest, judged = self._org_state(active.hash)
-            org_changed = judged != digest
+            # as the reload would tell: a switch reports a change it can name (see _switch)
+            org_changed = judged != digest if not changed else judged is not None and judged != digest
         return {
             "changed": changed,
             "org_changed": org_changed,
@@ -613,11 +615,12 @@ class Engine:
         active = policy.active_version(self.store)
         if active is not None and active.hash == target.hash:
             raise UsageError(f"policy {target.hash[:12]} is already active")
-        report = self._switch(
+        report, org_changed = self._switch(
             target, event=Code.POLICY_ROLLBACK, actor=actor, reason=reason, progress=progress
         )
         return {
             "policy_hash": target.hash,
+            "org_changed": org_changed,
             "previous_hash": active.hash if active else None,
             # the files under policies/ are not rolled back: a later reload activates them again
             "workspace_policy_hash": self._tree_hash_or_none(),
@@ -640,14 +643,22 @@ class Engine:
         actor: str,
         reason: str,
         progress: Callable[[int], None] | None,
-    ) -> RevalidationReport:
+    ) -> tuple[RevalidationReport, bool]:
         """Activate in OPA first, then in the store, then revalidate. Between the two steps every
-        decision fails closed, because OPA's revision no longer matches the store's."""
+        decision fails closed, because OPA's revision no longer matches the store's.
+
+        Returns the run's report, and whether the org limits in agov.yaml differ from those the
+        previous policy's last run judged with (audited as ``ORG_LIMITS_CHANGED`` with the run:
+        the new policy is not the only thing that judges the agents differently)."""
         previous = policy.active_version(self.store)
         # before anything changes: a switch whose revalidation cannot sign would leave every
         # agent bound to the old policy, so denied, until someone revalidates
         keyring.active_signer(self.store, self.workspace.keys, self.clock())
         config = self._judging_config()  # and the org limits it judges with
+        digest = revalidation.org_digest(canonical_json(dataclasses.asdict(config.org)))
+        judged = revalidation.judged_org(self.store, previous.hash) if previous else None
+        org_changed = judged is not None and judged != digest
+        change = revalidation.OrgChange(actor=actor, reason=reason, previous_digest=judged)
         with self._switch_lock:  # no decision moves the sidecar back to the store's hash meanwhile
             if self._evaluator is not None and hasattr(self._evaluator, "activate"):
                 self._evaluator.activate(policy.bundle_bytes(self.workspace.bundles, version), version.hash)
@@ -655,9 +666,13 @@ class Engine:
                 self._evaluator.close()
                 self._evaluator = None
             policy.mark_active(self.store, version.hash, event=event, actor=actor, reason=reason)
-        return self.revalidate(
-            previous_hash=previous.hash if previous else None, progress=progress, config=config
+        report = self.revalidate(
+            previous_hash=previous.hash if previous else None,
+            progress=progress,
+            config=config,
+            org_change=change if org_changed else None,
         )
+        return report, org_changed
 
     def _dry_run_on(self, content: bytes, policy_hash: str) -> RevalidationReport:
         """Evaluate a candidate bundle in a throwaway sidecar: nothing is activated or written."""

@@ -275,6 +275,52 @@ def test_an_org_change_picked_up_by_resuming_an_interrupted_run_is_audited_once(
     assert len(_events(engine, Code.ORG_LIMITS_CHANGED)) == 1
 
 
+def test_a_policy_switch_that_meets_changed_org_limits_says_so_and_audits_them_with_its_run(
+    engine: Engine,
+) -> None:
+    first = engine.active_policy().hash
+    _set_org_budget(engine, 250)  # b-spender's 300 is over it
+    edit_data(engine.workspace.home, set_analysis_limit(0.4))  # c-hot's 0.5 is over it
+
+    preview = engine.reload_policy(actor=ACTOR, reason="what if", dry_run=True)
+    assert (preview["changed"], preview["org_changed"]) == (True, True)
+    assert _events(engine, Code.ORG_LIMITS_CHANGED) == [], "a dry run records nothing"
+
+    result = engine.reload_policy(actor=ACTOR, reason="stricter policy, lower budget")
+
+    assert (result["changed"], result["org_changed"]) == (True, True)
+    assert _statuses(engine) == {
+        "a-small": "GOVERNED_VALID",
+        "b-spender": "GOVERNED_INVALIDATED",
+        "c-hot": "GOVERNED_INVALIDATED",
+    }
+    run = engine.store.query_one(
+        "SELECT id, org_digest FROM revalidation_runs WHERE policy_hash = ?", (result["policy_hash"],)
+    )
+    (changed,) = _events(engine, Code.ORG_LIMITS_CHANGED)
+    assert (changed["actor"], changed["reason"], changed["run_id"]) == (
+        ACTOR,
+        "stricter policy, lower budget",
+        run["id"],
+    )
+    assert changed["org_digest"] == run["org_digest"]
+    assert changed["previous_org_digest"] == revalidation.judged_org(engine.store, first)
+    assert changed["previous_org_digest"] != changed["org_digest"]
+
+    # a policy change alone is no org change
+    edit_data(engine.workspace.home, set_analysis_limit(0.6))
+    assert engine.reload_policy(actor=ACTOR, reason="policy only")["org_changed"] is False
+    # a rollback under other limits than those the policy it leaves was judged with says so too
+    _set_org_budget(engine, 1000)
+    rolled = engine.rollback_policy(first, actor=ACTOR, reason="back, and the budget too")
+    assert rolled["org_changed"] is True
+    assert [e["reason"] for e in _events(engine, Code.ORG_LIMITS_CHANGED)] == [
+        "stricter policy, lower budget",
+        "back, and the budget too",
+    ]
+    assert engine.admit("b-spender").allow and engine.admit("c-hot").allow
+
+
 def test_serve_watch_rejudges_the_agents_when_agov_yaml_is_saved(engine: Engine) -> None:
     """`serve --watch` watches agov.yaml too: a saved budget cut invalidates the agent over it."""
     failures: list[BaseException] = []
