@@ -639,6 +639,30 @@ def test_every_address_of_a_name_shares_the_one_deadline(
         listener.close()
 
 
+def test_a_resolver_that_hangs_is_bounded_by_the_deadline_too(
+    monkeypatch: pytest.MonkeyPatch, config: EvaluatorConfig
+) -> None:
+    released = threading.Event()
+    real_getaddrinfo = socket.getaddrinfo
+
+    def hanging(host: str, *args: object, **kwargs: object) -> list[object]:
+        if host != "opa.invalid":
+            return real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]
+        released.wait(30)  # as a resolver whose servers do not answer
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    try:
+        with DecisionClient(ConnectionConfig(url="http://opa.invalid:8181"), config) as client:
+            started = time.monotonic()
+            with pytest.raises(EngineUnavailableError, match=r"cannot resolve the OPA host .* within 1 s"):
+                client.evaluate(PATH, {})
+            elapsed = time.monotonic() - started
+        assert TIMEOUT_S - 0.05 < elapsed < TIMEOUT_S + 0.5, f"{elapsed:.2f} s for a {TIMEOUT_S} s deadline"
+    finally:
+        released.set()
+
+
 def test_an_address_family_this_host_cannot_use_passes_on_to_the_next(
     monkeypatch: pytest.MonkeyPatch, fake: Callable[[Behaviour], FakeOPA], config: EvaluatorConfig
 ) -> None:

@@ -26,6 +26,7 @@ make a ``deny`` rule vanish and an ``allow`` come out true.
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import re
 import socket
@@ -34,6 +35,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -413,6 +415,11 @@ class DecisionClient:
 
     def _unavailable(self, exc: BaseException, timeout_s: float) -> EngineUnavailableError:
         where = self.connection.url
+        if isinstance(exc, _ResolverTimeout):
+            return EngineUnavailableError(
+                f"cannot resolve the OPA host in {where} within {timeout_s:g} s",
+                hint="check the system resolver (DNS), or give OPA's address as an IP address",
+            )
         if isinstance(exc, TimeoutError):
             return EngineUnavailableError(
                 f"OPA at {where} did not answer within {timeout_s:g} s",
@@ -591,12 +598,11 @@ def _connect(host: str, port: int, deadline: float) -> socket.socket:
     ``create_connection`` gives each address of a host name the whole timeout, so a name with
     three unreachable addresses would take three timeouts. As there, an address that fails
     (refused, or a family this host cannot use) passes on to the next one while time remains,
-    and the first error is the one raised. Name resolution itself is the system resolver's,
-    and is not bounded here.
+    and the first error is the one raised. Name resolution shares the deadline too.
     """
     errors: list[OSError] = []
     try:
-        for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        for family, kind, proto, _, address in _resolve(host, port, deadline):
             sock: socket.socket | None = None
             try:
                 sock = socket.socket(family, kind, proto)
@@ -617,6 +623,36 @@ def _connect(host: str, port: int, deadline: float) -> socket.socket:
         raise errors[0] if errors else OSError(f"{host} resolves to no address")
     finally:
         errors.clear()  # the tracebacks would keep this frame alive
+
+
+def _resolve(host: str, port: int, deadline: float) -> list[Any]:
+    """``socket.getaddrinfo``, waited for only until ``deadline``: the system resolver can take
+    many seconds (its own timeouts and retries) and cannot be interrupted, so a name is resolved on
+    a daemon thread that is left to finish alone when the deadline passes. An IP address, as a
+    managed sidecar has, needs no resolver and no thread."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    answer: Future[list[Any]] = Future()
+
+    def resolve() -> None:
+        try:
+            answer.set_result(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except BaseException as exc:  # handed to the caller through the future
+            answer.set_exception(exc)
+
+    threading.Thread(target=resolve, name="agov-resolve", daemon=True).start()
+    try:
+        return answer.result(timeout=_remaining(deadline))
+    except TimeoutError:
+        raise _ResolverTimeout(f"resolving {host} did not finish within the deadline") from None
+
+
+class _ResolverTimeout(TimeoutError):
+    """The system resolver had not answered by the deadline."""
 
 
 def _remaining(deadline: float) -> float:
