@@ -11,7 +11,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from e2e_support import ADMISSION_KEYS, agov, db_path, expect_error, ok
+from e2e_support import ADMISSION_KEYS, agov, db_path, expect_error, ok, snapshot
 
 pytestmark = pytest.mark.acceptance
 
@@ -70,3 +70,20 @@ def test_a_command_that_is_not_a_decision_is_exit_3(broken: Path) -> None:
 def test_an_unknown_agent_is_still_bad_input(fresh_ws: Path) -> None:
     expect_error(agov("admit", "no-such-agent", home=fresh_ws), code=2)
     expect_error(agov("promote", "no-such-agent", "--role", "agent_admin", home=fresh_ws), code=2)
+
+
+def test_an_unreadable_audit_anchor_denies_a_promotion_before_anything_commits(fresh_ws: Path) -> None:
+    """The anchor is read before COMMIT: a promotion never commits and then reports a deny."""
+    ok("agent", "create", "--template", "research-analyst", "--id", "gov-a", home=fresh_ws)
+    (fresh_ws / "agov.db.audit-anchor").write_text("{broken")
+    before = snapshot(fresh_ws)
+
+    result = agov("promote", "gov-a", "--role", "agent_admin", home=fresh_ws)
+
+    assert result.code == 1, str(result)
+    (reason,) = result.json["deny"]
+    assert reason["code"] == "PROMOTION_DENY_ENGINE_UNAVAILABLE"
+    assert "audit anchor" in reason["message"] and "restore it from a backup" in reason["message"]
+    after = snapshot(fresh_ws)
+    assert (after.rows, after.audit) == (before.rows, before.audit), "nothing was written, not even audit"
+    assert ok("agent", "show", "gov-a", home=fresh_ws)["status"] == "SANDBOX"

@@ -3,6 +3,8 @@ truncation, and names the first bad sequence number."""
 
 from __future__ import annotations
 
+import errno
+import logging
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from agov.audit import verify_chain
+from agov.errors import StoreError
 from agov.store import Store
 
 EVENTS = 10
@@ -85,4 +88,37 @@ def test_a_rolled_back_transaction_leaves_no_event(tmp_path: Path) -> None:
         tx.audit("WILL_ROLL_BACK")
         raise RuntimeError("boom")
     assert len(store.audit_events()) == EVENTS
+    assert verify_chain(store).ok
+
+
+def test_an_unreadable_anchor_refuses_a_write_before_it_commits(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    store.anchor_path.write_text("{broken")
+
+    with pytest.raises(StoreError, match=r"audit anchor .* is unreadable"), store.transaction() as tx:
+        tx.audit("NEVER_COMMITTED")
+        tx.execute("CREATE TABLE never_committed (x)")
+
+    assert len(store.audit_events()) == EVENTS
+    assert store.query("SELECT name FROM sqlite_master WHERE name = 'never_committed'") == []
+
+
+def test_a_committed_write_is_not_reported_as_failed_when_the_anchor_cannot_be_advanced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The anchor is written after COMMIT: a failure there (a full disk) must not tell the caller
+    that a committed change failed. The anchor stays behind the log, which still verifies."""
+    store = _store(tmp_path)
+    kept = store.read_anchor()
+
+    def disk_full(seq: int, digest: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "_write_anchor", disk_full)
+    with caplog.at_level(logging.WARNING, logger="agov.store"), store.transaction() as tx:
+        tx.audit("COMMITTED")
+
+    assert store.audit_events()[-1].type == "COMMITTED"
+    assert store.read_anchor() == kept
+    assert "not advanced to event 11" in caplog.text and "No space left" in caplog.text
     assert verify_chain(store).ok

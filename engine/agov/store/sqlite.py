@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -23,6 +24,8 @@ from typing import Any
 
 from agov.errors import StoreError
 from agov.hashing import canonical_json, sha256_hex
+
+_log = logging.getLogger("agov.store")
 
 SCHEMA_VERSION = 2
 GENESIS_HASH = "0" * 64
@@ -297,6 +300,8 @@ class Store:
         tx = Tx(conn)
         try:
             yield tx
+            if tx.last_audit is not None:
+                self.read_anchor()  # unreadable: refuse now, while nothing is committed
         except BaseException:
             conn.execute("ROLLBACK")
             raise
@@ -306,7 +311,14 @@ class Store:
             conn.execute("ROLLBACK")
             raise StoreError(f"commit failed on {self.path}: {exc}") from exc
         if tx.last_audit is not None:
-            self._write_anchor(*tx.last_audit)
+            # Committed: whatever happens to the anchor now, the caller must hear that it did.
+            # An anchor left behind the log still detects every truncation below it.
+            try:
+                self._write_anchor(*tx.last_audit)
+            except (OSError, StoreError) as exc:
+                _log.warning(
+                    "audit anchor %s not advanced to event %d: %s", self.anchor_path, tx.last_audit[0], exc
+                )
 
     def _write_anchor(self, seq: int, digest: str) -> None:
         tmp = self.anchor_path.with_name(self.anchor_path.name + f".{os.getpid()}.{threading.get_ident()}")
@@ -325,7 +337,12 @@ class Store:
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise StoreError(f"audit anchor {self.anchor_path} is unreadable: {exc}") from exc
+            raise StoreError(
+                f"audit anchor {self.anchor_path} is unreadable: {exc}",
+                hint="it records the audit log's last event, and nothing is written while it cannot be"
+                " read: restore it from a backup, or move it aside (`agov audit verify` then checks the"
+                " chain of the log, but can no longer tell whether its tail was cut off)",
+            ) from exc
 
     def query(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[sqlite3.Row]:
         try:
