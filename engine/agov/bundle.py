@@ -37,24 +37,66 @@ def bundle_files(policies_root: Path) -> list[tuple[str, bytes]]:
     """The files that make up the bundle: non-test Rego and data files under ``agov/``.
 
     Tests and schemas stay out: they do not change a decision, and schemas live outside the
-    bundle's ``agov`` root.
+    bundle's ``agov`` root. Hidden files and directories (editor swap files) are not read.
 
     Raises:
-        PolicyError: there is no ``agov/`` package tree, or it holds no Rego.
+        PolicyError: there is no ``agov/`` package tree, it holds no Rego, or a file that
+            ``opa test`` would load is one the sidecar would never see (see ``_unshipped``).
     """
     base = policies_root / BUNDLE_ROOT
     if not base.is_dir():
         raise PolicyError(f"{base} does not exist", hint="a policy tree has packages under agov/")
     files: list[tuple[str, bytes]] = []
-    for path in sorted(base.rglob("*")):
-        if not path.is_file():
+    for rel in _files(policies_root):
+        problem = _unshipped(rel)
+        if problem:
+            raise PolicyError(f"{policies_root / rel}: {problem}", hint=_UNSHIPPED_HINT)
+        name = rel.rsplit("/", 1)[-1]
+        if not rel.startswith(f"{BUNDLE_ROOT}/"):
             continue
-        name = path.name
         if (name.endswith(".rego") and not name.endswith("_test.rego")) or name in _DATA_FILES:
-            files.append((path.relative_to(policies_root).as_posix(), path.read_bytes()))
+            files.append((rel, (policies_root / rel).read_bytes()))
     if not any(p.endswith(".rego") for p, _ in files):
         raise PolicyError(f"no Rego policies under {base}")
     return files
+
+
+_LOADED_BY_OPA = (".rego", ".json", ".yaml", ".yml")
+_UNSHIPPED_HINT = "the active policy stays in force; `opa test` must judge exactly what the sidecar runs"
+
+
+def _unshipped(rel: str) -> str:
+    """Why ``opa check`` and ``opa test`` on the tree would load this file while the bundle
+    leaves it out, so that what was tested is not what runs; empty if it is shipped or inert."""
+    name = rel.rsplit("/", 1)[-1]
+    if not name.endswith(_LOADED_BY_OPA) or rel.startswith("schemas/"):
+        return ""
+    if not rel.startswith(f"{BUNDLE_ROOT}/"):
+        return f"outside {BUNDLE_ROOT}/, the bundle's only root: the sidecar never loads it; move it under {BUNDLE_ROOT}/"
+    if name.endswith(".rego") or name in _DATA_FILES:
+        return ""
+    return (
+        "a bundle takes data only from files named data.json or data.yaml, so the sidecar would never"
+        " see this one (though `opa test` on the directory loads it): merge it into data.json in the"
+        " same directory"
+    )
+
+
+def _files(root: Path) -> list[str]:
+    """Every file under ``root`` as a relative POSIX path, sorted; symlinked directories are
+    followed (as the snapshot's copy follows them), hidden entries and ``__pycache__`` skipped."""
+    found: list[str] = []
+    for directory, subdirs, names in os.walk(root, followlinks=True):
+        subdirs[:] = [d for d in subdirs if not _skipped(d)]
+        base = Path(directory).relative_to(root)
+        for name in names:
+            if not _skipped(name) and (Path(directory) / name).is_file():
+                found.append((base / name).as_posix())
+    return sorted(found)
+
+
+def _skipped(name: str) -> bool:
+    return name.startswith(".") or name == "__pycache__"
 
 
 def compute_policy_hash(policies_root: Path) -> str:
@@ -99,27 +141,33 @@ def _finish(
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(root).as_posix(): p.read_bytes()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-        and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(root).parts)
-    }
+    return {rel: (root / rel).read_bytes() for rel in _files(root)}
 
 
 def _stable_copy(source: Path, target: Path, attempts: int = 5) -> None:
     """Copy a tree an editor may be writing to; retry until a copy matches the source.
 
+    A file that vanishes while it is copied (an editor's delete-then-rename save) is one more
+    reason to try again.
+
     Raises:
         PolicyError: the tree kept changing while it was copied.
     """
+    if not source.is_dir():
+        raise PolicyError(f"{source} does not exist", hint="a policy tree has packages under agov/")
+    problem = ""
     for attempt in range(attempts):
         shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", ".*"))
-        if _tree(target) == _tree(source):
-            return
+        try:
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", ".*"))
+            if _tree(target) == _tree(source):
+                return
+        except OSError as exc:  # shutil.Error included
+            problem = f": {exc}"[:2000]
         time.sleep(0.05 * (attempt + 1))
-    raise PolicyError(f"{source} kept changing while it was read", hint="save the files, then reload")
+    raise PolicyError(
+        f"{source} kept changing while it was read{problem}", hint="save the files, then reload"
+    )
 
 
 def check_and_build(
@@ -128,6 +176,7 @@ def check_and_build(
     out_dir: Path,
     *,
     signing_key: Path,
+    entrypoints: Sequence[str] = (),
     timeout_s: float = 120.0,
 ) -> BuiltBundle:
     """Check, test, build and sign one snapshot of the policy tree.
@@ -135,6 +184,9 @@ def check_and_build(
     ``opa check --strict``, ``opa test`` and ``opa build`` (revision = policy hash, ES256
     signature) run side by side on the same copy of the tree, so all three judge the same bytes
     even while an editor is still writing; the bundle lands in ``out_dir`` only when all pass.
+    Each of ``entrypoints`` (``agov/admission/decision``…) must be a rule the bundle defines:
+    ``opa build -t plan`` refuses one that is not, where a plain build would ship a policy that
+    answers every such query with nothing.
 
     Raises:
         PolicyError: the tree is empty, does not compile, a test fails, or the build failed.
@@ -143,7 +195,10 @@ def check_and_build(
     with tempfile.TemporaryDirectory(prefix="agov-bundle-") as tmp:
         snapshot = Path(tmp) / "policies"
         _stable_copy(policies_root, snapshot)
-        files = bundle_files(snapshot)
+        try:
+            files = bundle_files(snapshot)
+        except PolicyError as exc:  # name the user's tree, not the snapshot
+            raise PolicyError(exc.message.replace(str(snapshot), str(policies_root)), hint=exc.hint) from exc
         digest = policy_hash(files)
         stage = Path(tmp) / "stage"
         for rel, content in files:
@@ -195,6 +250,11 @@ def check_and_build(
                 stage,
             ),
         ]
+        if entrypoints:
+            plan = [str(opa), "build", "-t", "plan", "-b", ".", "-o", str(Path(tmp) / "plan.tar.gz")]
+            for entrypoint in entrypoints:
+                plan += ["-e", entrypoint]
+            steps.append(("the entrypoint check (opa build -t plan)", plan, stage))
         running: list[tuple[str, subprocess.Popen[str]]] = []
         try:
             for what, cmd, cwd in steps:

@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from agov import keys
+from agov.admission import ADMISSION_PATH
 from agov.bundle import BuiltBundle, check_and_build, compute_policy_hash
 from agov.decisions import Code
 from agov.errors import NotFoundError, PolicyError
+from agov.promotion import PROMOTION_PATH
+from agov.revalidation import REVALIDATION_PATH
 from agov.store import Store
 from agov.store.sqlite import iso, utcnow
 
@@ -90,7 +93,13 @@ def build(opa: Path, policies: Path, bundles: Path, keys_dir: Path) -> BuiltBund
         PolicyError: the policy does not compile, a test fails, or the build failed.
     """
     bundle_key = keys.ensure_bundle_signing_key(keys_dir)
-    return check_and_build(opa, policies, bundles, signing_key=bundle_key.private_pem_path)
+    return check_and_build(
+        opa, policies, bundles, signing_key=bundle_key.private_pem_path, entrypoints=ENTRYPOINTS
+    )
+
+
+# What agov asks OPA: a tree that does not define each of them is refused.
+ENTRYPOINTS = (PROMOTION_PATH, ADMISSION_PATH, REVALIDATION_PATH)
 
 
 def record(

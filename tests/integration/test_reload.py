@@ -187,6 +187,30 @@ def _malformed_data(home: Path) -> Callable[[], None]:
     return lambda: data_file(home).write_text(original)
 
 
+def _data_file_a_bundle_ignores(home: Path) -> Callable[[], None]:
+    # `opa test` on the directory loads blocked.json as data.agov.config; a bundle loads only
+    # data.json/data.yaml, so a rule tested against it would never fire in the sidecar.
+    path = data_file(home).with_name("blocked.json")
+    path.write_text('{"blocked_models": ["gpt-x"]}\n')
+    return path.unlink
+
+
+def _rego_outside_the_bundle_root(home: Path) -> Callable[[], None]:
+    path = home / "policies" / "lib" / "helpers.rego"
+    path.parent.mkdir()
+    path.write_text('package lib.helpers\n\nblocked_models := {"gpt-x"}\n')
+    return lambda: shutil.rmtree(path.parent)
+
+
+def _admission_package_removed(home: Path) -> Callable[[], None]:
+    # Checks and tests still pass without it; only the entrypoint check sees that no rule
+    # answers agov/admission/decision (every start would then be denied as undefined).
+    package = home / "policies" / "agov" / "admission"
+    aside = home / "admission.aside"
+    package.rename(aside)
+    return lambda: aside.rename(package)
+
+
 @pytest.mark.parametrize(
     ("breakage", "message"),
     [
@@ -194,8 +218,19 @@ def _malformed_data(home: Path) -> Callable[[], None]:
         (_failing_test, "opa test failed"),
         (_failing_test_with_a_change, "opa test failed"),
         (_malformed_data, "opa test failed"),
+        (_data_file_a_bundle_ignores, "blocked.json: a bundle takes data only from files named data.json"),
+        (_rego_outside_the_bundle_root, "helpers.rego: outside agov/, the bundle's only root"),
+        (_admission_package_removed, 'entrypoint "agov/admission/decision" does not refer to a rule'),
     ],
-    ids=["rego-syntax-error", "failing-opa-test", "failing-opa-test-with-change", "malformed-data-json"],
+    ids=[
+        "rego-syntax-error",
+        "failing-opa-test",
+        "failing-opa-test-with-change",
+        "malformed-data-json",
+        "data-file-a-bundle-ignores",
+        "rego-outside-the-bundle-root",
+        "admission-package-removed",
+    ],
 )
 def test_a_refused_reload_keeps_the_old_policy_in_store_and_opa(
     engine: Engine, home: Path, breakage: Callable[[Path], Callable[[], None]], message: str

@@ -1,0 +1,106 @@
+"""What a policy tree's bundle (and so its hash) is made of, and what is refused because
+``opa test`` would judge a file the sidecar never loads. No OPA needed."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agov import bundle
+from agov.bundle import bundle_files, compute_policy_hash
+from agov.errors import PolicyError
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "policies"
+    (root / "agov" / "promotion").mkdir(parents=True)
+    (root / "agov" / "promotion" / "promotion.rego").write_text("package agov.promotion\n\nallow := false\n")
+    (root / "agov" / "promotion" / "promotion_test.rego").write_text("package agov.promotion_test\n")
+    (root / "agov" / "config").mkdir()
+    (root / "agov" / "config" / "data.json").write_text('{"limit": 1}\n')
+    (root / "schemas").mkdir()
+    (root / "schemas" / "input.json").write_text("{}\n")
+    return root
+
+
+def test_the_bundle_is_the_policy_and_data_files_under_agov(tree: Path) -> None:
+    (tree / "README.md").write_text("notes\n")  # OPA loads no .md file
+    assert [rel for rel, _ in bundle_files(tree)] == ["agov/config/data.json", "agov/promotion/promotion.rego"]
+
+
+def test_hidden_entries_and_pycache_change_nothing(tree: Path) -> None:
+    """As the build's snapshot skips them, so does the hash of the live tree (the rollback note)."""
+    before = compute_policy_hash(tree)
+    (tree / "agov" / ".wip").mkdir()
+    (tree / "agov" / ".wip" / "draft.rego").write_text("package agov.wip\n")
+    (tree / "agov" / "promotion" / ".promotion.rego.swp").write_bytes(b"\0swap")
+    (tree / "agov" / "__pycache__").mkdir()
+    (tree / "agov" / "__pycache__" / "x.json").write_text("{}")
+    assert compute_policy_hash(tree) == before
+
+
+def test_a_symlinked_directory_counts_with_its_content(tree: Path, tmp_path: Path) -> None:
+    shared = tmp_path / "shared" / "util"
+    shared.mkdir(parents=True)
+    (shared / "util.rego").write_text("package agov.util\n\nx := 1\n")
+    (tree / "agov" / "util").symlink_to(shared, target_is_directory=True)
+    copy = tmp_path / "copy"
+    bundle._stable_copy(tree, copy)  # copytree follows the link: the copy must match the source
+    assert "agov/util/util.rego" in [rel for rel, _ in bundle_files(tree)]
+    assert compute_policy_hash(copy) == compute_policy_hash(tree)
+
+
+@pytest.mark.parametrize(
+    ("rel", "why"),
+    [
+        ("agov/config/blocked.json", "a bundle takes data only from files named data.json or data.yaml"),
+        ("agov/promotion/fixtures.yaml", "a bundle takes data only from files named data.json or data.yaml"),
+        ("lib/helpers.rego", "outside agov/, the bundle's only root"),
+        ("extra.json", "outside agov/, the bundle's only root"),
+    ],
+)
+def test_a_file_opa_test_would_load_but_the_bundle_would_not_is_refused(tree: Path, rel: str, why: str) -> None:
+    path = tree / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{}\n")
+    with pytest.raises(PolicyError) as refused:
+        bundle_files(tree)
+    assert refused.value.message.startswith(f"{path}: {why}")
+    assert "opa test" in refused.value.hint
+
+
+def test_a_copy_that_fails_while_an_editor_saves_is_tried_again(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_copytree = shutil.copytree
+    failures = [shutil.Error([("a.rego", "b.rego", "[Errno 2] No such file or directory")])]
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return real_copytree(*args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copytree", flaky)
+    bundle._stable_copy(tree, tmp_path / "copy")
+    assert compute_policy_hash(tmp_path / "copy") == compute_policy_hash(tree)
+
+
+def test_a_copy_that_keeps_failing_is_a_refused_policy_that_says_why(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def always(*args: Any, **kwargs: Any) -> Any:
+        raise shutil.Error([("a.rego", "b.rego", "[Errno 2] No such file or directory")])
+
+    monkeypatch.setattr(shutil, "copytree", always)
+    monkeypatch.setattr(bundle.time, "sleep", lambda _s: None)
+    with pytest.raises(PolicyError, match=r"kept changing while it was read: .*No such file"):
+        bundle._stable_copy(tree, tmp_path / "copy")
+
+
+def test_a_missing_tree_is_named(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match=r"policies does not exist"):
+        bundle._stable_copy(tmp_path / "policies", tmp_path / "copy")
