@@ -659,10 +659,17 @@ class Engine:
         judged = revalidation.judged_org(self.store, previous.hash) if previous else None
         org_changed = judged is not None and judged != digest
         change = revalidation.OrgChange(actor=actor, reason=reason, previous_digest=judged)
+        content = policy.bundle_bytes(self.workspace.bundles, version)  # gone: refused, nothing changed
         with self._switch_lock:  # no decision moves the sidecar back to the store's hash meanwhile
-            if self._evaluator is not None and hasattr(self._evaluator, "activate"):
-                self._evaluator.activate(policy.bundle_bytes(self.workspace.bundles, version), version.hash)
-            elif self._evaluator is not None:
+            with self._evaluator_lock:
+                started = self._evaluator is None and self.config.runtime != "external"
+                if started:
+                    # no sidecar yet (a CLI process): start one on the new bundle, so that OPA
+                    # verifies and loads it before the store names it active
+                    self._evaluator = self._start_managed(version)
+            if not started and self._evaluator is not None and hasattr(self._evaluator, "activate"):
+                self._evaluator.activate(content, version.hash)
+            elif not started and self._evaluator is not None:
                 self._evaluator.close()
                 self._evaluator = None
             policy.mark_active(self.store, version.hash, event=event, actor=actor, reason=reason)

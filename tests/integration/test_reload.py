@@ -32,7 +32,7 @@ from _reload_support import (
 from agov import keys
 from agov.bundle import compute_policy_hash
 from agov.engine import Engine
-from agov.errors import PolicyError, UsageError
+from agov.errors import EngineUnavailableError, PolicyError, UsageError
 from agov.proofs import verify_proof
 from agov.store.sqlite import utcnow
 from agov.watch import PolicyWatcher
@@ -346,6 +346,37 @@ def test_rollback_is_reported_even_when_the_policy_files_cannot_be_read(engine: 
     assert (result["policy_hash"], result["workspace_policy_hash"]) == (old, None)
     assert result["revalidation"]["restored"] == 2
     assert engine.active_policy().hash == old
+
+
+@pytest.mark.parametrize("damage", ["gone", "truncated"])
+def test_a_rollback_from_a_process_with_no_sidecar_yet_loads_the_bundle_before_the_store_switches(
+    engine: Engine, home: Path, damage: str
+) -> None:
+    """A CLI process has no sidecar when it rolls back: OPA must still load and verify the
+    target bundle before the store names it active (before, the store switched first, and every
+    later decision failed closed on a bundle OPA would never load)."""
+    old = engine.active_policy().hash
+    edit_data(home, set_analysis_limit(0.4))
+    new = engine.reload_policy(actor=ACTOR, reason="too tight")["policy_hash"]
+    bundle = home / "bundles" / f"{old}.tar.gz"
+    if damage == "gone":
+        bundle.unlink()
+    else:
+        bundle.write_bytes(bundle.read_bytes()[:300])
+    before = snapshot(home)
+    seq = _last_seq(engine)
+
+    with Engine.open(home) as cli, pytest.raises((PolicyError, EngineUnavailableError)):
+        cli.rollback_policy(old, actor=ACTOR, reason="undo")
+
+    assert engine.active_policy().hash == new
+    after = snapshot(home)
+    assert {t: after[t] for t in before if t not in ("audit_events", "__anchor__")} == {
+        t: before[t] for t in before if t not in ("audit_events", "__anchor__")
+    }
+    assert [e["type"] for e in _audit(engine, seq)] == []
+    decision = engine.admit("cool-analyst")
+    assert decision.allow and decision.policy_hash == new
 
 
 def test_rollback_restores_the_agents_the_bad_version_invalidated(engine: Engine, home: Path) -> None:
