@@ -13,6 +13,7 @@ from agov.errors import WorkspaceError
 
 MAX_TIMEOUT_S = 300.0  # the longest deadline any one call to OPA may have
 _MAX_COUNT = 2**31 - 1
+_MAX_TTL_DAYS = 36_500  # a century: far from datetime's year 9999
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,17 @@ class OrgLimits:
 
     max_monthly_budget_usd: float = 1000.0
 
+    def __post_init__(self) -> None:
+        """Raises: ValueError: not a finite number >= 0 (a typo would otherwise deny everyone)."""
+        value = self.max_monthly_budget_usd
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise ValueError(f"max_monthly_budget_usd must be a number >= 0, not {value!r}")
+
 
 @dataclass(frozen=True)
 class Config:
@@ -71,6 +83,19 @@ class Config:
     proof_ttl_days: int | None = 365
     org: OrgLimits = field(default_factory=OrgLimits)
     limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        """Raises: ValueError: a lifetime that is not a whole number of days in range; for
+        ``proof_ttl_days``, None (not 0) is the way to say that proofs do not expire."""
+        for name in ("sandbox_ttl_days", "proof_ttl_days"):
+            value = getattr(self, name)
+            if value is None and name == "proof_ttl_days":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_TTL_DAYS:
+                never = " (or null: proofs never expire)" if name == "proof_ttl_days" else ""
+                raise ValueError(
+                    f"{name} must be a whole number of days in 1..{_MAX_TTL_DAYS}{never}, not {value!r}"
+                )
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(asdict(self), sort_keys=False)

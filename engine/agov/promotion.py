@@ -271,7 +271,9 @@ def promote(
                 actor=actor,
                 role=role,
                 now=now,
-                expires_at=now + timedelta(days=config.proof_ttl_days) if config.proof_ttl_days else None,
+                expires_at=None
+                if config.proof_ttl_days is None
+                else now + timedelta(days=config.proof_ttl_days),
             )
             active = tx.execute("SELECT hash FROM policy_versions WHERE active = 1").fetchone()
             if active is None or active[0] != policy_hash:

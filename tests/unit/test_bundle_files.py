@@ -29,7 +29,10 @@ def tree(tmp_path: Path) -> Path:
 
 def test_the_bundle_is_the_policy_and_data_files_under_agov(tree: Path) -> None:
     (tree / "README.md").write_text("notes\n")  # OPA loads no .md file
-    assert [rel for rel, _ in bundle_files(tree)] == ["agov/config/data.json", "agov/promotion/promotion.rego"]
+    assert [rel for rel, _ in bundle_files(tree)] == [
+        "agov/config/data.json",
+        "agov/promotion/promotion.rego",
+    ]
 
 
 def test_hidden_entries_and_pycache_change_nothing(tree: Path) -> None:
@@ -63,7 +66,9 @@ def test_a_symlinked_directory_counts_with_its_content(tree: Path, tmp_path: Pat
         ("extra.json", "outside agov/, the bundle's only root"),
     ],
 )
-def test_a_file_opa_test_would_load_but_the_bundle_would_not_is_refused(tree: Path, rel: str, why: str) -> None:
+def test_a_file_opa_test_would_load_but_the_bundle_would_not_is_refused(
+    tree: Path, rel: str, why: str
+) -> None:
     path = tree / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("{}\n")

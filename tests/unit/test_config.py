@@ -3,6 +3,7 @@ Python, so that no limit can quietly disable its own check (a chunk size of 0 re
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,41 @@ def test_an_engine_cannot_be_created_with_a_chunk_size_of_zero(tmp_path: Path) -
     with pytest.raises(ValueError, match="revalidation_chunk_size must be positive"):
         Engine.init(home, Config(limits=Limits(revalidation_chunk_size=0)))
     assert not home.exists()
+
+
+BAD_SETTINGS = [
+    ({"proof_ttl_days": 0}, "agov.yaml", "proof_ttl_days must be a whole number of days in 1..36500"),
+    ({"proof_ttl_days": False}, "agov.yaml", "or null: proofs never expire"),
+    ({"proof_ttl_days": True}, "agov.yaml", "proof_ttl_days must be a whole number"),
+    ({"proof_ttl_days": -1}, "agov.yaml", "not -1"),
+    ({"proof_ttl_days": 1.5}, "agov.yaml", "not 1.5"),
+    ({"sandbox_ttl_days": 10**9}, "agov.yaml", "sandbox_ttl_days must be a whole number of days in 1..36500"),
+    ({"sandbox_ttl_days": None}, "agov.yaml", "sandbox_ttl_days must be a whole number"),
+    (
+        {"org": {"max_monthly_budget_usd": -5}},
+        "agov.yaml.org",
+        "max_monthly_budget_usd must be a number >= 0",
+    ),
+    ({"org": {"max_monthly_budget_usd": "1000"}}, "agov.yaml.org", "not '1000'"),
+    ({"org": {"max_monthly_budget_usd": True}}, "agov.yaml.org", "not True"),
+    ({"org": {"max_monthly_budget_usd": float("nan")}}, "agov.yaml.org", "not nan"),
+]
+
+
+@pytest.mark.parametrize(("raw", "where", "message"), BAD_SETTINGS)
+def test_bad_lifetimes_and_org_limits_are_refused(
+    tmp_path: Path, raw: dict[str, object], where: str, message: str
+) -> None:
+    """Before, proof_ttl_days: 0 (or false) gave proofs that never expire, -1 failed a promotion
+    with no audit event, and a budget typo denied every agent instead of the config."""
+    path = tmp_path / "agov.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(WorkspaceError, match=rf"^{re.escape(where)}: .*{re.escape(message)}"):
+        load_config(path)
+
+
+def test_proofs_may_be_configured_never_to_expire_and_budgets_to_be_whole(tmp_path: Path) -> None:
+    path = tmp_path / "agov.yaml"
+    path.write_text(yaml.safe_dump({"proof_ttl_days": None, "org": {"max_monthly_budget_usd": 0}}))
+    config = load_config(path)
+    assert (config.proof_ttl_days, config.org.max_monthly_budget_usd) == (None, 0)
