@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import io
+import re
 import tarfile
 from dataclasses import dataclass
 from datetime import datetime
@@ -73,7 +74,15 @@ def find_version(store: Store, prefix: str) -> PolicyVersion:
     """
     if len(prefix) < 8:
         raise NotFoundError(f"policy hash prefix {prefix!r} is too short", hint="give at least 8 characters")
-    rows = store.query("SELECT * FROM policy_versions WHERE hash LIKE ? ORDER BY seq", (prefix + "%",))
+    if not _HASH_PREFIX.fullmatch(prefix):  # and never a LIKE pattern: `________` matched any hash
+        raise NotFoundError(
+            f"policy hash prefix {prefix!r} is not hexadecimal",
+            hint="`agov policy history` lists the versions",
+        )
+    rows = store.query(
+        "SELECT * FROM policy_versions WHERE substr(hash, 1, ?) = ? ORDER BY seq",
+        (len(prefix), prefix.lower()),
+    )
     if len(rows) != 1:
         raise NotFoundError(
             f"{'no' if not rows else 'more than one'} policy version matches {prefix!r}",
@@ -97,6 +106,8 @@ def build(opa: Path, policies: Path, bundles: Path, keys_dir: Path) -> BuiltBund
         opa, policies, bundles, signing_key=bundle_key.private_pem_path, entrypoints=ENTRYPOINTS
     )
 
+
+_HASH_PREFIX = re.compile(r"[0-9a-fA-F]{8,64}")
 
 # What agov asks OPA: a tree that does not define each of them is refused.
 ENTRYPOINTS = (PROMOTION_PATH, ADMISSION_PATH, REVALIDATION_PATH)

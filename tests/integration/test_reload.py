@@ -32,7 +32,7 @@ from _reload_support import (
 from agov import keys
 from agov.bundle import compute_policy_hash
 from agov.engine import Engine
-from agov.errors import EngineUnavailableError, PolicyError, UsageError
+from agov.errors import EngineUnavailableError, NotFoundError, PolicyError, UsageError
 from agov.proofs import verify_proof
 from agov.store.sqlite import utcnow
 from agov.watch import PolicyWatcher
@@ -408,6 +408,11 @@ def test_rollback_restores_the_agents_the_bad_version_invalidated(engine: Engine
     before = snapshot(home)
     with pytest.raises(UsageError, match="already active"):
         engine.rollback_policy(old, actor=ACTOR, reason="again")
+    # a prefix is hexadecimal and matched as text: `________` was a LIKE pattern for any hash
+    for pattern in ("________", "%%%%%%%%", bad[:7] + "_"):
+        with pytest.raises(NotFoundError, match="is not hexadecimal"):
+            engine.rollback_policy(pattern, actor=ACTOR, reason="wildcard")
+    assert engine.policy_diff(bad[:8].upper(), bad) == ""
     assert snapshot(home) == before
     assert engine.verify_audit().ok
 
