@@ -494,6 +494,13 @@ class Engine:
             except (KeyMaterialError, WorkspaceError) as exc:  # no key to sign, no limits to judge with
                 self._refuse_reload(exc, actor=actor, reason=reason, active=active)
                 raise
+        try:
+            # before the new version is even recorded: a switch would refuse it for these
+            keyring.active_signer(self.store, self.workspace.keys, self.clock())
+            self._judging_config()
+        except (KeyMaterialError, WorkspaceError) as exc:
+            self._refuse_reload(exc, actor=actor, reason=reason, active=active)
+            raise
         version = policy.record(self.store, built, actor=actor, reason=reason)
         try:
             report, org_changed = self._switch(

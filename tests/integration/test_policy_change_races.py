@@ -159,6 +159,8 @@ def test_a_reload_with_no_key_that_may_sign_is_refused_before_anything_changes(
     p1 = engine.active_policy().hash
     engine.generate_key(alg="ed25519", actor=ACTOR, not_before=engine.clock() + timedelta(days=1))
     runs = engine.store.query("SELECT * FROM revalidation_runs")
+    versions = engine.store.query("SELECT * FROM policy_versions")
+    seq = engine.store.audit_events()[-1].seq
 
     edit_data(home, set_analysis_limit(0.4))
     with pytest.raises(KeyMaterialError, match="is not valid before"):
@@ -167,8 +169,10 @@ def test_a_reload_with_no_key_that_may_sign_is_refused_before_anything_changes(
     assert engine.active_policy().hash == p1
     assert getattr(engine.evaluator(), "active_revision", None) == p1, "OPA was not switched either"
     assert engine.store.query("SELECT * FROM revalidation_runs") == runs
-    refused = engine.store.query_one("SELECT payload FROM audit_events WHERE type = 'POLICY_RELOAD_REFUSED'")
-    assert "is not valid before" in refused["payload"]
+    # not even recorded as a version a rollback could later activate
+    assert engine.store.query("SELECT * FROM policy_versions") == versions
+    (refused,) = engine.store.audit_events(after_seq=seq)
+    assert refused.type == "POLICY_RELOAD_REFUSED" and "is not valid before" in refused.payload["error"]
     assert engine.admit(COOL).allow
 
 
