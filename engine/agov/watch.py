@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
+from watchdog.observers.api import ObservedWatch
 
 _WATCHED_SUFFIXES = (".rego", ".json", ".yaml", ".yml")
 _CHANGES = frozenset({"created", "modified", "moved", "deleted", "closed"})
+# A directory moved out of the tree takes its files with it without an event of theirs; a
+# directory's "modified" only echoes the file events inside it.
+_DIRECTORY_CHANGES = frozenset({"created", "moved", "deleted"})
 
 
 class _Debounced(FileSystemEventHandler):
@@ -28,12 +40,15 @@ class _Debounced(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         # Reads (opened, closed_no_write) are not changes: reacting to them would make every
         # reload, which reads the policy files, schedule the next one.
-        if event.is_directory or event.event_type not in _CHANGES:
+        if event.event_type not in _CHANGES:
             return
         # An atomic save (write a temp file, rename it over the target) names the policy file
         # only as the rename's destination.
-        paths = (str(event.src_path), str(getattr(event, "dest_path", "") or ""))
-        if not any(self._is_policy_file(p) or os.path.abspath(p) in self._files for p in paths if p):
+        paths = [p for p in (str(event.src_path), str(getattr(event, "dest_path", "") or "")) if p]
+        if event.is_directory:
+            if event.event_type not in _DIRECTORY_CHANGES or not any(self._in_tree(p) for p in paths):
+                return
+        elif not any(self._is_policy_file(p) or os.path.abspath(p) in self._files for p in paths):
             return
         with self._lock:
             if self._timer is not None:
@@ -47,8 +62,10 @@ class _Debounced(FileSystemEventHandler):
         """A policy or data file in the tree: hidden names count only *below* the watched root
         (an editor's ``.x.rego.swp``, a ``.git`` directory), so a workspace that itself lives
         under a hidden directory (``~/.agov``) is still watched."""
-        if not path.endswith(_WATCHED_SUFFIXES):
-            return False
+        return path.endswith(_WATCHED_SUFFIXES) and self._in_tree(path)
+
+    def _in_tree(self, path: str) -> bool:
+        """The root itself (replaced by a rename), or a path below it with no hidden name."""
         try:
             inside = Path(os.path.abspath(path)).relative_to(self._root)
         except ValueError:
@@ -75,23 +92,45 @@ class PolicyWatcher:
         """``config_file`` (``agov.yaml``) is watched too: its org limits judge agents."""
         self._run_lock = threading.Lock()
         self._on_change = on_change
+        self._policies = policies
         files = (config_file,) if config_file is not None else ()
         self._handler = _Debounced(policies, self._fire, debounce_s, files)
         self._observer = Observer()
-        self._observer.schedule(self._handler, str(policies), recursive=True)
+        self._tree_inode = _inode(policies)
+        self._tree_watch: ObservedWatch | None = self._observer.schedule(
+            self._handler, str(policies), recursive=True
+        )
         if config_file is not None:
             # Its directory also holds agov.db, written at every commit: only completed saves
-            # (a write closed, or a temp file renamed over it) are asked of the kernel there.
+            # (a write closed, or a temp file renamed over it) are asked of the kernel there,
+            # and directories made or renamed there (the policies directory replaced by another).
             self._observer.schedule(
                 self._handler,
                 str(config_file.parent),
                 recursive=False,
-                event_filter=[FileClosedEvent, FileMovedEvent],
+                event_filter=[FileClosedEvent, FileMovedEvent, DirCreatedEvent, DirMovedEvent],
             )
 
     def _fire(self) -> None:
         with self._run_lock:
+            self._follow_tree()
             self._on_change()
+
+    def _follow_tree(self) -> None:
+        """The kernel watches a directory, not its name: once another directory has been renamed
+        to ``policies`` (a whole tree swapped in), watch that one from now on."""
+        inode = _inode(self._policies)
+        if inode is None or inode == self._tree_inode:
+            return
+        if self._tree_watch is not None:
+            with contextlib.suppress(KeyError):  # its directory may be gone, and its watch with it
+                self._observer.unschedule(self._tree_watch)
+            self._tree_watch = None
+        try:
+            self._tree_watch = self._observer.schedule(self._handler, str(self._policies), recursive=True)
+        except OSError:
+            return  # renamed again meanwhile: the event of that rename brings us back here
+        self._tree_inode = inode
 
     def start(self) -> None:
         self._observer.start()
@@ -100,3 +139,11 @@ class PolicyWatcher:
         self._observer.stop()  # first: no new events may schedule a reload
         self._observer.join(timeout=5)
         self._handler.cancel()
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino

@@ -111,3 +111,42 @@ def test_the_store_and_other_files_beside_agov_yaml_do_not_reload(home: Path) ->
         (home / "opa-config.yaml").write_text("services: {}\n")
 
     assert _watch_config(home, write_the_store_and_others) == 0
+
+
+def test_a_package_moved_out_of_the_tree_reloads(home: Path, tmp_path: Path) -> None:
+    """Its files leave with it, and the kernel reports only the directory's move."""
+    package = home / "policies" / "agov" / "blocked"
+    package.mkdir()
+    (package / "blocked.rego").write_text("package agov.blocked\n")
+    time.sleep(0.2)  # the creation's own events are over before the watch starts
+
+    assert _watch_config(home, lambda: package.rename(tmp_path / "elsewhere")) >= 1
+
+
+def test_a_policy_tree_swapped_in_by_renames_reloads_and_stays_watched(home: Path, tmp_path: Path) -> None:
+    replacement = tmp_path / "new-policies"
+    (replacement / "agov").mkdir(parents=True)
+    (replacement / "agov" / "x.rego").write_text("package agov.x\n")
+    policies = home / "policies"
+    fired: list[float] = []
+    seen = threading.Event()
+
+    def on_change() -> None:
+        fired.append(time.monotonic())
+        seen.set()
+
+    watcher = PolicyWatcher(policies, on_change, debounce_s=0.05, config_file=home / "agov.yaml")
+    watcher.start()
+    try:
+        time.sleep(0.2)
+        policies.rename(tmp_path / "old-policies")
+        replacement.rename(policies)
+        assert seen.wait(SETTLE_S), "the swap itself reloads"
+        time.sleep(0.3)
+        seen.clear()
+        swaps = len(fired)
+        (policies / "agov" / "x.rego").write_text("package agov.x\n\ny := 1\n")  # an edit in the new tree
+        assert seen.wait(SETTLE_S), "edits in the swapped-in tree are watched"
+        assert len(fired) > swaps
+    finally:
+        watcher.stop()
