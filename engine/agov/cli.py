@@ -162,7 +162,11 @@ def _read_file(path: Path, limit: int) -> bytes:
         size = path.stat().st_size
         if size > limit:
             raise SpecError(f"{path} is {size} bytes, over the {limit}-byte limit")
-        return path.read_bytes()
+        with path.open("rb") as stream:  # a pipe or a device has no size: never read past the limit
+            raw = stream.read(limit + 1)
+        if len(raw) > limit:
+            raise SpecError(f"{path} holds more than the {limit}-byte limit")
+        return raw
     except FileNotFoundError as exc:
         raise UsageError(f"file not found: {path}") from exc
     except IsADirectoryError as exc:

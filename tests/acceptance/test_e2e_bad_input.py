@@ -55,6 +55,9 @@ def ws(pristine: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, 
     (files / "broken.yaml").write_text("apiVersion: [agov/v1\nkind: : Agent\n")
     (files / "dir.yaml").mkdir()
     (files / "big.yaml").write_text("# padding\n" * 30_000 + "apiVersion: agov/v1\n")
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    (files / "bomb.yaml").write_text("\n".join(levels) + "\n")  # 522 bytes, 9**10 values if loaded
     write_doc(files / "leaky.yaml", make_spec("leaky-agent", external_calls=True))
     write_doc(
         files / "leaky-event.json",
@@ -118,6 +121,18 @@ CASES = [
         "oversized",
         lambda f: ["agent", "create", "--from-file", f("big.yaml")],
         r"big\.yaml is 300020 bytes, over the 262144-byte limit$",
+        "SpecError",
+    ),
+    Case(
+        "endless-stream",  # no size to check first: read no further than the limit
+        lambda f: ["agent", "create", "--from-file", "/dev/zero"],
+        r"^/dev/zero holds more than the 262144-byte limit$",
+        "SpecError",
+    ),
+    Case(
+        "yaml-alias-bomb",
+        lambda f: ["agent", "create", "--from-file", f("bomb.yaml")],
+        r"bomb\.yaml uses a YAML alias \(\*a0\), which agov does not accept$",
         "SpecError",
     ),
     Case(

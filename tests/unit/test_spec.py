@@ -146,3 +146,24 @@ def test_a_yaml_error_names_the_file_not_a_placeholder() -> None:
         parse_spec_bytes(b"a: [1,\nb: 2\n", source="broken.yaml")
     assert '"broken.yaml", line 1' in info.value.message
     assert "<unicode string>" not in info.value.message
+
+
+def test_yaml_aliases_are_refused_before_anything_expands(monkeypatch: pytest.MonkeyPatch) -> None:
+    """R1: a 500-byte alias bomb expands to 9**10 values (gigabytes, minutes of CPU) when loaded."""
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    bomb = ("\n".join(levels) + "\n").encode()
+    assert len(bomb) < 600
+    real_load = yaml.load
+
+    def load_nothing_yet(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the document was loaded (its aliases expanded) before it was refused")
+
+    monkeypatch.setattr(yaml, "load", load_nothing_yet)
+    with pytest.raises(
+        SpecError, match=r"^bomb\.yaml uses a YAML alias \(\*a0\), which agov does not accept$"
+    ):
+        parse_spec_bytes(bomb, source="bomb.yaml")
+    # an anchor with no alias is inert, and loads
+    monkeypatch.setattr(yaml, "load", real_load)
+    assert parse_spec_bytes(b"kind: &k Agent\n") == {"kind": "Agent"}
