@@ -12,6 +12,7 @@ import functools
 import getpass
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -67,16 +68,31 @@ def fail(exc: BaseException, as_json: bool) -> NoReturn:
             f"internal error: {type(exc).__name__}: {exc}",
             "please report this with the command you ran",
         )
+    _report(type(exc).__name__, message, hint, code, as_json)
+
+
+def _report(kind: str, message: str, hint: str, code: int, as_json: bool) -> NoReturn:
     if as_json:
         click.echo(
             json.dumps(
-                {"error": {"type": type(exc).__name__, "message": message, "hint": hint}, "exit_code": code},
-                sort_keys=True,
+                {"error": {"type": kind, "message": message, "hint": hint}, "exit_code": code}, sort_keys=True
             )
         )
     else:
         click.echo(f"error: {message}" + (f"\n  hint: {hint}" if hint else ""), err=True)
     sys.exit(code)
+
+
+def _interrupted(as_json: bool) -> NoReturn:
+    """Ctrl-C is not a deny (exit 1 is one): exit as a process stopped by SIGINT would."""
+    _report(
+        "Interrupted",
+        "interrupted",
+        "what was committed stays committed; a reload or revalidation cut short is finished by"
+        " `agov revalidate` (or the next reload, or `agov serve`)",
+        128 + signal.SIGINT,
+        as_json,
+    )
 
 
 def emit(ctx: Ctx, payload: Any, text: str | Callable[[], str]) -> None:
@@ -120,6 +136,8 @@ def common(func: F) -> F:
             raise
         except BrokenPipeError:
             _stdout_closed()
+        except KeyboardInterrupt:
+            _interrupted(as_json)
         except (AgovError, Exception) as exc:
             fail(exc, as_json)
 
@@ -810,7 +828,6 @@ def demo(ctx: Ctx, keep: bool) -> None:
 @common
 def serve(ctx: Ctx, watch: bool, metrics_port: int, metrics_addr: str) -> None:
     """Run the managed OPA, the metrics endpoint and (with --watch) the policy watcher."""
-    import signal
     import threading
 
     from prometheus_client import start_http_server
