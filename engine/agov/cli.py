@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -708,6 +708,10 @@ def _when(value: str | None) -> datetime | None:
         raise UsageError(f"not an ISO 8601 time: {value!r}") from exc
     if parsed.tzinfo is None:
         raise UsageError(f"give a time zone in {value!r} (e.g. 2026-01-01T00:00:00+00:00)")
+    try:
+        parsed.astimezone(UTC)  # as it is stored
+    except OverflowError as exc:
+        raise UsageError(f"{value!r} has no UTC time (past year 9999)") from exc
     return parsed
 
 

@@ -66,14 +66,26 @@ def generate(
     if not_before and not_after and not_after <= not_before:
         raise UsageError("--not-after must be later than --not-before")
     now = now or utcnow()
+    if not_after is not None and not_after <= now:
+        # it would still replace the active signer, and sign nothing: every promotion denied
+        raise UsageError(f"--not-after {not_after.isoformat()} has passed: the key could never sign")
+    window = (iso(not_before), iso(not_after))  # a time that has no UTC form fails here, first
     info = keys.generate_proof_key(keys_dir, alg=alg)
-    with store.transaction() as tx:
-        tx.execute("UPDATE signing_keys SET active = 0 WHERE active = 1")
-        tx.execute(
-            "INSERT INTO signing_keys (keyid, alg, created_at, not_before, not_after, active) VALUES (?, ?, ?, ?, ?, 1)",
-            (info.keyid, alg, iso(now), iso(not_before), iso(not_after)),
-        )
-        tx.audit(Code.KEY_GENERATED, actor=actor, now=now, payload={"keyid": info.keyid, "alg": alg})
+    try:
+        with store.transaction() as tx:
+            tx.execute("UPDATE signing_keys SET active = 0 WHERE active = 1")
+            tx.execute(
+                "INSERT INTO signing_keys (keyid, alg, created_at, not_before, not_after, active)"
+                " VALUES (?, ?, ?, ?, ?, 1)",
+                (info.keyid, alg, iso(now), *window),
+            )
+            tx.audit(Code.KEY_GENERATED, actor=actor, now=now, payload={"keyid": info.keyid, "alg": alg})
+    except BaseException:
+        # never recorded: leave no key file that the store does not know
+        for path in (info.private_key_path, info.public_key_path):
+            if path is not None:
+                path.unlink(missing_ok=True)
+        raise
     return get(store, info.keyid)
 
 

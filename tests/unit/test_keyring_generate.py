@@ -1,0 +1,52 @@
+"""`keys generate` refuses a key that could never sign, and leaves no key file the store does
+not record (found by review: a window already over became the active signer, and a failed
+generate left an orphan private key in keys/)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from agov import cli, keyring
+from agov.errors import StoreError, UsageError
+from agov.store import Store
+
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "agov.db")
+
+
+def test_a_window_that_has_already_ended_is_refused(store: Store, tmp_path: Path) -> None:
+    keys_dir = tmp_path / "keys"
+    first = keyring.generate(store, keys_dir, actor="ops", now=NOW)
+    files = sorted(keys_dir.iterdir())
+
+    with pytest.raises(UsageError, match="has passed: the key could never sign"):
+        keyring.generate(store, keys_dir, actor="ops", not_after=NOW - timedelta(seconds=1), now=NOW)
+
+    assert [k.keyid for k in keyring.list_keys(store)] == [first.keyid]
+    assert keyring.get(store, first.keyid).active, "the signer in use stays the active one"
+    assert sorted(keys_dir.iterdir()) == files
+
+
+def test_a_generate_the_store_refuses_leaves_no_key_file(store: Store, tmp_path: Path) -> None:
+    keys_dir = tmp_path / "keys"
+    keys_dir.mkdir(mode=0o700)
+    store.anchor_path.write_text("{broken")  # every write is refused before it commits
+
+    with pytest.raises(StoreError):
+        keyring.generate(store, keys_dir, actor="ops", now=NOW)
+
+    assert list(keys_dir.iterdir()) == []
+    assert keyring.list_keys(store) == []
+
+
+def test_a_time_with_no_utc_form_is_bad_input() -> None:
+    with pytest.raises(UsageError, match=r"has no UTC time \(past year 9999\)"):
+        cli._when("9999-12-31T23:59:59-12:00")
+    assert cli._when("9999-12-31T23:59:59+00:00") == datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
