@@ -20,7 +20,7 @@ from agov.opa.evaluator import Evaluator
 from agov.proofs import ProofClaims, ProofSigner, sign_proof
 from agov.registry import AgentRecord
 from agov.store import Store
-from agov.store.sqlite import Tx, iso
+from agov.store.sqlite import Tx, iso, parse_iso
 
 PROMOTION_PATH = "agov/promotion/decision"
 PROMOTION_DENY_ENGINE_UNAVAILABLE = "PROMOTION_DENY_ENGINE_UNAVAILABLE"
@@ -191,6 +191,23 @@ def _reasons_json(reasons: tuple[Reason, ...]) -> str:
     return json.dumps([r.as_dict() for r in reasons]) if reasons else "[]"
 
 
+def _holds_a_live_proof(store: Store, agent: AgentRecord, policy_hash: str, now: datetime) -> bool:
+    """Governed, with a current proof for this version and policy that has not expired and whose
+    signer is not revoked. A proof admission refuses as expired or revoked is renewed by promoting
+    again (its deny says so), not refused as a duplicate."""
+    if agent.status not in (Status.GOVERNED_VALID, Status.GOVERNED_RESTRICTED):
+        return False
+    row = store.query_one(
+        "SELECT p.expires_at, k.revoked_at FROM agent_proofs p LEFT JOIN signing_keys k ON k.keyid = p.keyid"
+        " WHERE p.agent_id = ? AND p.version = ? AND p.policy_hash = ? AND p.superseded_at IS NULL",
+        (agent.id, agent.version, policy_hash),
+    )
+    if row is None:
+        return False
+    expires_at, revoked_at = parse_iso(row["expires_at"]), parse_iso(row["revoked_at"])
+    return (expires_at is None or now < expires_at) and (revoked_at is None or now < revoked_at)
+
+
 def promote(
     store: Store,
     config_loader: Callable[[], Config],
@@ -212,11 +229,7 @@ def promote(
             audit events).
     """
     decision_id: str | None = None
-    current = store.query_one(
-        "SELECT 1 FROM agent_proofs WHERE agent_id = ? AND version = ? AND policy_hash = ? AND superseded_at IS NULL",
-        (agent.id, agent.version, policy_hash),
-    )
-    if current is not None and agent.status in (Status.GOVERNED_VALID, Status.GOVERNED_RESTRICTED):
+    if _holds_a_live_proof(store, agent, policy_hash, now):
         # One winner per version and policy: a second promotion would only mint a duplicate proof.
         store.record_rejection(
             Code.REQUEST_REJECTED,

@@ -36,8 +36,16 @@ package agov.admission
 _proof_chain := [
 	{"fact": "proof_present", "code": "ADMISSION_DENY_PROOF_MISSING", "message": "no promotion proof is present"},
 	{"fact": "signature_valid", "code": "ADMISSION_DENY_SIGNATURE_INVALID", "message": "the proof signature is invalid"},
-	{"fact": "signer_not_revoked", "code": "ADMISSION_DENY_SIGNER_REVOKED", "message": "the proof signer is revoked"},
-	{"fact": "proof_not_expired", "code": "ADMISSION_DENY_PROOF_EXPIRED", "message": "the proof has expired"},
+	{
+		"fact": "signer_not_revoked",
+		"code": "ADMISSION_DENY_SIGNER_REVOKED",
+		"message": "the proof signer is revoked; promote the agent again for a new proof",
+	},
+	{
+		"fact": "proof_not_expired",
+		"code": "ADMISSION_DENY_PROOF_EXPIRED",
+		"message": "the proof has expired; promote the agent again for a new proof",
+	},
 	{
 		"fact": "spec_hash_match", "code": "ADMISSION_DENY_SPEC_HASH_MISMATCH",
 		"message": "the spec hash differs from the one the proof signs",

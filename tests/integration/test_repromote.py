@@ -1,0 +1,70 @@
+"""Admission tells a user whose proof expired, or whose signer was revoked, to promote the agent
+again: that promotion must be allowed. It was refused as "already GOVERNED_VALID under this
+policy", so the advice led nowhere (found by review). A live proof still refuses a duplicate."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from _reload_support import ACTOR, ADMIN_ROLE, engine_governing
+
+from agov.engine import Engine
+from agov.errors import UsageError
+
+AGENT = "renewed"
+
+
+@pytest.fixture
+def engine(tmp_path: Path, opa_bin: Path) -> Iterator[Engine]:
+    with engine_governing(tmp_path / "ws", [AGENT]) as eng:
+        yield eng
+
+
+def _current_proofs(engine: Engine) -> list[str]:
+    rows = engine.store.query(
+        "SELECT keyid FROM agent_proofs WHERE agent_id = ? AND superseded_at IS NULL", (AGENT,)
+    )
+    return [r["keyid"] for r in rows]
+
+
+def test_a_live_proof_refuses_a_duplicate_promotion(engine: Engine) -> None:
+    with pytest.raises(UsageError, match="is already GOVERNED_VALID under this policy"):
+        engine.promote(AGENT, actor=ACTOR, role=ADMIN_ROLE)
+
+
+def test_after_its_signer_is_revoked_the_agent_is_promoted_again_as_the_deny_advises(engine: Engine) -> None:
+    (old,) = engine.list_keys()
+    engine.revoke_key(old.keyid, reason="compromised", actor=ACTOR)
+    new = engine.generate_key(alg="ed25519", actor=ACTOR)
+    denied = engine.admit(AGENT)
+    assert (
+        denied.code == "ADMISSION_DENY_SIGNER_REVOKED"
+        and "promote the agent again" in denied.reasons[0].message
+    )
+
+    assert engine.promote(AGENT, actor=ACTOR, role=ADMIN_ROLE).allow
+
+    assert _current_proofs(engine) == [new.keyid]
+    assert engine.admit(AGENT).allow
+
+
+def test_after_its_proof_expires_the_agent_is_promoted_again_as_the_deny_advises(engine: Engine) -> None:
+    expires = engine.store.query_one(
+        "SELECT expires_at FROM agent_proofs WHERE agent_id = ? AND superseded_at IS NULL", (AGENT,)
+    )["expires_at"]
+    start = engine.clock()
+    later = start + timedelta(days=engine.config.proof_ttl_days or 0, seconds=1)
+    assert later.isoformat() > expires
+    engine.clock = lambda: later
+    denied = engine.admit(AGENT)
+    assert (
+        denied.code == "ADMISSION_DENY_PROOF_EXPIRED"
+        and "promote the agent again" in denied.reasons[0].message
+    )
+
+    assert engine.promote(AGENT, actor=ACTOR, role=ADMIN_ROLE).allow
+
+    assert engine.admit(AGENT).allow
