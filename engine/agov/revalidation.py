@@ -577,6 +577,21 @@ def _apply(
                     )
             _tally(tallied, verdict)
         store_proofs(tx, signed)  # all unchanged (checked above), so it cannot refuse
+        if signed:  # each renewal is a change: recorded in its own transaction, as any other
+            tx.audit(
+                Code.PROOFS_RENEWED,
+                actor=REVALIDATION_ACTOR,
+                policy_hash=policy_hash,
+                now=now,
+                payload={
+                    "run_id": report.run_id,
+                    "agents": len(signed),
+                    "first": signed[0].target.agent_id,
+                    "last": signed[-1].target.agent_id,
+                    "keyid": signer.keyid,
+                    "decision_id": decision_id,
+                },
+            )
         tx.executemany(
             "UPDATE agents SET status = ?, reasons = ?, row_version = row_version + 1, updated_at = ?"
             " WHERE id = ? AND row_version = ?",

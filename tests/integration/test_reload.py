@@ -144,6 +144,16 @@ def test_reload_after_a_data_change_activates_the_new_hash_in_store_and_opa(
     assert payload["previous_hash"] == old and payload["reason"] == "tighten analysis"
     runs = _audit(engine, seq, "POLICY_REVALIDATION")
     assert [(r["policy_hash"], r["payload"]["total"]) for r in runs] == [(expected, len(CAST))]
+    # each chunk's renewed proofs are audited in the transaction that stores them
+    (renewed,) = _audit(engine, seq, "PROOFS_RENEWED")
+    assert (renewed["policy_hash"], renewed["actor"]) == (expected, "agov-revalidation")
+    assert {k: renewed["payload"][k] for k in ("run_id", "agents", "first", "last")} == {
+        "run_id": runs[0]["payload"]["run_id"],
+        "agents": len(CAST),
+        "first": min(CAST),
+        "last": max(CAST),
+    }
+    assert renewed["seq"] < runs[0]["seq"]
     assert statuses(home) == BEFORE
     _assert_proofs_bound(engine, home, expected)
     assert metric(engine, SUCCESS) == 1 and metric(engine, FAILURE) == 0
