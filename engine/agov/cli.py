@@ -193,10 +193,55 @@ def _read_file(path: Path, limit: int) -> bytes:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "AGOV"})
+_TRUE = frozenset({"1", "true", "t", "yes", "y", "on"})
+
+
+def _json_requested(argv: list[str]) -> bool:
+    return "--json" in argv or os.environ.get("AGOV_JSON", "").strip().lower() in _TRUE
+
+
+class _Agov(click.Group):
+    """click's own errors (a missing argument, an unknown option or command) answer in JSON too
+    under ``--json``, with the same exit code 2: a script reads every answer the same way."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: list[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            code = super().main(argv, prog_name, complete_var, False, **extra)
+        except click.ClickException as exc:
+            if not _json_requested(argv):
+                exc.show()
+                sys.exit(exc.exit_code)
+            hint = "`agov --help` lists the commands; `agov <command> --help` shows one's usage"
+            _report(type(exc).__name__, exc.format_message(), hint, exc.exit_code, as_json=True)
+        except click.exceptions.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        except (KeyboardInterrupt, EOFError):
+            _interrupted(_json_requested(argv))
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(
+    cls=_Agov, context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "AGOV"}
+)
 @click.version_option(package_name="agov")
-def main() -> None:
+@click.option(
+    "--json", "as_json", is_flag=True, help="Machine-readable output from the command that follows."
+)
+def main(as_json: bool) -> None:
     """agov: govern AI agents with OPA policies: promote, admit, revalidate."""
+    if as_json:  # `agov --json admit X`: every command's --json reads AGOV_JSON
+        os.environ["AGOV_JSON"] = "1"
 
 
 # -- init ---------------------------------------------------------------------------------------

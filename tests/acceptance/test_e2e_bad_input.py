@@ -282,6 +282,38 @@ def test_click_usage_errors_exit_2(ws: tuple[Path, Files]) -> None:
 
 
 @pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["promote", "base-agent", "--json"], {}, r"Missing option '--role'"),
+        (["admit", "--json"], {}, r"Missing argument 'AGENT_ID'"),
+        (["no-such-command", "--json"], {}, r"No such command 'no-such-command'"),
+        (["agent", "list", "--limit", "0"], {"AGOV_JSON": "1"}, r"0 is not in the range"),
+        (["--json", "admit"], {}, r"Missing argument 'AGENT_ID'"),
+    ],
+    ids=["missing-option", "missing-argument", "unknown-command", "via-AGOV_JSON", "json-before-command"],
+)
+def test_click_usage_errors_answer_in_json_under_json(
+    ws: tuple[Path, Files], argv: list[str], env: dict[str, str], message: str
+) -> None:
+    home, _files = ws
+    result = agov(*argv, home=home, as_json=False, env=env)
+    assert result.code == 2, str(result)
+    error = result.json
+    assert error["exit_code"] == 2 and result.err == "", "no usage text beside the JSON answer"
+    assert re.search(message, error["error"]["message"]), error
+    assert "--help" in error["error"]["hint"]
+
+
+def test_json_before_the_command_applies_to_it(ws: tuple[Path, Files]) -> None:
+    home, _files = ws
+    shown = agov("--json", "agent", "show", "base-agent", home=home, as_json=False)
+    assert shown.code == 0 and shown.json["id"] == "base-agent", str(shown)
+    text = agov("agent", "show", "no-such", home=home, as_json=False)
+    assert text.code == 2 and text.err.startswith("error: no agent with id"), "text stays text"
+    assert agov("--help", as_json=False).code == 0 and agov("--version", as_json=False).code == 0
+
+
+@pytest.mark.parametrize(
     "argv",
     [["agent", "list"], ["admit", "x"]],
     ids=["list", "admit"],
