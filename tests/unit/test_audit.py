@@ -122,3 +122,33 @@ def test_a_committed_write_is_not_reported_as_failed_when_the_anchor_cannot_be_a
     assert store.read_anchor() == kept
     assert "not advanced to event 11" in caplog.text and "No space left" in caplog.text
     assert verify_chain(store).ok
+
+
+def test_a_write_sqlite_refuses_is_a_store_error_that_says_what_to_check(tmp_path: Path) -> None:
+    """Not a raw sqlite3 error ("internal error ... please report this"): a read-only database
+    (here SQLite's own query_only switch) names what to check, and a statement that fails inside
+    a transaction rolls it back and leaves the connection usable."""
+    store = _store(tmp_path)
+    conn = store._connect()
+    conn.execute("PRAGMA query_only = ON")
+    try:
+        with (
+            pytest.raises(StoreError, match=r"attempt to write a readonly database") as refused,
+            store.transaction() as tx,
+        ):
+            tx.audit("NEVER_WRITTEN")
+        assert "must be writable" in refused.value.hint
+    finally:
+        conn.execute("PRAGMA query_only = OFF")
+
+    with (
+        pytest.raises(StoreError, match=r"^writing to .*agov\.db failed: no such table: nowhere$"),
+        store.transaction() as tx,
+    ):
+        tx.audit("ROLLED_BACK")
+        tx.execute("INSERT INTO nowhere VALUES (1)")
+
+    assert len(store.audit_events()) == EVENTS
+    with store.transaction() as tx:
+        tx.audit("WRITTEN")
+    assert store.audit_events()[-1].type == "WRITTEN"

@@ -7,6 +7,7 @@ hash, so an edit, deletion, reordering or truncation shows in :meth:`Store.verif
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -126,6 +127,17 @@ _MIGRATIONS: list[str] = [
     ALTER TABLE revalidation_runs ADD COLUMN org_digest TEXT;
     """,
 ]
+
+
+def _hint_for(exc: sqlite3.Error) -> str:
+    text = str(exc).lower()
+    if "readonly" in text or "read-only" in text:
+        return "agov.db, the directory it is in, and its -wal and -shm files must be writable by this user"
+    if "full" in text or "disk i/o" in text:
+        return "free some disk space where agov.db lives, then retry"
+    if "locked" in text or "busy" in text:
+        return "another agov process held the write lock for too long; retry"
+    return ""
 
 
 def utcnow() -> datetime:
@@ -296,12 +308,18 @@ class Store:
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot start a transaction on {self.path}: {exc}") from exc
+            raise StoreError(
+                f"cannot start a transaction on {self.path}: {exc}", hint=_hint_for(exc)
+            ) from exc
         tx = Tx(conn)
         try:
             yield tx
             if tx.last_audit is not None:
                 self.read_anchor()  # unreadable: refuse now, while nothing is committed
+        except sqlite3.Error as exc:  # a read-only file, a full disk: say so, not "internal error"
+            with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already
+                conn.execute("ROLLBACK")
+            raise StoreError(f"writing to {self.path} failed: {exc}", hint=_hint_for(exc)) from exc
         except BaseException:
             conn.execute("ROLLBACK")
             raise
