@@ -430,7 +430,7 @@ def agent_templates(ctx: Ctx) -> None:
 @click.option("--status", help="Only agents with this status.")
 @click.option("--type", "agent_type", help="Only agents of this type.")
 @click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
-@click.option("--offset", type=click.IntRange(0), default=0)
+@click.option("--offset", type=click.IntRange(0, 2**62), default=0)  # SQLite integers are 64-bit
 @common
 def agent_list(ctx: Ctx, status: str | None, agent_type: str | None, limit: int, offset: int) -> None:
     """List agents."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -99,16 +100,34 @@ def create_layout(home: Path, config: Config) -> Workspace:
             f"refusing to overwrite existing files: {listed}",
             hint="choose an empty directory, or remove these first",
         )
-    home.mkdir(parents=True, exist_ok=True)
-    source = policies_dir()
-    shutil.copytree(source, home / "policies", ignore=shutil.ignore_patterns("__pycache__"))
-    (home / "keys").mkdir(mode=0o700)
-    (home / "bundles").mkdir()
-    shutil.copyfile(opa_config_template(), home / OPA_CONFIG_FILE)
-    tmp = home / (CONFIG_FILE + ".tmp")
-    tmp.write_text(config.to_yaml())
-    os.replace(tmp, home / CONFIG_FILE)
-    Store(home / DB_FILE).close()
+    created = not home.exists()
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WorkspaceError(
+            f"cannot create the workspace directory {home}: {exc.strerror}",
+            hint="choose a path whose parent is a directory you may write to",
+        ) from exc
+    try:
+        source = policies_dir()
+        shutil.copytree(source, home / "policies", ignore=shutil.ignore_patterns("__pycache__"))
+        (home / "keys").mkdir(mode=0o700)
+        (home / "bundles").mkdir()
+        shutil.copyfile(opa_config_template(), home / OPA_CONFIG_FILE)
+        tmp = home / (CONFIG_FILE + ".tmp")
+        tmp.write_text(config.to_yaml())
+        os.replace(tmp, home / CONFIG_FILE)
+        Store(home / DB_FILE).close()
+    except BaseException as exc:
+        remove_layout(home)  # nothing was there before (checked above): leave nothing behind
+        if created:
+            with contextlib.suppress(OSError):
+                home.rmdir()
+        if isinstance(exc, OSError):
+            raise WorkspaceError(
+                f"cannot write the workspace in {home}: {exc}", hint="check that you may write there"
+            ) from exc
+        raise
     return Workspace(home=home, config=config)
 
 

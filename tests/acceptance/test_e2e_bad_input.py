@@ -288,9 +288,17 @@ def test_click_usage_errors_exit_2(ws: tuple[Path, Files]) -> None:
         (["admit", "--json"], {}, r"Missing argument 'AGENT_ID'"),
         (["no-such-command", "--json"], {}, r"No such command 'no-such-command'"),
         (["agent", "list", "--limit", "0"], {"AGOV_JSON": "1"}, r"0 is not in the range"),
+        (["agent", "list", "--offset", str(10**20), "--json"], {}, r"is not in the range"),
         (["--json", "admit"], {}, r"Missing argument 'AGENT_ID'"),
     ],
-    ids=["missing-option", "missing-argument", "unknown-command", "via-AGOV_JSON", "json-before-command"],
+    ids=[
+        "missing-option",
+        "missing-argument",
+        "unknown-command",
+        "via-AGOV_JSON",
+        "offset-past-sqlite-integers",
+        "json-before-command",
+    ],
 )
 def test_click_usage_errors_answer_in_json_under_json(
     ws: tuple[Path, Files], argv: list[str], env: dict[str, str], message: str

@@ -112,3 +112,24 @@ def test_failed_init_leaves_nothing_behind(tmp_path: Path) -> None:
     assert result.code != 0, str(result)
     leftovers = {p.name for p in home.iterdir()} & ENTRIES if home.exists() else set()
     assert leftovers == set()
+
+
+def test_init_under_a_file_is_bad_input_not_an_internal_error(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("x")
+    error = expect_error(agov("init", tmp_path / "a-file" / "ws"), 2)
+    assert (
+        error["message"]
+        == f"cannot create the workspace directory {tmp_path / 'a-file' / 'ws'}: Not a directory"
+    )
+    assert "parent is a directory" in error["hint"]
+
+
+def test_init_that_fails_while_writing_the_layout_removes_what_it_wrote(tmp_path: Path) -> None:
+    """Before, policies/, keys/, bundles/ and opa-config.yaml stayed, and a retry was refused."""
+    home = tmp_path / "ws"
+    (home / "agov.yaml.tmp").mkdir(parents=True)  # where init writes agov.yaml before renaming it
+    error = expect_error(agov("init", home), 2)
+    assert error["message"].startswith(f"cannot write the workspace in {home}: [Errno 21] Is a directory")
+    assert {p.name for p in home.iterdir()} == {"agov.yaml.tmp"}, "only what was there before"
+    (home / "agov.yaml.tmp").rmdir()
+    assert agov("init", home).code == 0, "and a retry succeeds"
