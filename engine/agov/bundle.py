@@ -276,7 +276,14 @@ def check_and_build(
         content = partial.read_bytes()
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{digest}.tar.gz"
-    tmp_target = out_dir / f".{digest}.tar.gz.tmp"
-    tmp_target.write_bytes(content)
-    os.replace(tmp_target, target)
+    # a name of its own: two processes building the same tree must not share one temporary file
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{digest}.", suffix=".tmp", dir=out_dir)
+    try:
+        with os.fdopen(handle, "wb") as tmp_file:
+            tmp_file.write(content)
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
     return BuiltBundle(policy_hash=digest, path=target, content=content)

@@ -11,6 +11,7 @@ import difflib
 import io
 import re
 import tarfile
+import zlib
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -231,7 +232,7 @@ def diff(store: Store, bundles: Path, a: str, b: str) -> str:
         NotFoundError: either version is unknown.
     """
     va, vb = find_version(store, a), find_version(store, b)
-    sa, sb = bundle_sources(bundle_bytes(bundles, va)), bundle_sources(bundle_bytes(bundles, vb))
+    sa, sb = _sources(bundles, va), _sources(bundles, vb)
     out: list[str] = []
     for name in sorted(set(sa) | set(sb)):
         out.extend(
@@ -243,6 +244,16 @@ def diff(store: Store, bundles: Path, a: str, b: str) -> str:
             )
         )
     return "".join(out)
+
+
+def _sources(bundles: Path, version: PolicyVersion) -> dict[str, str]:
+    try:
+        return bundle_sources(bundle_bytes(bundles, version))
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        raise PolicyError(
+            f"bundle of policy {version.hash[:12]} is not a readable tarball: {exc}",
+            hint="it was damaged after it was built; `agov policy build` rebuilds the active one",
+        ) from exc
 
 
 def current_tree_hash(policies: Path) -> str:

@@ -423,6 +423,13 @@ def test_rollback_restores_the_agents_the_bad_version_invalidated(engine: Engine
         with pytest.raises(NotFoundError, match="is not hexadecimal"):
             engine.rollback_policy(pattern, actor=ACTOR, reason="wildcard")
     assert engine.policy_diff(bad[:8].upper(), bad) == ""
+    # a damaged bundle is named, not an internal error
+    bundle = home / "bundles" / f"{bad}.tar.gz"
+    intact = bundle.read_bytes()
+    bundle.write_bytes(intact[:200])
+    with pytest.raises(PolicyError, match=rf"bundle of policy {bad[:12]} is not a readable tarball"):
+        engine.policy_diff(old, bad)
+    bundle.write_bytes(intact)
     assert snapshot(home) == before
     assert engine.verify_audit().ok
 
