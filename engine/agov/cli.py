@@ -887,6 +887,15 @@ def serve(ctx: Ctx, watch: bool, metrics_port: int, metrics_addr: str) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with _engine(ctx) as engine:
+        try:  # first: a port in use is said at once, not after a catch-up that may take a while
+            server, _thread = start_http_server(
+                metrics_port, addr=metrics_addr, registry=engine.metrics.registry
+            )
+        except OSError as exc:
+            raise UsageError(
+                f"cannot serve metrics on {metrics_addr}:{metrics_port}: {exc.strerror or exc}",
+                hint="choose another --metrics-port or --metrics-addr, or stop what listens there",
+            ) from exc
         engine.evaluator()
         try:
             caught_up = engine.catch_up(actor=ctx.actor, reason="serve: start")
@@ -900,7 +909,6 @@ def serve(ctx: Ctx, watch: bool, metrics_port: int, metrics_addr: str) -> None:
                     else "finished an interrupted run"
                 )
                 click.echo(f"{why}: " + _revalidation_text(caught_up["revalidation"]), err=True)
-        server, _thread = start_http_server(metrics_port, addr=metrics_addr, registry=engine.metrics.registry)
         click.echo(
             f"serving: policy {engine.active_policy().hash[:12]}, metrics on "
             f"http://{metrics_addr}:{server.server_port}/metrics",
@@ -916,6 +924,9 @@ def serve(ctx: Ctx, watch: bool, metrics_port: int, metrics_addr: str) -> None:
                     )
                 except AgovError as exc:
                     click.echo(f"reload refused: {exc.diagnostics()}", err=True)
+                    return
+                except Exception as exc:  # the watch goes on: the next save tries again
+                    click.echo(f"reload failed: internal error: {type(exc).__name__}: {exc}", err=True)
                     return
                 if result["revalidation"] is not None:  # a new policy, changed org limits, or a resumed run
                     click.echo(_revalidation_text(result["revalidation"]), err=True)

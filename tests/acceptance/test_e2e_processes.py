@@ -12,6 +12,7 @@ import os
 import re
 import selectors
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -203,3 +204,15 @@ def test_serve_starts_even_when_it_cannot_bring_the_agents_up_to_date(
             proc.kill()
             proc.wait()
     assert wait_gone(opa_spy.pids()) == []
+
+
+def test_serve_on_a_port_in_use_is_bad_usage_said_before_anything_starts(ws: Path) -> None:
+    with contextlib.closing(socket.socket()) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = agov("serve", "--metrics-port", port, "--metrics-addr", "127.0.0.1", home=ws, timeout=30)
+    assert result.code == 2, str(result)
+    error = result.json["error"]
+    assert error["message"].startswith(f"cannot serve metrics on 127.0.0.1:{port}: Address already in use")
+    assert "--metrics-port" in error["hint"]
