@@ -190,13 +190,15 @@ def admit(
     *,
     max_proof_bytes: int,
     cache: SignatureCache | None = None,
+    agent_id: str = "?",
 ) -> AdmissionDecision:
     """The whole admission: load, compute facts, decide; every error becomes a deny.
+
+    ``agent_id`` is the id asked about: a deny names it even when the agent's row cannot be read.
 
     Raises:
         NotFoundError: the agent does not exist (bad input, not a decision).
     """
-    agent_id = "?"
     active_hash: str | None = None
     try:
         agent = agent_loader()

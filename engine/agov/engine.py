@@ -390,6 +390,7 @@ class Engine:
             self.clock(),
             max_proof_bytes=self.config.limits.max_proof_bytes,
             cache=self._signatures,
+            agent_id=agent_id,
         )
         self.metrics.admission_latency.observe(time.perf_counter() - started)
         if decision.allow:

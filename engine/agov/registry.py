@@ -19,7 +19,7 @@ import yaml
 
 from agov.config import Config
 from agov.decisions import GOVERNED, Code, Status
-from agov.errors import NotFoundError, SpecError, UsageError
+from agov.errors import NotFoundError, SpecError, StoreError, UsageError
 from agov.resources import templates_dir
 from agov.spec import AgentSpec, parse_spec_bytes, spec_from_canonical, validate_spec
 from agov.store import Store
@@ -234,6 +234,17 @@ def load_document_file(raw: bytes, *, source: str, max_bytes: int) -> dict[str, 
 
 
 def _record(row: Any) -> AgentRecord:
+    """Raises: StoreError: the agent's stored row does not decode (edited outside agov)."""
+    try:
+        return _decode(row)
+    except (ValueError, TypeError, KeyError) as exc:  # JSONDecodeError and an unknown status included
+        raise StoreError(
+            f"the stored row of agent {row['id']!r} is damaged: {type(exc).__name__}: {exc}",
+            hint="it was changed outside agov; restore agov.db from a backup, or remove the agent's rows",
+        ) from exc
+
+
+def _decode(row: Any) -> AgentRecord:
     return AgentRecord(
         id=row["id"],
         workspace=row["workspace"],

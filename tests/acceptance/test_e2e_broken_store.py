@@ -8,6 +8,7 @@ store, so a caller that only tells 0 from 1 could not read the answer as a deny.
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,33 @@ def test_an_unreadable_audit_anchor_denies_a_promotion_before_anything_commits(f
     after = snapshot(fresh_ws)
     assert (after.rows, after.audit) == (before.rows, before.audit), "nothing was written, not even audit"
     assert ok("agent", "show", "gov-a", home=fresh_ws)["status"] == "SANDBOX"
+
+
+@pytest.mark.parametrize(
+    ("sql", "damage"),
+    [
+        ("UPDATE agent_versions SET spec = '{not json' WHERE agent_id = 'gov-a'", "JSONDecodeError"),
+        ("UPDATE agents SET status = 'PROMOTED_BY_HAND' WHERE id = 'gov-a'", "ValueError"),
+    ],
+    ids=["spec-not-json", "unknown-status"],
+)
+def test_a_damaged_agent_row_is_named_and_its_admission_denied(fresh_ws: Path, sql: str, damage: str) -> None:
+    """Before: `agent list` failed for every agent with a raw JSONDecodeError ("internal error"),
+    and the deny for the damaged agent named it "?"."""
+    ok("agent", "create", "--template", "research-analyst", "--id", "gov-a", home=fresh_ws)
+    assert ok("promote", "gov-a", "--role", "agent_admin", home=fresh_ws)["allow"] is True
+    with sqlite3.connect(db_path(fresh_ws)) as conn:
+        conn.execute(sql)
+    conn.close()
+
+    admitted = agov("admit", "gov-a", home=fresh_ws)
+    assert admitted.code == 1, str(admitted)
+    assert (admitted.json["agent_id"], admitted.json["code"]) == (
+        "gov-a",
+        "ADMISSION_DENY_ENGINE_UNAVAILABLE",
+    )
+    assert f"the stored row of agent 'gov-a' is damaged: {damage}" in admitted.json["reasons"][0]["message"]
+
+    error = expect_error(agov("agent", "list", home=fresh_ws), code=3)
+    assert error["type"] == "StoreError" and "'gov-a' is damaged" in error["message"]
+    assert "changed outside agov" in error["hint"]
