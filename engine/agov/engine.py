@@ -243,7 +243,7 @@ class Engine:
                 now=self.clock(),
             )
         except AgovError as exc:
-            self._reject("create", exc, actor=actor)
+            self.reject_request("create", exc, actor=actor)
             raise
 
     def update_agent(
@@ -255,11 +255,14 @@ class Engine:
                 self.store, self.config, agent_id, document, actor=actor, notes=notes, now=self.clock()
             )
         except AgovError as exc:
-            self._reject("update", exc, actor=actor, agent_id=agent_id)
+            self.reject_request("update", exc, actor=actor, agent_id=agent_id)
             raise
 
-    def _reject(self, operation: str, exc: AgovError, *, actor: str, agent_id: str | None = None) -> None:
-        """The one row a rejected request leaves: its audit event."""
+    def reject_request(
+        self, operation: str, exc: AgovError, *, actor: str, agent_id: str | None = None
+    ) -> None:
+        """The one row a rejected request leaves: its audit event (also for input refused before it
+        reached the engine: a file that is missing or does not parse)."""
         self.store.record_rejection(
             Code.REQUEST_REJECTED,
             actor=actor,

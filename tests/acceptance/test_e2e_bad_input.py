@@ -260,6 +260,15 @@ def test_rejection_is_audited_with_what_was_refused(ws: tuple[Path, Files]) -> N
     assert '"operation":"update"' in payload
     assert '"error":"SpecError"' in payload
 
+    # a create refused before the engine saw a document (it did not parse) is audited the same way
+    before = snapshot(home)
+    expect_error(agov("agent", "create", "--from-file", files("broken.yaml"), home=home))
+    (added,) = new_audit(before, snapshot(home))
+    _seq, _time, kind, agent_id, actor, _policy, payload, _prev, _hash = added
+    assert (kind, agent_id, actor) == ("REQUEST_REJECTED", None, "acceptance")
+    assert '"operation":"create"' in payload and '"error":"SpecError"' in payload
+    assert "broken.yaml is not valid YAML or JSON" in payload
+
 
 def test_text_mode_error_goes_to_stderr_with_a_hint(ws: tuple[Path, Files]) -> None:
     home, _files = ws
