@@ -99,7 +99,9 @@ def _run(engine: Engine, trials: int, quick: bool, do_profile: bool) -> dict[str
     # (older engines check, then build; newer ones run check, test and build side by side)
     reloads.wrap(policy, "check_policies", "opa check --strict + opa test")
     reloads.wrap(policy, "build_bundle", "opa build (signed bundle)")
-    reloads.wrap(policy, "check_and_build", "opa check + test + build, side by side on a snapshot")
+    reloads.wrap(
+        policy, "check_and_build", "opa check + test + build (+ entrypoint check), side by side on a snapshot"
+    )
     reloads.wrap(bundle, "_stable_copy", "  of which: snapshot copy of the policy tree")
     evaluator: Any = engine.evaluator()
     reloads.wrap(evaluator, "activate", "publish + OPA activates the bundle")
@@ -167,7 +169,7 @@ def _run(engine: Engine, trials: int, quick: bool, do_profile: bool) -> dict[str
         "waiting for the reload lock",
         "opa check --strict + opa test",
         "opa build (signed bundle)",
-        "opa check + test + build, side by side on a snapshot",
+        "opa check + test + build (+ entrypoint check), side by side on a snapshot",
         "  of which: snapshot copy of the policy tree",
         "publish + OPA activates the bundle",
         "store: mark the version active",
@@ -297,8 +299,8 @@ def bound(result: dict[str, Any]) -> str:
     top = ", ".join(f"{b['name']} {b['p50']:.0f} ms" for b in parts[:4])
     w = result["watcher"]
     text = (
-        "A reload is bound by the opa subprocesses it runs before anything changes (strict check, the "
-        f"policy tests and the signed build); median per trial: {top}"
+        "A reload is bound by the opa subprocesses it runs side by side before anything changes (strict "
+        f"check, the policy tests, the entrypoint check and the signed build); median per trial: {top}"
     )
     if w["reloads_that_changed_nothing"]:
         text += (
