@@ -24,7 +24,14 @@ from typing import Any, TypeVar, cast
 from agov import admission, audit, keyring, keys, policy, promotion, registry, revalidation
 from agov.config import Config, load_config
 from agov.decisions import AdmissionDecision, Code
-from agov.errors import AgovError, KeyMaterialError, PolicyError, UsageError, WorkspaceError
+from agov.errors import (
+    AgovError,
+    EngineUnavailableError,
+    KeyMaterialError,
+    PolicyError,
+    UsageError,
+    WorkspaceError,
+)
 from agov.hashing import canonical_json
 from agov.observability import Metrics, log_decision
 from agov.opa.binary import find_opa
@@ -513,6 +520,13 @@ class Engine:
         # refused by OPA, no key to re-sign with, or no org limits to judge with: the old one stays
         except (PolicyError, KeyMaterialError, WorkspaceError) as exc:
             self._refuse_reload(exc, actor=actor, reason=reason, active=active)
+            raise
+        except EngineUnavailableError as exc:
+            # OPA did not load it in time: refused, unless the store had switched already (then the
+            # revalidation stopped, and its run is finished later)
+            now_active = policy.active_version(self.store)
+            if now_active is None or now_active.hash != version.hash:
+                self._refuse_reload(exc, actor=actor, reason=reason, active=active)
             raise
         self.metrics.reload_success.inc()
         return {

@@ -24,6 +24,7 @@ from _reload_support import (
     edit_config,
     edit_data,
     metric,
+    reload_interrupted_at,
     set_analysis_limit,
     snapshot,
     statuses,
@@ -356,6 +357,34 @@ def test_rollback_is_reported_even_when_the_policy_files_cannot_be_read(engine: 
     assert (result["policy_hash"], result["workspace_policy_hash"]) == (old, None)
     assert result["revalidation"]["restored"] == 2
     assert engine.active_policy().hash == old
+
+
+def test_a_bundle_opa_does_not_load_in_time_is_a_refused_reload_but_a_stopped_run_is_not(
+    engine: Engine, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = engine.active_policy().hash
+    seq = _last_seq(engine)
+    sidecar = engine.evaluator()
+
+    def late(*_args: object, **_kwargs: object) -> None:
+        raise EngineUnavailableError("OPA did not report the new revision in time")
+
+    monkeypatch.setattr(sidecar, "activate", late)
+    edit_data(home, set_analysis_limit(0.4))
+    with pytest.raises(EngineUnavailableError, match="in time"):
+        engine.reload_policy(actor=ACTOR, reason="OPA too slow")
+    monkeypatch.undo()
+
+    assert engine.active_policy().hash == old
+    (refused,) = _audit(engine, seq, "POLICY_RELOAD_REFUSED")
+    assert "in time" in refused["payload"]["error"]
+    assert metric(engine, FAILURE) == 1
+
+    # switched, then OPA failed mid-revalidation: the reload happened, its run resumes later
+    seq = _last_seq(engine)
+    reload_interrupted_at(engine, "auto-agent", monkeypatch)  # one chunk: it fails
+    assert engine.active_policy().hash != old
+    assert _audit(engine, seq, "POLICY_RELOAD_REFUSED") == []
 
 
 @pytest.mark.parametrize("damage", ["gone", "truncated"])
