@@ -73,6 +73,11 @@ def _unshipped(rel: str) -> str:
         return ""
     if not rel.startswith(f"{BUNDLE_ROOT}/"):
         return f"outside {BUNDLE_ROOT}/, the bundle's only root: the sidecar never loads it; move it under {BUNDLE_ROOT}/"
+    if "schemas" in rel.split("/")[:-1]:
+        return (
+            "in a directory named schemas, which `opa test --ignore schemas` skips at any depth, so it"
+            " would ship untested: rename the directory"
+        )
     if name.endswith(".rego") or name in _DATA_FILES:
         return ""
     return (

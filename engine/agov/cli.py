@@ -125,10 +125,13 @@ def common(func: F) -> F:
     )
     @functools.wraps(func)
     def wrapper(home: Path, as_json: bool, actor: str | None, opa_url: str | None, **kwargs: Any) -> Any:
+        as_json = as_json or bool(click.get_current_context().meta.get(_JSON_META))  # `agov --json X`
         ctx = Ctx(home=home, as_json=as_json, actor=actor or _default_actor(), opa_url=opa_url)
         try:
             return func(ctx, **kwargs)
-        except click.exceptions.Abort:
+        except click.exceptions.Abort as exc:  # click.prompt turns Ctrl-C into Abort
+            if _by_ctrl_c(exc):
+                _interrupted(as_json)
             fail(UsageError("aborted: no answer to a prompt (stdin closed?)"), as_json)
         except click.exceptions.Exit:
             raise
@@ -196,6 +199,9 @@ def _read_file(path: Path, limit: int) -> bytes:
 _TRUE = frozenset({"1", "true", "t", "yes", "y", "on"})
 
 
+_JSON_META = "agov.json"
+
+
 def _json_requested(argv: list[str]) -> bool:
     return "--json" in argv or os.environ.get("AGOV_JSON", "").strip().lower() in _TRUE
 
@@ -223,11 +229,10 @@ class _Agov(click.Group):
                 sys.exit(exc.exit_code)
             hint = "`agov --help` lists the commands; `agov <command> --help` shows one's usage"
             _report(type(exc).__name__, exc.format_message(), hint, exc.exit_code, as_json=True)
-        except click.exceptions.Abort:
-            click.echo("Aborted!", err=True)
-            sys.exit(1)
-        except (KeyboardInterrupt, EOFError):
-            _interrupted(_json_requested(argv))
+        except click.exceptions.Abort as exc:  # not 1, which is a deny
+            if _by_ctrl_c(exc):
+                _interrupted(_json_requested(argv))
+            fail(UsageError("aborted"), _json_requested(argv))
         sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -240,8 +245,13 @@ class _Agov(click.Group):
 )
 def main(as_json: bool) -> None:
     """agov: govern AI agents with OPA policies: promote, admit, revalidate."""
-    if as_json:  # `agov --json admit X`: every command's --json reads AGOV_JSON
-        os.environ["AGOV_JSON"] = "1"
+    if as_json:  # `agov --json admit X`: the command's context shares this one's meta
+        click.get_current_context().meta[_JSON_META] = True
+
+
+def _by_ctrl_c(exc: BaseException) -> bool:
+    cause = exc.__cause__ or exc.__context__
+    return isinstance(cause, KeyboardInterrupt)
 
 
 # -- init ---------------------------------------------------------------------------------------

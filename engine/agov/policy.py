@@ -204,12 +204,18 @@ def bundle_file(bundles: Path, version: PolicyVersion) -> Path:
 def bundle_bytes(bundles: Path, version: PolicyVersion) -> bytes:
     """Raises: PolicyError: the bundle file of a recorded version is gone."""
     try:
-        return bundle_file(bundles, version).read_bytes()
+        content = bundle_file(bundles, version).read_bytes()
     except OSError as exc:
         raise PolicyError(
             f"bundle of policy {version.hash[:12]} is unreadable: {exc}",
             hint="rebuild it with `agov policy build`",
         ) from exc
+    if not content:
+        raise PolicyError(
+            f"bundle of policy {version.hash[:12]} is an empty file",
+            hint="rebuild it with `agov policy build`",
+        )
+    return content
 
 
 def bundle_sources(content: bytes) -> dict[str, str]:

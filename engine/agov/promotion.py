@@ -204,8 +204,11 @@ def _holds_a_live_proof(store: Store, agent: AgentRecord, policy_hash: str, now:
     )
     if row is None:
         return False
-    expires_at, revoked_at = parse_iso(row["expires_at"]), parse_iso(row["revoked_at"])
-    return (expires_at is None or now < expires_at) and (revoked_at is None or now < revoked_at)
+    try:
+        expires_at, revoked_at = parse_iso(row["expires_at"]), parse_iso(row["revoked_at"])
+        return (expires_at is None or now < expires_at) and (revoked_at is None or now < revoked_at)
+    except (TypeError, ValueError):  # a time no agov wrote: not a proof to keep; OPA judges anew
+        return False
 
 
 def promote(

@@ -387,7 +387,7 @@ def test_a_bundle_opa_does_not_load_in_time_is_a_refused_reload_but_a_stopped_ru
     assert _audit(engine, seq, "POLICY_RELOAD_REFUSED") == []
 
 
-@pytest.mark.parametrize("damage", ["gone", "truncated"])
+@pytest.mark.parametrize("damage", ["gone", "truncated", "empty"])
 def test_a_rollback_from_a_process_with_no_sidecar_yet_loads_the_bundle_before_the_store_switches(
     engine: Engine, home: Path, damage: str
 ) -> None:
@@ -401,7 +401,7 @@ def test_a_rollback_from_a_process_with_no_sidecar_yet_loads_the_bundle_before_t
     if damage == "gone":
         bundle.unlink()
     else:
-        bundle.write_bytes(bundle.read_bytes()[:300])
+        bundle.write_bytes(bundle.read_bytes()[: 300 if damage == "truncated" else 0])
     before = snapshot(home)
     seq = _last_seq(engine)
 

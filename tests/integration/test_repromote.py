@@ -68,3 +68,12 @@ def test_after_its_proof_expires_the_agent_is_promoted_again_as_the_deny_advises
     assert engine.promote(AGENT, actor=ACTOR, role=ADMIN_ROLE).allow
 
     assert engine.admit(AGENT).allow
+
+
+def test_a_proof_row_with_a_time_no_agov_wrote_does_not_block_promoting_again(engine: Engine) -> None:
+    with engine.store.transaction() as tx:
+        tx.execute("UPDATE agent_proofs SET expires_at = 'garbage' WHERE agent_id = ?", (AGENT,))
+
+    assert engine.promote(AGENT, actor=ACTOR, role=ADMIN_ROLE).allow
+
+    assert engine.admit(AGENT).allow

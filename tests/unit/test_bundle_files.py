@@ -63,6 +63,7 @@ def test_a_symlinked_directory_counts_with_its_content(tree: Path, tmp_path: Pat
         ("agov/config/blocked.json", "a bundle takes data only from files named data.json or data.yaml"),
         ("agov/promotion/fixtures.yaml", "a bundle takes data only from files named data.json or data.yaml"),
         ("lib/helpers.rego", "outside agov/, the bundle's only root"),
+        ("agov/promotion/schemas/extra.rego", "in a directory named schemas"),
         ("extra.json", "outside agov/, the bundle's only root"),
     ],
 )

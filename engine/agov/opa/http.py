@@ -628,27 +628,40 @@ def _connect(host: str, port: int, deadline: float) -> socket.socket:
 def _resolve(host: str, port: int, deadline: float) -> list[Any]:
     """``socket.getaddrinfo``, waited for only until ``deadline``: the system resolver can take
     many seconds (its own timeouts and retries) and cannot be interrupted, so a name is resolved on
-    a daemon thread that is left to finish alone when the deadline passes. An IP address, as a
-    managed sidecar has, needs no resolver and no thread."""
+    a daemon thread that is left to finish alone when the deadline passes. Requests for the same
+    name share one lookup in flight, so a resolver that hangs holds one thread, not one per
+    request. An IP address, as a managed sidecar has, needs no resolver and no thread."""
     try:
         ipaddress.ip_address(host)
     except ValueError:
         pass
     else:
         return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    answer: Future[list[Any]] = Future()
-
-    def resolve() -> None:
-        try:
-            answer.set_result(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
-        except BaseException as exc:  # handed to the caller through the future
-            answer.set_exception(exc)
-
-    threading.Thread(target=resolve, name="agov-resolve", daemon=True).start()
+    key = (host, port)
+    with _RESOLVING_LOCK:  # one lookup per name at a time, however many requests wait for it
+        answer = _RESOLVING.get(key)
+        if answer is None:
+            answer = _RESOLVING[key] = Future()
+            threading.Thread(target=_lookup, args=(key, answer), name="agov-resolve", daemon=True).start()
     try:
         return answer.result(timeout=_remaining(deadline))
     except TimeoutError:
         raise _ResolverTimeout(f"resolving {host} did not finish within the deadline") from None
+
+
+_RESOLVING: dict[tuple[str, int], Future[list[Any]]] = {}
+_RESOLVING_LOCK = threading.Lock()
+
+
+def _lookup(key: tuple[str, int], answer: Future[list[Any]]) -> None:
+    try:
+        answer.set_result(socket.getaddrinfo(key[0], key[1], type=socket.SOCK_STREAM))
+    except BaseException as exc:  # handed to every waiter through the future
+        answer.set_exception(exc)
+    finally:
+        with _RESOLVING_LOCK:
+            if _RESOLVING.get(key) is answer:
+                del _RESOLVING[key]
 
 
 class _ResolverTimeout(TimeoutError):

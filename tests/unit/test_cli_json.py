@@ -1,0 +1,53 @@
+"""`agov --json COMMAND` answers in JSON for that call only, and Ctrl-C at a prompt exits 130.
+
+Before, the global flag was kept in the process environment (AGOV_JSON=1), so every later
+command run in the same process answered in JSON too; and click turned Ctrl-C at a prompt into
+"aborted: no answer to a prompt" (exit 2)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from agov import cli
+
+
+def test_json_before_the_command_applies_to_that_call_only(tmp_path: Path) -> None:
+    runner = CliRunner()
+    nowhere = str(tmp_path / "nowhere")
+
+    first = runner.invoke(cli.main, ["--json", "keys", "list", "--home", nowhere])
+    second = runner.invoke(cli.main, ["keys", "list", "--home", nowhere])
+
+    assert first.exit_code == second.exit_code == 2
+    assert json.loads(first.stdout)["error"]["type"] == "WorkspaceError"
+    assert second.stdout == "" and second.stderr.startswith("error: no agov workspace at")
+
+
+@contextmanager
+def _engine(_ctx: Any) -> Iterator[Any]:
+    yield SimpleNamespace(config=SimpleNamespace(limits=SimpleNamespace(max_spec_bytes=1024)))
+
+
+def test_ctrl_c_at_a_prompt_exits_130(monkeypatch: pytest.MonkeyPatch) -> None:
+    def answers() -> dict[str, Any]:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:  # what click.prompt does with it
+            raise click.exceptions.Abort() from exc
+
+    monkeypatch.setattr(cli, "_engine", _engine)
+    monkeypatch.setattr(cli, "_interactive_answers", answers)
+
+    result = CliRunner().invoke(cli.main, ["agent", "create", "--interactive"])
+
+    assert result.exit_code == 130, result.output
+    assert result.stderr.startswith("error: interrupted")
