@@ -206,13 +206,24 @@ def test_serve_starts_even_when_it_cannot_bring_the_agents_up_to_date(
     assert wait_gone(opa_spy.pids()) == []
 
 
-def test_serve_on_a_port_in_use_is_bad_usage_said_before_anything_starts(ws: Path) -> None:
+def test_serve_on_a_port_in_use_is_bad_usage_said_before_anything_starts(
+    ws: Path, tmp_path: Path, opa_spy: OpaSpy
+) -> None:
     with contextlib.closing(socket.socket()) as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        result = agov("serve", "--metrics-port", port, "--metrics-addr", "127.0.0.1", home=ws, timeout=30)
+        result = agov(
+            "serve",
+            "--metrics-port",
+            port,
+            "--metrics-addr",
+            "127.0.0.1",
+            home=ws,
+            env=spy_env(opa_spy, tmp_path),
+        )
     assert result.code == 2, str(result)
     error = result.json["error"]
     assert error["message"].startswith(f"cannot serve metrics on 127.0.0.1:{port}: Address already in use")
     assert "--metrics-port" in error["hint"]
+    assert_no_opa_left(opa_spy, tmp_path, started=False)  # said before the sidecar or the catch-up

@@ -648,7 +648,7 @@ def test_a_resolver_that_hangs_is_bounded_by_the_deadline_too(
     def hanging(host: str, *args: object, **kwargs: object) -> list[object]:
         if host != "opa.invalid":
             return real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]
-        released.wait(30)  # as a resolver whose servers do not answer
+        released.wait(5)  # as a resolver whose servers do not answer
         raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
 
     monkeypatch.setattr(socket, "getaddrinfo", hanging)

@@ -30,9 +30,18 @@ def _current_proofs(engine: Engine) -> list[str]:
     return [r["keyid"] for r in rows]
 
 
+def _rows(engine: Engine) -> dict[str, list[tuple[object, ...]]]:
+    return {
+        t: [tuple(r) for r in engine.store.query(f"SELECT * FROM {t} ORDER BY 1")]
+        for t in ("agents", "agent_proofs")
+    }
+
+
 def test_a_live_proof_refuses_a_duplicate_promotion(engine: Engine) -> None:
+    before = _rows(engine)
     with pytest.raises(UsageError, match="is already GOVERNED_VALID under this policy"):
         engine.promote(AGENT, actor=ACTOR, role=ADMIN_ROLE)
+    assert _rows(engine) == before
 
 
 def test_after_its_signer_is_revoked_the_agent_is_promoted_again_as_the_deny_advises(engine: Engine) -> None:

@@ -31,7 +31,9 @@ def test_an_interrupted_command_exits_130_with_a_way_to_finish(
 ) -> None:
     monkeypatch.setattr(cli, "_engine", _engine)
 
-    result = CliRunner().invoke(cli.main, ["policy", "reload", *(["--json"] if as_json else [])])
+    result = CliRunner(env={"AGOV_JSON": None}).invoke(
+        cli.main, ["policy", "reload", *(["--json"] if as_json else [])]
+    )
 
     assert result.exit_code == 130, result.output
     if as_json:

@@ -21,7 +21,7 @@ from agov import cli
 
 
 def test_json_before_the_command_applies_to_that_call_only(tmp_path: Path) -> None:
-    runner = CliRunner()
+    runner = CliRunner(env={"AGOV_JSON": None})
     nowhere = str(tmp_path / "nowhere")
 
     first = runner.invoke(cli.main, ["--json", "keys", "list", "--home", nowhere])
@@ -47,7 +47,7 @@ def test_ctrl_c_at_a_prompt_exits_130(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli, "_engine", _engine)
     monkeypatch.setattr(cli, "_interactive_answers", answers)
 
-    result = CliRunner().invoke(cli.main, ["agent", "create", "--interactive"])
+    result = CliRunner(env={"AGOV_JSON": None}).invoke(cli.main, ["agent", "create", "--interactive"])
 
     assert result.exit_code == 130, result.output
     assert result.stderr.startswith("error: interrupted")

@@ -39,7 +39,7 @@ def test_a_generate_the_store_refuses_leaves_no_key_file(store: Store, tmp_path:
     keys_dir.mkdir(mode=0o700)
     store.anchor_path.write_text("{broken")  # every write is refused before it commits
 
-    with pytest.raises(StoreError):
+    with pytest.raises(StoreError, match=r"audit anchor .* is unreadable"):
         keyring.generate(store, keys_dir, actor="ops", now=NOW)
 
     assert list(keys_dir.iterdir()) == []
