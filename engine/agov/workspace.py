@@ -70,10 +70,17 @@ class Workspace:
         Raises:
             WorkspaceError: ``home`` is not an agov workspace.
         """
-        if not (home / CONFIG_FILE).is_file() or not (home / DB_FILE).is_file():
+        present = [name for name in (CONFIG_FILE, DB_FILE) if (home / name).is_file()]
+        if not present:
             raise WorkspaceError(
                 f"no agov workspace at {home}",
                 hint=f"run `agov init {home}` first, or pass --home / set AGOV_HOME",
+            )
+        if len(present) == 1:  # half a workspace: init would refuse to overwrite the other half
+            missing = DB_FILE if present == [CONFIG_FILE] else CONFIG_FILE
+            raise WorkspaceError(
+                f"the agov workspace at {home} has {present[0]} but no {missing}",
+                hint=f"restore {home / missing} from a backup; `agov init` does not overwrite a workspace",
             )
         return cls(home=home, config=load_config(home / CONFIG_FILE))
 

@@ -365,3 +365,18 @@ def test_no_workspace_via_agov_home(tmp_path: Path) -> None:
     error = expect_error(result, 2)
     assert "agov init" in error["hint"]
     assert str(home) in error["message"]
+
+
+@pytest.mark.parametrize("gone", ["agov.yaml", "agov.db"])
+def test_half_a_workspace_names_the_missing_file_instead_of_advising_init(
+    pristine: Path, tmp_path: Path, gone: str
+) -> None:
+    """`agov init` refuses to overwrite the half that is left, so advising it led nowhere."""
+    home = copy_ws(pristine, tmp_path / "ws")
+    (home / gone).unlink()
+    error = expect_error(agov("agent", "list", home=home), 2)
+    assert error["message"].startswith(f"the agov workspace at {home} has ") and error["message"].endswith(
+        f"but no {gone}"
+    )
+    assert "restore" in error["hint"] and "agov init" in error["hint"]
+    assert expect_error(agov("init", home), 2)["message"].startswith("refusing to overwrite")
