@@ -496,7 +496,7 @@ class Engine:
             built = policy.build(
                 find_opa(), self.workspace.policies, self.workspace.bundles, self.workspace.keys
             )
-        except PolicyError as exc:
+        except (PolicyError, KeyMaterialError) as exc:  # KeyMaterialError: the bundle signing key
             self._refuse_reload(exc, actor=actor, reason=reason, active=active)
             raise
         if active is not None and built.policy_hash == active.hash:

@@ -33,7 +33,7 @@ from _reload_support import (
 from agov import keys
 from agov.bundle import compute_policy_hash
 from agov.engine import Engine
-from agov.errors import EngineUnavailableError, NotFoundError, PolicyError, UsageError
+from agov.errors import EngineUnavailableError, KeyMaterialError, NotFoundError, PolicyError, UsageError
 from agov.proofs import verify_proof
 from agov.store.sqlite import utcnow
 from agov.watch import PolicyWatcher
@@ -357,6 +357,25 @@ def test_rollback_is_reported_even_when_the_policy_files_cannot_be_read(engine: 
     assert (result["policy_hash"], result["workspace_policy_hash"]) == (old, None)
     assert result["revalidation"]["restored"] == 2
     assert engine.active_policy().hash == old
+
+
+def test_a_reload_refused_for_want_of_the_bundle_signing_key_is_audited(engine: Engine, home: Path) -> None:
+    old = engine.active_policy().hash
+    seq = _last_seq(engine)
+    private = home / "keys" / keys.BUNDLE_KEY_NAME
+    kept = private.read_bytes()
+    private.unlink()  # its public half stays: agov must not mint a new pair OPA does not trust
+    edit_data(home, set_analysis_limit(0.4))
+
+    with pytest.raises(KeyMaterialError, match=r"private key .* is missing"):
+        engine.reload_policy(actor=ACTOR, reason="no bundle key")
+
+    assert engine.active_policy().hash == old
+    (refused,) = _audit(engine, seq, "POLICY_RELOAD_REFUSED")
+    assert "is missing" in refused["payload"]["error"]
+    assert metric(engine, FAILURE) == 1
+    private.write_bytes(kept)
+    private.chmod(0o600)
 
 
 def test_a_bundle_opa_does_not_load_in_time_is_a_refused_reload_but_a_stopped_run_is_not(
