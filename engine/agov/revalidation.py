@@ -314,7 +314,18 @@ def _open_run(
                 (policy_hash, previous_hash, iso(now), org),
             )
             run_id = int(cur.lastrowid or 0)
-            _audit_org_change(tx, org_change, run_id, policy_hash, org, org_canonical, now, restarted=False)
+            if org_change is not None:
+                _audit_org_change(
+                    tx, org_change, run_id, policy_hash, org, org_canonical, now, restarted=False
+                )
+            else:  # a run no activation opened (`agov revalidate`): its row gets its own event
+                tx.audit(
+                    Code.REVALIDATION_STARTED,
+                    actor=REVALIDATION_ACTOR,
+                    policy_hash=policy_hash,
+                    now=now,
+                    payload={"run_id": run_id, "previous_hash": previous_hash, "org_digest": org},
+                )
             return run_id, "", False
         run_id, cursor, digest = int(row[0]), str(row[1]), row[2]
         if digest == org:

@@ -359,6 +359,31 @@ def test_rollback_is_reported_even_when_the_policy_files_cannot_be_read(engine: 
     assert engine.active_policy().hash == old
 
 
+def test_a_run_revalidate_opens_itself_is_audited_even_when_its_first_chunk_fails(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`agov revalidate` with OPA down: the run row it opened had no audit event at all."""
+    from agov import revalidation
+
+    seq = _last_seq(engine)
+
+    def opa_down(*_args: object) -> object:
+        raise EngineUnavailableError("injected: OPA went away")
+
+    monkeypatch.setattr(revalidation, "_verdicts", opa_down)
+    with pytest.raises(EngineUnavailableError):
+        engine.revalidate()
+    monkeypatch.undo()
+
+    run = engine.store.query_one("SELECT id, org_digest FROM revalidation_runs WHERE finished_at IS NULL")
+    (started,) = _audit(engine, seq, "REVALIDATION_STARTED")
+    assert started["payload"]["run_id"] == run["id"] and started["payload"]["org_digest"] == run["org_digest"]
+    assert [e["type"] for e in _audit(engine, seq)] == ["REVALIDATION_STARTED"]
+    # resumed, not opened again
+    engine.revalidate()
+    assert len(_audit(engine, seq, "REVALIDATION_STARTED")) == 1
+
+
 def test_a_reload_refused_for_want_of_the_bundle_signing_key_is_audited(engine: Engine, home: Path) -> None:
     old = engine.active_policy().hash
     seq = _last_seq(engine)
