@@ -201,8 +201,15 @@ def test_two_chunk_queries_are_in_flight_while_a_chunk_is_committed(
     assert faults.most_in_flight == 2
 
 
-def _but_the_runs(state: dict[str, Any]) -> dict[str, Any]:
-    return {table: rows for table, rows in state.items() if table != "revalidation_runs"}
+def _only_the_run_opened(before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Nothing changed but the run's own row and the REVALIDATION_STARTED event that opened it."""
+    others = ("revalidation_runs", "audit_events", "__anchor__")
+    assert {t: r for t, r in after.items() if t not in others} == {
+        t: r for t, r in before.items() if t not in others
+    }
+    old, new = before["audit_events"], after["audit_events"]
+    assert new[: len(old)] == old
+    assert [row[2] for row in new[len(old) :]] == ["REVALIDATION_STARTED"]
 
 
 def test_a_failed_chunk_query_does_not_wait_for_the_other_one_in_flight(
@@ -218,8 +225,8 @@ def test_a_failed_chunk_query_does_not_wait_for_the_other_one_in_flight(
         engine.revalidate()
 
     assert time.monotonic() - started < 1.5
-    # only the run's own row is new; no agent, proof or audit row changed
-    assert _but_the_runs(snapshot(engine.workspace.home)) == _but_the_runs(before)
+    # only the run's own row (and the event that opened it) is new; no agent or proof changed
+    _only_the_run_opened(before, snapshot(engine.workspace.home))
 
 
 def test_an_error_while_a_chunk_is_committed_does_not_wait_for_the_queries_in_flight(
@@ -241,8 +248,8 @@ def test_an_error_while_a_chunk_is_committed_does_not_wait_for_the_queries_in_fl
         engine.revalidate()
 
     assert time.monotonic() - started < 1.5
-    # only the run's own row is new; no agent, proof or audit row changed
-    assert _but_the_runs(snapshot(engine.workspace.home)) == _but_the_runs(before)
+    # only the run's own row (and the event that opened it) is new; no agent or proof changed
+    _only_the_run_opened(before, snapshot(engine.workspace.home))
 
 
 # The child judges chunk 1 (which fails at once) and chunk 2 (whose OPA answers only after 5 s),
