@@ -262,17 +262,21 @@ def promote(
         verdict = PolicyVerdict(False, (Reason(PROMOTION_DENY_ENGINE_UNAVAILABLE, message),))
         signer = None
     fields: dict[str, Any] = {"agent_id": agent.id, "actor": actor, "policy_hash": policy_hash, "now": now}
-    if not verdict.allow or signer is None or config is None:
+
+    def denied(deny: PolicyVerdict) -> PromotionResult:
         with store.transaction() as tx:
             tx.audit(Code.PROMOTION_ATTEMPT, payload={"role": role, "version": agent.version}, **fields)
             tx.audit(
                 Code.PROMOTION_DENIED,
-                payload={"decision_id": decision_id, "deny": [r.as_dict() for r in verdict.deny]},
+                payload={"decision_id": decision_id, "deny": [r.as_dict() for r in deny.deny]},
                 **fields,
             )
         return PromotionResult(
-            agent.id, False, agent.status.value, verdict.deny, verdict.warn, policy_hash, decision_id
+            agent.id, False, agent.status.value, deny.deny, deny.warn, policy_hash, decision_id
         )
+
+    if not verdict.allow or signer is None or config is None:
+        return denied(verdict)
     try:
         with store.transaction() as tx:
             tx.audit(Code.PROMOTION_ATTEMPT, payload={"role": role, "version": agent.version}, **fields)
@@ -321,6 +325,16 @@ def promote(
             Code.PROMOTION_DENIED, payload={"reason": "concurrent change", "role": role}, **fields
         )
         raise
+    except Exception as exc:  # signing or storing failed after OPA allowed: rolled back, a deny
+        message = (
+            exc.in_one_line()
+            if isinstance(exc, AgovError)
+            else f"internal error: {type(exc).__name__}: {exc}"
+        )
+        try:
+            return denied(PolicyVerdict(False, (Reason(PROMOTION_DENY_ENGINE_UNAVAILABLE, message),)))
+        except AgovError:  # the store takes no audit row either (say an unreadable anchor)
+            raise exc from None
     return PromotionResult(
         agent.id, True, verdict.status.value, (), verdict.warn, policy_hash, decision_id, signer.keyid
     )

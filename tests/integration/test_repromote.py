@@ -9,7 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from _reload_support import ACTOR, ADMIN_ROLE, engine_governing
+from _reload_support import ACTOR, ADMIN_ROLE, agent_doc, engine_governing
 
 from agov.engine import Engine
 from agov.errors import UsageError
@@ -86,3 +86,30 @@ def test_a_proof_row_with_a_time_no_agov_wrote_does_not_block_promoting_again(en
     assert engine.promote(AGENT, actor=ACTOR, role=ADMIN_ROLE).allow
 
     assert engine.admit(AGENT).allow
+
+
+def test_a_signing_failure_after_opa_allowed_is_an_audited_deny_that_changes_nothing(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, only a lost race was handled there: any other error escaped unaudited."""
+    from agov import promotion
+    from agov.errors import ProofError
+    from agov.registry import CreationMode
+
+    engine.create_agent(agent_doc("fresh"), mode=CreationMode.IMPORT, source="x.yaml", actor=ACTOR)
+    before = _rows(engine)
+    seq = engine.store.audit_events()[-1].seq
+
+    def broken_sign(*_args: object, **_kwargs: object) -> object:
+        raise ProofError("injected: the statement could not be signed")
+
+    monkeypatch.setattr(promotion, "sign_for", broken_sign)
+    result = engine.promote("fresh", actor=ACTOR, role=ADMIN_ROLE)
+
+    assert not result.allow and [r.code for r in result.deny] == ["PROMOTION_DENY_ENGINE_UNAVAILABLE"]
+    assert "injected: the statement could not be signed" in result.deny[0].message
+    assert _rows(engine) == before
+    assert [e.type for e in engine.store.audit_events(after_seq=seq)] == [
+        "PROMOTION_ATTEMPT",
+        "PROMOTION_DENIED",
+    ]
