@@ -236,17 +236,25 @@ class _Agov(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+def _json_here(as_json: bool) -> None:
+    if as_json:  # `agov --json admit X`: the command's context shares this one's meta
+        click.get_current_context().meta[_JSON_META] = True
+
+
+# on every group too: `agov --json agent list` and `agov agent --json list`
+_GROUP_JSON = click.option(
+    "--json", "as_json", is_flag=True, help="Machine-readable output from the command that follows."
+)
+
+
 @click.group(
     cls=_Agov, context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "AGOV"}
 )
 @click.version_option(package_name="agov")
-@click.option(
-    "--json", "as_json", is_flag=True, help="Machine-readable output from the command that follows."
-)
+@_GROUP_JSON
 def main(as_json: bool) -> None:
     """agov: govern AI agents with OPA policies: promote, admit, revalidate."""
-    if as_json:  # `agov --json admit X`: the command's context shares this one's meta
-        click.get_current_context().meta[_JSON_META] = True
+    _json_here(as_json)
 
 
 def _by_ctrl_c(exc: BaseException) -> bool:
@@ -280,8 +288,10 @@ def init(ctx: Ctx, directory: Path | None) -> None:
 
 
 @main.group()
-def agent() -> None:
+@_GROUP_JSON
+def agent(as_json: bool) -> None:
     """Create and inspect agents."""
+    _json_here(as_json)
 
 
 def _interactive_answers() -> dict[str, Any]:
@@ -669,8 +679,10 @@ def revalidate(ctx: Ctx, dry_run: bool) -> None:
 
 
 @main.group("policy")
-def policy_group() -> None:
+@_GROUP_JSON
+def policy_group(as_json: bool) -> None:
     """Build, reload, inspect and roll back policy versions."""
+    _json_here(as_json)
 
 
 @policy_group.command("build")
@@ -771,8 +783,10 @@ def policy_rollback(ctx: Ctx, policy_hash: str, reason: str) -> None:
 
 
 @main.group("keys")
-def keys_group() -> None:
+@_GROUP_JSON
+def keys_group(as_json: bool) -> None:
     """Proof signing keys."""
+    _json_here(as_json)
 
 
 def _when(value: str | None) -> datetime | None:
@@ -850,8 +864,10 @@ def keys_revoke(ctx: Ctx, keyid: str, reason: str) -> None:
 
 
 @main.group("audit")
-def audit_group() -> None:
+@_GROUP_JSON
+def audit_group(as_json: bool) -> None:
     """The hash-chained audit log."""
+    _json_here(as_json)
 
 
 @audit_group.command("verify")

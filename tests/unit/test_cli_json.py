@@ -26,10 +26,14 @@ def test_json_before_the_command_applies_to_that_call_only(tmp_path: Path) -> No
 
     first = runner.invoke(cli.main, ["--json", "keys", "list", "--home", nowhere])
     second = runner.invoke(cli.main, ["keys", "list", "--home", nowhere])
+    between = runner.invoke(cli.main, ["keys", "--json", "list", "--home", nowhere])
 
-    assert first.exit_code == second.exit_code == 2
+    assert first.exit_code == second.exit_code == between.exit_code == 2
     assert json.loads(first.stdout)["error"]["type"] == "WorkspaceError"
     assert second.stdout == "" and second.stderr.startswith("error: no agov workspace at")
+    assert json.loads(between.stdout)["error"]["type"] == "WorkspaceError", (
+        "after the group, before the command"
+    )
 
 
 @contextmanager
