@@ -370,6 +370,8 @@ def agent_create(
     notes: str,
 ) -> None:
     """Create an agent in SANDBOX (exactly one mode)."""
+    from agov import registry
+    from agov.spec import parse_spec_bytes
 
     modes = [
         m
@@ -393,9 +395,41 @@ def agent_create(
         )
     with _engine(ctx) as engine:
         try:
-            mode, source, document = _creation_input(
-                engine, from_file, template, clone_id, workflow, event, interactive, name, agent_id
-            )
+            limit = engine.config.limits.max_spec_bytes
+            source: str
+            if from_file:
+                mode, source = CreationMode.IMPORT, str(from_file)
+                document = parse_spec_bytes(
+                    _read_file(from_file, limit), source=str(from_file), max_bytes=limit
+                )
+            elif template:
+                mode, source = CreationMode.TEMPLATE, template
+                document = registry.from_template(template, agent_id=agent_id, display_name=name)
+            elif clone_id:
+                mode, source = CreationMode.CLONE, clone_id
+                original = engine.get_agent(clone_id)
+                document = json.loads(original.spec.canonical)
+                document["metadata"]["id"] = agent_id or f"{clone_id}-clone"
+                if name:
+                    document["metadata"]["name"] = name
+                source = f"{clone_id}@{original.version}"
+            elif workflow:
+                mode, source = CreationMode.WORKFLOW, str(workflow)
+                document = registry.from_workflow(
+                    parse_spec_bytes(_read_file(workflow, limit), source=str(workflow)), agent_id=agent_id
+                )
+            elif event:
+                mode = CreationMode.EVENT
+                document, source = registry.from_event(
+                    parse_spec_bytes(_read_file(event, limit), source=str(event))
+                )
+            elif interactive:
+                mode, source = CreationMode.CONVERSATION, "interactive"
+                document = registry.from_answers(_interactive_answers())
+            else:
+                assert name is not None
+                mode, source = CreationMode.SCRATCH, "scratch"
+                document = registry.skeleton(name, agent_id=agent_id)
         except AgovError as exc:  # audited as create's own rejections are: one REQUEST_REJECTED
             engine.reject_request("create", exc, actor=ctx.actor)
             raise
@@ -406,55 +440,6 @@ def agent_create(
         f"created {record.id} (version {record.version}, {record.status.value}, mode {mode.value})\n"
         f"  spec hash {record.spec.hash}\n  sandbox expires {record.sandbox_expires_at}",
     )
-
-
-def _creation_input(
-    engine: Any,
-    from_file: Path | None,
-    template: str | None,
-    clone_id: str | None,
-    workflow: Path | None,
-    event: Path | None,
-    interactive: bool,
-    name: str | None,
-    agent_id: str | None,
-) -> tuple[CreationMode, str, dict[str, Any]]:
-    """The creation mode, the source it names, and the document it gives."""
-    from agov import registry
-    from agov.spec import parse_spec_bytes
-
-    limit = engine.config.limits.max_spec_bytes
-    source: str
-    if from_file:
-        mode, source = CreationMode.IMPORT, str(from_file)
-        document = parse_spec_bytes(_read_file(from_file, limit), source=str(from_file), max_bytes=limit)
-    elif template:
-        mode, source = CreationMode.TEMPLATE, template
-        document = registry.from_template(template, agent_id=agent_id, display_name=name)
-    elif clone_id:
-        mode, source = CreationMode.CLONE, clone_id
-        original = engine.get_agent(clone_id)
-        document = json.loads(original.spec.canonical)
-        document["metadata"]["id"] = agent_id or f"{clone_id}-clone"
-        if name:
-            document["metadata"]["name"] = name
-        source = f"{clone_id}@{original.version}"
-    elif workflow:
-        mode, source = CreationMode.WORKFLOW, str(workflow)
-        document = registry.from_workflow(
-            parse_spec_bytes(_read_file(workflow, limit), source=str(workflow)), agent_id=agent_id
-        )
-    elif event:
-        mode = CreationMode.EVENT
-        document, source = registry.from_event(parse_spec_bytes(_read_file(event, limit), source=str(event)))
-    elif interactive:
-        mode, source = CreationMode.CONVERSATION, "interactive"
-        document = registry.from_answers(_interactive_answers())
-    else:
-        assert name is not None
-        mode, source = CreationMode.SCRATCH, "scratch"
-        document = registry.skeleton(name, agent_id=agent_id)
-    return mode, source, document
 
 
 @agent.command("templates")

@@ -506,16 +506,14 @@ class Engine:
                 self._refuse_reload(exc, actor=actor, reason=reason, active=active)
                 raise
         try:
-            # before the new version is even recorded: a switch would refuse it for these
-            keyring.active_signer(self.store, self.workspace.keys, self.clock())
-            self._judging_config()
+            config = self._ready_to_switch()  # before the new version is even recorded
         except (KeyMaterialError, WorkspaceError) as exc:
             self._refuse_reload(exc, actor=actor, reason=reason, active=active)
             raise
         version = policy.record(self.store, built, actor=actor, reason=reason)
         try:
             report, org_changed = self._switch(
-                version, event=Code.POLICY_HOTRELOAD, actor=actor, reason=reason, progress=progress
+                version, config, event=Code.POLICY_HOTRELOAD, actor=actor, reason=reason, progress=progress
             )
         # refused by OPA, no key to re-sign with, or no org limits to judge with: the old one stays
         except (PolicyError, KeyMaterialError, WorkspaceError) as exc:
@@ -641,7 +639,12 @@ class Engine:
         if active is not None and active.hash == target.hash:
             raise UsageError(f"policy {target.hash[:12]} is already active")
         report, org_changed = self._switch(
-            target, event=Code.POLICY_ROLLBACK, actor=actor, reason=reason, progress=progress
+            target,
+            self._ready_to_switch(),
+            event=Code.POLICY_ROLLBACK,
+            actor=actor,
+            reason=reason,
+            progress=progress,
         )
         return {
             "policy_hash": target.hash,
@@ -660,26 +663,36 @@ class Engine:
         except (AgovError, OSError):
             return None
 
+    def _ready_to_switch(self) -> Config:
+        """The config to judge with, once a key may sign: checked before anything changes, since
+        a switch whose revalidation cannot sign would leave every agent bound to the old policy,
+        so denied, until someone revalidates.
+
+        Raises:
+            KeyMaterialError: no key may sign.
+            WorkspaceError: agov.yaml states no readable org limits.
+        """
+        keyring.active_signer(self.store, self.workspace.keys, self.clock())
+        return self._judging_config()
+
     def _switch(
         self,
         version: PolicyVersion,
+        config: Config,
         *,
         event: Code,
         actor: str,
         reason: str,
         progress: Callable[[int], None] | None,
     ) -> tuple[RevalidationReport, bool]:
-        """Activate in OPA first, then in the store, then revalidate. Between the two steps every
-        decision fails closed, because OPA's revision no longer matches the store's.
+        """Activate in OPA first, then in the store, then revalidate with ``config`` (from
+        ``_ready_to_switch``). Between the two steps every decision fails closed, because OPA's
+        revision no longer matches the store's.
 
         Returns the run's report, and whether the org limits in agov.yaml differ from those the
         previous policy's last run judged with (audited as ``ORG_LIMITS_CHANGED`` with the run:
         the new policy is not the only thing that judges the agents differently)."""
         previous = policy.active_version(self.store)
-        # before anything changes: a switch whose revalidation cannot sign would leave every
-        # agent bound to the old policy, so denied, until someone revalidates
-        keyring.active_signer(self.store, self.workspace.keys, self.clock())
-        config = self._judging_config()  # and the org limits it judges with
         digest = revalidation.org_digest(canonical_json(dataclasses.asdict(config.org)))
         judged = revalidation.judged_org(self.store, previous.hash) if previous else None
         org_changed = judged is not None and judged != digest

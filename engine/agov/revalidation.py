@@ -357,7 +357,7 @@ def _open_run(
 
 def _audit_org_change(
     tx: Tx,
-    change: OrgChange | None,
+    change: OrgChange,
     run_id: int,
     policy_hash: str,
     org: str,
@@ -366,8 +366,6 @@ def _audit_org_change(
     *,
     restarted: bool,
 ) -> None:
-    if change is None:
-        return
     tx.audit(
         Code.ORG_LIMITS_CHANGED,
         actor=change.actor,
