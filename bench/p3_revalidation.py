@@ -46,8 +46,8 @@ from agov.config import Config, Limits
 from agov.decisions import Code, PolicyVerdict, Reason, Status
 from agov.engine import Engine
 from agov.hashing import canonical_json, sha256_hex
-from agov.keys import load_signer
-from agov.proofs import ProofClaims, sign_proof
+from agov.keys import ensure_proof_seal, load_signer
+from agov.proofs import ProofClaims, ProofSeal, sign_proof
 from agov.spec import validate_spec
 from agov.store.sqlite import iso, parse_iso
 
@@ -89,7 +89,9 @@ def populate(home: Path, n: int, p0: str, p1: str) -> None:
         if engine.config.proof_ttl_days:
             expires = iso(now - timedelta(days=1) + timedelta(days=engine.config.proof_ttl_days))
         template = c.research_agent("template", 0.0)
-        # one real signed proof, copied to every agent: revalidation re-signs and never reads it
+        # one real signed proof, copied to every agent and sealed with each row as agov seals it:
+        # revalidation checks a row's seal and renews it, it does not verify a sealed envelope
+        seal = ensure_proof_seal(engine.workspace.keys)
         sample = validate_spec(_agent_doc(template, 0))
         envelope = sign_proof(
             ProofClaims(
@@ -121,10 +123,10 @@ def populate(home: Path, n: int, p0: str, p1: str) -> None:
             for row in rows():
                 batch.append(row)
                 if len(batch) == 5000:
-                    _insert(tx, batch, p0, keyid, envelope, created, issued, expires)
+                    _insert(tx, batch, p0, keyid, envelope, seal, created, issued, expires)
                     batch = []
             if batch:
-                _insert(tx, batch, p0, keyid, envelope, created, issued, expires)
+                _insert(tx, batch, p0, keyid, envelope, seal, created, issued, expires)
         policy.mark_active(store, p1, event=Code.POLICY_HOTRELOAD, actor=c.ACTOR, reason="bench: P1")
     finally:
         engine.close()
@@ -146,6 +148,7 @@ def _insert(
     p0: str,
     keyid: str,
     envelope: bytes,
+    seal: ProofSeal,
     created: str | None,
     issued: str | None,
     expires: str | None,
@@ -175,9 +178,29 @@ def _insert(
     )
     tx.executemany(
         "INSERT INTO agent_proofs (agent_id, version, policy_hash, spec_hash, envelope, keyid,"
-        " governance_status, issued_at, expires_at) VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?)",
+        " governance_status, issued_at, expires_at, seal) VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
-            (agent_id, p0, h, envelope, keyid, Status.GOVERNED_VALID.value, issued, expires)
+            (
+                agent_id,
+                p0,
+                h,
+                envelope,
+                keyid,
+                Status.GOVERNED_VALID.value,
+                issued,
+                expires,
+                seal.seal(
+                    agent_id=agent_id,
+                    version=1,
+                    policy_hash=p0,
+                    spec_hash=h,
+                    keyid=keyid,
+                    governance_status=Status.GOVERNED_VALID.value,
+                    issued_at=issued or "",
+                    expires_at=expires,
+                    envelope=envelope,
+                ),
+            )
             for agent_id, _doc, _spec, h in batch
         ],
     )
@@ -202,6 +225,7 @@ def naive_revalidate(engine: Engine) -> dict[str, int]:
     evaluator = engine.evaluator()
     store = engine.store
     signer = keyring.active_signer(store, engine.workspace.keys)
+    seal = ensure_proof_seal(engine.workspace.keys)
     policy_hash = engine.active_policy().hash
     org = asdict(engine.config.org)
     governed = (
@@ -211,7 +235,8 @@ def naive_revalidate(engine: Engine) -> dict[str, int]:
     )
     rows = store.query(
         "SELECT a.id, a.current_version, a.row_version, a.status, v.spec, v.spec_hash,"
-        " p.version AS proof_version, p.spec_hash AS proof_spec_hash, p.expires_at AS proof_expires_at"
+        " p.version AS proof_version, p.spec_hash AS proof_spec_hash, p.expires_at AS proof_expires_at,"
+        " p.policy_hash AS proof_policy_hash, p.keyid, p.governance_status, p.issued_at, p.envelope, p.seal"
         " FROM agents a JOIN agent_versions v ON v.agent_id = a.id AND v.version = a.current_version"
         " LEFT JOIN agent_proofs p ON p.agent_id = a.id AND p.superseded_at IS NULL"
         " WHERE a.status IN (?, ?, ?) ORDER BY a.id",
@@ -228,12 +253,24 @@ def naive_revalidate(engine: Engine) -> dict[str, int]:
             expected_revision=policy_hash,
         )
         verdict = parse_verdict(answer.result.get(r["id"]), f"verdict for {r['id']}")
-        # the proof on record is renewed with its own expiry, as the engine does
+        # the proof on record is renewed with its own expiry, if agov sealed its row, as the engine does
         expires = parse_iso(r["proof_expires_at"])
         renewable = (
             r["proof_version"] == r["current_version"]
             and r["proof_spec_hash"] == r["spec_hash"]
             and (expires is None or expires > now)
+            and r["seal"]
+            == seal.seal(
+                agent_id=r["id"],
+                version=r["proof_version"],
+                policy_hash=r["proof_policy_hash"],
+                spec_hash=r["proof_spec_hash"],
+                keyid=r["keyid"],
+                governance_status=r["governance_status"],
+                issued_at=r["issued_at"],
+                expires_at=r["proof_expires_at"],
+                envelope=bytes(r["envelope"]),
+            )
         )
         if verdict.allow and not renewable:
             verdict = PolicyVerdict(False, (Reason("REVALIDATION_PROOF_MISSING", "no renewable proof"),))
@@ -243,6 +280,7 @@ def naive_revalidate(engine: Engine) -> dict[str, int]:
                     ProofTarget(r["id"], r["current_version"], r["spec_hash"], r["row_version"]),
                     verdict,
                     signer,
+                    seal,
                     policy_hash=policy_hash,
                     decision_id=answer.decision_id,
                     input_digest=digest({"agent": entry, "org": org}),

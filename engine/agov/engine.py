@@ -327,6 +327,7 @@ class Engine:
             agent,
             evaluator,
             lambda: keyring.active_signer(self.store, self.workspace.keys, self.clock()),
+            lambda: keys.ensure_proof_seal(self.workspace.keys),
             actor=actor,
             role=role,
             policy_hash=policy_hash,
@@ -451,7 +452,7 @@ class Engine:
 
         Raises:
             EngineUnavailableError, DecisionError: OPA failed; rerun to resume.
-            KeyMaterialError: no active signing key.
+            KeyMaterialError: no active signing key, or the proof seal key is unusable.
         """
         target = policy_hash or policy.require_active(self.store).hash
         report = revalidation.revalidate(
@@ -459,6 +460,7 @@ class Engine:
             config or self._judging_config(),
             evaluator or self._evaluator_for(target),
             lambda: keyring.active_signer(self.store, self.workspace.keys, self.clock()),
+            revalidation.ProofVouching(keys.ensure_proof_seal(self.workspace.keys), self._trusted_key),
             policy_hash=target,
             now_fn=self.clock,
             dry_run=dry_run,
@@ -669,10 +671,11 @@ class Engine:
         so denied, until someone revalidates.
 
         Raises:
-            KeyMaterialError: no key may sign.
+            KeyMaterialError: no key may sign, or the proof seal key is unusable.
             WorkspaceError: agov.yaml states no readable org limits.
         """
         keyring.active_signer(self.store, self.workspace.keys, self.clock())
+        keys.ensure_proof_seal(self.workspace.keys)
         return self._judging_config()
 
     def _switch(

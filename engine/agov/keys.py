@@ -11,6 +11,7 @@ Layout::
     <keyid>.hmac.key           hex HMAC-SHA256 secret           (0600)
     bundle-signing.es256.key   PKCS#8 PEM EC P-256 private key  (0600), for `opa build --signing-key`
     bundle-signing.es256.pub   SubjectPublicKeyInfo PEM         (0644), for OPA's `verification-key`
+    proof-seal.key             hex HMAC-SHA256 secret           (0600), seals stored proof rows
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from agov.proofs import (
     ALGORITHMS,
     HMAC_MIN_SECRET_BYTES,
     Alg,
+    ProofSeal,
     ProofSigner,
     TrustedKey,
     ed25519_keyid,
@@ -51,6 +53,7 @@ from agov.proofs import (
 
 BUNDLE_KEY_NAME = "bundle-signing.es256.key"
 BUNDLE_PUB_NAME = "bundle-signing.es256.pub"
+PROOF_SEAL_KEY_NAME = "proof-seal.key"
 # key files are a few hundred bytes; a cap keeps a stray huge file from being read whole
 MAX_KEY_FILE_BYTES = 16 * 1024
 
@@ -477,3 +480,60 @@ def ensure_bundle_signing_key(keys_dir: Path) -> BundleKey:
     else:
         _write_atomic(pub_path, public.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo), 0o644)
     return BundleKey(private_pem_path=key_path, public_pem_path=pub_path, keyid=bundle_keyid(der))
+
+
+# --- proof seal key ---------------------------------------------------------------------------
+
+
+def ensure_proof_seal(keys_dir: Path) -> ProofSeal:
+    """The workspace's proof seal (see :class:`agov.proofs.ProofSeal`), its key created when there
+    is none. Two processes that create it at once end with the one key the first one linked into
+    place: the file is never replaced once it exists.
+
+    Raises:
+        KeyMaterialError: the key file is unreadable, readable by others, or not a hex secret of
+            at least 32 bytes.
+    """
+    path = keys_dir / PROOF_SEAL_KEY_NAME
+    if not path.exists():
+        _ensure_dir(keys_dir)
+        _create_exclusively(path, secrets.token_hex(32).encode() + b"\n")
+    data = _read(path, private=True)
+    try:
+        secret = bytes.fromhex(data.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        secret = b""
+    if len(secret) < HMAC_MIN_SECRET_BYTES:
+        raise KeyMaterialError(
+            f"proof seal key {path} is not a hex secret of at least {HMAC_MIN_SECRET_BYTES} bytes",
+            hint=f"remove {path}: agov writes a new one, and verifies each stored proof in full once"
+            " before sealing it again",
+        )
+    return ProofSeal(secret)
+
+
+def _create_exclusively(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temp file, then link it to ``path`` unless ``path`` exists by then."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise KeyMaterialError(
+            f"cannot write key file {path}: {exc.strerror}",
+            hint="check free space and permissions of the key directory",
+        ) from exc
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        with contextlib.suppress(FileExistsError):  # another process made it first: use theirs
+            os.link(tmp, path)
+    except OSError as exc:
+        raise KeyMaterialError(
+            f"cannot write key file {path}: {exc.strerror}",
+            hint="check free space and permissions of the key directory",
+        ) from exc
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    _fsync_dir(path.parent)

@@ -17,7 +17,7 @@ from agov.decisions import Code, PolicyVerdict, Reason, Status, parse_verdict
 from agov.errors import AgovError, UsageError
 from agov.hashing import digest
 from agov.opa.evaluator import Evaluator
-from agov.proofs import ProofClaims, ProofSigner, sign_proof
+from agov.proofs import ProofClaims, ProofSeal, ProofSigner, sign_proof
 from agov.registry import AgentRecord
 from agov.store import Store
 from agov.store.sqlite import Tx, iso, parse_iso
@@ -86,12 +86,14 @@ class SignedProof:
     policy_hash: str
     issued_at: str
     expires_at: str | None
+    seal: str  # ProofSeal over the row's columns: revalidation renews only sealed rows unverified
 
 
 def sign_for(
     agent: ProofTarget,
     verdict: PolicyVerdict,
     signer: ProofSigner,
+    seal: ProofSeal,
     *,
     policy_hash: str,
     decision_id: str | None,
@@ -120,15 +122,28 @@ def sign_for(
     )
     issued_at = iso(now)
     assert issued_at is not None
+    envelope = sign_proof(claims, signer)
+    expiry = iso(expires_at)
     return SignedProof(
         agent,
         status,
         _reasons_json(verdict.warn),
-        sign_proof(claims, signer),
+        envelope,
         signer.keyid,
         policy_hash,
         issued_at,
-        iso(expires_at),
+        expiry,
+        seal.seal(
+            agent_id=agent.agent_id,
+            version=agent.version,
+            policy_hash=policy_hash,
+            spec_hash=agent.spec_hash,
+            keyid=signer.keyid,
+            governance_status=status.value,
+            issued_at=issued_at,
+            expires_at=expiry,
+            envelope=envelope,
+        ),
     )
 
 
@@ -169,7 +184,7 @@ def store_proofs(tx: Tx, proofs: list[SignedProof]) -> None:
     )
     tx.executemany(
         "INSERT INTO agent_proofs (agent_id, version, policy_hash, spec_hash, envelope, keyid, governance_status,"
-        " issued_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " issued_at, expires_at, seal) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             (
                 p.target.agent_id,
@@ -181,6 +196,7 @@ def store_proofs(tx: Tx, proofs: list[SignedProof]) -> None:
                 p.status.value,
                 p.issued_at,
                 p.expires_at,
+                p.seal,
             )
             for p in proofs
         ],
@@ -217,6 +233,7 @@ def promote(
     agent: AgentRecord,
     evaluator_loader: Callable[[], Evaluator],
     signer_loader: Callable[[], ProofSigner],
+    seal_loader: Callable[[], ProofSeal],
     *,
     actor: str,
     role: str,
@@ -254,13 +271,14 @@ def promote(
         decision_id = evaluation.decision_id
         verdict = parse_verdict(evaluation.result, "promotion decision")
         signer: ProofSigner | None = signer_loader() if verdict.allow else None
+        seal = seal_loader() if verdict.allow else None
     except AgovError as exc:
         verdict = PolicyVerdict(False, (Reason(PROMOTION_DENY_ENGINE_UNAVAILABLE, exc.in_one_line()),))
-        signer = None
+        signer = seal = None
     except Exception as exc:  # fail closed on anything unforeseen, and say what it was
         message = f"internal error: {type(exc).__name__}: {exc}"
         verdict = PolicyVerdict(False, (Reason(PROMOTION_DENY_ENGINE_UNAVAILABLE, message),))
-        signer = None
+        signer = seal = None
     fields: dict[str, Any] = {"agent_id": agent.id, "actor": actor, "policy_hash": policy_hash, "now": now}
 
     def denied(deny: PolicyVerdict) -> PromotionResult:
@@ -275,7 +293,7 @@ def promote(
             agent.id, False, agent.status.value, deny.deny, deny.warn, policy_hash, decision_id
         )
 
-    if not verdict.allow or signer is None or config is None:
+    if not verdict.allow or signer is None or seal is None or config is None:
         return denied(verdict)
     try:
         with store.transaction() as tx:
@@ -285,6 +303,7 @@ def promote(
                 target,
                 verdict,
                 signer,
+                seal,
                 policy_hash=policy_hash,
                 decision_id=decision_id,
                 input_digest=digest(payload),

@@ -924,3 +924,55 @@ def check_not_rolled_back(verified: VerifiedProof, *, newest_issued_at: datetime
             f"held for this agent version ({_format_time(newest_issued_at)})",
             hint="present the newest proof, or re-promote the agent",
         )
+
+
+# --- seals on stored proof rows ---------------------------------------------------------------
+
+
+class ProofSeal:
+    """HMAC-SHA256 over a stored proof row, keyed by a secret that lives beside the signing keys.
+
+    Revalidation renews the proof on record without spending an Ed25519 verify on it (~130 µs of
+    CPU per agent): it renews a row only when the row carries this seal, which only a holder of
+    the secret can compute. A row written into the store by anything else (a status flipped and
+    a proof row forged, or a column edited) is verified in full instead, and never re-signed on
+    the strength of the store alone.
+    """
+
+    __slots__ = ("_secret",)
+    _DOMAIN = b"agov-proof-seal/v1\n"
+
+    def __init__(self, secret: bytes) -> None:
+        if not isinstance(secret, bytes) or len(secret) < HMAC_MIN_SECRET_BYTES:
+            raise KeyMaterialError(
+                f"a proof seal key is at least {HMAC_MIN_SECRET_BYTES} bytes",
+                hint="remove the proof seal key file: agov writes a new one, and verifies each proof"
+                " in full once before sealing it again",
+            )
+        self._secret = secret
+
+    def seal(
+        self,
+        *,
+        agent_id: str,
+        version: int,
+        policy_hash: str,
+        spec_hash: str,
+        keyid: str,
+        governance_status: str,
+        issued_at: str,
+        expires_at: str | None,
+        envelope: bytes,
+    ) -> str:
+        """The seal of one proof row: every column written once, as stored (the time texts too).
+
+        The columns are one JSON array, which holds no raw newline, so the envelope after the
+        newline cannot be confused with a column.
+        """
+        columns = orjson.dumps(
+            [agent_id, version, policy_hash, spec_hash, keyid, governance_status, issued_at, expires_at]
+        )
+        return hmac.new(self._secret, self._DOMAIN + columns + b"\n" + envelope, hashlib.sha256).hexdigest()
+
+    def __repr__(self) -> str:
+        return "ProofSeal(...)"

@@ -13,6 +13,7 @@ a reload re-judges every agent under the same policy hash (see ``Engine.reload_p
 
 from __future__ import annotations
 
+import hmac
 import json
 import threading
 from collections import deque
@@ -26,11 +27,11 @@ import orjson
 
 from agov.config import Config
 from agov.decisions import Code, PolicyVerdict, Reason, Status, parse_verdict
-from agov.errors import ConflictError, DecisionError, KeyMaterialError
+from agov.errors import AgovError, ConflictError, DecisionError, KeyMaterialError
 from agov.hashing import canonical_json, sha256_hex
 from agov.opa.evaluator import EncodedInput, Evaluator
 from agov.promotion import ProofTarget, SignedProof, sign_for, store_proofs
-from agov.proofs import ProofSigner
+from agov.proofs import ProofSeal, ProofSigner, TrustedKey, check_binding, verify_proof
 from agov.store import Store
 from agov.store.sqlite import Tx, iso, parse_iso
 
@@ -81,6 +82,29 @@ class _Row:
     canonical: bytes  # the stored RFC 8785 spec: sent to OPA and digested as is, never parsed
     has_proof: bool  # a current proof on record for this version and spec hash
     proof_expires_at: datetime | None  # that proof's expiry, which a renewed proof keeps
+    stored: _StoredProof | None = None  # that proof's row, when there is one
+
+
+@dataclass(frozen=True)
+class _StoredProof:
+    """The current proof row's columns as stored: what its seal covers."""
+
+    policy_hash: str
+    keyid: str
+    governance_status: str
+    issued_at: str
+    expires_at: str | None
+    envelope: bytes
+    seal: str | None
+
+
+@dataclass(frozen=True)
+class ProofVouching:
+    """How a run tells the proof rows agov wrote (they carry its seal) from any other row, which
+    it verifies in full against the workspace's keys before renewing it."""
+
+    seal: ProofSeal
+    trusted_key: Callable[[str], TrustedKey | None]
 
 
 @dataclass(frozen=True)
@@ -96,7 +120,9 @@ class OrgChange:
 def _chunk(store: Store, after: str, size: int) -> list[_Row]:
     rows = store.query(
         "SELECT a.id, a.current_version, a.row_version, a.status, v.spec, v.spec_hash,"
-        " p.version AS proof_version, p.spec_hash AS proof_spec_hash, p.expires_at AS proof_expires_at"
+        " p.version AS proof_version, p.spec_hash AS proof_spec_hash, p.expires_at AS proof_expires_at,"
+        " p.policy_hash AS proof_policy_hash, p.keyid AS proof_keyid, p.governance_status AS proof_status,"
+        " p.issued_at AS proof_issued_at, p.envelope AS proof_envelope, p.seal AS proof_seal"
         " FROM agents a"
         " JOIN agent_versions v ON v.agent_id = a.id AND v.version = a.current_version"
         " LEFT JOIN agent_proofs p ON p.agent_id = a.id AND p.superseded_at IS NULL"
@@ -105,19 +131,32 @@ def _chunk(store: Store, after: str, size: int) -> list[_Row]:
         f" WHERE +a.status IN ({','.join('?' * len(_GOVERNED))}) AND a.id > ? ORDER BY a.id LIMIT ?",
         (*_GOVERNED, after, size),
     )
-    return [
-        _Row(
-            r["id"],
-            r["current_version"],
-            r["spec_hash"],
-            r["row_version"],
-            r["status"],
-            r["spec"].encode(),
-            r["proof_version"] == r["current_version"] and r["proof_spec_hash"] == r["spec_hash"],
-            parse_iso(r["proof_expires_at"]),
+    return [_row(r) for r in rows]
+
+
+def _row(r: Any) -> _Row:
+    has_proof = r["proof_version"] == r["current_version"] and r["proof_spec_hash"] == r["spec_hash"]
+    return _Row(
+        r["id"],
+        r["current_version"],
+        r["spec_hash"],
+        r["row_version"],
+        r["status"],
+        r["spec"].encode(),
+        has_proof,
+        parse_iso(r["proof_expires_at"]),
+        _StoredProof(
+            r["proof_policy_hash"],
+            r["proof_keyid"],
+            r["proof_status"],
+            r["proof_issued_at"],
+            r["proof_expires_at"],
+            bytes(r["proof_envelope"]),
+            r["proof_seal"],
         )
-        for r in rows
-    ]
+        if has_proof
+        else None,
+    )
 
 
 def _chunk_input(rows: list[_Row], org_canonical: bytes, policy_hash: str, now: datetime) -> EncodedInput:
@@ -189,6 +228,65 @@ def _renewable(row: _Row, verdict: PolicyVerdict, now: datetime) -> PolicyVerdic
         )
         return PolicyVerdict(False, (expired,))
     return verdict
+
+
+def _vouched(
+    rows: list[_Row], verdicts: dict[str, PolicyVerdict], vouching: ProofVouching, now: datetime
+) -> dict[str, PolicyVerdict]:
+    """``verdicts``, with each agent they allow invalidated when its proof row is not one agov
+    wrote: renewing it would sign, on the strength of a row in agov.db alone, an approval that
+    no promotion gave."""
+    vouched = dict(verdicts)
+    for row in rows:
+        if vouched[row.agent_id].allow:
+            problem = _unvouched(row, vouching, now)
+            if problem is not None:
+                vouched[row.agent_id] = PolicyVerdict(
+                    False, (Reason("REVALIDATION_PROOF_UNVERIFIED", problem + "; promote the agent again"),)
+                )
+    return vouched
+
+
+def _unvouched(row: _Row, vouching: ProofVouching, now: datetime) -> str | None:
+    """Why ``row``'s proof may not be renewed, or None: its row carries agov's seal, or its envelope
+    verifies against the workspace's keys and binds what the row says. Rows without the seal are
+    those written before seals, or under a seal key since replaced, or outside agov."""
+    proof = row.stored
+    if proof is None:  # _renewable lets no agent without a current proof through; be sure
+        return "no current proof row"
+    expected = vouching.seal.seal(
+        agent_id=row.agent_id,
+        version=row.version,
+        policy_hash=proof.policy_hash,
+        spec_hash=row.spec_hash,
+        keyid=proof.keyid,
+        governance_status=proof.governance_status,
+        issued_at=proof.issued_at,
+        expires_at=proof.expires_at,
+        envelope=proof.envelope,
+    )
+    if proof.seal is not None and hmac.compare_digest(proof.seal, expected):
+        return None
+    unsealed = "its proof row does not carry agov's seal"
+    try:
+        key = vouching.trusted_key(proof.keyid)
+        if key is None:
+            return f"{unsealed}, and its signer {proof.keyid[:12]} is not a key of this workspace"
+        verified = verify_proof(proof.envelope, {key.keyid: key}, now)
+    except AgovError as exc:
+        return f"{unsealed}, and the proof does not verify: {exc.message}"
+    mismatched = check_binding(
+        verified,
+        agent_id=row.agent_id,
+        version=row.version,
+        spec_hash=row.spec_hash,
+        policy_hash=proof.policy_hash,
+    )
+    if verified.claims.expires_at != row.proof_expires_at:
+        mismatched.append("expires_at")  # a renewal keeps the expiry, so it must be the signed one
+    if mismatched:
+        return f"{unsealed}, and its signed {', '.join(mismatched)} differ from the row's"
+    return None
 
 
 def _judged_chunks(
@@ -387,6 +485,7 @@ def revalidate(
     config: Config,
     evaluator: Evaluator,
     signer_loader: Callable[[], ProofSigner],
+    vouching: ProofVouching,
     *,
     policy_hash: str,
     now_fn: Callable[[], datetime],
@@ -420,13 +519,25 @@ def revalidate(
     timeout_s = config.limits.revalidation_timeout_s
     # On any error the run stops at once: the queries still in flight are left to their deadline.
     chunks = _judged_chunks(store, evaluator, cursor, size, org_canonical, policy_hash, now_fn, timeout_s)
-    for rows, (verdicts, decision_id, now) in chunks:
+    for rows, (judged, decision_id, now) in chunks:
+        verdicts = _vouched(rows, judged, vouching, now)
         if dry_run:
             _tally_dry(report, rows, verdicts)
         else:
             assert signer is not None and report.run_id is not None
             try:
-                _apply(store, report, rows, verdicts, signer, decision_id, org_canonical, policy_hash, now)
+                _apply(
+                    store,
+                    report,
+                    rows,
+                    verdicts,
+                    signer,
+                    vouching.seal,
+                    decision_id,
+                    org_canonical,
+                    policy_hash,
+                    now,
+                )
             except KeyMaterialError as exc:
                 # the proofs this run signed so far carry a key that may no longer sign: the run
                 # starts again from the first agent when it is resumed, so it re-signs them too
@@ -517,6 +628,7 @@ def _apply(
     rows: list[_Row],
     verdicts: dict[str, PolicyVerdict],
     signer: ProofSigner,
+    seal: ProofSeal,
     decision_id: str | None,
     org_canonical: bytes,
     policy_hash: str,
@@ -544,6 +656,7 @@ def _apply(
                         target,
                         verdict,
                         signer,
+                        seal,
                         policy_hash=policy_hash,
                         decision_id=decision_id,
                         input_digest=_input_digest(row, org_canonical),

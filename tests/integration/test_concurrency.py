@@ -85,7 +85,7 @@ def test_promotion_racing_an_update_never_proves_the_new_version(engine: Engine)
     changed["spec"]["economics"]["monthly_budget_usd"] = 150
     engine.update_agent(agent_id, changed, actor="tester", notes="budget cut")
     # The promotion judged version 1; version 2 was written meanwhile: its write must lose.
-    from agov import keyring, policy, promotion
+    from agov import keyring, keys, policy, promotion
 
     with pytest.raises(UsageError, match="changed while it was being promoted"):
         promotion.promote(
@@ -94,6 +94,7 @@ def test_promotion_racing_an_update_never_proves_the_new_version(engine: Engine)
             stale,
             engine.evaluator,
             lambda: keyring.active_signer(engine.store, engine.workspace.keys),
+            lambda: keys.ensure_proof_seal(engine.workspace.keys),
             actor="tester",
             role="agent_admin",
             policy_hash=policy.require_active(engine.store).hash,

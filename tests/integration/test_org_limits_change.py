@@ -31,6 +31,7 @@ from agov.decisions import Code
 from agov.engine import Engine
 from agov.errors import ConflictError, KeyMaterialError, WorkspaceError
 from agov.registry import CreationMode
+from agov.store.sqlite import SCHEMA_VERSION
 from agov.watch import PolicyWatcher
 
 # chunks of one, in id order
@@ -146,11 +147,12 @@ def test_a_store_from_before_org_digests_is_migrated_and_judged_once(engine: Eng
     conn = sqlite3.connect(home / "agov.db")
     with conn:  # back to schema 1, as agov before this change left it
         conn.execute("ALTER TABLE revalidation_runs DROP COLUMN org_digest")
+        conn.execute("ALTER TABLE agent_proofs DROP COLUMN seal")  # schema 3's
         conn.execute("PRAGMA user_version = 1")
     conn.close()
 
     with Engine.open(home) as upgraded:
-        assert upgraded.store.schema_version() == 2
+        assert upgraded.store.schema_version() == SCHEMA_VERSION
         # no run recorded the limits the agents were judged with: judged again, once
         first = upgraded.reload_policy(actor=ACTOR, reason="after the upgrade")
         assert first["org_changed"] is True and first["revalidation"]["total"] == 3

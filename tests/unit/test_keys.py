@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -20,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_public_key,
 )
 
-from agov import keys
+from agov import keys, proofs
 from agov.errors import KeyMaterialError, RevokedSignerError
 from agov.proofs import ProofClaims, sign_proof, verify_proof
 
@@ -415,3 +416,96 @@ def test_opa_signs_and_verifies_with_the_bundle_key(tmp_path: Path) -> None:
         check=False,
     )
     assert verified.returncode == 0, verified.stderr
+
+
+# --- proof seal key ---------------------------------------------------------------------------
+
+SEALED_ROW: dict[str, Any] = {
+    "agent_id": "a1",
+    "version": 1,
+    "policy_hash": "p" * 64,
+    "spec_hash": "s" * 64,
+    "keyid": "k" * 64,
+    "governance_status": "GOVERNED_VALID",
+    "issued_at": "2025-03-01T12:00:00Z",
+    "expires_at": None,
+    "envelope": b'{"payload":"x"}',
+}
+
+
+def test_proof_seal_key_created_once_0600_and_reused(keys_dir: Path) -> None:
+    first = keys.ensure_proof_seal(keys_dir)
+    path = keys_dir / keys.PROOF_SEAL_KEY_NAME
+    assert mode(path) == 0o600 and mode(keys_dir) == 0o700
+    content = path.read_bytes()
+    again = keys.ensure_proof_seal(keys_dir)
+    assert path.read_bytes() == content
+    assert again.seal(**SEALED_ROW) == first.seal(**SEALED_ROW)
+    assert [p.name for p in keys_dir.iterdir()] == [keys.PROOF_SEAL_KEY_NAME], "no temp file is left"
+    assert keys.list_key_files(keys_dir) == [], "it is not a proof signing key"
+
+
+def test_a_seal_key_made_meanwhile_by_another_process_is_kept(
+    keys_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two first uses at once: the one that links second uses the first one's key."""
+    keys_dir.mkdir(mode=0o700)
+    path = keys_dir / keys.PROOF_SEAL_KEY_NAME
+    theirs = b"ab" * 32 + b"\n"
+    real_link = os.link
+
+    def link_after_the_other(src: str, dst: Path) -> None:
+        path.write_bytes(theirs)
+        path.chmod(0o600)
+        real_link(src, dst)
+
+    monkeypatch.setattr(os, "link", link_after_the_other)
+    seal = keys.ensure_proof_seal(keys_dir)
+    assert path.read_bytes() == theirs
+    assert seal.seal(**SEALED_ROW) == proofs.ProofSeal(bytes.fromhex("ab" * 32)).seal(**SEALED_ROW)
+    assert [p.name for p in keys_dir.iterdir()] == [keys.PROOF_SEAL_KEY_NAME]
+
+
+@pytest.mark.parametrize(
+    ("content", "file_mode", "message"),
+    [
+        (b"ab" * 32, 0o640, "accessible by group or others"),
+        (b"not hex at all, not a key", 0o600, "not a hex secret"),
+        (b"ab" * 16, 0o600, "not a hex secret of at least 32 bytes"),
+        (b"\xff\xfe", 0o600, "not a hex secret"),
+    ],
+)
+def test_proof_seal_key_refusals(keys_dir: Path, content: bytes, file_mode: int, message: str) -> None:
+    keys_dir.mkdir(mode=0o700)
+    path = keys_dir / keys.PROOF_SEAL_KEY_NAME
+    path.write_bytes(content)
+    path.chmod(file_mode)
+    with pytest.raises(KeyMaterialError, match=message) as caught:
+        keys.ensure_proof_seal(keys_dir)
+    assert caught.value.hint
+    assert path.read_bytes() == content, "a refused key file is left as it was"
+
+
+def test_a_seal_covers_every_column_and_the_key() -> None:
+    seal = proofs.ProofSeal(b"k" * 32)
+    base = seal.seal(**SEALED_ROW)
+    changed = {
+        "agent_id": "a2",
+        "version": 2,
+        "policy_hash": "q" * 64,
+        "spec_hash": "t" * 64,
+        "keyid": "l" * 64,
+        "governance_status": "GOVERNED_RESTRICTED",
+        "issued_at": "2025-03-01T12:00:01Z",
+        "expires_at": "2025-03-01T12:00:00Z",
+        "envelope": b'{"payload":"y"}',
+    }
+    for column, value in changed.items():
+        assert seal.seal(**{**SEALED_ROW, column: value}) != base, column
+    # a column's text cannot run on into the envelope
+    shifted = {**SEALED_ROW, "issued_at": "2025-03-01T12:00:00Z\n", "envelope": b"x"}
+    assert seal.seal(**shifted) != seal.seal(**{**SEALED_ROW, "envelope": b"\nx"})
+    assert proofs.ProofSeal(b"j" * 32).seal(**SEALED_ROW) != base
+    with pytest.raises(KeyMaterialError, match="at least 32 bytes"):
+        proofs.ProofSeal(b"k" * 31)
+    assert "k" * 8 not in repr(seal)

@@ -28,7 +28,7 @@ from agov.hashing import canonical_json, sha256_hex
 
 _log = logging.getLogger("agov.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 GENESIS_HASH = "0" * 64
 
 # Each entry migrates from version i to i + 1; the list only ever grows.
@@ -125,6 +125,11 @@ _MIGRATIONS: list[str] = [
     # the org limits (agov.yaml) a run judges with: a change of them re-judges every agent
     """
     ALTER TABLE revalidation_runs ADD COLUMN org_digest TEXT;
+    """,
+    # agov's HMAC over each proof row (agov.proofs.ProofSeal); rows from before have none, and
+    # revalidation verifies those in full before it renews them
+    """
+    ALTER TABLE agent_proofs ADD COLUMN seal TEXT;
     """,
 ]
 

@@ -1,0 +1,193 @@
+"""Revalidation renews a proof row only when agov wrote it: the row carries agov's seal (an HMAC
+keyed by ``keys/proof-seal.key``), or else its envelope verifies against the workspace's keys and
+binds what the row says.
+
+Before, a revalidation renewed whatever proof row the store held for the agent's version: a
+status flipped and a proof row written into agov.db by hand (here, another agent's genuine
+envelope, or a garbage one) came out of the next policy change as a proof signed by agov, and
+admission let the agent start although no promotion ever approved it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _reload_support import ACTOR, agent_doc, engine_governing
+
+from agov.decisions import Status
+from agov.engine import Engine
+from agov.keys import PROOF_SEAL_KEY_NAME
+from agov.registry import CreationMode
+from agov.store.sqlite import SCHEMA_VERSION, iso
+
+GOVERNED = ("seal-a", "seal-b")
+UNVERIFIED = "REVALIDATION_PROOF_UNVERIFIED"
+
+
+@pytest.fixture
+def engine(tmp_path: Path, opa_bin: Path) -> Iterator[Engine]:
+    with engine_governing(tmp_path / "ws", GOVERNED) as eng:
+        yield eng
+
+
+def _edit(engine: Engine, *statements: tuple[str, tuple[Any, ...]]) -> None:
+    """Edits made to agov.db outside agov."""
+    conn = sqlite3.connect(engine.workspace.db_path)
+    try:
+        with conn:
+            for sql, args in statements:
+                conn.execute(sql, args)
+    finally:
+        conn.close()
+
+
+def _proofs(engine: Engine) -> list[tuple[Any, ...]]:
+    return [tuple(r) for r in engine.store.query("SELECT * FROM agent_proofs ORDER BY id")]
+
+
+def _current(engine: Engine, agent_id: str) -> Any:
+    return engine.store.query_one(
+        "SELECT * FROM agent_proofs WHERE agent_id = ? AND superseded_at IS NULL", (agent_id,)
+    )
+
+
+def _agent(engine: Engine, agent_id: str) -> Any:
+    return engine.store.query_one("SELECT status, reasons FROM agents WHERE id = ?", (agent_id,))
+
+
+def _forge_governed(engine: Engine, agent_id: str, *, envelope: bytes, seal: str | None) -> None:
+    """A sandbox agent made governed outside agov: status flipped, and a current proof row for its
+    version and spec hash inserted by hand."""
+    engine.create_agent(agent_doc(agent_id), mode=CreationMode.IMPORT, source="x.yaml", actor=ACTOR)
+    spec_hash = engine.get_agent(agent_id).spec.hash
+    donor = _current(engine, GOVERNED[0])
+    _edit(
+        engine,
+        ("UPDATE agents SET status = ? WHERE id = ?", (Status.GOVERNED_VALID.value, agent_id)),
+        (
+            "INSERT INTO agent_proofs (agent_id, version, policy_hash, spec_hash, envelope, keyid,"
+            " governance_status, issued_at, expires_at, seal) VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                agent_id,
+                donor["policy_hash"],
+                spec_hash,
+                envelope,
+                donor["keyid"],
+                donor["governance_status"],
+                donor["issued_at"],
+                donor["expires_at"],
+                seal,
+            ),
+        ),
+    )
+
+
+@pytest.mark.parametrize("forgery", ["another agent's envelope and seal", "a garbage envelope, no seal"])
+def test_a_proof_row_written_outside_agov_is_not_renewed(engine: Engine, forgery: str) -> None:
+    donor = _current(engine, GOVERNED[0])
+    if forgery.startswith("another"):
+        _forge_governed(engine, "forged", envelope=donor["envelope"], seal=donor["seal"])
+    else:
+        _forge_governed(engine, "forged", envelope=b'{"payload": "", "signatures": []}', seal=None)
+    assert not engine.admit("forged").allow, "setup: admission verifies the proof itself"
+    proofs = _proofs(engine)
+
+    preview = engine.revalidate(dry_run=True)
+    assert {c["agent_id"]: [d["code"] for d in c["deny"]] for c in preview.changes} == {
+        "forged": [UNVERIFIED]
+    }
+    assert _proofs(engine) == proofs, "a dry run signs nothing"
+    report = engine.revalidate()
+
+    assert (report.total, report.valid, report.newly_invalidated) == (3, 2, 1)
+    forged = _agent(engine, "forged")
+    assert forged["status"] == Status.GOVERNED_INVALIDATED.value
+    assert UNVERIFIED in forged["reasons"]
+    assert "promote the agent again" in forged["reasons"]
+    assert [p for p in _proofs(engine) if p[1] == "forged"] == [p for p in proofs if p[1] == "forged"], (
+        "nothing was signed for it"
+    )
+    assert not engine.admit("forged").allow
+    assert all(engine.admit(a).allow for a in GOVERNED), "the agents agov promoted were renewed"
+    # a promotion (which the policy and a role approve) governs it
+    assert engine.promote("forged", actor=ACTOR, role="agent_admin").allow
+    assert engine.admit("forged").allow
+
+
+def test_rows_from_before_seals_are_verified_in_full_renewed_and_sealed(engine: Engine) -> None:
+    """A store from agov before seals (schema 2): its rows carry none; each genuine one is renewed
+    once it verifies, and the renewed row is sealed."""
+    home = engine.workspace.home
+    before = {a: _current(engine, a)["id"] for a in GOVERNED}
+    engine.close()
+    conn = sqlite3.connect(home / "agov.db")
+    with conn:
+        conn.execute("ALTER TABLE agent_proofs DROP COLUMN seal")
+        conn.execute("PRAGMA user_version = 2")
+    conn.close()
+
+    with Engine.open(home) as upgraded:
+        assert upgraded.store.schema_version() == SCHEMA_VERSION
+        assert all(_current(upgraded, a)["seal"] is None for a in GOVERNED)
+        report = upgraded.revalidate()
+        assert (report.total, report.valid, report.invalidated) == (2, 2, 0)
+        for agent_id in GOVERNED:
+            renewed = _current(upgraded, agent_id)
+            assert renewed["id"] != before[agent_id] and renewed["seal"] is not None
+            assert upgraded.admit(agent_id).allow
+
+
+def test_a_lost_seal_key_costs_one_full_verify_not_the_fleet(engine: Engine) -> None:
+    seal_key = engine.workspace.keys / PROOF_SEAL_KEY_NAME
+    old_key = seal_key.read_bytes()
+    old_seals = {a: _current(engine, a)["seal"] for a in GOVERNED}
+    seal_key.unlink()
+
+    report = engine.revalidate()
+
+    assert (report.total, report.valid, report.invalidated) == (2, 2, 0)
+    assert seal_key.read_bytes() != old_key, "a new seal key was written"
+    assert stat.S_IMODE(seal_key.stat().st_mode) == 0o600
+    for agent_id in GOVERNED:
+        assert _current(engine, agent_id)["seal"] not in (None, old_seals[agent_id])
+        assert engine.admit(agent_id).allow
+
+
+def test_an_expiry_moved_in_the_row_is_not_carried_into_the_renewed_proof(engine: Engine) -> None:
+    agent_id = GOVERNED[0]
+    row = _current(engine, agent_id)
+    assert row["expires_at"] is not None, "setup: promotions set an expiry"
+    later = iso(engine.clock() + timedelta(days=3650))
+    _edit(engine, ("UPDATE agent_proofs SET expires_at = ? WHERE id = ?", (later, row["id"])))
+
+    report = engine.revalidate()
+
+    assert (report.valid, report.newly_invalidated) == (1, 1)
+    edited = _agent(engine, agent_id)
+    assert edited["status"] == Status.GOVERNED_INVALIDATED.value
+    assert UNVERIFIED in edited["reasons"] and "expires_at" in edited["reasons"]
+    assert _current(engine, agent_id)["id"] == row["id"], "nothing was signed for it"
+    assert engine.admit(GOVERNED[1]).allow
+
+
+def test_an_unsealed_row_signed_by_a_revoked_key_is_not_renewed(engine: Engine) -> None:
+    """The full verify judges the signer as admission does; an agov-sealed row of a revoked key
+    is still renewed under the new key (R8), since agov itself wrote it."""
+    keyid = _current(engine, GOVERNED[0])["keyid"]
+    _edit(engine, ("UPDATE agent_proofs SET seal = NULL WHERE agent_id = ?", (GOVERNED[0],)))
+    engine.revoke_key(keyid, reason="test", actor=ACTOR)
+    engine.generate_key(alg="ed25519", actor=ACTOR)
+
+    report = engine.revalidate()
+
+    assert (report.valid, report.newly_invalidated) == (1, 1)
+    unsealed = _agent(engine, GOVERNED[0])
+    assert UNVERIFIED in unsealed["reasons"] and "revoked" in unsealed["reasons"]
+    assert not engine.admit(GOVERNED[0]).allow
+    assert engine.admit(GOVERNED[1]).allow
