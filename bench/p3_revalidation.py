@@ -5,7 +5,8 @@ policy P1 (``temperature_limits.analysis`` 0.7 -> 0.4) built and made active, as
 before it revalidates. The N agents are written in bulk with the rows ``create_agent`` +
 ``promote`` leave: ``agents`` (GOVERNED_VALID, row_version 2), ``agent_versions`` (RFC 8785 spec
 and its hash) and one current ``agent_proofs`` row bound to P0. The stored envelope is one real
-signed proof copied to every agent (revalidation never reads it; it re-signs). The temperature
+signed proof copied to every agent, and each row carries the seal agov would write (revalidation
+checks the seal and never reads a sealed row's envelope; it re-signs). The temperature
 is 0.00, 0.05, ... 0.45 by ``i % 10``, so exactly 10% of the agents exceed 0.4 and fall.
 
 Timed: ``Engine.revalidate(previous_hash=P0)`` in a fresh process per trial (evaluate each chunk
@@ -89,8 +90,8 @@ def populate(home: Path, n: int, p0: str, p1: str) -> None:
         if engine.config.proof_ttl_days:
             expires = iso(now - timedelta(days=1) + timedelta(days=engine.config.proof_ttl_days))
         template = c.research_agent("template", 0.0)
-        # one real signed proof, copied to every agent and sealed with each row as agov seals it:
-        # revalidation checks a row's seal and renews it, it does not verify a sealed envelope
+        # one real signed proof, copied to every agent, each row sealed as agov seals it:
+        # revalidation checks a row's seal and renews it, and never reads a sealed row's envelope
         seal = ensure_proof_seal(engine.workspace.keys)
         sample = validate_spec(_agent_doc(template, 0))
         envelope = sign_proof(
@@ -198,7 +199,6 @@ def _insert(
                     governance_status=Status.GOVERNED_VALID.value,
                     issued_at=issued or "",
                     expires_at=expires,
-                    envelope=envelope,
                 ),
             )
             for agent_id, _doc, _spec, h in batch
@@ -236,7 +236,7 @@ def naive_revalidate(engine: Engine) -> dict[str, int]:
     rows = store.query(
         "SELECT a.id, a.current_version, a.row_version, a.status, v.spec, v.spec_hash,"
         " p.version AS proof_version, p.spec_hash AS proof_spec_hash, p.expires_at AS proof_expires_at,"
-        " p.policy_hash AS proof_policy_hash, p.keyid, p.governance_status, p.issued_at, p.envelope, p.seal"
+        " p.policy_hash AS proof_policy_hash, p.keyid, p.governance_status, p.issued_at, p.seal"
         " FROM agents a JOIN agent_versions v ON v.agent_id = a.id AND v.version = a.current_version"
         " LEFT JOIN agent_proofs p ON p.agent_id = a.id AND p.superseded_at IS NULL"
         " WHERE a.status IN (?, ?, ?) ORDER BY a.id",
@@ -269,7 +269,6 @@ def naive_revalidate(engine: Engine) -> dict[str, int]:
                 governance_status=r["governance_status"],
                 issued_at=r["issued_at"],
                 expires_at=r["proof_expires_at"],
-                envelope=bytes(r["envelope"]),
             )
         )
         if verdict.allow and not renewable:

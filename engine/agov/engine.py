@@ -460,7 +460,9 @@ class Engine:
             config or self._judging_config(),
             evaluator or self._evaluator_for(target),
             lambda: keyring.active_signer(self.store, self.workspace.keys, self.clock()),
-            revalidation.ProofVouching(keys.ensure_proof_seal(self.workspace.keys), self._trusted_key),
+            revalidation.ProofVouching(
+                keys.ensure_proof_seal(self.workspace.keys, create=not dry_run), self._trusted_key
+            ),
             policy_hash=target,
             now_fn=self.clock,
             dry_run=dry_run,

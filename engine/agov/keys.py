@@ -485,10 +485,12 @@ def ensure_bundle_signing_key(keys_dir: Path) -> BundleKey:
 # --- proof seal key ---------------------------------------------------------------------------
 
 
-def ensure_proof_seal(keys_dir: Path) -> ProofSeal:
+def ensure_proof_seal(keys_dir: Path, *, create: bool = True) -> ProofSeal:
     """The workspace's proof seal (see :class:`agov.proofs.ProofSeal`), its key created when there
     is none. Two processes that create it at once end with the one key the first one linked into
-    place: the file is never replaced once it exists.
+    place: the file is never replaced once it exists. With ``create=False`` (a dry run, which
+    writes nothing) a missing key gives a throwaway seal, which no stored row carries, as a new
+    key would not.
 
     Raises:
         KeyMaterialError: the key file is unreadable, readable by others, or not a hex secret of
@@ -496,6 +498,8 @@ def ensure_proof_seal(keys_dir: Path) -> ProofSeal:
     """
     path = keys_dir / PROOF_SEAL_KEY_NAME
     if not path.exists():
+        if not create:
+            return ProofSeal(secrets.token_bytes(32))
         _ensure_dir(keys_dir)
         _create_exclusively(path, secrets.token_hex(32).encode() + b"\n")
     data = _read(path, private=True)
@@ -512,6 +516,14 @@ def ensure_proof_seal(keys_dir: Path) -> ProofSeal:
     return ProofSeal(secret)
 
 
+def _write_new(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def _create_exclusively(path: Path, data: bytes) -> None:
     """Write ``data`` to a temp file, then link it to ``path`` unless ``path`` exists by then."""
     try:
@@ -526,8 +538,13 @@ def _create_exclusively(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        with contextlib.suppress(FileExistsError):  # another process made it first: use theirs
+        try:
             os.link(tmp, path)
+        except FileExistsError:  # another process made it first: use theirs
+            pass
+        except OSError:  # a filesystem without hard links: O_EXCL, with a moment half-written
+            with contextlib.suppress(FileExistsError):
+                _write_new(path, data)
     except OSError as exc:
         raise KeyMaterialError(
             f"cannot write key file {path}: {exc.strerror}",

@@ -142,7 +142,6 @@ def sign_for(
             governance_status=status.value,
             issued_at=issued_at,
             expires_at=expiry,
-            envelope=envelope,
         ),
     )
 

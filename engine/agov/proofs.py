@@ -937,6 +937,10 @@ class ProofSeal:
     the secret can compute. A row written into the store by anything else (a status flipped and
     a proof row forged, or a column edited) is verified in full instead, and never re-signed on
     the strength of the store alone.
+
+    The seal covers the columns a renewal is made from, not the envelope: a renewal signs a new
+    envelope from these columns and never reads the old one, and admission verifies any envelope
+    it is shown by its signature.
     """
 
     __slots__ = ("_secret",)
@@ -962,17 +966,12 @@ class ProofSeal:
         governance_status: str,
         issued_at: str,
         expires_at: str | None,
-        envelope: bytes,
     ) -> str:
-        """The seal of one proof row: every column written once, as stored (the time texts too).
-
-        The columns are one JSON array, which holds no raw newline, so the envelope after the
-        newline cannot be confused with a column.
-        """
+        """The seal of one proof row: its columns as stored (the time texts too), as one JSON array."""
         columns = orjson.dumps(
             [agent_id, version, policy_hash, spec_hash, keyid, governance_status, issued_at, expires_at]
         )
-        return hmac.new(self._secret, self._DOMAIN + columns + b"\n" + envelope, hashlib.sha256).hexdigest()
+        return hmac.new(self._secret, self._DOMAIN + columns, hashlib.sha256).hexdigest()
 
     def __repr__(self) -> str:
         return "ProofSeal(...)"

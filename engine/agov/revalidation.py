@@ -5,7 +5,8 @@ that proof's expiry, and an agent without a current proof for its version, or wh
 expired, is invalidated instead (only a promotion issues a first proof or a later expiry).
 Failing agents are invalidated with their reasons; invalidated agents that pass again are
 restored. Each chunk commits in one transaction together with the run's cursor, so a run killed
-at any point resumes without losing or duplicating a record.
+at any point resumes without losing or duplicating a record. A proof is renewed only from a row
+agov wrote: it carries agov's seal, or its envelope verifies in full (see ``_unvouched``).
 
 A run records the org limits it judges with (``org_digest``): when those in ``agov.yaml`` change,
 a reload re-judges every agent under the same policy hash (see ``Engine.reload_policy``).
@@ -87,14 +88,14 @@ class _Row:
 
 @dataclass(frozen=True)
 class _StoredProof:
-    """The current proof row's columns as stored: what its seal covers."""
+    """The current proof row's id, and the columns its seal covers as stored."""
 
+    row_id: int
     policy_hash: str
     keyid: str
     governance_status: str
     issued_at: str
     expires_at: str | None
-    envelope: bytes
     seal: str | None
 
 
@@ -122,7 +123,7 @@ def _chunk(store: Store, after: str, size: int) -> list[_Row]:
         "SELECT a.id, a.current_version, a.row_version, a.status, v.spec, v.spec_hash,"
         " p.version AS proof_version, p.spec_hash AS proof_spec_hash, p.expires_at AS proof_expires_at,"
         " p.policy_hash AS proof_policy_hash, p.keyid AS proof_keyid, p.governance_status AS proof_status,"
-        " p.issued_at AS proof_issued_at, p.envelope AS proof_envelope, p.seal AS proof_seal"
+        " p.issued_at AS proof_issued_at, p.id AS proof_row_id, p.seal AS proof_seal"
         " FROM agents a"
         " JOIN agent_versions v ON v.agent_id = a.id AND v.version = a.current_version"
         " LEFT JOIN agent_proofs p ON p.agent_id = a.id AND p.superseded_at IS NULL"
@@ -136,6 +137,10 @@ def _chunk(store: Store, after: str, size: int) -> list[_Row]:
 
 def _row(r: Any) -> _Row:
     has_proof = r["proof_version"] == r["current_version"] and r["proof_spec_hash"] == r["spec_hash"]
+    try:
+        expires_at = parse_iso(r["proof_expires_at"])
+    except (TypeError, ValueError):  # an expiry agov never wrote: no proof it can renew
+        has_proof, expires_at = False, None
     return _Row(
         r["id"],
         r["current_version"],
@@ -144,14 +149,14 @@ def _row(r: Any) -> _Row:
         r["status"],
         r["spec"].encode(),
         has_proof,
-        parse_iso(r["proof_expires_at"]),
+        expires_at,
         _StoredProof(
+            r["proof_row_id"],
             r["proof_policy_hash"],
             r["proof_keyid"],
             r["proof_status"],
             r["proof_issued_at"],
             r["proof_expires_at"],
-            bytes(r["proof_envelope"]),
             r["proof_seal"],
         )
         if has_proof
@@ -231,7 +236,7 @@ def _renewable(row: _Row, verdict: PolicyVerdict, now: datetime) -> PolicyVerdic
 
 
 def _vouched(
-    rows: list[_Row], verdicts: dict[str, PolicyVerdict], vouching: ProofVouching, now: datetime
+    store: Store, rows: list[_Row], verdicts: dict[str, PolicyVerdict], vouching: ProofVouching, now: datetime
 ) -> dict[str, PolicyVerdict]:
     """``verdicts``, with each agent they allow invalidated when its proof row is not one agov
     wrote: renewing it would sign, on the strength of a row in agov.db alone, an approval that
@@ -239,7 +244,7 @@ def _vouched(
     vouched = dict(verdicts)
     for row in rows:
         if vouched[row.agent_id].allow:
-            problem = _unvouched(row, vouching, now)
+            problem = _unvouched(store, row, vouching, now)
             if problem is not None:
                 vouched[row.agent_id] = PolicyVerdict(
                     False, (Reason("REVALIDATION_PROOF_UNVERIFIED", problem + "; promote the agent again"),)
@@ -247,34 +252,29 @@ def _vouched(
     return vouched
 
 
-def _unvouched(row: _Row, vouching: ProofVouching, now: datetime) -> str | None:
+def _unvouched(store: Store, row: _Row, vouching: ProofVouching, now: datetime) -> str | None:
     """Why ``row``'s proof may not be renewed, or None: its row carries agov's seal, or its envelope
     verifies against the workspace's keys and binds what the row says. Rows without the seal are
     those written before seals, or under a seal key since replaced, or outside agov."""
     proof = row.stored
     if proof is None:  # _renewable lets no agent without a current proof through; be sure
         return "no current proof row"
-    expected = vouching.seal.seal(
-        agent_id=row.agent_id,
-        version=row.version,
-        policy_hash=proof.policy_hash,
-        spec_hash=row.spec_hash,
-        keyid=proof.keyid,
-        governance_status=proof.governance_status,
-        issued_at=proof.issued_at,
-        expires_at=proof.expires_at,
-        envelope=proof.envelope,
-    )
-    if proof.seal is not None and hmac.compare_digest(proof.seal, expected):
+    if _sealed(vouching.seal, row, proof):
         return None
     unsealed = "its proof row does not carry agov's seal"
+    # read only now: a sealed row's envelope is never read (the renewal signs a new one)
+    stored = store.query_one("SELECT envelope FROM agent_proofs WHERE id = ?", (proof.row_id,))
+    if stored is None:
+        return f"{unsealed}, and it was removed during the revalidation"
     try:
         key = vouching.trusted_key(proof.keyid)
         if key is None:
             return f"{unsealed}, and its signer {proof.keyid[:12]} is not a key of this workspace"
-        verified = verify_proof(proof.envelope, {key.keyid: key}, now)
+        verified = verify_proof(_as_bytes(stored["envelope"]), {key.keyid: key}, now)
     except AgovError as exc:
         return f"{unsealed}, and the proof does not verify: {exc.message}"
+    except (TypeError, ValueError) as exc:  # a column agov never wrote (its key id, say)
+        return f"{unsealed}, and the proof does not verify: {type(exc).__name__}: {exc}"
     mismatched = check_binding(
         verified,
         agent_id=row.agent_id,
@@ -287,6 +287,33 @@ def _unvouched(row: _Row, vouching: ProofVouching, now: datetime) -> str | None:
     if mismatched:
         return f"{unsealed}, and its signed {', '.join(mismatched)} differ from the row's"
     return None
+
+
+def _sealed(seal: ProofSeal, row: _Row, proof: _StoredProof) -> bool:
+    """Whether the row carries agov's seal over the columns it holds now."""
+    try:
+        expected = seal.seal(
+            agent_id=row.agent_id,
+            version=row.version,
+            policy_hash=proof.policy_hash,
+            spec_hash=row.spec_hash,
+            keyid=proof.keyid,
+            governance_status=proof.governance_status,
+            issued_at=proof.issued_at,
+            expires_at=proof.expires_at,
+        )
+    except TypeError:  # a column of a type agov never writes (bytes, say): not a row it sealed
+        return False
+    found = proof.seal
+    return isinstance(found, str) and found.isascii() and hmac.compare_digest(found, expected)
+
+
+def _as_bytes(value: Any) -> bytes:
+    """An envelope as stored; a column written outside agov may hold text, or not bytes at all
+    (which verify_proof refuses as malformed)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogatepass")
+    return value if isinstance(value, bytes) else b""
 
 
 def _judged_chunks(
@@ -520,7 +547,7 @@ def revalidate(
     # On any error the run stops at once: the queries still in flight are left to their deadline.
     chunks = _judged_chunks(store, evaluator, cursor, size, org_canonical, policy_hash, now_fn, timeout_s)
     for rows, (judged, decision_id, now) in chunks:
-        verdicts = _vouched(rows, judged, vouching, now)
+        verdicts = _vouched(store, rows, judged, vouching, now)
         if dry_run:
             _tally_dry(report, rows, verdicts)
         else:

@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _reload_support import ACTOR, agent_doc, engine_governing
+from _reload_support import ACTOR, agent_doc, edit_data, engine_governing, set_analysis_limit
 
+from agov import revalidation
 from agov.decisions import Status
 from agov.engine import Engine
+from agov.errors import KeyMaterialError
 from agov.keys import PROOF_SEAL_KEY_NAME
 from agov.registry import CreationMode
 from agov.store.sqlite import SCHEMA_VERSION, iso
@@ -61,7 +63,7 @@ def _agent(engine: Engine, agent_id: str) -> Any:
     return engine.store.query_one("SELECT status, reasons FROM agents WHERE id = ?", (agent_id,))
 
 
-def _forge_governed(engine: Engine, agent_id: str, *, envelope: bytes, seal: str | None) -> None:
+def _forge_governed(engine: Engine, agent_id: str, *, envelope: Any, seal: str | None) -> None:
     """A sandbox agent made governed outside agov: status flipped, and a current proof row for its
     version and spec hash inserted by hand."""
     engine.create_agent(agent_doc(agent_id), mode=CreationMode.IMPORT, source="x.yaml", actor=ACTOR)
@@ -88,13 +90,21 @@ def _forge_governed(engine: Engine, agent_id: str, *, envelope: bytes, seal: str
     )
 
 
-@pytest.mark.parametrize("forgery", ["another agent's envelope and seal", "a garbage envelope, no seal"])
+FORGERIES = {
+    "another agent's envelope and seal": None,  # the donor's own
+    "a garbage envelope, no seal": b'{"payload": "", "signatures": []}',
+    "an envelope stored as text": '{"payload": "", "signatures": []}',
+    "an envelope stored as a huge integer": 10**12,
+}
+
+
+@pytest.mark.parametrize("forgery", list(FORGERIES))
 def test_a_proof_row_written_outside_agov_is_not_renewed(engine: Engine, forgery: str) -> None:
     donor = _current(engine, GOVERNED[0])
-    if forgery.startswith("another"):
+    if FORGERIES[forgery] is None:
         _forge_governed(engine, "forged", envelope=donor["envelope"], seal=donor["seal"])
     else:
-        _forge_governed(engine, "forged", envelope=b'{"payload": "", "signatures": []}', seal=None)
+        _forge_governed(engine, "forged", envelope=FORGERIES[forgery], seal=None)
     assert not engine.admit("forged").allow, "setup: admission verifies the proof itself"
     proofs = _proofs(engine)
 
@@ -143,12 +153,17 @@ def test_rows_from_before_seals_are_verified_in_full_renewed_and_sealed(engine: 
             assert upgraded.admit(agent_id).allow
 
 
-def test_a_lost_seal_key_costs_one_full_verify_not_the_fleet(engine: Engine) -> None:
+def test_a_lost_seal_key_costs_one_full_verify_not_the_fleet(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     seal_key = engine.workspace.keys / PROOF_SEAL_KEY_NAME
     old_key = seal_key.read_bytes()
     old_seals = {a: _current(engine, a)["seal"] for a in GOVERNED}
     seal_key.unlink()
 
+    preview = engine.revalidate(dry_run=True)
+    assert (preview.valid, preview.changes) == (2, []), "a dry run verifies them in full too"
+    assert not seal_key.exists(), "a dry run writes no key"
     report = engine.revalidate()
 
     assert (report.total, report.valid, report.invalidated) == (2, 2, 0)
@@ -157,6 +172,12 @@ def test_a_lost_seal_key_costs_one_full_verify_not_the_fleet(engine: Engine) -> 
     for agent_id in GOVERNED:
         assert _current(engine, agent_id)["seal"] not in (None, old_seals[agent_id])
         assert engine.admit(agent_id).allow
+
+    def no_full_verify(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a sealed row was verified in full")
+
+    monkeypatch.setattr(revalidation, "verify_proof", no_full_verify)
+    assert engine.revalidate().valid == 2, "the rows sealed by the new key take the fast path"
 
 
 def test_an_expiry_moved_in_the_row_is_not_carried_into_the_renewed_proof(engine: Engine) -> None:
@@ -191,3 +212,55 @@ def test_an_unsealed_row_signed_by_a_revoked_key_is_not_renewed(engine: Engine) 
     assert UNVERIFIED in unsealed["reasons"] and "revoked" in unsealed["reasons"]
     assert not engine.admit(GOVERNED[0]).allow
     assert engine.admit(GOVERNED[1]).allow
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "renewed"),
+    [
+        ("seal", "é" * 64, True),  # a genuine row whose seal is damaged verifies in full
+        ("seal", b"\x00" * 32, True),
+        ("governance_status", b"GOVERNED_VALID", True),
+        ("keyid", 7, False),
+        ("expires_at", "soon", False),
+    ],
+)
+def test_a_column_of_a_type_agov_never_writes_is_judged_for_its_agent_alone(
+    engine: Engine, column: str, value: Any, renewed: bool
+) -> None:
+    """One odd row must not stop the run (before, a TypeError did, for every agent after it)."""
+    edited, other = GOVERNED
+    _edit(engine, (f"UPDATE agent_proofs SET {column} = ? WHERE agent_id = ?", (value, edited)))
+
+    report = engine.revalidate()
+
+    assert report.total == 2
+    assert _agent(engine, other)["status"] == Status.GOVERNED_VALID.value
+    assert engine.admit(other).allow
+    row = _agent(engine, edited)
+    if renewed:
+        assert row["status"] == Status.GOVERNED_VALID.value
+        assert engine.admit(edited).allow
+    else:
+        assert row["status"] == Status.GOVERNED_INVALIDATED.value
+        assert not engine.admit(edited).allow
+
+
+def test_an_unusable_seal_key_refuses_a_reload_and_denies_a_promotion_before_anything_changes(
+    engine: Engine,
+) -> None:
+    seal_key = engine.workspace.keys / PROOF_SEAL_KEY_NAME
+    seal_key.chmod(0o644)
+    active = engine.active_policy().hash
+    engine.create_agent(agent_doc("waiting"), mode=CreationMode.IMPORT, source="x.yaml", actor=ACTOR)
+    proofs = _proofs(engine)
+
+    result = engine.promote("waiting", actor=ACTOR, role="agent_admin")
+    assert not result.allow
+    assert [r.code for r in result.deny] == ["PROMOTION_DENY_ENGINE_UNAVAILABLE"]
+    assert "proof-seal.key" in result.deny[0].message
+    assert engine.get_agent("waiting").status is Status.SANDBOX
+    edit_data(engine.workspace.home, set_analysis_limit(0.35))
+    with pytest.raises(KeyMaterialError, match=r"proof-seal\.key"):
+        engine.reload_policy(actor=ACTOR, reason="stricter")
+    assert engine.active_policy().hash == active, "the policy was not switched"
+    assert _proofs(engine) == proofs

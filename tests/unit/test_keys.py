@@ -429,7 +429,6 @@ SEALED_ROW: dict[str, Any] = {
     "governance_status": "GOVERNED_VALID",
     "issued_at": "2025-03-01T12:00:00Z",
     "expires_at": None,
-    "envelope": b'{"payload":"x"}',
 }
 
 
@@ -466,6 +465,18 @@ def test_a_seal_key_made_meanwhile_by_another_process_is_kept(
     assert [p.name for p in keys_dir.iterdir()] == [keys.PROOF_SEAL_KEY_NAME]
 
 
+def test_a_seal_key_is_made_without_hard_links_too(keys_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_hard_links(src: str, dst: Path) -> None:
+        raise PermissionError(1, "Operation not permitted")  # as vfat or some FUSE mounts answer
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    first = keys.ensure_proof_seal(keys_dir)
+    path = keys_dir / keys.PROOF_SEAL_KEY_NAME
+    assert mode(path) == 0o600
+    assert keys.ensure_proof_seal(keys_dir).seal(**SEALED_ROW) == first.seal(**SEALED_ROW)
+    assert [p.name for p in keys_dir.iterdir()] == [keys.PROOF_SEAL_KEY_NAME]
+
+
 @pytest.mark.parametrize(
     ("content", "file_mode", "message"),
     [
@@ -498,13 +509,12 @@ def test_a_seal_covers_every_column_and_the_key() -> None:
         "governance_status": "GOVERNED_RESTRICTED",
         "issued_at": "2025-03-01T12:00:01Z",
         "expires_at": "2025-03-01T12:00:00Z",
-        "envelope": b'{"payload":"y"}',
     }
     for column, value in changed.items():
         assert seal.seal(**{**SEALED_ROW, column: value}) != base, column
-    # a column's text cannot run on into the envelope
-    shifted = {**SEALED_ROW, "issued_at": "2025-03-01T12:00:00Z\n", "envelope": b"x"}
-    assert seal.seal(**shifted) != seal.seal(**{**SEALED_ROW, "envelope": b"\nx"})
+    # a column's text cannot run on into the next one
+    shifted = {**SEALED_ROW, "policy_hash": "ab", "spec_hash": "c"}
+    assert seal.seal(**shifted) != seal.seal(**{**SEALED_ROW, "policy_hash": "a", "spec_hash": "bc"})
     assert proofs.ProofSeal(b"j" * 32).seal(**SEALED_ROW) != base
     with pytest.raises(KeyMaterialError, match="at least 32 bytes"):
         proofs.ProofSeal(b"k" * 31)
