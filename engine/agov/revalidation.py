@@ -139,15 +139,19 @@ def _row(r: Any) -> _Row:
     has_proof = r["proof_version"] == r["current_version"] and r["proof_spec_hash"] == r["spec_hash"]
     try:
         expires_at = parse_iso(r["proof_expires_at"])
+        if expires_at is not None and expires_at.utcoffset() is None:
+            raise ValueError("no UTC offset")
     except (TypeError, ValueError):  # an expiry agov never wrote: no proof it can renew
         has_proof, expires_at = False, None
+    spec = r["spec"]
     return _Row(
         r["id"],
         r["current_version"],
         r["spec_hash"],
         r["row_version"],
         r["status"],
-        r["spec"].encode(),
+        # text as agov writes it; anything else cannot hash to the spec hash, so it is never sent
+        spec.encode() if isinstance(spec, str) else b"",
         has_proof,
         expires_at,
         _StoredProof(

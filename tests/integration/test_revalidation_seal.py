@@ -222,6 +222,7 @@ def test_an_unsealed_row_signed_by_a_revoked_key_is_not_renewed(engine: Engine) 
         ("governance_status", b"GOVERNED_VALID", True),
         ("keyid", 7, False),
         ("expires_at", "soon", False),
+        ("expires_at", "2099-01-01T00:00:00", False),  # no UTC offset
     ],
 )
 def test_a_column_of_a_type_agov_never_writes_is_judged_for_its_agent_alone(
