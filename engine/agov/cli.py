@@ -891,7 +891,10 @@ def demo(ctx: Ctx, keep: bool) -> None:
     from agov.demo import run_demo
 
     _managed_only(ctx, "demo")
-    run_demo(keep=keep, echo=click.echo)
+    story: list[str] = []
+    seen = run_demo(keep=keep, echo=story.append if ctx.as_json else click.echo)
+    if ctx.as_json:  # the story's lines, and what each chapter's admission and audit check gave
+        emit(ctx, {"story": [line for line in story if line], "seen": seen}, "")
 
 
 @main.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from agov.demo import run_demo
@@ -21,3 +22,16 @@ def test_the_demo_story_shows_each_admission_code(opa_bin: Path) -> None:
     assert seen["after_rollback:research-analyst"] == "ADMISSION_ALLOW"
     assert seen["audit_ok"] is True
     assert any("PROMOTION_DENY_ANATOMY_INCOMPLETE" in line for line in lines)
+
+
+def test_demo_json_is_one_document_with_the_story_and_the_codes(opa_bin: Path) -> None:
+    from click.testing import CliRunner
+
+    from agov.cli import main
+
+    result = CliRunner().invoke(main, ["demo", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)  # the whole output: no prose around it
+    assert doc["seen"]["admit:finance-reconciler"] == "ADMISSION_ALLOW"
+    assert doc["seen"]["audit_ok"] is True
+    assert any(line.startswith("== 9.") for line in doc["story"])
