@@ -47,6 +47,15 @@ _TAMPERED = PolicyVerdict(
         ),
     ),
 )
+_UNREADABLE = PolicyVerdict(
+    False,
+    (
+        Reason(
+            "REVALIDATION_SPEC_UNREADABLE",
+            "the stored spec is not one JSON object: it was changed outside agov, with its spec hash",
+        ),
+    ),
+)
 _NO_PROOF = Reason(
     "REVALIDATION_PROOF_MISSING",
     "no current proof on record for this version; revalidation renews proofs, it does not issue"
@@ -200,16 +209,33 @@ def _verdicts(
     # agov: it is invalidated, and its bytes are never spliced into the input.
     tampered = {r.agent_id for r in rows if sha256_hex(r.canonical) != r.spec_hash}
     intact = [r for r in rows if r.agent_id not in tampered]
-    evaluation = evaluator.evaluate(
-        REVALIDATION_PATH,
-        _chunk_input(intact, org_canonical, policy_hash, now),
-        expected_revision=policy_hash,
-        timeout_s=timeout_s,
-    )
+    verdicts = dict.fromkeys(tampered, _TAMPERED)
+    try:
+        evaluation = evaluator.evaluate(
+            REVALIDATION_PATH,
+            _chunk_input(intact, org_canonical, policy_hash, now),
+            expected_revision=policy_hash,
+            timeout_s=timeout_s,
+        )
+    except AgovError:
+        # Checked only now, as it costs a JSON parse per agent: a spec edited outside agov
+        # together with its hash, into bytes that are not one JSON document, breaks the whole
+        # chunk's input (or smuggles in an entry). Such agents are invalidated and the rest
+        # judged again; any other failure stops the run as before.
+        unreadable = {r.agent_id for r in intact if not _one_json_object(r.canonical)}
+        if not unreadable:
+            raise
+        verdicts.update(dict.fromkeys(unreadable, _UNREADABLE))
+        intact = [r for r in intact if r.agent_id not in unreadable]
+        evaluation = evaluator.evaluate(
+            REVALIDATION_PATH,
+            _chunk_input(intact, org_canonical, policy_hash, now),
+            expected_revision=policy_hash,
+            timeout_s=timeout_s,
+        )
     results = evaluation.result
     if not isinstance(results, dict):
         raise DecisionError(f"revalidation results are not an object: {type(results).__name__}")
-    verdicts = dict.fromkeys(tampered, _TAMPERED)
     for row in intact:
         try:
             verdict = parse_verdict(results.get(row.agent_id), f"verdict for {row.agent_id}")
@@ -219,6 +245,13 @@ def _verdicts(
         else:
             verdicts[row.agent_id] = _renewable(row, verdict, now)
     return verdicts, evaluation.decision_id, now
+
+
+def _one_json_object(document: bytes) -> bool:
+    try:
+        return isinstance(orjson.loads(document), dict)
+    except orjson.JSONDecodeError:
+        return False
 
 
 def _renewable(row: _Row, verdict: PolicyVerdict, now: datetime) -> PolicyVerdict:

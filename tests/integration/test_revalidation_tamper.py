@@ -4,6 +4,7 @@ smuggle a second agent entry into the chunk) is invalidated and never sent."""
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,3 +45,41 @@ def test_a_spec_edited_outside_agov_is_invalidated_and_never_sent(engine: Engine
     assert engine.get_agent(AGENTS[1]).status is Status.GOVERNED_VALID
     assert engine.admit(AGENTS[1]).allow
     assert not engine.admit(AGENTS[0]).allow
+
+
+def _set_spec(engine: Engine, agent_id: str, spec: str) -> None:
+    """The stored spec and its recorded hash, both edited outside agov, so that they agree."""
+    conn = sqlite3.connect(engine.workspace.db_path)
+    try:
+        digest = hashlib.sha256(spec.encode()).hexdigest()
+        conn.execute(
+            "UPDATE agent_versions SET spec = ?, spec_hash = ? WHERE agent_id = ?", (spec, digest, agent_id)
+        )
+        conn.execute("UPDATE agent_proofs SET spec_hash = ? WHERE agent_id = ?", (digest, agent_id))
+        conn.commit()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("edit", ["not JSON", "a second entry smuggled in"])
+def test_a_spec_edited_with_its_hash_into_bytes_that_are_not_one_json_object_stops_nobody_else(
+    engine: Engine, edit: str
+) -> None:
+    """Before, such bytes broke the whole chunk's input: every run stopped at that chunk, and the
+    agents in it and after it stayed bound to the old policy, denied at every start."""
+    edited, other = AGENTS
+    if edit == "not JSON":
+        _set_spec(engine, edited, "{")
+    else:
+        (spec,) = engine.store.query_one("SELECT spec FROM agent_versions WHERE agent_id = ?", (other,))
+        # the other agent again, with a second result for its id: a conflict in OPA
+        _set_spec(engine, edited, spec[:-1] + ',"x":1},{"id":"' + other + '","agent":{}')
+
+    report = engine.revalidate()
+
+    assert (report.total, report.valid, report.newly_invalidated) == (2, 1, 1)
+    row = engine.store.query_one("SELECT status, reasons FROM agents WHERE id = ?", (edited,))
+    assert row["status"] == Status.GOVERNED_INVALIDATED.value
+    assert "REVALIDATION_SPEC_UNREADABLE" in row["reasons"]
+    assert engine.get_agent(other).status is Status.GOVERNED_VALID
+    assert engine.admit(other).allow
