@@ -36,7 +36,7 @@ def _chapter(echo: Echo, title: str) -> None:
 
 
 def run_demo(*, keep: bool = False, echo: Echo = print) -> dict[str, Any]:
-    """Run the story; returns the admission codes seen, for tests.
+    """Run the story; returns the admission codes seen (and the kept workspace), for tests and --json.
 
     Raises:
         AgovError: a step failed unexpectedly (the demo stops there).
@@ -171,6 +171,7 @@ def run_demo(*, keep: bool = False, echo: Echo = print) -> dict[str, Any]:
             seen["audit_ok"] = audit.ok
     finally:
         if keep:
+            seen["kept_workspace"] = str(home)
             echo(f"\nworkspace kept at {home}")
         else:
             shutil.rmtree(home.parent, ignore_errors=True)

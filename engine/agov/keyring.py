@@ -131,13 +131,22 @@ def active_signer(store: Store, keys_dir: Path, now: datetime | None = None) -> 
     if row is None:
         raise KeyMaterialError("no active proof signing key", hint="run `agov keys generate`")
     now = now or utcnow()
-    not_before, not_after = parse_iso(row["not_before"]), parse_iso(row["not_after"])
-    if not_before is not None and now < not_before:
+    try:
+        not_before, not_after = parse_iso(row["not_before"]), parse_iso(row["not_after"])
+        early = not_before is not None and now < not_before
+        late = not_after is not None and now > not_after
+    except (TypeError, ValueError):  # not a time, or one without a UTC offset
+        raise KeyMaterialError(
+            f"the active proof signing key {row['keyid']} has a validity window agov did not write"
+            f" ({row['not_before']!r} to {row['not_after']!r}): agov.db was changed outside agov",
+            hint="run `agov keys generate` for a new key, and find out who edited agov.db",
+        ) from None
+    if early:
         raise KeyMaterialError(
             f"the active proof signing key {row['keyid']} is not valid before {row['not_before']}",
             hint="wait until then, or run `agov keys generate` for a key valid now",
         )
-    if not_after is not None and now > not_after:
+    if late:
         raise KeyMaterialError(
             f"the active proof signing key {row['keyid']} stopped being valid at {row['not_after']}",
             hint="run `agov keys generate` for a new key",

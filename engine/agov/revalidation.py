@@ -28,7 +28,7 @@ import orjson
 
 from agov.config import Config
 from agov.decisions import Code, PolicyVerdict, Reason, Status, parse_verdict
-from agov.errors import AgovError, ConflictError, DecisionError, KeyMaterialError
+from agov.errors import AgovError, ConflictError, DecisionError, InfrastructureError, KeyMaterialError
 from agov.hashing import canonical_json, sha256_hex
 from agov.opa.evaluator import EncodedInput, Evaluator
 from agov.promotion import ProofTarget, SignedProof, sign_for, store_proofs
@@ -128,11 +128,16 @@ class OrgChange:
 
 
 def _chunk(store: Store, after: str, size: int) -> list[_Row]:
+    # Columns read as BLOB and decoded here: a text column holding bytes that are not UTF-8
+    # (written outside agov) would make sqlite3 fail the whole fetch, and so stop every run at
+    # this chunk; decoded per row, it only fails that row's checks.
     rows = store.query(
-        "SELECT a.id, a.current_version, a.row_version, a.status, v.spec, v.spec_hash,"
-        " p.version AS proof_version, p.spec_hash AS proof_spec_hash, p.expires_at AS proof_expires_at,"
-        " p.policy_hash AS proof_policy_hash, p.keyid AS proof_keyid, p.governance_status AS proof_status,"
-        " p.issued_at AS proof_issued_at, p.id AS proof_row_id, p.seal AS proof_seal"
+        "SELECT a.id, a.current_version, a.row_version, a.status,"
+        " CAST(v.spec AS BLOB) AS spec, CAST(v.spec_hash AS BLOB) AS spec_hash,"
+        " p.version AS proof_version, CAST(p.spec_hash AS BLOB) AS proof_spec_hash,"
+        " CAST(p.expires_at AS BLOB) AS proof_expires_at, CAST(p.policy_hash AS BLOB) AS proof_policy_hash,"
+        " CAST(p.keyid AS BLOB) AS proof_keyid, CAST(p.governance_status AS BLOB) AS proof_status,"
+        " CAST(p.issued_at AS BLOB) AS proof_issued_at, p.id AS proof_row_id, CAST(p.seal AS BLOB) AS proof_seal"
         " FROM agents a"
         " JOIN agent_versions v ON v.agent_id = a.id AND v.version = a.current_version"
         " LEFT JOIN agent_proofs p ON p.agent_id = a.id AND p.superseded_at IS NULL"
@@ -144,10 +149,18 @@ def _chunk(store: Store, after: str, size: int) -> list[_Row]:
     return [_row(r) for r in rows]
 
 
+def _text(value: Any) -> Any:
+    """A column read as BLOB, as text again (bytes that are not UTF-8 kept as surrogates, which
+    match nothing agov wrote)."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+
 def _row(r: Any) -> _Row:
-    has_proof = r["proof_version"] == r["current_version"] and r["proof_spec_hash"] == r["spec_hash"]
+    spec_hash = _text(r["spec_hash"])
+    proof_expires = _text(r["proof_expires_at"])
+    has_proof = r["proof_version"] == r["current_version"] and _text(r["proof_spec_hash"]) == spec_hash
     try:
-        expires_at = parse_iso(r["proof_expires_at"])
+        expires_at = parse_iso(proof_expires)
         if expires_at is not None and expires_at.utcoffset() is None:
             raise ValueError("no UTC offset")
     except (TypeError, ValueError):  # an expiry agov never wrote: no proof it can renew
@@ -156,21 +169,20 @@ def _row(r: Any) -> _Row:
     return _Row(
         r["id"],
         r["current_version"],
-        r["spec_hash"],
+        spec_hash,
         r["row_version"],
         r["status"],
-        # text as agov writes it; anything else cannot hash to the spec hash, so it is never sent
-        spec.encode() if isinstance(spec, str) else b"",
+        spec if isinstance(spec, bytes) else b"",  # checked against the spec hash before any use
         has_proof,
         expires_at,
         _StoredProof(
             r["proof_row_id"],
-            r["proof_policy_hash"],
-            r["proof_keyid"],
-            r["proof_status"],
-            r["proof_issued_at"],
-            r["proof_expires_at"],
-            r["proof_seal"],
+            _text(r["proof_policy_hash"]),
+            _text(r["proof_keyid"]),
+            _text(r["proof_status"]),
+            _text(r["proof_issued_at"]),
+            proof_expires,
+            _text(r["proof_seal"]),
         )
         if has_proof
         else None,
@@ -208,31 +220,20 @@ def _verdicts(
     # A spec whose stored bytes no longer hash to the recorded spec hash was edited outside
     # agov: it is invalidated, and its bytes are never spliced into the input.
     tampered = {r.agent_id for r in rows if sha256_hex(r.canonical) != r.spec_hash}
-    intact = [r for r in rows if r.agent_id not in tampered]
-    verdicts = dict.fromkeys(tampered, _TAMPERED)
-    try:
-        evaluation = evaluator.evaluate(
-            REVALIDATION_PATH,
-            _chunk_input(intact, org_canonical, policy_hash, now),
-            expected_revision=policy_hash,
-            timeout_s=timeout_s,
-        )
-    except AgovError:
-        # Checked only now, as it costs a JSON parse per agent: a spec edited outside agov
-        # together with its hash, into bytes that are not one JSON document, breaks the whole
-        # chunk's input (or smuggles in an entry). Such agents are invalidated and the rest
-        # judged again; any other failure stops the run as before.
-        unreadable = {r.agent_id for r in intact if not _one_json_object(r.canonical)}
-        if not unreadable:
-            raise
-        verdicts.update(dict.fromkeys(unreadable, _UNREADABLE))
-        intact = [r for r in intact if r.agent_id not in unreadable]
-        evaluation = evaluator.evaluate(
-            REVALIDATION_PATH,
-            _chunk_input(intact, org_canonical, policy_hash, now),
-            expected_revision=policy_hash,
-            timeout_s=timeout_s,
-        )
+    # Bytes that hash right but are not one JSON object (edited outside agov together with the
+    # hash) would be spliced into the input unparsed: they could break the chunk's input, or
+    # rewrite it (another "agents" key, say) so that another agent is judged on other bytes.
+    unreadable = {
+        r.agent_id for r in rows if r.agent_id not in tampered and not _one_json_object(r.canonical)
+    }
+    verdicts = dict.fromkeys(tampered, _TAMPERED) | dict.fromkeys(unreadable, _UNREADABLE)
+    intact = [r for r in rows if r.agent_id not in verdicts]
+    evaluation = evaluator.evaluate(
+        REVALIDATION_PATH,
+        _chunk_input(intact, org_canonical, policy_hash, now),
+        expected_revision=policy_hash,
+        timeout_s=timeout_s,
+    )
     results = evaluation.result
     if not isinstance(results, dict):
         raise DecisionError(f"revalidation results are not an object: {type(results).__name__}")
@@ -300,7 +301,9 @@ def _unvouched(store: Store, row: _Row, vouching: ProofVouching, now: datetime) 
         return None
     unsealed = "its proof row does not carry agov's seal"
     # read only now: a sealed row's envelope is never read (the renewal signs a new one)
-    stored = store.query_one("SELECT envelope FROM agent_proofs WHERE id = ?", (proof.row_id,))
+    stored = store.query_one(
+        "SELECT CAST(envelope AS BLOB) AS envelope FROM agent_proofs WHERE id = ?", (proof.row_id,)
+    )
     if stored is None:
         return f"{unsealed}, and it was removed during the revalidation"
     try:
@@ -308,6 +311,8 @@ def _unvouched(store: Store, row: _Row, vouching: ProofVouching, now: datetime) 
         if key is None:
             return f"{unsealed}, and its signer {proof.keyid[:12]} is not a key of this workspace"
         verified = verify_proof(_as_bytes(stored["envelope"]), {key.keyid: key}, now)
+    except InfrastructureError:  # the store failed, not the proof: the run stops and resumes
+        raise
     except AgovError as exc:
         return f"{unsealed}, and the proof does not verify: {exc.message}"
     except (TypeError, ValueError) as exc:  # a column agov never wrote (its key id, say)
@@ -346,10 +351,7 @@ def _sealed(seal: ProofSeal, row: _Row, proof: _StoredProof) -> bool:
 
 
 def _as_bytes(value: Any) -> bytes:
-    """An envelope as stored; a column written outside agov may hold text, or not bytes at all
-    (which verify_proof refuses as malformed)."""
-    if isinstance(value, str):
-        return value.encode("utf-8", "surrogatepass")
+    """An envelope read as BLOB; NULL (which no agov row holds) is no envelope."""
     return value if isinstance(value, bytes) else b""
 
 

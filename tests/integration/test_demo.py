@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from agov.demo import run_demo
@@ -29,9 +30,12 @@ def test_demo_json_is_one_document_with_the_story_and_the_codes(opa_bin: Path) -
 
     from agov.cli import main
 
-    result = CliRunner().invoke(main, ["demo", "--json"])
+    result = CliRunner().invoke(main, ["demo", "--json", "--keep"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)  # the whole output: no prose around it
+    kept = Path(doc["seen"]["kept_workspace"])
+    assert (kept / "agov.db").is_file()
+    shutil.rmtree(kept.parent)
     assert doc["seen"]["admit:finance-reconciler"] == "ADMISSION_ALLOW"
     assert doc["seen"]["audit_ok"] is True
     assert any(line.startswith("== 9.") for line in doc["story"])

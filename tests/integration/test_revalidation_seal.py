@@ -265,3 +265,63 @@ def test_an_unusable_seal_key_refuses_a_reload_and_denies_a_promotion_before_any
         engine.reload_policy(actor=ACTOR, reason="stricter")
     assert engine.active_policy().hash == active, "the policy was not switched"
     assert _proofs(engine) == proofs
+
+
+NOT_UTF8 = "CAST(X'FFFE' AS TEXT)"
+
+
+@pytest.mark.parametrize(
+    ("statement", "renewed"),
+    [
+        (f"UPDATE agent_proofs SET seal = {NOT_UTF8} WHERE agent_id = ?", True),
+        (f"UPDATE agent_proofs SET issued_at = {NOT_UTF8} WHERE agent_id = ?", True),
+        (f"UPDATE agent_proofs SET keyid = {NOT_UTF8} WHERE agent_id = ?", False),
+        (f"UPDATE agent_proofs SET seal = NULL, envelope = {NOT_UTF8} WHERE agent_id = ?", False),
+        (f"UPDATE agent_versions SET spec = {NOT_UTF8} WHERE agent_id = ?", False),
+        (f"UPDATE agent_versions SET spec_hash = {NOT_UTF8} WHERE agent_id = ?", False),
+    ],
+)
+def test_text_that_is_not_utf8_is_judged_for_its_agent_alone(
+    engine: Engine, statement: str, renewed: bool
+) -> None:
+    """sqlite3 fails a whole fetch on such text: before, the run stopped at that chunk, every time."""
+    edited, other = GOVERNED
+    _edit(engine, (statement, (edited,)))
+
+    report = engine.revalidate()
+
+    assert report.total == 2
+    assert engine.admit(other).allow
+    status = _agent(engine, edited)["status"]
+    assert status == (Status.GOVERNED_VALID.value if renewed else Status.GOVERNED_INVALIDATED.value)
+
+
+def test_a_signer_window_agov_never_wrote_fails_the_full_verify_of_that_row_alone(engine: Engine) -> None:
+    edited, other = GOVERNED
+    old_keyid = _current(engine, edited)["keyid"]
+    engine.generate_key(alg="ed25519", actor=ACTOR)  # the old key still verifies, no longer signs
+    _edit(
+        engine,
+        ("UPDATE agent_proofs SET seal = NULL WHERE agent_id = ?", (edited,)),
+        ("UPDATE signing_keys SET not_before = 'not a time' WHERE keyid = ?", (old_keyid,)),
+    )
+
+    report = engine.revalidate()
+
+    assert (report.total, report.valid, report.newly_invalidated) == (2, 1, 1)
+    assert _agent(engine, other)["status"] == Status.GOVERNED_VALID.value, "its sealed row needs no key"
+    edited_row = _agent(engine, edited)
+    assert UNVERIFIED in edited_row["reasons"] and "ValueError" in edited_row["reasons"]
+
+
+def test_an_active_signer_window_agov_never_wrote_refuses_the_run_before_anything_changes(
+    engine: Engine,
+) -> None:
+    keyid = _current(engine, GOVERNED[0])["keyid"]
+    _edit(engine, ("UPDATE signing_keys SET not_after = '2030-01-01T00:00:00' WHERE keyid = ?", (keyid,)))
+    proofs = _proofs(engine)
+
+    with pytest.raises(KeyMaterialError, match="validity window agov did not write"):
+        engine.revalidate()
+    assert _proofs(engine) == proofs
+    assert all(_agent(engine, a)["status"] == Status.GOVERNED_VALID.value for a in GOVERNED)

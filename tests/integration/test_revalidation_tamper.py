@@ -10,10 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _reload_support import create_governed
+from _reload_support import ACTOR, agent_doc, create_governed, edit_data, set_analysis_limit
 
 from agov.decisions import Status
 from agov.engine import Engine
+from agov.hashing import canonical_json
 
 AGENTS = ("tamper-a", "tamper-b")
 
@@ -83,3 +84,26 @@ def test_a_spec_edited_with_its_hash_into_bytes_that_are_not_one_json_object_sto
     assert "REVALIDATION_SPEC_UNREADABLE" in row["reasons"]
     assert engine.get_agent(other).status is Status.GOVERNED_VALID
     assert engine.admit(other).allow
+
+
+def test_a_spec_edited_with_its_hash_cannot_have_another_agent_judged_on_other_bytes(engine: Engine) -> None:
+    """The edited spec closes the chunk's agents and opens a second "agents" key (OPA keeps the
+    last one), in which its neighbour stands with a spec the stricter policy passes. Before, the
+    neighbour was renewed under that policy on those bytes, and admitted."""
+    victim, edited = AGENTS
+    (own,) = engine.store.query_one("SELECT spec FROM agent_versions WHERE agent_id = ?", (edited,))
+    passing = canonical_json(agent_doc(victim, temperature=0.1)).decode()
+    smuggled = '}],"agents":[{"id":"' + victim + '","agent":' + passing + '},{"id":"' + edited + '","agent":'
+    _set_spec(engine, edited, own + smuggled + own)
+    edit_data(engine.workspace.home, set_analysis_limit(0.2))  # both agents have temperature 0.3
+
+    engine.reload_policy(actor=ACTOR, reason="stricter")
+
+    for agent_id, code in (
+        (victim, "PROMOTION_DENY_TEMPERATURE_EXCEEDS_LIMIT"),
+        (edited, "REVALIDATION_SPEC_UNREADABLE"),
+    ):
+        row = engine.store.query_one("SELECT status, reasons FROM agents WHERE id = ?", (agent_id,))
+        assert row["status"] == Status.GOVERNED_INVALIDATED.value, agent_id
+        assert code in row["reasons"], agent_id
+        assert not engine.admit(agent_id).allow
