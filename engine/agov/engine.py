@@ -350,12 +350,16 @@ class Engine:
     def _trusted_key(self, keyid: str) -> TrustedKey | None:
         """The key with its window and revocation read from the store now; the key file is read
         once per engine (its id is derived from its material, so a swapped file cannot pass)."""
+        # read as BLOB: text that is not UTF-8 (written outside agov) fails this key's times,
+        # not the whole fetch, so one damaged key row does not stop a revalidation run
         state = self.store.query_one(
-            "SELECT not_before, not_after, revoked_at FROM signing_keys WHERE keyid = ?", (keyid,)
+            "SELECT CAST(not_before AS BLOB) AS not_before, CAST(not_after AS BLOB) AS not_after,"
+            " CAST(revoked_at AS BLOB) AS revoked_at FROM signing_keys WHERE keyid = ?",
+            (keyid,),
         )
         if state is None:
             return None
-        window = (keyid, state["not_before"], state["not_after"], state["revoked_at"])
+        window = (keyid, *(_utf8(state[name]) for name in ("not_before", "not_after", "revoked_at")))
         known = self._trusted_keys.get(window)
         if known is None:  # first use, or the key's window or revocation changed
             material = self._key_material.get(keyid)
@@ -363,9 +367,9 @@ class Engine:
                 material = self._key_material[keyid] = keys.load_trusted_key(self.workspace.keys, keyid)
             known = self._trusted_keys[window] = dataclasses.replace(
                 material,
-                not_before=parse_iso(state["not_before"]),
-                not_after=parse_iso(state["not_after"]),
-                revoked_at=parse_iso(state["revoked_at"]),
+                not_before=parse_iso(window[1]),
+                not_after=parse_iso(window[2]),
+                revoked_at=parse_iso(window[3]),
             )
         return known
 
@@ -774,6 +778,11 @@ class Engine:
 
 
 _T = TypeVar("_T")
+
+
+def _utf8(value: Any) -> Any:
+    """A column read as BLOB, as text again (bytes that are not UTF-8 kept as surrogates)."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
 
 
 def _memo(reads: dict[Any, Any], key: Any, load: Callable[[], _T]) -> _T:

@@ -89,7 +89,7 @@ class _Row:
     spec_hash: str
     row_version: int
     status: str
-    canonical: bytes  # the stored RFC 8785 spec: sent to OPA and digested as is, never parsed
+    canonical: bytes  # the stored RFC 8785 spec: checked to be one JSON object, then sent as is
     has_proof: bool  # a current proof on record for this version and spec hash
     proof_expires_at: datetime | None  # that proof's expiry, which a renewed proof keeps
     stored: _StoredProof | None = None  # that proof's row, when there is one
@@ -146,7 +146,15 @@ def _chunk(store: Store, after: str, size: int) -> list[_Row]:
         f" WHERE +a.status IN ({','.join('?' * len(_GOVERNED))}) AND a.id > ? ORDER BY a.id LIMIT ?",
         (*_GOVERNED, after, size),
     )
-    return [_row(r) for r in rows]
+    chunk: list[_Row] = []
+    spec_bytes = 0
+    for r in rows:
+        row = _row(r)
+        spec_bytes += len(row.canonical)
+        if chunk and spec_bytes > _CHUNK_SPEC_BYTES:
+            break  # the rest is read again as the next chunk
+        chunk.append(row)
+    return chunk
 
 
 def _text(value: Any) -> Any:
@@ -227,6 +235,18 @@ def _verdicts(
         r.agent_id for r in rows if r.agent_id not in tampered and not _one_json_object(r.canonical)
     }
     verdicts = dict.fromkeys(tampered, _TAMPERED) | dict.fromkeys(unreadable, _UNREADABLE)
+    for r in rows:  # agov refuses such a spec when it is created (limits.max_spec_bytes)
+        if r.agent_id not in verdicts and len(r.canonical) > _CHUNK_SPEC_BYTES:
+            verdicts[r.agent_id] = PolicyVerdict(
+                False,
+                (
+                    Reason(
+                        "REVALIDATION_SPEC_UNREADABLE",
+                        f"the stored spec is {len(r.canonical)} bytes, more than one revalidation query carries"
+                        f" ({_CHUNK_SPEC_BYTES}): it was changed outside agov",
+                    ),
+                ),
+            )
     intact = [r for r in rows if r.agent_id not in verdicts]
     evaluation = evaluator.evaluate(
         REVALIDATION_PATH,
@@ -836,7 +856,11 @@ def _still_current(tx: Tx, run_id: int | None, policy_hash: str, org: str, keyid
         KeyMaterialError: the signing key may no longer sign.
     """
     key = tx.execute("SELECT revoked_at, not_after FROM signing_keys WHERE keyid = ?", (keyid,)).fetchone()
-    if key is None or key[0] is not None or (key[1] is not None and now > datetime.fromisoformat(key[1])):
+    try:
+        expired = key is not None and key[1] is not None and now > datetime.fromisoformat(key[1])
+    except (TypeError, ValueError):  # a time agov did not write: the key may not sign
+        expired = True
+    if key is None or key[0] is not None or expired:
         raise KeyMaterialError(
             f"proof signing key {keyid} was revoked or expired during the revalidation; it is stopped",
             hint="run `agov keys generate` if no other key is active, then `agov revalidate`",
@@ -874,6 +898,11 @@ def _unchanged(tx: Tx, rows: list[_Row]) -> set[str]:
 # also uses the core agov leaves idle while it waits for verdicts (100k agents on 2 cores, three
 # interleaved trials each: median 20.7 s with one query in flight, 17.6 s with two).
 _QUERIES_IN_FLIGHT = 2
+
+# The spec bytes one chunk query carries at most: half of the evaluator's default request limit
+# (EvaluatorConfig.max_request_bytes, 8 MiB), so that specs of a few KiB each cannot push a chunk
+# of limits.revalidation_chunk_size agents over it and stop every run.
+_CHUNK_SPEC_BYTES = 4 * 1024 * 1024
 
 # SQLite's default limit on bound parameters is 32766 (999 before 3.32); stay far below either.
 _IN_BATCH = 500

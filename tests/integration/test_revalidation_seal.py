@@ -325,3 +325,20 @@ def test_an_active_signer_window_agov_never_wrote_refuses_the_run_before_anythin
         engine.revalidate()
     assert _proofs(engine) == proofs
     assert all(_agent(engine, a)["status"] == Status.GOVERNED_VALID.value for a in GOVERNED)
+
+
+def test_a_key_row_with_text_that_is_not_utf8_fails_the_full_verify_of_that_row_alone(engine: Engine) -> None:
+    edited, other = GOVERNED
+    old_keyid = _current(engine, edited)["keyid"]
+    engine.generate_key(alg="ed25519", actor=ACTOR)
+    _edit(
+        engine,
+        ("UPDATE agent_proofs SET seal = NULL WHERE agent_id = ?", (edited,)),
+        (f"UPDATE signing_keys SET not_before = {NOT_UTF8} WHERE keyid = ?", (old_keyid,)),
+    )
+
+    report = engine.revalidate()
+
+    assert (report.total, report.valid, report.newly_invalidated) == (2, 1, 1)
+    assert UNVERIFIED in _agent(engine, edited)["reasons"]
+    assert engine.admit(other).allow

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from _reload_support import ACTOR, agent_doc, create_governed, edit_data, set_analysis_limit
 
+from agov import revalidation
 from agov.decisions import Status
 from agov.engine import Engine
 from agov.hashing import canonical_json
@@ -107,3 +108,23 @@ def test_a_spec_edited_with_its_hash_cannot_have_another_agent_judged_on_other_b
         assert row["status"] == Status.GOVERNED_INVALIDATED.value, agent_id
         assert code in row["reasons"], agent_id
         assert not engine.admit(agent_id).allow
+
+
+def test_chunks_carry_a_bounded_number_of_spec_bytes(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk of revalidation_chunk_size agents with large specs would exceed the request limit
+    and stop every run: a chunk ends early instead, and a spec larger than a whole chunk may
+    carry (which agov never stores) is invalidated on its own."""
+    for agent_id in ("tamper-c", "tamper-d", "tamper-e"):
+        create_governed(engine, agent_id)
+    sizes = {len(r["spec"]) for r in engine.store.query("SELECT spec FROM agent_versions")}
+    monkeypatch.setattr(revalidation, "_CHUNK_SPEC_BYTES", 2 * max(sizes) + 1)  # two specs a chunk
+    (big,) = engine.store.query_one("SELECT spec FROM agent_versions WHERE agent_id = 'tamper-e'")
+    _set_spec(engine, "tamper-e", big[:-1] + ',"padding":"' + "x" * (3 * max(sizes)) + '"}')
+    chunks: list[int] = []
+
+    report = engine.revalidate(progress=chunks.append)
+
+    assert chunks == [2, 2, 1]
+    assert (report.total, report.valid, report.newly_invalidated) == (5, 4, 1)
+    row = engine.store.query_one("SELECT status, reasons FROM agents WHERE id = 'tamper-e'")
+    assert "REVALIDATION_SPEC_UNREADABLE" in row["reasons"] and "bytes" in row["reasons"]
