@@ -12,6 +12,9 @@ import yaml
 from agov.errors import WorkspaceError
 
 MAX_TIMEOUT_S = 300.0  # the longest deadline any one call to OPA may have
+# The spec bytes one revalidation query carries at most (half of the evaluator's 8 MiB request
+# limit): no stored spec may be larger, or no query could judge it.
+MAX_SPEC_BYTES = 4 * 1024 * 1024
 _MAX_COUNT = 2**31 - 1
 _MAX_TTL_DAYS = 36_500  # a century: far from datetime's year 9999
 
@@ -48,6 +51,10 @@ class Limits:
         for name in ("opa_timeout_s", "revalidation_timeout_s"):
             if getattr(self, name) > MAX_TIMEOUT_S:
                 raise ValueError(f"{name} must be at most {MAX_TIMEOUT_S:g} s")
+        if self.max_spec_bytes > MAX_SPEC_BYTES:
+            raise ValueError(
+                f"max_spec_bytes must be at most {MAX_SPEC_BYTES} (what one revalidation query carries)"
+            )
 
 
 @dataclass(frozen=True)

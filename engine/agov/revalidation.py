@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from agov.config import Config
+from agov.config import MAX_SPEC_BYTES, Config
 from agov.decisions import Code, PolicyVerdict, Reason, Status, parse_verdict
 from agov.errors import AgovError, ConflictError, DecisionError, InfrastructureError, KeyMaterialError
 from agov.hashing import canonical_json, sha256_hex
@@ -235,7 +235,7 @@ def _verdicts(
         r.agent_id for r in rows if r.agent_id not in tampered and not _one_json_object(r.canonical)
     }
     verdicts = dict.fromkeys(tampered, _TAMPERED) | dict.fromkeys(unreadable, _UNREADABLE)
-    for r in rows:  # agov refuses such a spec when it is created (limits.max_spec_bytes)
+    for r in rows:  # agov refuses such a spec when it is created (limits.max_spec_bytes <= this)
         if r.agent_id not in verdicts and len(r.canonical) > _CHUNK_SPEC_BYTES:
             verdicts[r.agent_id] = PolicyVerdict(
                 False,
@@ -899,10 +899,10 @@ def _unchanged(tx: Tx, rows: list[_Row]) -> set[str]:
 # interleaved trials each: median 20.7 s with one query in flight, 17.6 s with two).
 _QUERIES_IN_FLIGHT = 2
 
-# The spec bytes one chunk query carries at most: half of the evaluator's default request limit
-# (EvaluatorConfig.max_request_bytes, 8 MiB), so that specs of a few KiB each cannot push a chunk
-# of limits.revalidation_chunk_size agents over it and stop every run.
-_CHUNK_SPEC_BYTES = 4 * 1024 * 1024
+# The spec bytes one chunk query carries at most, so that specs of a few KiB each cannot push a
+# chunk of limits.revalidation_chunk_size agents over the evaluator's request limit (8 MiB) and
+# stop every run. limits.max_spec_bytes may not exceed it.
+_CHUNK_SPEC_BYTES = MAX_SPEC_BYTES
 
 # SQLite's default limit on bound parameters is 32766 (999 before 3.32); stay far below either.
 _IN_BATCH = 500

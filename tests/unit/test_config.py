@@ -37,6 +37,7 @@ BAD_LIMITS = [
     ({"opa_timeout_s": "30"}, "must be a number, not '30'"),
     ({"revalidation_chunk_size": 10.5}, "must be a whole number"),
     ({"max_spec_bytes": 10**400}, "max_spec_bytes must be at most 2147483647"),
+    ({"max_spec_bytes": 4 * 1024 * 1024 + 1}, "max_spec_bytes must be at most 4194304"),
     ({"revalidation_timeout_s": MAX_TIMEOUT_S + 1}, f"at most {MAX_TIMEOUT_S:g} s"),
     ({"opa_timeout_s": 10**400}, f"at most {MAX_TIMEOUT_S:g} s"),
 ]
