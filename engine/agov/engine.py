@@ -40,7 +40,7 @@ from agov.policy import PolicyVersion
 from agov.proofs import SignatureCache, TrustedKey
 from agov.registry import AgentRecord, CreationMode
 from agov.revalidation import RevalidationReport
-from agov.store.sqlite import ReadMemo, parse_iso, utcnow
+from agov.store.sqlite import ReadMemo, blob_text, parse_iso, utcnow
 from agov.workspace import CONFIG_FILE, Workspace, create_layout, remove_layout
 
 SYSTEM_ACTOR = "agov"
@@ -350,8 +350,7 @@ class Engine:
     def _trusted_key(self, keyid: str) -> TrustedKey | None:
         """The key with its window and revocation read from the store now; the key file is read
         once per engine (its id is derived from its material, so a swapped file cannot pass)."""
-        # read as BLOB: text that is not UTF-8 (written outside agov) fails this key's times,
-        # not the whole fetch, so one damaged key row does not stop a revalidation run
+        # read as BLOB (see blob_text): one damaged key row must not stop a revalidation run
         state = self.store.query_one(
             "SELECT CAST(not_before AS BLOB) AS not_before, CAST(not_after AS BLOB) AS not_after,"
             " CAST(revoked_at AS BLOB) AS revoked_at FROM signing_keys WHERE keyid = ?",
@@ -359,7 +358,7 @@ class Engine:
         )
         if state is None:
             return None
-        window = (keyid, *(_utf8(state[name]) for name in ("not_before", "not_after", "revoked_at")))
+        window = (keyid, *(blob_text(state[name]) for name in ("not_before", "not_after", "revoked_at")))
         known = self._trusted_keys.get(window)
         if known is None:  # first use, or the key's window or revocation changed
             material = self._key_material.get(keyid)
@@ -778,11 +777,6 @@ class Engine:
 
 
 _T = TypeVar("_T")
-
-
-def _utf8(value: Any) -> Any:
-    """A column read as BLOB, as text again (bytes that are not UTF-8 kept as surrogates)."""
-    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
 
 
 def _memo(reads: dict[Any, Any], key: Any, load: Callable[[], _T]) -> _T:

@@ -100,31 +100,52 @@ def _ensure_dir(keys_dir: Path) -> None:
         ) from exc
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``."""
+def _write_atomic(path: Path, data: bytes, mode: int, *, replace: bool = True) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory, then ``os.replace`` it;
+    with ``replace=False``, link it into place unless ``path`` exists by then (a second writer
+    then keeps the first one's file)."""
     # mkstemp creates the file 0600, so private bytes are never readable by others, even briefly
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
-        raise KeyMaterialError(
-            f"cannot write key file {path}: {exc.strerror}",
-            hint="check free space and permissions of the key directory",
-        ) from exc
+        raise _write_error(path, exc) from exc
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _link_unless_present(tmp, path, data, mode)
     except OSError as exc:
-        with contextlib.suppress(OSError):
+        raise _write_error(path, exc) from exc
+    finally:
+        with contextlib.suppress(OSError):  # gone already once replaced
             os.unlink(tmp)
-        raise KeyMaterialError(
-            f"cannot write key file {path}: {exc.strerror}",
-            hint="check free space and permissions of the key directory",
-        ) from exc
     _fsync_dir(path.parent)
+
+
+def _link_unless_present(tmp: str, path: Path, data: bytes, mode: int) -> None:
+    try:
+        os.link(tmp, path)
+    except FileExistsError:  # another process made it first: use theirs
+        pass
+    except OSError:  # a filesystem without hard links: O_EXCL, with a moment half-written
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+
+
+def _write_error(path: Path, exc: OSError) -> KeyMaterialError:
+    return KeyMaterialError(
+        f"cannot write key file {path}: {exc.strerror}",
+        hint="check free space and permissions of the key directory",
+    )
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -501,7 +522,7 @@ def ensure_proof_seal(keys_dir: Path, *, create: bool = True) -> ProofSeal:
         if not create:
             return ProofSeal(secrets.token_bytes(32))
         _ensure_dir(keys_dir)
-        _create_exclusively(path, secrets.token_hex(32).encode() + b"\n")
+        _write_atomic(path, secrets.token_hex(32).encode() + b"\n", 0o600, replace=False)
     data = _read(path, private=True)
     try:
         secret = bytes.fromhex(data.decode("ascii").strip())
@@ -514,43 +535,3 @@ def ensure_proof_seal(keys_dir: Path, *, create: bool = True) -> ProofSeal:
             " before sealing it again",
         )
     return ProofSeal(secret)
-
-
-def _write_new(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _create_exclusively(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file, then link it to ``path`` unless ``path`` exists by then."""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise KeyMaterialError(
-            f"cannot write key file {path}: {exc.strerror}",
-            hint="check free space and permissions of the key directory",
-        ) from exc
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:  # another process made it first: use theirs
-            pass
-        except OSError:  # a filesystem without hard links: O_EXCL, with a moment half-written
-            with contextlib.suppress(FileExistsError):
-                _write_new(path, data)
-    except OSError as exc:
-        raise KeyMaterialError(
-            f"cannot write key file {path}: {exc.strerror}",
-            hint="check free space and permissions of the key directory",
-        ) from exc
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-    _fsync_dir(path.parent)

@@ -34,7 +34,7 @@ from agov.opa.evaluator import EncodedInput, Evaluator
 from agov.promotion import ProofTarget, SignedProof, sign_for, store_proofs
 from agov.proofs import ProofSeal, ProofSigner, TrustedKey, check_binding, verify_proof
 from agov.store import Store
-from agov.store.sqlite import Tx, iso, parse_iso
+from agov.store.sqlite import Tx, blob_text, iso, parse_iso
 
 REVALIDATION_PATH = "agov/revalidation/results"
 REVALIDATION_ACTOR = "agov-revalidation"
@@ -128,9 +128,8 @@ class OrgChange:
 
 
 def _chunk(store: Store, after: str, size: int) -> list[_Row]:
-    # Columns read as BLOB and decoded here: a text column holding bytes that are not UTF-8
-    # (written outside agov) would make sqlite3 fail the whole fetch, and so stop every run at
-    # this chunk; decoded per row, it only fails that row's checks.
+    # Columns read as BLOB and decoded per row (blob_text), so that one damaged row cannot stop
+    # every run at this chunk.
     rows = store.query(
         "SELECT a.id, a.current_version, a.row_version, a.status,"
         " CAST(v.spec AS BLOB) AS spec, CAST(v.spec_hash AS BLOB) AS spec_hash,"
@@ -157,16 +156,10 @@ def _chunk(store: Store, after: str, size: int) -> list[_Row]:
     return chunk
 
 
-def _text(value: Any) -> Any:
-    """A column read as BLOB, as text again (bytes that are not UTF-8 kept as surrogates, which
-    match nothing agov wrote)."""
-    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
-
-
 def _row(r: Any) -> _Row:
-    spec_hash = _text(r["spec_hash"])
-    proof_expires = _text(r["proof_expires_at"])
-    has_proof = r["proof_version"] == r["current_version"] and _text(r["proof_spec_hash"]) == spec_hash
+    spec_hash = blob_text(r["spec_hash"])
+    proof_expires = blob_text(r["proof_expires_at"])
+    has_proof = r["proof_version"] == r["current_version"] and blob_text(r["proof_spec_hash"]) == spec_hash
     try:
         expires_at = parse_iso(proof_expires)
         if expires_at is not None and expires_at.utcoffset() is None:
@@ -185,12 +178,12 @@ def _row(r: Any) -> _Row:
         expires_at,
         _StoredProof(
             r["proof_row_id"],
-            _text(r["proof_policy_hash"]),
-            _text(r["proof_keyid"]),
-            _text(r["proof_status"]),
-            _text(r["proof_issued_at"]),
+            blob_text(r["proof_policy_hash"]),
+            blob_text(r["proof_keyid"]),
+            blob_text(r["proof_status"]),
+            blob_text(r["proof_issued_at"]),
             proof_expires,
-            _text(r["proof_seal"]),
+            blob_text(r["proof_seal"]),
         )
         if has_proof
         else None,
@@ -228,25 +221,26 @@ def _verdicts(
     # A spec whose stored bytes no longer hash to the recorded spec hash was edited outside
     # agov: it is invalidated, and its bytes are never spliced into the input.
     tampered = {r.agent_id for r in rows if sha256_hex(r.canonical) != r.spec_hash}
-    # Bytes that hash right but are not one JSON object (edited outside agov together with the
-    # hash) would be spliced into the input unparsed: they could break the chunk's input, or
-    # rewrite it (another "agents" key, say) so that another agent is judged on other bytes.
-    unreadable = {
-        r.agent_id for r in rows if r.agent_id not in tampered and not _one_json_object(r.canonical)
-    }
-    verdicts = dict.fromkeys(tampered, _TAMPERED) | dict.fromkeys(unreadable, _UNREADABLE)
-    for r in rows:  # agov refuses such a spec when it is created (limits.max_spec_bytes <= this)
-        if r.agent_id not in verdicts and len(r.canonical) > _CHUNK_SPEC_BYTES:
+    verdicts = dict.fromkeys(tampered, _TAMPERED)
+    for r in rows:
+        if r.agent_id in verdicts:
+            continue
+        if len(r.canonical) > _CHUNK_SPEC_BYTES:  # agov refuses such a spec (limits.max_spec_bytes)
             verdicts[r.agent_id] = PolicyVerdict(
                 False,
                 (
                     Reason(
                         "REVALIDATION_SPEC_UNREADABLE",
-                        f"the stored spec is {len(r.canonical)} bytes, more than one revalidation query carries"
-                        f" ({_CHUNK_SPEC_BYTES}): it was changed outside agov",
+                        f"the stored spec is {len(r.canonical)} bytes, more than one revalidation query"
+                        f" carries ({_CHUNK_SPEC_BYTES}): it was changed outside agov",
                     ),
                 ),
             )
+        elif not _one_json_object(r.canonical):
+            # Bytes that hash right but are not one JSON object (edited outside agov together
+            # with the hash) would be spliced into the input unparsed: they could break it, or
+            # rewrite it (another "agents" key) so that another agent is judged on other bytes.
+            verdicts[r.agent_id] = _UNREADABLE
     intact = [r for r in rows if r.agent_id not in verdicts]
     evaluation = evaluator.evaluate(
         REVALIDATION_PATH,

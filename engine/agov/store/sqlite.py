@@ -170,6 +170,13 @@ def parse_iso(text: str | None) -> datetime | None:
     return None if text is None else datetime.fromisoformat(text)
 
 
+def blob_text(value: Any) -> Any:
+    """A text column read as ``CAST(... AS BLOB)``, as text again. sqlite3 fails a whole fetch on
+    text that is not UTF-8 (written outside agov); read this way, such bytes become surrogates,
+    which match nothing agov wrote, and fail only that row's checks."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+
 @dataclass(frozen=True)
 class AuditEvent:
     """One audit row; ``hash`` covers every other field, ``prev_hash`` links the chain."""
