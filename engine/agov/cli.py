@@ -792,16 +792,21 @@ def _when(value: str | None) -> datetime | None:
 
 @keys_group.command("generate")
 @click.option("--alg", type=click.Choice(["ed25519", "hmac-sha256"]), default="ed25519", show_default=True)
-@click.option("--not-before", help="Start of the validity window (ISO 8601 with zone).")
+@click.option(
+    "--not-before",
+    help="Start of the validity window (ISO 8601 with zone). A later time stages the key: the key"
+    " signing now keeps signing until then.",
+)
 @click.option("--not-after", help="End of the validity window (ISO 8601 with zone).")
 @common
 def keys_generate(ctx: Ctx, alg: str, not_before: str | None, not_after: str | None) -> None:
-    """Generate a proof key and make it the active signer."""
+    """Generate a proof key and make it the signer, now or from --not-before on."""
     with _engine(ctx) as engine:
         state = engine.generate_key(
             alg=alg, actor=ctx.actor, not_before=_when(not_before), not_after=_when(not_after)
         )
-    emit(ctx, state.as_dict(), f"generated {alg} key {state.keyid} (active)")
+    when = f"staged: it signs from {state.not_before} on" if state.state == "staged" else state.state
+    emit(ctx, state.as_dict(), f"generated {alg} key {state.keyid} ({when})")
 
 
 @keys_group.command("list")
@@ -814,8 +819,9 @@ def keys_list(ctx: Ctx) -> None:
         ctx,
         states,
         lambda: "\n".join(
-            f"{k['keyid'][:16]} {k['alg']:<11} {'active ' if k['active'] else '       '}"
-            f"{'revoked ' + k['revoked_at'] if k['revoked_at'] else ''}"
+            f"{k['keyid'][:16]} {k['alg']:<11} {k['state']:<9}"
+            f"{' from ' + k['not_before'] if k['state'] == 'staged' else ''}"
+            f"{' at ' + k['revoked_at'] if k['revoked_at'] else ''}".rstrip()
             for k in states
         ),
     )

@@ -764,7 +764,7 @@ class Engine:
         )
 
     def list_keys(self) -> list[keyring.KeyState]:
-        return keyring.list_keys(self.store)
+        return keyring.list_keys(self.store, self.clock())
 
     def revoke_key(self, keyid: str, *, reason: str, actor: str) -> keyring.KeyState:
         return keyring.revoke(self.store, keyid, reason=reason, actor=actor, now=self.clock())

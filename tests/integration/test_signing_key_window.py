@@ -2,11 +2,14 @@
 
 A key generated with ``--not-before`` in the future once became the active signer at once:
 promotions reported success with proofs admission refused, and a revalidation re-signed every
-governed agent with it, so every one of them was then denied.
+governed agent with it, so every one of them was then denied. Later it signed nothing until its
+window opened, and every promotion was denied meanwhile. Now it is staged: the key in use keeps
+signing until then.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -20,6 +23,7 @@ from agov.decisions import Status
 from agov.engine import Engine
 from agov.errors import KeyMaterialError
 from agov.registry import CreationMode
+from agov.store.sqlite import iso
 
 GOVERNED = ("window-a", "window-b")
 
@@ -42,33 +46,94 @@ def _at(engine: Engine, when: datetime) -> None:
     engine.clock = lambda: when
 
 
-@pytest.mark.parametrize(
-    ("window", "message"),
-    [
-        ({"not_before": timedelta(days=1)}, "is not valid before"),
-        ({"not_after": timedelta(hours=1)}, "stopped being valid at"),
-    ],
-)
-def test_a_key_outside_its_window_signs_nothing(
-    engine: Engine, window: dict[str, timedelta], message: str
-) -> None:
-    now = engine.clock()
-    key = engine.generate_key(alg="ed25519", actor=ACTOR, **{k: now + v for k, v in window.items()})
-    if "not_after" in window:
-        _at(engine, now + timedelta(hours=2))
+def _signed_by(engine: Engine, agent_id: str) -> str:
+    row = engine.store.query_one(
+        "SELECT keyid FROM agent_proofs WHERE agent_id = ? AND superseded_at IS NULL", (agent_id,)
+    )
+    return str(row["keyid"])
+
+
+def _key_states(engine: Engine) -> dict[str, str]:
+    return {k.keyid: k.state for k in engine.list_keys()}
+
+
+def _no_signer_signs_nothing(engine: Engine, key: str, message: str) -> None:
     before = _state(engine)
 
     promoted = engine.promote("window-new", actor=ACTOR, role="agent_admin")
     assert not promoted.allow
     assert [r.code for r in promoted.deny] == ["PROMOTION_DENY_ENGINE_UNAVAILABLE"]
-    assert message in promoted.deny[0].message and key.keyid in promoted.deny[0].message
+    assert message in promoted.deny[0].message and key in promoted.deny[0].message
     with pytest.raises(KeyMaterialError, match=message):
         engine.revalidate()
 
     assert _state(engine) == before, "no proof signed, no agent changed, no run opened"
     assert engine.get_agent("window-new").status is Status.SANDBOX
+
+
+def test_a_key_whose_window_has_closed_signs_nothing(engine: Engine) -> None:
+    now = engine.clock()
+    key = engine.generate_key(alg="ed25519", actor=ACTOR, not_after=now + timedelta(hours=1))
+    _at(engine, now + timedelta(hours=2))
+
+    _no_signer_signs_nothing(engine, key.keyid, "stopped being valid at")
+
     for agent_id in GOVERNED:
         assert engine.admit(agent_id).allow, "the proofs of the old key still admit"
+
+
+def test_a_staged_key_leaves_the_key_in_use_signing_until_its_window_opens(engine: Engine) -> None:
+    (old,) = [k.keyid for k in engine.list_keys() if k.active]
+    opens = engine.clock() + timedelta(days=1)
+
+    staged = engine.generate_key(alg="ed25519", actor=ACTOR, not_before=opens)
+
+    assert (staged.state, staged.active) == ("staged", False)
+    assert _key_states(engine) == {old: "signing", staged.keyid: "staged"}
+    generated = engine.store.query_one(
+        "SELECT payload FROM audit_events WHERE type = 'KEY_GENERATED' ORDER BY seq DESC"
+    )
+    assert json.loads(generated["payload"]) == {
+        "keyid": staged.keyid,
+        "alg": "ed25519",
+        "staged_until": iso(opens),
+    }
+    promoted = engine.promote("window-new", actor=ACTOR, role="agent_admin")
+    assert promoted.allow and promoted.proof_keyid == old
+    assert engine.revalidate().valid == len(GOVERNED) + 1
+    assert {_signed_by(engine, a) for a in (*GOVERNED, "window-new")} == {old}
+
+    _at(engine, opens)
+    assert _key_states(engine) == {old: "verifying", staged.keyid: "signing"}
+    engine.create_agent(agent_doc("window-later"), mode=CreationMode.IMPORT, source="x.yaml", actor=ACTOR)
+    later = engine.promote("window-later", actor=ACTOR, role="agent_admin")
+    assert later.allow and later.proof_keyid == staged.keyid
+    for agent_id in (*GOVERNED, "window-new", "window-later"):
+        assert engine.admit(agent_id).allow, "proofs of both keys admit"
+
+
+def test_a_staged_key_with_no_key_signing_before_it_signs_nothing(engine: Engine) -> None:
+    (old,) = [k.keyid for k in engine.list_keys() if k.active]
+    staged = engine.generate_key(alg="ed25519", actor=ACTOR, not_before=engine.clock() + timedelta(days=1))
+    engine.revoke_key(old, reason="leaked", actor=ACTOR)
+
+    assert _key_states(engine) == {old: "revoked", staged.keyid: "staged"}
+    _no_signer_signs_nothing(engine, staged.keyid, "is not valid before")
+
+
+def test_a_key_generated_for_now_leaves_a_staged_key_staged(engine: Engine) -> None:
+    (old,) = [k.keyid for k in engine.list_keys() if k.active]
+    opens = engine.clock() + timedelta(days=1)
+    staged = engine.generate_key(alg="ed25519", actor=ACTOR, not_before=opens)
+
+    current = engine.generate_key(alg="ed25519", actor=ACTOR)
+
+    assert _key_states(engine) == {old: "verifying", staged.keyid: "staged", current.keyid: "signing"}
+    assert engine.promote("window-new", actor=ACTOR, role="agent_admin").proof_keyid == current.keyid
+    _at(engine, opens)
+    assert _key_states(engine) == {old: "verifying", staged.keyid: "signing", current.keyid: "verifying"}
+    assert engine.revalidate().valid == len(GOVERNED) + 1
+    assert {_signed_by(engine, a) for a in (*GOVERNED, "window-new")} == {staged.keyid}
 
 
 def test_the_key_signs_once_its_window_opens(engine: Engine) -> None:

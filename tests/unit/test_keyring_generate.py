@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agov import cli, keyring
-from agov.errors import StoreError, UsageError
+from agov.errors import KeyMaterialError, StoreError, UsageError
 from agov.store import Store
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -50,3 +50,42 @@ def test_a_time_with_no_utc_form_is_bad_input() -> None:
     with pytest.raises(UsageError, match=r"has no UTC time \(past year 9999\)"):
         cli._when("9999-12-31T23:59:59-12:00")
     assert cli._when("9999-12-31T23:59:59+00:00") == datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+
+
+def test_keys_list_names_each_key_state_at_the_given_time(store: Store, tmp_path: Path) -> None:
+    keys_dir = tmp_path / "keys"
+    short = keyring.generate(store, keys_dir, actor="ops", not_after=NOW + timedelta(hours=1), now=NOW)
+    revoked = keyring.generate(store, keys_dir, actor="ops", now=NOW)
+    keyring.revoke(store, revoked.keyid, reason="leaked", actor="ops", now=NOW)
+    current = keyring.generate(store, keys_dir, actor="ops", now=NOW)
+    staged = keyring.generate(store, keys_dir, actor="ops", not_before=NOW + timedelta(days=1), now=NOW)
+
+    def states(at: datetime) -> dict[str, tuple[str, bool]]:
+        return {k.keyid: (k.state, k.active) for k in keyring.list_keys(store, at)}
+
+    assert states(NOW) == {
+        short.keyid: ("verifying", False),
+        revoked.keyid: ("revoked", False),
+        current.keyid: ("signing", True),
+        staged.keyid: ("staged", False),
+    }
+    assert states(NOW + timedelta(days=2)) == {
+        short.keyid: ("expired", False),
+        revoked.keyid: ("revoked", False),
+        current.keyid: ("verifying", False),
+        staged.keyid: ("signing", True),
+    }
+    assert {k.state for k in keyring.list_keys(store, NOW)} <= set(keyring.KEY_STATES)
+
+
+def test_a_window_agov_did_not_write_is_listed_and_signs_nothing(store: Store, tmp_path: Path) -> None:
+    keys_dir = tmp_path / "keys"
+    key = keyring.generate(store, keys_dir, actor="ops", now=NOW)
+    with store.transaction() as tx:
+        tx.execute("UPDATE signing_keys SET not_before = '2026-11-22 12:00' WHERE keyid = ?", (key.keyid,))
+
+    assert [(k.keyid, k.state, k.active) for k in keyring.list_keys(store, NOW)] == [
+        (key.keyid, "verifying", False)
+    ]
+    with pytest.raises(KeyMaterialError, match="validity window agov did not write"):
+        keyring.active_signer(store, keys_dir, NOW)
