@@ -24,6 +24,10 @@ _CHANGES = frozenset({"created", "modified", "moved", "deleted", "closed"})
 # A directory moved out of the tree takes its files with it without an event of theirs; a
 # directory's "modified" only echoes the file events inside it.
 _DIRECTORY_CHANGES = frozenset({"created", "moved", "deleted"})
+# A Kubernetes ConfigMap or Secret volume changes its files all at once: the kubelet writes them to
+# a new hidden directory and renames a symlink to ``..data`` over the old one, so the files' own
+# names (symlinks through ``..data``) see no event at all.
+_VOLUME_SWAP_NAME = "..data"
 
 
 class _Debounced(FileSystemEventHandler):
@@ -45,10 +49,7 @@ class _Debounced(FileSystemEventHandler):
         # An atomic save (write a temp file, rename it over the target) names the policy file
         # only as the rename's destination.
         paths = [p for p in (str(event.src_path), str(getattr(event, "dest_path", "") or "")) if p]
-        if event.is_directory:
-            if event.event_type not in _DIRECTORY_CHANGES or not any(self._in_tree(p) for p in paths):
-                return
-        elif not any(self._is_policy_file(p) or os.path.abspath(p) in self._files for p in paths):
+        if not self._is_change(event, paths):
             return
         with self._lock:
             if self._timer is not None:
@@ -63,6 +64,18 @@ class _Debounced(FileSystemEventHandler):
         (an editor's ``.x.rego.swp``, a ``.git`` directory), so a workspace that itself lives
         under a hidden directory (``~/.agov``) is still watched."""
         return path.endswith(_WATCHED_SUFFIXES) and self._in_tree(path)
+
+    def _is_change(self, event: FileSystemEvent, paths: list[str]) -> bool:
+        if any(self._is_volume_swap(p) for p in paths):
+            return True
+        if event.is_directory:
+            return event.event_type in _DIRECTORY_CHANGES and any(self._in_tree(p) for p in paths)
+        return any(self._is_policy_file(p) or os.path.abspath(p) in self._files for p in paths)
+
+    def _is_volume_swap(self, path: str) -> bool:
+        """``..data`` at the root of the tree or in a directory below it that is not hidden."""
+        path = os.path.abspath(path)
+        return os.path.basename(path) == _VOLUME_SWAP_NAME and self._in_tree(os.path.dirname(path))
 
     def _in_tree(self, path: str) -> bool:
         """The root itself (replaced by a rename), or a path below it with no hidden name."""

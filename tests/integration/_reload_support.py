@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -176,3 +178,23 @@ def reload_interrupted_at(engine: Engine, agent_id: str, monkeypatch: Any) -> No
         raise AssertionError(f"setup: the reload was not interrupted at {agent_id}")
     finally:
         monkeypatch.setattr(revalidation, "_verdicts", judge)
+
+
+def configmap_volume(mount: Path, files: dict[str, str], stamp: str) -> None:
+    """Write ``files`` (relative path -> text) into ``mount`` as the kubelet updates a ConfigMap
+    volume: into a new hidden directory, then a symlink to it renamed over ``..data``, then the
+    old directory removed. The visible names are symlinks through ``..data``, untouched by an
+    update."""
+    new = mount / f"..{stamp}"
+    for name, text in files.items():
+        (new / name).parent.mkdir(parents=True, exist_ok=True)
+        (new / name).write_text(text)
+    data = mount / "..data"
+    old = Path(os.readlink(data)) if data.is_symlink() else None
+    os.symlink(new.name, mount / "..data_tmp")
+    os.rename(mount / "..data_tmp", data)
+    for top in {name.split("/")[0] for name in files}:
+        if not (mount / top).is_symlink():
+            os.symlink(f"..data/{top}", mount / top)
+    if old is not None:
+        shutil.rmtree(mount / old)

@@ -6,6 +6,7 @@ OPA. Policies are changed the way a user does it: by editing ``<home>/policies``
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import statistics
@@ -18,6 +19,7 @@ import pytest
 from _reload_support import (
     ACTOR,
     KnownBug,
+    configmap_volume,
     create_governed,
     current_proofs,
     data_file,
@@ -691,3 +693,37 @@ def test_watcher_ignores_reads_so_a_reload_does_not_trigger_the_next(tmp_path: P
     finally:
         watcher.stop()
     assert len(calls) == 1, f"one edit caused {len(calls)} reloads"
+
+
+def test_a_policy_tree_mounted_as_a_configmap_volume_builds_and_reloads_as_the_plain_tree(
+    engine: Engine, home: Path, tmp_path: Path
+) -> None:
+    """In Kubernetes the tree is symlinks through ``..data`` into a hidden directory: the build
+    follows the symlinks and skips the hidden names, so the hash is the plain tree's."""
+    policies = home / "policies"
+    files = {
+        str(path.relative_to(policies)): path.read_text()
+        for path in sorted(policies.rglob("*"))
+        if path.is_file()
+    }
+    old = engine.active_policy().hash
+    shutil.rmtree(policies)
+    policies.mkdir()
+    configmap_volume(policies, files, "2026_11_22_14_00_00.1")
+    assert (policies / "agov").is_symlink()
+
+    assert compute_policy_hash(policies) == old
+    assert engine.reload_policy(actor=ACTOR, reason="mounted")["changed"] is False
+
+    data_path = "agov/config/data.json"
+    data = json.loads(files[data_path])
+    data["temperature_limits"]["analysis"] = 0.4
+    configmap_volume(policies, {**files, data_path: json.dumps(data)}, "2026_11_22_14_05_00.2")
+    plain = tmp_path / "plain"
+    for name, text in {**files, data_path: json.dumps(data)}.items():
+        (plain / name).parent.mkdir(parents=True, exist_ok=True)
+        (plain / name).write_text(text)
+
+    reloaded = engine.reload_policy(actor=ACTOR, reason="ConfigMap updated")
+    assert reloaded["changed"] is True
+    assert reloaded["policy_hash"] == compute_policy_hash(plain) == engine.evaluator().revision() != old

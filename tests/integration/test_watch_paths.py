@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from _reload_support import configmap_volume
 
 from agov.watch import PolicyWatcher
 
@@ -150,3 +151,27 @@ def test_a_policy_tree_swapped_in_by_renames_reloads_and_stays_watched(home: Pat
         assert any(t > edited for t in fired), "edits in the swapped-in tree are watched"
     finally:
         watcher.stop()
+
+
+def test_a_configmap_volume_update_reloads(tmp_path: Path) -> None:
+    """Kubernetes swaps the whole volume with one rename of a hidden symlink: no event names a
+    policy file, and hidden names are otherwise not changes."""
+    policies = tmp_path / ".agov" / "policies"
+    policies.mkdir(parents=True)
+    configmap_volume(policies, {"agov/x/x.rego": "package agov.x\n"}, "2026_11_22_14_00_00.1")
+    fired: list[float] = []
+    seen = threading.Event()
+
+    def on_change() -> None:
+        fired.append(time.monotonic())
+        seen.set()
+
+    watcher = PolicyWatcher(policies, on_change, debounce_s=0.05)
+    watcher.start()
+    try:
+        time.sleep(0.2)
+        configmap_volume(policies, {"agov/x/x.rego": "package agov.x\n\ny := 1\n"}, "2026_11_22_14_05_00.2")
+        assert seen.wait(SETTLE_S), "the swap of ..data reloads"
+    finally:
+        watcher.stop()
+    assert (policies / "agov" / "x" / "x.rego").read_text() == "package agov.x\n\ny := 1\n"
