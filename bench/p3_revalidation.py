@@ -42,12 +42,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import _common as c
-from agov import policy
+from agov import keyring, policy
 from agov.config import Config, Limits
 from agov.decisions import Code, PolicyVerdict, Reason, Status
 from agov.engine import Engine
 from agov.hashing import canonical_json, sha256_hex
-from agov.keys import ensure_proof_seal, load_signer
+from agov.keys import ensure_proof_seal
 from agov.proofs import ProofClaims, ProofSeal, sign_proof
 from agov.spec import validate_spec
 from agov.store.sqlite import iso, parse_iso
@@ -83,9 +83,9 @@ def populate(home: Path, n: int, p0: str, p1: str) -> None:
     engine = Engine.open(home)
     try:
         store = engine.store
-        keyid = c.one(store, "SELECT keyid FROM signing_keys WHERE active = 1")["keyid"]
-        signer = load_signer(engine.workspace.keys, keyid)
         now = engine.clock()
+        signer = keyring.active_signer(store, engine.workspace.keys, now)
+        keyid = signer.keyid
         created, issued, expires = iso(now - timedelta(days=2)), iso(now - timedelta(days=1)), None
         if engine.config.proof_ttl_days:
             expires = iso(now - timedelta(days=1) + timedelta(days=engine.config.proof_ttl_days))

@@ -805,7 +805,11 @@ def keys_generate(ctx: Ctx, alg: str, not_before: str | None, not_after: str | N
         state = engine.generate_key(
             alg=alg, actor=ctx.actor, not_before=_when(not_before), not_after=_when(not_after)
         )
+        staged = [k for k in engine.list_keys() if k.state == "staged" and k.keyid != state.keyid]
     when = f"staged: it signs from {state.not_before} on" if state.state == "staged" else state.state
+    if state.state == "signing" and staged:
+        first = min(staged, key=lambda k: k.not_before or "")
+        when += f"; the staged key {first.keyid[:16]} takes over at {first.not_before}"
     emit(ctx, state.as_dict(), f"generated {alg} key {state.keyid} ({when})")
 
 

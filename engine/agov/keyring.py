@@ -4,8 +4,9 @@
 A key generated with a ``not_before`` still ahead is *staged*: the key signing now keeps
 signing, and the staged key takes over once its window opens, with no step to run then. Its
 public key is in the workspace from the start, so a rotation can be announced before it happens.
-The ``active`` column marks the keys that may sign (the one signing and any staged); the signer
-at a given time is the one among them whose window opened last."""
+The ``active`` column marks the keys that take their turn as signer (the one signing, any
+staged, and those a staged key has since taken over from); the signer at a given time is the one
+among them that took over last, and if it was revoked or has expired, none signs."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from agov.decisions import Code
 from agov.errors import KeyMaterialError, NotFoundError, UsageError
 from agov.proofs import ProofSigner
 from agov.store import Store
-from agov.store.sqlite import iso, parse_iso, utcnow
+from agov.store.sqlite import blob_text, iso, parse_iso, utcnow
 
 ALGORITHMS = ("ed25519", "hmac-sha256")
 
@@ -37,25 +38,67 @@ class KeyState:
     """True for the key that signs new proofs now."""
     state: str
     """One of KEY_STATES: signing, staged (signs from not_before on), verifying (signs no more;
-    its proofs still verify inside its window), expired, or revoked."""
+    its proofs still verify inside its window), expired, revoked, or invalid (a row agov did not
+    write)."""
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-KEY_STATES = ("signing", "staged", "verifying", "expired", "revoked")
+KEY_STATES = ("signing", "staged", "verifying", "expired", "revoked", "invalid")
+
+# Text columns read as BLOB: text that is not UTF-8 (written outside agov) would fail the whole
+# fetch, and with it `keys list` and `keys generate`, the way out.
+_KEY_ROWS = (
+    "SELECT rowid, CAST(keyid AS BLOB) AS keyid, CAST(alg AS BLOB) AS alg,"
+    " CAST(created_at AS BLOB) AS created_at, CAST(not_before AS BLOB) AS not_before,"
+    " CAST(not_after AS BLOB) AS not_after, CAST(revoked_at AS BLOB) AS revoked_at,"
+    " CAST(revoke_reason AS BLOB) AS revoke_reason, active FROM signing_keys"
+)
 
 
-def _states(rows: list[Any], now: datetime) -> list[KeyState]:
+@dataclass(frozen=True)
+class _KeyRow:
+    rowid: int
+    keyid: str
+    alg: str
+    created_at: str
+    not_before: str | None
+    not_after: str | None
+    revoked_at: str | None
+    revoke_reason: str | None
+    designated: bool
+    """``active`` in the store: the key signs from its window's opening until a key whose window
+    opened later takes over (revoked or not), or until a key generated for now retires it."""
+
+
+def _read(rows: list[Any]) -> list[_KeyRow]:
+    return [
+        _KeyRow(
+            rowid=row["rowid"],
+            keyid=blob_text(row["keyid"]),
+            alg=blob_text(row["alg"]),
+            created_at=blob_text(row["created_at"]),
+            not_before=blob_text(row["not_before"]),
+            not_after=blob_text(row["not_after"]),
+            revoked_at=blob_text(row["revoked_at"]),
+            revoke_reason=blob_text(row["revoke_reason"]),
+            designated=row["active"] == 1,
+        )
+        for row in rows
+    ]
+
+
+def _states(rows: list[_KeyRow], now: datetime) -> list[KeyState]:
     try:
-        signer = _signer_row(rows, now)
+        signer: _KeyRow | None = _signer_row(rows, now)
     except KeyMaterialError:
         signer = None
-    return [_state(row, now, signer is not None and row["keyid"] == signer["keyid"]) for row in rows]
+    return [_state(row, now, row is signer) for row in rows]
 
 
-def _state(row: Any, now: datetime, signing: bool) -> KeyState:
-    if row["revoked_at"] is not None:
+def _state(row: _KeyRow, now: datetime, signing: bool) -> KeyState:
+    if row.revoked_at is not None:
         state = "revoked"
     elif signing:
         state = "signing"
@@ -63,96 +106,134 @@ def _state(row: Any, now: datetime, signing: bool) -> KeyState:
         try:
             not_before, not_after = _window(row)
         except KeyMaterialError:
-            not_before = not_after = None
-        if not_after is not None and now > not_after:
-            state = "expired"
-        elif row["active"] and not_before is not None and now < not_before:
-            state = "staged"
+            state = "invalid"
         else:
-            state = "verifying"
+            if not_after is not None and now > not_after:
+                state = "expired"
+            elif row.designated and not_before is not None and now < not_before:
+                state = "staged"
+            else:
+                state = "verifying"
     return KeyState(
-        row["keyid"],
-        row["alg"],
-        row["created_at"],
-        row["not_before"],
-        row["not_after"],
-        row["revoked_at"],
-        row["revoke_reason"],
+        row.keyid,
+        row.alg,
+        row.created_at,
+        row.not_before,
+        row.not_after,
+        row.revoked_at,
+        row.revoke_reason,
         signing,
         state,
     )
 
 
-def _window(row: Any) -> tuple[datetime | None, datetime | None]:
-    """A key row's validity window, with both ends timezone-aware.
+def _window(row: _KeyRow) -> tuple[datetime | None, datetime | None]:
+    """A key's validity window, with both ends timezone-aware.
 
     Raises:
         KeyMaterialError: a time agov did not write (not a time, or one without a UTC offset).
     """
     try:
-        not_before, not_after = parse_iso(row["not_before"]), parse_iso(row["not_after"])
-        for end in (not_before, not_after):
-            if end is not None and end.utcoffset() is None:
-                raise ValueError("no UTC offset")
-    except (TypeError, ValueError):
+        not_before, not_after = _aware(row.not_before), _aware(row.not_after)
+    except ValueError:
         raise KeyMaterialError(
-            f"the proof signing key {row['keyid']} has a validity window agov did not write"
-            f" ({row['not_before']!r} to {row['not_after']!r}): agov.db was changed outside agov",
+            f"the proof signing key {row.keyid} has a validity window agov did not write"
+            f" ({row.not_before!r} to {row.not_after!r}): agov.db was changed outside agov",
             hint="run `agov keys generate` for a new key, and find out who edited agov.db",
         ) from None
     return not_before, not_after
 
 
-def _staged(row: Any, now: datetime) -> bool:
-    """The key's window opens after ``now`` (a garbled window counts as not staged)."""
+def _aware(text: str | None) -> datetime | None:
+    """A time as agov writes it, or None.
+
+    Raises:
+        ValueError: not a time, or one without a UTC offset.
+    """
+    try:
+        when = parse_iso(text)
+    except TypeError:
+        raise ValueError(text) from None
+    if when is not None and when.utcoffset() is None:
+        raise ValueError(text)
+    return when
+
+
+def _start(row: _KeyRow, not_before: datetime | None) -> datetime:
+    """When the key took over, or takes over, as signer: its creation, or its window's opening
+    if that is later. A creation time agov did not write counts as the earliest time."""
+    try:
+        created = _aware(row.created_at) or _EARLIEST
+    except ValueError:
+        created = _EARLIEST
+    return max(created, not_before or _EARLIEST)
+
+
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
+
+
+def _cancelled(row: _KeyRow, start: datetime) -> bool:
+    """A staged key revoked before its window opened: it never signs, and never takes over."""
+    try:
+        revoked = _aware(row.revoked_at)
+    except ValueError:
+        return False  # revoked at a time agov did not write: it still takes over, and signs nothing
+    return revoked is not None and revoked < start
+
+
+def _pending(row: _KeyRow, now: datetime) -> bool:
+    """A staged key whose window opens after ``now``, not revoked (a garbled window is not)."""
     try:
         not_before, _ = _window(row)
     except KeyMaterialError:
         return False
-    return not_before is not None and now < not_before
+    return row.revoked_at is None and not_before is not None and now < not_before
 
 
-def _signer_row(rows: list[Any], now: datetime) -> Any:
-    """The row of the key that signs at ``now``: of the active, unrevoked keys whose window has
-    opened, the one that opened last (its not_before, else its creation time).
+def _signer_row(rows: list[_KeyRow], now: datetime) -> _KeyRow:
+    """The key that signs at ``now``: of the designated keys whose window has opened, the one
+    that took over last. If that key is revoked or its window has closed, none signs: an older
+    key never signs again in its place.
 
     Raises:
-        KeyMaterialError: no such key, a window agov did not write, or the signer's window has
-            closed (admission would refuse every proof it signs).
+        KeyMaterialError: no key may sign now, or a designated key has a window agov did not
+            write.
     """
-    candidates = [(row, *_window(row)) for row in rows if row["active"] and row["revoked_at"] is None]
-    if not candidates:
+    designated = [(row, *_window(row)) for row in rows if row.designated]
+    opened: list[tuple[datetime, int, _KeyRow, datetime | None]] = []
+    pending: list[tuple[datetime, _KeyRow]] = []
+    for row, not_before, not_after in designated:
+        start = _start(row, not_before)
+        if _cancelled(row, start):
+            continue
+        if not_before is None or not_before <= now:
+            opened.append((start, row.rowid, row, not_after))
+        elif row.revoked_at is None:
+            pending.append((not_before, row))
+    later = ""
+    if pending:
+        when, staged = min(pending, key=lambda item: item[0])
+        later = f"; the staged key {staged.keyid} takes over at {iso(when)}"
+    if not opened and not pending:
         raise KeyMaterialError("no active proof signing key", hint="run `agov keys generate`")
-    opened = [
-        (not_before or _time_or_min(row["created_at"]), order, row, not_after)
-        for order, (row, not_before, not_after) in enumerate(candidates)
-        if not_before is None or not_before <= now
-    ]
     if not opened:
-        first = min(candidates, key=lambda c: c[1] or now)[0]
         raise KeyMaterialError(
-            f"the active proof signing key {first['keyid']} is not valid before {first['not_before']}",
-            hint="wait until then, or run `agov keys generate` for a key valid now",
+            f"no proof signing key may sign yet{later}",
+            hint="wait until then, or run `agov keys generate` for a key that signs now (the staged"
+            " key still takes over at its time; `agov keys revoke` cancels it)",
         )
     _, _, row, not_after = max(opened, key=lambda item: (item[0], item[1]))
+    if row.revoked_at is not None:
+        raise KeyMaterialError(
+            f"the proof signing key {row.keyid} was revoked at {row.revoked_at}{later}",
+            hint="run `agov keys generate` for a key that signs now",
+        )
     if not_after is not None and now > not_after:
         raise KeyMaterialError(
-            f"the active proof signing key {row['keyid']} stopped being valid at {row['not_after']}",
-            hint="run `agov keys generate` for a new key",
+            f"the active proof signing key {row.keyid} stopped being valid at {row.not_after}{later}",
+            hint="run `agov keys generate` for a key that signs now",
         )
     return row
-
-
-def _time_or_min(text: Any) -> datetime:
-    """A creation time as agov writes it, or the earliest time for one it did not write."""
-    try:
-        when = parse_iso(text)
-    except (TypeError, ValueError):
-        return _EARLIEST
-    return when if when is not None and when.utcoffset() is not None else _EARLIEST
-
-
-_EARLIEST = datetime.min.replace(tzinfo=UTC)
 
 
 def generate(
@@ -187,12 +268,9 @@ def generate(
     try:
         with store.transaction() as tx:
             if not staged:  # it signs from now on; keys staged for later stay staged
-                retired = [
-                    (row["keyid"],)
-                    for row in tx.execute("SELECT * FROM signing_keys WHERE active = 1").fetchall()
-                    if not _staged(row, now)
-                ]
-                tx.executemany("UPDATE signing_keys SET active = 0 WHERE keyid = ?", retired)
+                designated = _read(tx.execute(f"{_KEY_ROWS} WHERE active = 1").fetchall())
+                retired = [(row.rowid,) for row in designated if not _pending(row, now)]
+                tx.executemany("UPDATE signing_keys SET active = 0 WHERE rowid = ?", retired)
             tx.execute(
                 "INSERT INTO signing_keys (keyid, alg, created_at, not_before, not_after, active)"
                 " VALUES (?, ?, ?, ?, ?, 1)",
@@ -220,12 +298,13 @@ def get(store: Store, keyid: str, now: datetime | None = None) -> KeyState:
 
 def list_keys(store: Store, now: datetime | None = None) -> list[KeyState]:
     """Every key, with its state at ``now`` (default: the current time)."""
-    rows = store.query("SELECT * FROM signing_keys ORDER BY created_at, rowid")
-    return _states(rows, now or utcnow())
+    return _states(_read(store.query(f"{_KEY_ROWS} ORDER BY rowid")), now or utcnow())
 
 
 def revoke(store: Store, keyid: str, *, reason: str, actor: str, now: datetime | None = None) -> KeyState:
-    """Revoke a key from ``now`` on: proofs it signed stop admitting agents at once.
+    """Revoke a key from ``now`` on: proofs it signed stop admitting agents at once. A revoked
+    key keeps its place among the signers, so no older key signs in its stead; a staged key
+    revoked before its window opens never takes over.
 
     Raises:
         NotFoundError: no such key.
@@ -237,7 +316,7 @@ def revoke(store: Store, keyid: str, *, reason: str, actor: str, now: datetime |
         raise UsageError(f"key {keyid} was already revoked at {state.revoked_at}")
     with store.transaction() as tx:
         tx.execute(
-            "UPDATE signing_keys SET revoked_at = ?, revoke_reason = ?, active = 0 WHERE keyid = ?",
+            "UPDATE signing_keys SET revoked_at = ?, revoke_reason = ? WHERE keyid = ?",
             (iso(now), reason, keyid),
         )
         tx.audit(Code.KEY_REVOKED, actor=actor, now=now, payload={"keyid": keyid, "reason": reason})
@@ -248,10 +327,9 @@ def active_signer(store: Store, keys_dir: Path, now: datetime | None = None) -> 
     """The key new proofs are signed with at ``now`` (default: the current time).
 
     Raises:
-        KeyMaterialError: there is no active, unrevoked key whose window has opened, the signer's
-            window has closed (admission would refuse every proof it signs), or its file is
-            missing.
+        KeyMaterialError: no key may sign now (none is designated, the one whose turn it is was
+            revoked or its window has closed, or the next one's window has not opened yet), a
+            window agov did not write, or the key's file is missing.
     """
-    rows = store.query("SELECT * FROM signing_keys WHERE active = 1 AND revoked_at IS NULL ORDER BY rowid")
-    row = _signer_row(rows, now or utcnow())
-    return keys.load_signer(keys_dir, row["keyid"])
+    rows = _read(store.query(f"{_KEY_ROWS} WHERE active = 1 ORDER BY rowid"))
+    return keys.load_signer(keys_dir, _signer_row(rows, now or utcnow()).keyid)

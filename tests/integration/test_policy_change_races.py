@@ -157,13 +157,15 @@ def test_a_reload_with_no_key_that_may_sign_is_refused_before_anything_changes(
 ) -> None:
     create_governed(engine, COOL, temperature=0.3)
     p1 = engine.active_policy().hash
-    engine.generate_key(alg="ed25519", actor=ACTOR, not_before=engine.clock() + timedelta(days=1))
+    now = engine.clock()
+    engine.generate_key(alg="ed25519", actor=ACTOR, not_after=now + timedelta(hours=1))
+    engine.clock = lambda: now + timedelta(hours=2)  # the new signer's window has closed
     runs = engine.store.query("SELECT * FROM revalidation_runs")
     versions = engine.store.query("SELECT * FROM policy_versions")
     seq = engine.store.audit_events()[-1].seq
 
     edit_data(home, set_analysis_limit(0.4))
-    with pytest.raises(KeyMaterialError, match="is not valid before"):
+    with pytest.raises(KeyMaterialError, match="stopped being valid at"):
         engine.reload_policy(actor=ACTOR, reason="P2 without a key")
 
     assert engine.active_policy().hash == p1
@@ -172,7 +174,7 @@ def test_a_reload_with_no_key_that_may_sign_is_refused_before_anything_changes(
     # not even recorded as a version a rollback could later activate
     assert engine.store.query("SELECT * FROM policy_versions") == versions
     (refused,) = engine.store.audit_events(after_seq=seq)
-    assert refused.type == "POLICY_RELOAD_REFUSED" and "is not valid before" in refused.payload["error"]
+    assert refused.type == "POLICY_RELOAD_REFUSED" and "stopped being valid at" in refused.payload["error"]
     assert engine.admit(COOL).allow
 
 

@@ -174,4 +174,24 @@ def test_a_configmap_volume_update_reloads(tmp_path: Path) -> None:
         assert seen.wait(SETTLE_S), "the swap of ..data reloads"
     finally:
         watcher.stop()
-    assert (policies / "agov" / "x" / "x.rego").read_text() == "package agov.x\n\ny := 1\n"
+
+
+def test_a_volume_swap_inside_a_hidden_directory_does_not_reload(tmp_path: Path) -> None:
+    policies = tmp_path / "policies"
+    hidden = policies / ".cache"
+    hidden.mkdir(parents=True)
+    configmap_volume(hidden, {"x.json": "{}\n"}, "2026_11_22_14_00_00.1")
+
+    def swap() -> None:
+        configmap_volume(hidden, {"x.json": '{"edited": true}\n'}, "2026_11_22_14_05_00.2")
+
+    fired: list[float] = []
+    watcher = PolicyWatcher(policies, lambda: fired.append(time.monotonic()), debounce_s=0.05)
+    watcher.start()
+    try:
+        time.sleep(0.2)
+        swap()
+        time.sleep(SETTLE_S)
+    finally:
+        watcher.stop()
+    assert fired == []

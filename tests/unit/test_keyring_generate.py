@@ -85,7 +85,30 @@ def test_a_window_agov_did_not_write_is_listed_and_signs_nothing(store: Store, t
         tx.execute("UPDATE signing_keys SET not_before = '2026-11-22 12:00' WHERE keyid = ?", (key.keyid,))
 
     assert [(k.keyid, k.state, k.active) for k in keyring.list_keys(store, NOW)] == [
-        (key.keyid, "verifying", False)
+        (key.keyid, "invalid", False)
     ]
     with pytest.raises(KeyMaterialError, match="validity window agov did not write"):
         keyring.active_signer(store, keys_dir, NOW)
+
+
+def test_a_key_row_with_text_that_is_not_utf8_is_listed_and_a_new_key_replaces_it(
+    store: Store, tmp_path: Path
+) -> None:
+    """Found by review: reading whole rows as text made `keys list` and `keys generate`, the way
+    out the error names, fail on such a row."""
+    keys_dir = tmp_path / "keys"
+    key = keyring.generate(store, keys_dir, actor="ops", now=NOW)
+    with store.transaction() as tx:
+        tx.execute("UPDATE signing_keys SET not_after = CAST(X'ff20' AS TEXT) WHERE keyid = ?", (key.keyid,))
+
+    assert [(k.keyid, k.state) for k in keyring.list_keys(store, NOW)] == [(key.keyid, "invalid")]
+    with pytest.raises(KeyMaterialError, match="validity window agov did not write"):
+        keyring.active_signer(store, keys_dir, NOW)
+
+    new = keyring.generate(store, keys_dir, actor="ops", now=NOW)
+
+    assert keyring.active_signer(store, keys_dir, NOW).keyid == new.keyid
+    assert [(k.keyid, k.state) for k in keyring.list_keys(store, NOW)] == [
+        (key.keyid, "invalid"),
+        (new.keyid, "signing"),
+    ]
