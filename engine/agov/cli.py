@@ -807,9 +807,8 @@ def keys_generate(ctx: Ctx, alg: str, not_before: str | None, not_after: str | N
         )
         staged = [k for k in engine.list_keys() if k.state == "staged" and k.keyid != state.keyid]
     when = f"staged: it signs from {state.not_before} on" if state.state == "staged" else state.state
-    if state.state == "signing" and staged:
-        first = min(staged, key=lambda k: k.not_before or "")
-        when += f"; the staged key {first.keyid[:16]} takes over at {first.not_before}"
+    if state.state == "signing":
+        when += "".join(f"; the staged key {k.keyid} takes over at {k.not_before}" for k in staged)
     emit(ctx, state.as_dict(), f"generated {alg} key {state.keyid} ({when})")
 
 

@@ -10,6 +10,7 @@ among them that took over last, and if it was revoked or has expired, none signs
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +21,7 @@ from agov.decisions import Code
 from agov.errors import KeyMaterialError, NotFoundError, UsageError
 from agov.proofs import ProofSigner
 from agov.store import Store
-from agov.store.sqlite import blob_text, iso, parse_iso, utcnow
+from agov.store.sqlite import Tx, blob_text, iso, parse_iso, utcnow
 
 ALGORITHMS = ("ed25519", "hmac-sha256")
 
@@ -104,7 +105,7 @@ def _state(row: _KeyRow, now: datetime, signing: bool) -> KeyState:
         state = "signing"
     else:
         try:
-            not_before, not_after = _window(row)
+            not_before, not_after = _window(_checked(row))
         except KeyMaterialError:
             state = "invalid"
         else:
@@ -115,16 +116,41 @@ def _state(row: _KeyRow, now: datetime, signing: bool) -> KeyState:
             else:
                 state = "verifying"
     return KeyState(
-        row.keyid,
-        row.alg,
-        row.created_at,
-        row.not_before,
-        row.not_after,
-        row.revoked_at,
-        row.revoke_reason,
+        _shown(row.keyid),
+        _shown(row.alg),
+        _shown(row.created_at),
+        _shown(row.not_before),
+        _shown(row.not_after),
+        _shown(row.revoked_at),
+        _shown(row.revoke_reason),
         signing,
         state,
     )
+
+
+def _checked(row: _KeyRow) -> _KeyRow:
+    """The row, if its key id and algorithm are ones agov writes.
+
+    Raises:
+        KeyMaterialError: they are not.
+    """
+    if not (isinstance(row.keyid, str) and _KEYID.fullmatch(row.keyid) and row.alg in ALGORITHMS):
+        raise KeyMaterialError(
+            f"a proof signing key row has a key id or algorithm agov did not write ({_shown(row.keyid)!r},"
+            f" {_shown(row.alg)!r}): agov.db was changed outside agov",
+            hint="run `agov keys generate` for a new key, and find out who edited agov.db",
+        )
+    return row
+
+
+_KEYID = re.compile(r"[0-9a-f]{64}")
+
+
+def _shown(value: Any) -> Any:
+    """Text read from the store, printable: bytes that were not UTF-8 as backslash escapes."""
+    if not isinstance(value, str):
+        return value
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _window(row: _KeyRow) -> tuple[datetime | None, datetime | None]:
@@ -137,8 +163,8 @@ def _window(row: _KeyRow) -> tuple[datetime | None, datetime | None]:
         not_before, not_after = _aware(row.not_before), _aware(row.not_after)
     except ValueError:
         raise KeyMaterialError(
-            f"the proof signing key {row.keyid} has a validity window agov did not write"
-            f" ({row.not_before!r} to {row.not_after!r}): agov.db was changed outside agov",
+            f"the proof signing key {_shown(row.keyid)} has a validity window agov did not write"
+            f" ({_shown(row.not_before)!r} to {_shown(row.not_after)!r}): agov.db was changed outside agov",
             hint="run `agov keys generate` for a new key, and find out who edited agov.db",
         ) from None
     return not_before, not_after
@@ -152,11 +178,13 @@ def _aware(text: str | None) -> datetime | None:
     """
     try:
         when = parse_iso(text)
-    except TypeError:
+        if when is None:
+            return None
+        if when.utcoffset() is None:
+            raise ValueError(text)
+        return when.astimezone(UTC)
+    except (TypeError, OverflowError):  # not text; a time with no UTC form (past year 9999)
         raise ValueError(text) from None
-    if when is not None and when.utcoffset() is None:
-        raise ValueError(text)
-    return when
 
 
 def _start(row: _KeyRow, not_before: datetime | None) -> datetime:
@@ -170,15 +198,6 @@ def _start(row: _KeyRow, not_before: datetime | None) -> datetime:
 
 
 _EARLIEST = datetime.min.replace(tzinfo=UTC)
-
-
-def _cancelled(row: _KeyRow, start: datetime) -> bool:
-    """A staged key revoked before its window opened: it never signs, and never takes over."""
-    try:
-        revoked = _aware(row.revoked_at)
-    except ValueError:
-        return False  # revoked at a time agov did not write: it still takes over, and signs nothing
-    return revoked is not None and revoked < start
 
 
 def _pending(row: _KeyRow, now: datetime) -> bool:
@@ -196,24 +215,20 @@ def _signer_row(rows: list[_KeyRow], now: datetime) -> _KeyRow:
     key never signs again in its place.
 
     Raises:
-        KeyMaterialError: no key may sign now, or a designated key has a window agov did not
-            write.
+        KeyMaterialError: no key may sign now, or a designated key's row is not one agov wrote.
     """
-    designated = [(row, *_window(row)) for row in rows if row.designated]
+    designated = [(_checked(row), *_window(row)) for row in rows if row.designated]
     opened: list[tuple[datetime, int, _KeyRow, datetime | None]] = []
     pending: list[tuple[datetime, _KeyRow]] = []
     for row, not_before, not_after in designated:
-        start = _start(row, not_before)
-        if _cancelled(row, start):
-            continue
         if not_before is None or not_before <= now:
-            opened.append((start, row.rowid, row, not_after))
+            opened.append((_start(row, not_before), row.rowid, row, not_after))
         elif row.revoked_at is None:
             pending.append((not_before, row))
     later = ""
     if pending:
-        when, staged = min(pending, key=lambda item: item[0])
-        later = f"; the staged key {staged.keyid} takes over at {iso(when)}"
+        staged = min(pending, key=lambda item: item[0])[1]
+        later = f"; the staged key {staged.keyid} takes over at {staged.not_before}"
     if not opened and not pending:
         raise KeyMaterialError("no active proof signing key", hint="run `agov keys generate`")
     if not opened:
@@ -303,8 +318,8 @@ def list_keys(store: Store, now: datetime | None = None) -> list[KeyState]:
 
 def revoke(store: Store, keyid: str, *, reason: str, actor: str, now: datetime | None = None) -> KeyState:
     """Revoke a key from ``now`` on: proofs it signed stop admitting agents at once. A revoked
-    key keeps its place among the signers, so no older key signs in its stead; a staged key
-    revoked before its window opens never takes over.
+    key keeps its turn as signer, so no older key signs in its stead; a staged key revoked before
+    its window opens is retired, and never takes over.
 
     Raises:
         NotFoundError: no such key.
@@ -315,12 +330,31 @@ def revoke(store: Store, keyid: str, *, reason: str, actor: str, now: datetime |
     if state.revoked_at:
         raise UsageError(f"key {keyid} was already revoked at {state.revoked_at}")
     with store.transaction() as tx:
-        tx.execute(
-            "UPDATE signing_keys SET revoked_at = ?, revoke_reason = ? WHERE keyid = ?",
-            (iso(now), reason, keyid),
-        )
-        tx.audit(Code.KEY_REVOKED, actor=actor, now=now, payload={"keyid": keyid, "reason": reason})
+        (row,) = _read(tx.execute(f"{_KEY_ROWS} WHERE keyid = ?", (keyid,)).fetchall())
+        cancelled = row.designated and _pending(row, now)  # staged, not yet signing: never will
+        revoked = tx.execute(
+            "UPDATE signing_keys SET revoked_at = ?, revoke_reason = ?,"
+            " active = CASE WHEN ? THEN 0 ELSE active END WHERE keyid = ? AND revoked_at IS NULL",
+            (iso(now), reason, cancelled, keyid),
+        ).rowcount
+        if revoked != 1:
+            raise UsageError(f"key {keyid} was revoked meanwhile", hint="`agov keys list` shows when")
+        payload: dict[str, Any] = {"keyid": keyid, "reason": reason}
+        if cancelled:
+            payload["cancelled_staged"] = True
+        tx.audit(Code.KEY_REVOKED, actor=actor, now=now, payload=payload)
     return get(store, keyid, now)
+
+
+def signer_keyid(tx: Tx, now: datetime) -> str:
+    """The id of the key that signs at ``now``, read in ``tx``.
+
+    Raises:
+        KeyMaterialError: no key may sign now (as active_signer).
+    """
+    return _signer_row(
+        _read(tx.execute(f"{_KEY_ROWS} WHERE active = 1 ORDER BY rowid").fetchall()), now
+    ).keyid
 
 
 def active_signer(store: Store, keys_dir: Path, now: datetime | None = None) -> ProofSigner:

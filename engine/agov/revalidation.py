@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from agov import keyring
 from agov.config import MAX_SPEC_BYTES, Config
 from agov.decisions import Code, PolicyVerdict, Reason, Status, parse_verdict
 from agov.errors import AgovError, ConflictError, DecisionError, InfrastructureError, KeyMaterialError
@@ -560,6 +561,9 @@ def _audit_org_change(
     )
 
 
+_SIGNER_CHANGES = 3  # a key taking over is rare: more in one chunk means something is wrong
+
+
 def revalidate(
     store: Store,
     config: Config,
@@ -606,18 +610,30 @@ def revalidate(
         else:
             assert signer is not None and report.run_id is not None
             try:
-                _apply(
-                    store,
-                    report,
-                    rows,
-                    verdicts,
-                    signer,
-                    vouching.seal,
-                    decision_id,
-                    org_canonical,
-                    policy_hash,
-                    now,
-                )
+                for attempt in range(_SIGNER_CHANGES):
+                    try:
+                        _apply(
+                            store,
+                            report,
+                            rows,
+                            verdicts,
+                            signer,
+                            vouching.seal,
+                            decision_id,
+                            org_canonical,
+                            policy_hash,
+                            now,
+                            now_fn,
+                        )
+                        break
+                    except _SignerChanged as changed:
+                        if attempt == _SIGNER_CHANGES - 1:
+                            raise KeyMaterialError(
+                                f"the proof signing key changed {_SIGNER_CHANGES} times during one chunk"
+                                f" (now {changed}); the revalidation is stopped",
+                                hint="run `agov revalidate` again",
+                            ) from None
+                        signer = signer_loader()  # the key that took over signs the rest
             except KeyMaterialError as exc:
                 # the proofs this run signed so far carry a key that may no longer sign: the run
                 # starts again from the first agent when it is resumed, so it re-signs them too
@@ -641,7 +657,7 @@ def _finish(
     """Close the run, if it is still this process's to close: another process may have
     restarted it (other org limits) or closed it (another policy) after its last chunk."""
     with store.transaction() as tx:
-        _still_current(tx, report.run_id, policy_hash, org, signer.keyid, now)
+        _still_current(tx, report.run_id, policy_hash, org, signer.keyid, now, signing=False)
         tx.execute("UPDATE revalidation_runs SET finished_at = ? WHERE id = ?", (iso(now), report.run_id))
         tx.audit(
             Code.POLICY_REVALIDATION,
@@ -713,11 +729,18 @@ def _apply(
     org_canonical: bytes,
     policy_hash: str,
     now: datetime,
+    clock: Callable[[], datetime],
 ) -> None:
-    """Sign, transition and commit one chunk, with the run's cursor, in one transaction."""
-    stamp = iso(now)
+    """Sign, transition and commit one chunk, with the run's cursor, in one transaction. ``now``
+    is when the chunk was judged; the key is checked, and the proofs issued, at the time of the
+    commit (under the write lock): another key may have taken over since, and a key's proofs
+    must not be issued before its window opened."""
     with store.transaction() as tx:
-        _still_current(tx, report.run_id, policy_hash, org_digest(org_canonical), signer.keyid, now)
+        now = max(now, clock())
+        stamp = iso(now)
+        _still_current(
+            tx, report.run_id, policy_hash, org_digest(org_canonical), signer.keyid, now, signing=True
+        )
         # Agents another writer changed since the chunk was read are skipped: that write (an
         # update, or a promotion under this same policy) judged them itself. Under BEGIN
         # IMMEDIATE nothing changes them now.
@@ -837,17 +860,26 @@ def _restart(store: Store, run_id: int, policy_hash: str, cause: KeyMaterialErro
         )
 
 
-def _still_current(tx: Tx, run_id: int | None, policy_hash: str, org: str, keyid: str, now: datetime) -> None:
+class _SignerChanged(Exception):
+    """Another key took over as signer during the run (a staged key's window opened, or a key
+    was generated): the run goes on with that key. Never leaves this module."""
+
+
+def _still_current(
+    tx: Tx, run_id: int | None, policy_hash: str, org: str, keyid: str, now: datetime, *, signing: bool
+) -> None:
     """Stop a run whose policy is no longer active (another process activated one, and closed
     this run): its proofs would be bound to a policy that no longer decides anything, and they
     could overwrite what the new policy's own run already judged. Stop it too when its signing
     key was revoked or left its validity window since the run began: admission would refuse
-    every proof it signs from then on.
+    every proof it signs from then on. Before ``signing``, the run's key must also still be the
+    one whose turn it is.
 
     Raises:
         ConflictError: the active policy changed, or the run was closed, or restarted by another
             process judging with other org limits, during the run.
-        KeyMaterialError: the signing key may no longer sign.
+        KeyMaterialError: the signing key may no longer sign, or no key may sign now.
+        _SignerChanged: another key signs now.
     """
     key = tx.execute("SELECT revoked_at, not_after FROM signing_keys WHERE keyid = ?", (keyid,)).fetchone()
     try:
@@ -857,8 +889,17 @@ def _still_current(tx: Tx, run_id: int | None, policy_hash: str, org: str, keyid
     if key is None or key[0] is not None or expired:
         raise KeyMaterialError(
             f"proof signing key {keyid} was revoked or expired during the revalidation; it is stopped",
-            hint="run `agov keys generate` if no other key is active, then `agov revalidate`",
+            hint="run `agov keys list`; if no key is signing, run `agov keys generate`, then `agov revalidate`",
         )
+    if signing:
+        try:
+            current = keyring.signer_keyid(tx, now)
+        except KeyMaterialError as exc:
+            raise KeyMaterialError(
+                f"the revalidation is stopped: {exc.message}", hint=exc.hint or "run `agov keys list`"
+            ) from exc
+        if current != keyid:
+            raise _SignerChanged(current)
     active = tx.execute("SELECT hash FROM policy_versions WHERE active = 1").fetchone()
     run = tx.execute(
         "SELECT finished_at, org_digest FROM revalidation_runs WHERE id = ?", (run_id,)

@@ -232,3 +232,74 @@ def test_a_key_revoked_during_a_run_stops_it_and_its_resumption_re_signs_everyon
             )["keyid"]
             assert keyid != first_key
             assert engine.admit(agent_id).allow
+
+
+RUN = ("run-a", "run-b", "run-c", "run-d", "run-e")
+
+
+def _chunked(home: Path) -> tuple[Engine, list[datetime]]:
+    """An engine judging one agent per chunk, with RUN governed and a clock the test moves."""
+    engine = Engine.init(home, Config(limits=Limits(revalidation_chunk_size=1)), actor=ACTOR)
+    clock = [engine.clock()]
+    engine.clock = lambda: clock[0]
+    for agent_id in RUN:
+        create_governed(engine, agent_id)
+    return engine, clock
+
+
+def test_a_key_that_takes_over_during_a_run_signs_the_rest_of_it(tmp_path: Path, opa_bin: Path) -> None:
+    engine, clock = _chunked(tmp_path / "ws")
+    with engine:
+        (old,) = [k.keyid for k in engine.list_keys() if k.active]
+        opens = clock[0] + timedelta(hours=1)
+        staged = engine.generate_key(alg="ed25519", actor=ACTOR, not_before=opens)
+
+        def open_the_window(done: int) -> None:
+            clock[0] = opens + timedelta(minutes=1)
+
+        report = engine.revalidate(progress=open_the_window)
+
+        assert (report.total, report.valid) == (len(RUN), len(RUN))
+        signers = [_signed_by(engine, agent_id) for agent_id in RUN]
+        assert signers[0] == old and signers[-1] == staged.keyid, signers
+        assert signers == sorted(signers, key=[old, staged.keyid].index), (
+            "never the old key after the new one"
+        )
+        for agent_id in RUN:
+            assert engine.admit(agent_id).allow
+
+
+def test_a_run_stops_when_the_key_that_took_over_is_revoked_and_the_old_one_signs_no_more(
+    tmp_path: Path, opa_bin: Path
+) -> None:
+    """Found by review: the run went on signing with the key it started with."""
+    home = tmp_path / "ws"
+    engine, clock = _chunked(home)
+    with engine:
+        (old,) = [k.keyid for k in engine.list_keys() if k.active]
+        opens = clock[0] + timedelta(hours=1)
+        staged = engine.generate_key(alg="ed25519", actor=ACTOR, not_before=opens)
+        seq: list[int] = []
+
+        def take_over_then_revoke(done: int) -> None:
+            if seq:
+                return
+            clock[0] = opens + timedelta(minutes=1)
+            with Engine.open(home) as other:  # another process revokes the key that took over
+                other.clock = lambda: clock[0]
+                other.revoke_key(staged.keyid, reason="leaked", actor="other")
+            seq.append(engine.store.audit_events()[-1].seq)
+
+        with pytest.raises(
+            KeyMaterialError, match=f"was revoked at .*{staged.keyid}|{staged.keyid}.*was revoked"
+        ):
+            engine.revalidate(progress=take_over_then_revoke)
+
+        renewed_after = [
+            e
+            for e in engine.store.audit_events(after_seq=seq[0])
+            if e.type in ("PROOFS_RENEWED", "PROMOTION_SUCCESS")
+        ]
+        assert renewed_after == [], "nothing signed after the revocation, by either key"
+        assert old in {_signed_by(engine, agent_id) for agent_id in RUN}
+        assert staged.keyid not in {_signed_by(engine, agent_id) for agent_id in RUN}

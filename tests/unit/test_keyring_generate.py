@@ -4,6 +4,7 @@ generate left an orphan private key in keys/)."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -112,3 +113,53 @@ def test_a_key_row_with_text_that_is_not_utf8_is_listed_and_a_new_key_replaces_i
         (key.keyid, "invalid"),
         (new.keyid, "signing"),
     ]
+
+
+def test_a_staged_time_with_no_utc_form_is_an_invalid_row_not_a_crash(store: Store, tmp_path: Path) -> None:
+    keys_dir = tmp_path / "keys"
+    key = keyring.generate(store, keys_dir, actor="ops", now=NOW)
+    staged = keyring.generate(store, keys_dir, actor="ops", not_before=NOW + timedelta(days=1), now=NOW)
+    with store.transaction() as tx:
+        tx.execute(
+            "UPDATE signing_keys SET not_before = '9999-12-31T23:00:00-12:00' WHERE keyid = ?",
+            (staged.keyid,),
+        )
+
+    assert [(k.keyid, k.state) for k in keyring.list_keys(store, NOW)] == [
+        (key.keyid, "verifying"),
+        (staged.keyid, "invalid"),
+    ]
+    with pytest.raises(KeyMaterialError, match="validity window agov did not write"):
+        keyring.active_signer(store, keys_dir, NOW)
+    new = keyring.generate(store, keys_dir, actor="ops", now=NOW)  # the way out the hint names
+    assert keyring.active_signer(store, keys_dir, NOW).keyid == new.keyid
+
+
+def test_keys_list_prints_text_that_is_not_utf8_escaped(store: Store, tmp_path: Path) -> None:
+    keys_dir = tmp_path / "keys"
+    key = keyring.generate(store, keys_dir, actor="ops", now=NOW)
+    with store.transaction() as tx:
+        tx.execute("UPDATE signing_keys SET revoked_at = CAST(X'ff' AS TEXT) WHERE keyid = ?", (key.keyid,))
+
+    (listed,) = keyring.list_keys(store, NOW)
+
+    assert (listed.state, listed.revoked_at) == ("revoked", "\\xff")
+    json.dumps(listed.as_dict()).encode("utf-8")  # printable as JSON and as text
+
+
+def test_revoking_a_staged_key_retires_it_and_a_second_revoke_is_refused(
+    store: Store, tmp_path: Path
+) -> None:
+    keys_dir = tmp_path / "keys"
+    key = keyring.generate(store, keys_dir, actor="ops", now=NOW)
+    staged = keyring.generate(store, keys_dir, actor="ops", not_before=NOW + timedelta(days=1), now=NOW)
+
+    keyring.revoke(store, staged.keyid, reason="called off", actor="ops", now=NOW)
+
+    row = store.query_one("SELECT active FROM signing_keys WHERE keyid = ?", (staged.keyid,))
+    assert row["active"] == 0, "retired: it never takes over, whatever the clocks say later"
+    assert keyring.active_signer(store, keys_dir, NOW + timedelta(days=2)).keyid == key.keyid
+    (event,) = [e for e in store.audit_events() if e.type == "KEY_REVOKED"]
+    assert event.payload == {"keyid": staged.keyid, "reason": "called off", "cancelled_staged": True}
+    with pytest.raises(UsageError, match="already revoked"):
+        keyring.revoke(store, staged.keyid, reason="again", actor="ops", now=NOW)

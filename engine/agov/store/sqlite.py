@@ -28,7 +28,7 @@ from agov.hashing import canonical_json, sha256_hex
 
 _log = logging.getLogger("agov.store")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 GENESIS_HASH = "0" * 64
 
 # Each entry migrates from version i to i + 1; the list only ever grows.
@@ -130,6 +130,11 @@ _MIGRATIONS: list[str] = [
     # revalidation verifies those in full before it renews them
     """
     ALTER TABLE agent_proofs ADD COLUMN seal TEXT;
+    """,
+    # signing_keys.active now marks every key that takes its turn as signer (staged keys too):
+    # the version makes an agov from before, which reads it as "the one signer", refuse the store
+    """
+    CREATE INDEX IF NOT EXISTS signing_keys_active ON signing_keys(active);
     """,
 ]
 
