@@ -69,8 +69,9 @@ class _KeyRow:
     revoked_at: str | None
     revoke_reason: str | None
     designated: bool
-    """``active`` in the store: the key signs from its window's opening until a key whose window
-    opened later takes over (revoked or not), or until a key generated for now retires it."""
+    """``active`` in the store: the key takes its turn as signer when its window opens, and
+    keeps it until a key takes over after it (revoked or not) or a key generated for now, or its
+    own revocation while still staged, retires it."""
 
 
 def _read(rows: list[Any]) -> list[_KeyRow]:
