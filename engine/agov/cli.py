@@ -12,6 +12,7 @@ import functools
 import getpass
 import json
 import os
+import select
 import signal
 import sys
 from collections.abc import Callable
@@ -137,14 +138,28 @@ def common(func: F) -> F:
             raise
         except click.ClickException:
             raise
-        except BrokenPipeError:
-            _stdout_closed()
+        except BrokenPipeError as exc:
+            if _stdout_reader_gone():
+                _stdout_closed()
+            fail(exc, as_json)  # another pipe or socket broke: an error to report, not a quiet stop
         except KeyboardInterrupt:
             _interrupted(as_json)
         except (AgovError, Exception) as exc:
             fail(exc, as_json)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _stdout_reader_gone() -> bool:
+    """Standard output is a pipe whose reader has closed it (the kernel reports an error
+    condition on the write end)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file: a test runner's buffer
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
 
 
 def _stdout_closed() -> NoReturn:
