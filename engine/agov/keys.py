@@ -164,6 +164,12 @@ def _read(path: Path, *, private: bool) -> bytes:
         # O_NONBLOCK so that a FIFO planted at the path cannot hang the open
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError as exc:
+        if path.is_symlink():
+            raise KeyMaterialError(
+                f"key file {path} is a symbolic link to {os.readlink(path)}, which does not exist",
+                hint="restore the file it points to (from your backup of keys/), or replace the link with"
+                " the key file",
+            ) from exc
         raise KeyMaterialError(f"key file {path} does not exist", hint=_GENERATE_HINT) from exc
     except OSError as exc:
         raise KeyMaterialError(
@@ -197,6 +203,12 @@ def _read(path: Path, *, private: bool) -> bytes:
         os.close(fd)
 
 
+def _present(path: Path) -> bool:
+    """Something is at ``path``, a symbolic link that points nowhere included: such a link is a
+    key file gone missing (reported when it is read), never a free name to write a new key to."""
+    return os.path.lexists(path)
+
+
 def _check_keyid(keyid: str) -> None:
     # key ids become file names: only the exact hex form, so no path can be smuggled in
     if not isinstance(keyid, str) or not _KEYID.fullmatch(keyid):
@@ -211,7 +223,7 @@ def _find_private(keys_dir: Path, keyid: str) -> tuple[Alg, Path]:
     found = [
         (alg, keys_dir / f"{keyid}{suffix}")
         for alg, suffix in _SUFFIX.items()
-        if (keys_dir / f"{keyid}{suffix}").exists()
+        if _present(keys_dir / f"{keyid}{suffix}")
     ]
     if not found:
         raise KeyMaterialError(
@@ -361,7 +373,7 @@ def load_trusted_key(
     """
     _check_keyid(keyid)
     pub_path = keys_dir / f"{keyid}.ed25519.pub"
-    if pub_path.exists():
+    if _present(pub_path):
         data = _read(pub_path, private=False)
         try:
             public = load_pem_public_key(data)
@@ -458,7 +470,7 @@ def ensure_bundle_signing_key(keys_dir: Path) -> BundleKey:
     key_path = keys_dir / BUNDLE_KEY_NAME
     pub_path = keys_dir / BUNDLE_PUB_NAME
     _ensure_dir(keys_dir)
-    if key_path.exists():
+    if _present(key_path):
         data = _read(key_path, private=True)
         try:
             private = load_pem_private_key(data, password=None)
@@ -473,7 +485,7 @@ def ensure_bundle_signing_key(keys_dir: Path) -> BundleKey:
                 f"key file {key_path} is not an EC P-256 key, which ES256 needs",
                 hint=f"remove {key_path} and {pub_path} to generate a new pair",
             )
-    elif pub_path.exists():
+    elif _present(pub_path):
         raise KeyMaterialError(
             f"bundle public key {pub_path} exists but its private key {key_path} is missing",
             hint="restore the private key, or remove the public key to start a new pair "
@@ -484,7 +496,7 @@ def ensure_bundle_signing_key(keys_dir: Path) -> BundleKey:
         _write_atomic(key_path, _pkcs8(private), 0o600)
     public = private.public_key()
     der = public.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    if pub_path.exists():
+    if _present(pub_path):
         data = _read(pub_path, private=False)
         try:
             on_disk = load_pem_public_key(data).public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
@@ -518,7 +530,7 @@ def ensure_proof_seal(keys_dir: Path, *, create: bool = True) -> ProofSeal:
             at least 32 bytes.
     """
     path = keys_dir / PROOF_SEAL_KEY_NAME
-    if not path.exists():
+    if not _present(path):
         if not create:
             return ProofSeal(secrets.token_bytes(32))
         _ensure_dir(keys_dir)

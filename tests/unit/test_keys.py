@@ -519,3 +519,57 @@ def test_a_seal_covers_every_column_and_the_key() -> None:
     with pytest.raises(KeyMaterialError, match="at least 32 bytes"):
         proofs.ProofSeal(b"k" * 31)
     assert "k" * 8 not in repr(seal)
+
+
+# A key file that is a symbolic link pointing nowhere (a backup restored elsewhere, a secret
+# mount gone) is a missing key to name as such, never a free name: before, the bundle and seal
+# keys were generated anew at such a name, and a proof key was reported as "no key" at all.
+
+
+def _dangle(path: Path) -> str:
+    target = str(path.parent / "gone" / path.name)
+    os.symlink(target, path)
+    return target
+
+
+def _assert_names_the_link(exc: pytest.ExceptionInfo[KeyMaterialError], path: Path, target: str) -> None:
+    assert f"key file {path} is a symbolic link to {target}, which does not exist" in exc.value.message
+    assert "restore the file it points to" in exc.value.hint
+    assert os.readlink(path) == target, "the link is left as it was"
+
+
+def test_a_dangling_proof_key_link_is_named(tmp_path: Path) -> None:
+    info = keys.generate_proof_key(tmp_path)
+    assert info.private_key_path is not None and info.public_key_path is not None
+    info.private_key_path.unlink()
+    target = _dangle(info.private_key_path)
+
+    with pytest.raises(KeyMaterialError) as exc:
+        keys.load_signer(tmp_path, info.keyid)
+    _assert_names_the_link(exc, info.private_key_path, target)
+
+    info.public_key_path.unlink()
+    public_target = _dangle(info.public_key_path)
+    with pytest.raises(KeyMaterialError) as exc:
+        keys.load_trusted_key(tmp_path, info.keyid)
+    _assert_names_the_link(exc, info.public_key_path, public_target)
+
+
+@pytest.mark.parametrize("name", [keys.BUNDLE_KEY_NAME, keys.BUNDLE_PUB_NAME, keys.PROOF_SEAL_KEY_NAME])
+def test_a_dangling_bundle_or_seal_key_link_is_not_replaced_by_a_new_key(tmp_path: Path, name: str) -> None:
+    tmp_path.chmod(0o700)
+    link = tmp_path / name
+    target = _dangle(link)
+
+    with pytest.raises(KeyMaterialError) as exc:
+        if name == keys.PROOF_SEAL_KEY_NAME:
+            keys.ensure_proof_seal(tmp_path)
+        else:
+            keys.ensure_bundle_signing_key(tmp_path)
+
+    if name == keys.BUNDLE_PUB_NAME:  # the private key is missing: that is said first
+        assert "exists but its private key" in exc.value.message
+        assert not (tmp_path / keys.BUNDLE_KEY_NAME).exists()
+    else:
+        _assert_names_the_link(exc, link, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name], "no key written"
