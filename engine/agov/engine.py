@@ -321,17 +321,18 @@ class Engine:
                 policy.require_active(self.store)
             return self._evaluator_for(policy_hash)
 
+        now = self.clock()  # the proof's issue time: its signer is the key whose turn it is then
         result = promotion.promote(
             self.store,
             self._judging_config,
             agent,
             evaluator,
-            lambda: keyring.active_signer(self.store, self.workspace.keys, self.clock()),
+            lambda: keyring.active_signer(self.store, self.workspace.keys, now),
             lambda: keys.ensure_proof_seal(self.workspace.keys),
             actor=actor,
             role=role,
             policy_hash=policy_hash,
-            now=self.clock(),
+            now=now,
         )
         self.metrics.decision_latency.labels("promotion").observe(time.perf_counter() - started)
         for reason in result.deny:

@@ -583,7 +583,8 @@ def revalidate(
     Raises:
         EngineUnavailableError, DecisionError: OPA could not evaluate a chunk; the run stops at
             its last committed chunk and the next call resumes from there.
-        KeyMaterialError: no active signing key (nothing is changed then).
+        KeyMaterialError: no key may sign (at the start: nothing is changed then; during the run:
+            it stops, and is resumed from the first agent), or the run's key was revoked.
     """
     report = RevalidationReport(policy_hash=policy_hash, dry_run=dry_run)
     org_canonical = canonical_json(asdict(config.org))
@@ -751,7 +752,8 @@ def _apply(
         for row in rows:
             if row.agent_id not in unchanged:
                 continue
-            verdict = verdicts[row.agent_id]
+            # judged earlier, issued now: a proof that expired in between is not renewed
+            verdict = _renewable(row, verdicts[row.agent_id], now)
             if verdict.allow:
                 target = ProofTarget(row.agent_id, row.version, row.spec_hash, row.row_version)
                 signed.append(
@@ -871,27 +873,26 @@ def _still_current(
     """Stop a run whose policy is no longer active (another process activated one, and closed
     this run): its proofs would be bound to a policy that no longer decides anything, and they
     could overwrite what the new policy's own run already judged. Stop it too when its signing
-    key was revoked or left its validity window since the run began: admission would refuse
-    every proof it signs from then on. Before ``signing``, the run's key must also still be the
-    one whose turn it is.
+    key was revoked since the run began: admission refuses every proof that key signed. Before
+    ``signing``, the run's key must also still be the one whose turn it is, inside its window.
+    (A key whose window closed after it signed leaves its proofs valid: they were issued inside
+    it.)
 
     Raises:
         ConflictError: the active policy changed, or the run was closed, or restarted by another
             process judging with other org limits, during the run.
-        KeyMaterialError: the signing key may no longer sign, or no key may sign now.
+        KeyMaterialError: the run's key was revoked, or no key may sign now.
         _SignerChanged: another key signs now.
     """
-    key = tx.execute("SELECT revoked_at, not_after FROM signing_keys WHERE keyid = ?", (keyid,)).fetchone()
-    try:
-        expired = key is not None and key[1] is not None and now > datetime.fromisoformat(key[1])
-    except (TypeError, ValueError):  # a time agov did not write: the key may not sign
-        expired = True
-    if key is None or key[0] is not None or expired:
+    key = tx.execute("SELECT revoked_at FROM signing_keys WHERE keyid = ?", (keyid,)).fetchone()
+    if key is None or key[0] is not None:
         raise KeyMaterialError(
-            f"proof signing key {keyid} was revoked or expired during the revalidation; it is stopped",
+            f"proof signing key {keyid} was revoked during the revalidation; it is stopped",
             hint="run `agov keys list`; if no key is signing, run `agov keys generate`, then `agov revalidate`",
         )
     if signing:
+        # a key that took over is asked about first: the run's own key may have reached the end
+        # of its window exactly when the next one opened, as a planned rotation has it
         try:
             current = keyring.signer_keyid(tx, now)
         except KeyMaterialError as exc:

@@ -207,7 +207,7 @@ def test_a_key_revoked_during_a_run_stops_it_and_its_resumption_re_signs_everyon
             with Engine.open(home) as other:  # another process revokes that key
                 other.revoke_key(first_key, reason="leaked", actor="other")
 
-        with pytest.raises(KeyMaterialError, match="revoked or expired during the revalidation"):
+        with pytest.raises(KeyMaterialError, match="was revoked during the revalidation"):
             engine.revalidate(progress=revoke_after_first_chunk)
         after = _state(engine)
         assert after["agent_proofs"] == state["agent_proofs"], "nothing signed after the revocation"
@@ -220,7 +220,7 @@ def test_a_key_revoked_during_a_run_stops_it_and_its_resumption_re_signs_everyon
         stopped = engine.store.query_one(
             "SELECT payload FROM audit_events WHERE type = 'POLICY_REVALIDATION' ORDER BY seq DESC"
         )
-        assert "revoked or expired during the revalidation" in stopped["payload"]
+        assert "was revoked during the revalidation" in stopped["payload"]
 
         engine.generate_key(alg="ed25519", actor=ACTOR)
         report = engine.revalidate()
@@ -303,3 +303,52 @@ def test_a_run_stops_when_the_key_that_took_over_is_revoked_and_the_old_one_sign
         assert renewed_after == [], "nothing signed after the revocation, by either key"
         assert old in {_signed_by(engine, agent_id) for agent_id in RUN}
         assert staged.keyid not in {_signed_by(engine, agent_id) for agent_id in RUN}
+
+
+def test_a_planned_rotation_hands_over_during_a_run(tmp_path: Path, opa_bin: Path) -> None:
+    """The old key's window ends when the staged key's opens. Found by review: the run checked
+    its own key's expiry first, stopped, and started again from the first agent."""
+    engine, clock = _chunked(tmp_path / "ws")
+    with engine:
+        switch = clock[0] + timedelta(hours=1)
+        first = engine.generate_key(alg="ed25519", actor=ACTOR, not_after=switch)
+        staged = engine.generate_key(alg="ed25519", actor=ACTOR, not_before=switch)
+        engine.revalidate()  # every proof now by the first key
+        runs = engine.store.query_one("SELECT COUNT(*) AS n FROM revalidation_runs")["n"]
+
+        def pass_the_switch(done: int) -> None:
+            clock[0] = switch + timedelta(minutes=1)
+
+        with engine.store.transaction() as tx:  # a run to do again, as after an org limits change
+            tx.execute("UPDATE revalidation_runs SET org_digest = 'other'")
+        report = engine.revalidate(progress=pass_the_switch)
+
+        assert (report.total, report.valid, report.resumed) == (len(RUN), len(RUN), False)
+        assert engine.store.query_one("SELECT COUNT(*) AS n FROM revalidation_runs")["n"] == runs + 1
+        signers = [_signed_by(engine, agent_id) for agent_id in RUN]
+        assert signers[0] == first.keyid and signers[-1] == staged.keyid, signers
+        for agent_id in RUN:
+            assert engine.admit(agent_id).allow, "proofs of the first key were issued inside its window"
+
+
+def test_a_proof_that_expires_between_judging_and_commit_is_not_renewed(
+    tmp_path: Path, opa_bin: Path
+) -> None:
+    """Found by review: the proof was renewed with its old expiry, before its new issue time, and
+    the run failed with an internal error."""
+    engine, clock = _chunked(tmp_path / "ws")
+    with engine:
+        expiry = clock[0] + timedelta(days=365)  # the default proof TTL
+        clock[0] = expiry - timedelta(minutes=1)
+
+        def pass_the_expiry(done: int) -> None:
+            clock[0] = expiry + timedelta(minutes=1)
+
+        report = engine.revalidate(progress=pass_the_expiry)
+
+        assert report.total == len(RUN) and report.invalidated >= 1
+        for agent_id in RUN:
+            agent = engine.get_agent(agent_id)
+            if agent.status is Status.GOVERNED_INVALIDATED:
+                assert "REVALIDATION_PROOF_EXPIRED" in json.dumps(agent.reasons)
+            assert not engine.admit(agent_id).allow, "every proof has expired by now"
