@@ -22,8 +22,8 @@ from agov.watch import PolicyWatcher
 SETTLE_S = 1.0  # well above the debounce, for a slow machine
 
 
-def _watch(policies: Path, edit: Path, content: str) -> int:
-    """Start a watcher on ``policies``, write ``edit`` and count the reloads it triggers."""
+def _reloads(policies: Path, act: Callable[[], None], config_file: Path | None = None) -> int:
+    """Start a watcher on ``policies`` (and ``config_file``), run ``act``, count the reloads."""
     fired: list[float] = []
     seen = threading.Event()
 
@@ -31,17 +31,26 @@ def _watch(policies: Path, edit: Path, content: str) -> int:
         fired.append(time.monotonic())
         seen.set()
 
-    watcher = PolicyWatcher(policies, on_change, debounce_s=0.05)
+    watcher = PolicyWatcher(policies, on_change, debounce_s=0.05, config_file=config_file)
     watcher.start()
     try:
         time.sleep(0.2)  # the observer's watches are in place
-        edit.parent.mkdir(parents=True, exist_ok=True)
-        edit.write_text(content)
+        act()
         seen.wait(SETTLE_S)
         time.sleep(0.2)
     finally:
         watcher.stop()
     return len(fired)
+
+
+def _watch(policies: Path, edit: Path, content: str) -> int:
+    """Start a watcher on ``policies``, write ``edit`` and count the reloads it triggers."""
+
+    def write() -> None:
+        edit.parent.mkdir(parents=True, exist_ok=True)
+        edit.write_text(content)
+
+    return _reloads(policies, write)
 
 
 @pytest.mark.parametrize("home", ["ws", ".agov", "tour/.agov"])
@@ -64,23 +73,7 @@ def test_hidden_files_inside_the_tree_do_not_reload(tmp_path: Path, hidden: str)
 
 def _watch_config(home: Path, act: Callable[[], None]) -> int:
     """Watch ``home/policies`` and ``home/agov.yaml``, run ``act``, count the reloads."""
-    fired: list[float] = []
-    seen = threading.Event()
-
-    def on_change() -> None:
-        fired.append(time.monotonic())
-        seen.set()
-
-    watcher = PolicyWatcher(home / "policies", on_change, debounce_s=0.05, config_file=home / "agov.yaml")
-    watcher.start()
-    try:
-        time.sleep(0.2)
-        act()
-        seen.wait(SETTLE_S)
-        time.sleep(0.2)
-    finally:
-        watcher.stop()
-    return len(fired)
+    return _reloads(home / "policies", act, home / "agov.yaml")
 
 
 @pytest.fixture
@@ -161,21 +154,11 @@ def test_a_configmap_volume_update_reloads(tmp_path: Path) -> None:
     policies = tmp_path / ".agov" / "policies"
     policies.mkdir(parents=True)
     configmap_volume(policies, {"agov/x/x.rego": "package agov.x\n"}, "2026_11_22_14_00_00.1")
-    fired: list[float] = []
-    seen = threading.Event()
 
-    def on_change() -> None:
-        fired.append(time.monotonic())
-        seen.set()
-
-    watcher = PolicyWatcher(policies, on_change, debounce_s=0.05)
-    watcher.start()
-    try:
-        time.sleep(0.2)
+    def update() -> None:
         configmap_volume(policies, {"agov/x/x.rego": "package agov.x\n\ny := 1\n"}, "2026_11_22_14_05_00.2")
-        assert seen.wait(SETTLE_S), "the swap of ..data reloads"
-    finally:
-        watcher.stop()
+
+    assert _reloads(policies, update) >= 1, "the swap of ..data reloads"
 
 
 def test_a_volume_swap_inside_a_hidden_directory_does_not_reload(tmp_path: Path) -> None:
@@ -187,13 +170,4 @@ def test_a_volume_swap_inside_a_hidden_directory_does_not_reload(tmp_path: Path)
     def swap() -> None:
         configmap_volume(hidden, {"x.json": '{"edited": true}\n'}, "2026_11_22_14_05_00.2")
 
-    fired: list[float] = []
-    watcher = PolicyWatcher(policies, lambda: fired.append(time.monotonic()), debounce_s=0.05)
-    watcher.start()
-    try:
-        time.sleep(0.2)
-        swap()
-        time.sleep(SETTLE_S)
-    finally:
-        watcher.stop()
-    assert fired == []
+    assert _reloads(policies, swap) == 0
