@@ -562,7 +562,9 @@ def agent_history(ctx: Ctx, agent_id: str) -> None:
 
 @main.command()
 @click.argument("agent_id")
-@click.option("--role", required=True, envvar="AGOV_ROLE", help="The actor's role (e.g. agent_admin).")
+@click.option(
+    "--role", required=True, envvar="AGOV_ROLE", help="The actor's role (e.g. agent_admin; env AGOV_ROLE)."
+)
 @common
 def promote(ctx: Ctx, agent_id: str, role: str) -> None:
     """Ask the promotion policy; on allow, sign a proof and govern the agent."""

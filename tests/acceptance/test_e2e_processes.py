@@ -132,7 +132,7 @@ def fetch(url: str) -> str:
         return str(response.read().decode())
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "SIGINT"])
 def test_serve_serves_metrics_and_leaves_no_opa(ws: Path, tmp_path: Path, opa_spy: OpaSpy, how: str) -> None:
     proc, url = start_serve(ws, spy_env(opa_spy, tmp_path))
     try:
@@ -148,8 +148,9 @@ def test_serve_serves_metrics_and_leaves_no_opa(ws: Path, tmp_path: Path, opa_sp
         assert parent(opa) == proc.pid
         assert opa_processes(str(tmp_path)) == [opa]
 
-        proc.send_signal(signal.SIGKILL if how == "SIGKILL" else signal.SIGTERM)
+        proc.send_signal(getattr(signal, how))
         code = proc.wait(timeout=15)
+        # SIGTERM and Ctrl-C are serve's normal stop (README): 0, not 130
         assert code == (-signal.SIGKILL if how == "SIGKILL" else 0)
         assert wait_gone([opa]) == [], "opa outlived agov serve"
         assert opa_processes(str(tmp_path)) == []

@@ -198,6 +198,8 @@ def test_unverifiable_bundle_is_not_activated(
     assert server is not None
     current = server.current()
     assert current is not None and current.revision == "rev-1"
+    label = {"unsigned": "unsigned bundle", "file_altered_after_signing": "bundle altered after signing"}
+    print(f"R15 {label.get(case, 'bundle signed by an unknown key')}: activated 0/1")
 
 
 def test_good_bundle_activates_after_a_refused_one(sidecar: ManagedSidecar, build_bundle: Any) -> None:
