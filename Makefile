@@ -19,7 +19,7 @@ ENGINE_REGO := engine/agov/opa/rego
 export PATH := $(TOOLS_BIN):$(PATH)
 export AGOV_OPA_BIN := $(OPA)
 
-.PHONY: test demo bench tools opa venv lint rego-fmt rego-check rego-lint rego-test py-lint py-types pytest clean
+.PHONY: test demo bench tools opa regal venv lint rego-fmt rego-check rego-lint rego-test py-lint py-types pytest clean
 
 test: tools venv rego-fmt rego-check rego-lint rego-test py-lint py-types pytest
 
@@ -40,11 +40,12 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV_BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-tools: opa $(REGAL)
+tools: opa regal
 
 # True when $(1) is the pinned opa. The output is captured first: under pipefail,
 # `opa version | grep -q` fails with SIGPIPE (141) whenever grep exits before opa finishes writing.
 opa_is_pinned = out=$$($(1) version 2>/dev/null) && grep -qx "Version: $(OPA_VERSION)" <<<"$$out"
+regal_is_pinned = out=$$($(1) version 2>/dev/null) && grep -qxE "Version:[[:space:]]+$(REGAL_VERSION)" <<<"$$out"
 
 # Checked on every run (one `opa version`), so a deleted binary, a dangling link or another version
 # is replaced: by the pinned opa on PATH when there is one, else by building it.
@@ -61,15 +62,23 @@ opa:
 	  $(call opa_is_pinned,$(OPA)) || { echo "$(OPA) is not opa $(OPA_VERSION)"; exit 1; }; \
 	fi
 
-# Regal is built from tools/regal/go.mod (pinned there): `go install regal@version` needs the
-# module proxy's version list, which this network refuses.
-$(REGAL): tools/regal/go.mod tools/regal/go.sum
-	mkdir -p $(TOOLS_BIN)
-	echo "building regal $(REGAL_VERSION) (first time only, takes minutes)"
-	cd tools/regal && GOBIN=$(TOOLS_BIN) go install \
-	  -ldflags "-X github.com/open-policy-agent/regal/pkg/version.Version=$(REGAL_VERSION)" \
-	  github.com/open-policy-agent/regal
-	touch $@
+# The same for regal. It is built from tools/regal/go.mod (pinned there; bump it together with
+# REGAL_VERSION): `go install regal@version` needs the module proxy's version list, which this
+# network refuses.
+regal:
+	@if ! { $(call regal_is_pinned,$(REGAL)); }; then \
+	  mkdir -p $(TOOLS_BIN); \
+	  rm -f $(REGAL); \
+	  if command -v regal >/dev/null && $(call regal_is_pinned,regal); then \
+	    ln -s "$$(realpath "$$(command -v regal)")" $(REGAL); \
+	  else \
+	    echo "building regal $(REGAL_VERSION) (takes minutes unless Go's build cache has it)"; \
+	    (cd tools/regal && GOBIN=$(TOOLS_BIN) go install \
+	      -ldflags "-X github.com/open-policy-agent/regal/pkg/version.Version=$(REGAL_VERSION)" \
+	      github.com/open-policy-agent/regal); \
+	  fi; \
+	  $(call regal_is_pinned,$(REGAL)) || { echo "$(REGAL) is not regal $(REGAL_VERSION)"; exit 1; }; \
+	fi
 
 # --- checks, in the order `make test` runs them ---------------------------------------------
 
