@@ -80,7 +80,8 @@ def proof_facts(
         notes.append("no current proof on record")
         return facts, notes
     facts["proof_present"] = True
-    envelope = bytes(proof_row["envelope"])
+    stored = proof_row["envelope"]
+    envelope = stored if isinstance(stored, bytes) else b""  # NULL: no envelope, so no signature
     keyid = proof_row["keyid"]
     key = key_for(keyid)
     trusted = {keyid: key} if key is not None else {}

@@ -375,7 +375,10 @@ class Engine:
 
     def _current_proof(self, agent_id: str) -> tuple[Any | None, datetime | None]:
         row = self.store.query_one(
-            "SELECT p.*, (SELECT MAX(issued_at) FROM agent_proofs WHERE agent_id = p.agent_id) AS newest"
+            # the envelope as BLOB whatever its storage class: a sqlite3 shell edit stores TEXT,
+            # which must fail as a signature, not as a type error
+            "SELECT p.keyid, p.issued_at, CAST(p.envelope AS BLOB) AS envelope,"
+            " (SELECT MAX(issued_at) FROM agent_proofs WHERE agent_id = p.agent_id) AS newest"
             " FROM agent_proofs p WHERE p.agent_id = ? AND p.superseded_at IS NULL",
             (agent_id,),
         )

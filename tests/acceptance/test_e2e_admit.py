@@ -164,6 +164,15 @@ CHEATS = [
         "ADMISSION_DENY_SIGNATURE_INVALID",
         lambda home: set_envelope(home, "gov-a", b"\x00garbage, not a DSSE envelope\xff"),
     ),
+    Cheat(
+        # what a sqlite3 shell edit stores: TEXT, not BLOB
+        "envelope-garbage-as-text",
+        "gov-a",
+        "ADMISSION_DENY_SIGNATURE_INVALID",
+        lambda home: sql(
+            home, "UPDATE agent_proofs SET envelope = 'not a DSSE envelope' WHERE agent_id = 'gov-a'"
+        ),
+    ),
     Cheat("flip-payload", "gov-a", "ADMISSION_DENY_SIGNATURE_INVALID", flip("payload")),
     Cheat("flip-signature", "gov-a", "ADMISSION_DENY_SIGNATURE_INVALID", flip("sig")),
     Cheat("flip-end", "gov-a", "ADMISSION_DENY_SIGNATURE_INVALID", flip("end")),
@@ -229,6 +238,15 @@ def test_cheating_is_denied_with_its_code(cheated: dict[str, Result], cheat: Che
     assert body["policy_hash"] == active_hash
     if cheat.code == "ADMISSION_DENY_ENGINE_UNAVAILABLE":
         assert body["decision_id"] is None
+
+
+def test_a_genuine_envelope_stored_as_text_is_the_same_envelope(ws: Path, tmp_path: Path) -> None:
+    """The signature covers the bytes, not SQLite's storage class of them."""
+    home = copy_ws(ws, tmp_path / "ws")
+    genuine = envelope(home, "gov-a")
+    assert sql(home, "UPDATE agent_proofs SET envelope = ? WHERE agent_id = 'gov-a'", [genuine.decode()]) == 1
+    assert query(home, "SELECT typeof(envelope) FROM agent_proofs WHERE agent_id = 'gov-a'") == [("text",)]
+    check_admission(agov("admit", "gov-a", home=home), allow=True, code="ADMISSION_ALLOW", agent_id="gov-a")
 
 
 def test_engine_unavailable_names_the_cause(cheated: dict[str, Result]) -> None:
