@@ -26,7 +26,6 @@ from agov.config import Config, load_config
 from agov.decisions import AdmissionDecision, Code
 from agov.errors import (
     AgovError,
-    EngineUnavailableError,
     KeyMaterialError,
     PolicyError,
     UsageError,
@@ -526,13 +525,10 @@ class Engine:
             report, org_changed = self._switch(
                 version, config, event=Code.POLICY_HOTRELOAD, actor=actor, reason=reason, progress=progress
             )
-        # refused by OPA, no key to re-sign with, or no org limits to judge with: the old one stays
-        except (PolicyError, KeyMaterialError, WorkspaceError) as exc:
-            self._refuse_reload(exc, actor=actor, reason=reason, active=active)
-            raise
-        except EngineUnavailableError as exc:
-            # OPA did not load it in time: refused, unless the store had switched already (then the
-            # revalidation stopped, and its run is finished later)
+        # refused by OPA, OPA did not load it in time, no key to re-sign with, or no org limits to
+        # judge with: refused and the old one stays, unless the store had switched already (then
+        # the revalidation stopped, and its run is finished later)
+        except AgovError as exc:
             now_active = policy.active_version(self.store)
             if now_active is None or now_active.hash != version.hash:
                 self._refuse_reload(exc, actor=actor, reason=reason, active=active)
@@ -723,12 +719,26 @@ class Engine:
                 self._evaluator.close()
                 self._evaluator = None
             policy.mark_active(self.store, version.hash, event=event, actor=actor, reason=reason)
-        report = self.revalidate(
-            previous_hash=previous.hash if previous else None,
-            progress=progress,
-            config=config,
-            org_change=change if org_changed else None,
-        )
+        try:
+            report = self.revalidate(
+                previous_hash=previous.hash if previous else None,
+                progress=progress,
+                config=config,
+                org_change=change if org_changed else None,
+            )
+        except AgovError as exc:
+            # the switch stands (an external OPA fetches bundles itself, so nothing refused it
+            # here): say so, or the error reads as a refusal
+            exc.message = (
+                f"policy {version.hash[:12]} is active, but revalidating the agents under it stopped: "
+                f"{exc.message}"
+            )
+            exc.args = (exc.message,)
+            exc.hint = (
+                f"{exc.hint + '; then ' if exc.hint else ''}`agov revalidate` finishes the run; until "
+                "then an agent not yet re-signed under the new policy is denied"
+            )
+            raise
         return report, org_changed
 
     def _dry_run_on(self, content: bytes, policy_hash: str) -> RevalidationReport:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import tarfile
 from pathlib import Path
 
@@ -131,3 +132,38 @@ def test_reload_after_an_org_limit_change_judges_every_agent_again(fresh_ws: Pat
     assert (denied.code, denied.json["code"]) == (1, "ADMISSION_DENY_INVALIDATED")
     again = agov("policy", "reload", home=fresh_ws, as_json=False)
     assert re.fullmatch(r"policy unchanged \([0-9a-f]{12}\)\n", again.out), again.out
+
+
+def test_a_reload_whose_external_opa_is_unreachable_says_the_new_policy_is_active(
+    fresh_ws: Path,
+) -> None:
+    """With an external sidecar agov cannot ask OPA first (it fetches bundles itself): the store
+    switches, then the revalidation meets the closed port. The command fails (exit 3) and says
+    the new policy is active and how to finish, instead of reading as a refused reload."""
+    ok("agent", "create", "--template", "research-analyst", home=fresh_ws)
+    ok("promote", "research-analyst", "--role", "agent_admin", home=fresh_ws)
+    (old,) = active(ok("policy", "history", home=fresh_ws))
+    limits = fresh_ws / "policies" / "agov" / "config" / "data.json"
+    limits.write_text(limits.read_text().replace('"analysis": 0.7', '"analysis": 0.4'))
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    result = agov(
+        "policy", "reload", "--reason", "tighten", "--opa-url", f"http://127.0.0.1:{closed}", home=fresh_ws
+    )
+
+    assert result.code == 3, str(result)
+    (new,) = active(ok("policy", "history", home=fresh_ws))
+    assert new != old
+    error = result.json["error"]
+    assert error["message"].startswith(
+        f"policy {new[:12]} is active, but revalidating the agents under it stopped"
+    )
+    assert "refused the connection" in error["message"]
+    assert "agov revalidate" in error["hint"]
+    events = [row[0] for row in query(fresh_ws, "SELECT type FROM audit_events")]
+    assert "POLICY_HOTRELOAD" in events and "POLICY_RELOAD_REFUSED" not in events
+    # the run is left open: the managed sidecar finishes it, and the agent falls as it should
+    report = ok("revalidate", home=fresh_ws)
+    assert (report["total"], report["invalidated"]) == (1, 1)
