@@ -23,7 +23,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from agov.config import Config
-from agov.errors import AgovError, InfrastructureError, NotFoundError, SpecError, UsageError
+from agov.errors import AgovError, ConfigError, InfrastructureError, NotFoundError, SpecError, UsageError
 from agov.registry import CreationMode
 
 EXIT_OK, EXIT_DENIED, EXIT_BAD_INPUT, EXIT_INFRA = 0, 1, 2, 3
@@ -579,8 +579,10 @@ def promote(ctx: Ctx, agent_id: str, role: str) -> None:
     # committed promotion must not be reported as a deny
     try:
         engine = _engine(ctx)
-    except UsageError:
-        raise
+    except UsageError as exc:
+        if not isinstance(exc, ConfigError):  # a damaged agov.yaml is a deny, not bad usage
+            raise
+        result = denied(exc)
     except Exception as exc:
         result = denied(exc)
     else:
@@ -616,8 +618,10 @@ def admit(ctx: Ctx, agent_id: str) -> None:
 
     try:
         engine = _engine(ctx)
-    except UsageError:
-        raise
+    except UsageError as exc:
+        if not isinstance(exc, ConfigError):  # a damaged agov.yaml is a deny, not bad usage
+            raise
+        decision = deny_unavailable(agent_id, exc, None)
     except Exception as exc:  # the store or the workspace cannot be read: a fail-closed deny
         decision = deny_unavailable(agent_id, AgovError(_cause(exc)), None)
     else:

@@ -9,7 +9,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from agov.errors import WorkspaceError
+from agov.errors import ConfigError
 
 MAX_TIMEOUT_S = 300.0  # the longest deadline any one call to OPA may have
 # The spec bytes one revalidation query carries at most (half of the evaluator's 8 MiB request
@@ -36,7 +36,7 @@ class Limits:
         however the config was made: a chunk size of 0 would revalidate nobody.
 
         Raises:
-            ValueError: naming the limit (``load_config`` reports it as a ``WorkspaceError``).
+            ValueError: naming the limit (``load_config`` reports it as a ``ConfigError``).
         """
         hints = get_type_hints(Limits)
         for f in fields(self):
@@ -112,13 +112,11 @@ def _build(cls: type[Any], raw: Any, where: str) -> Any:
     if raw is None:
         return cls()
     if not isinstance(raw, dict):
-        raise WorkspaceError(f"{where} must be a mapping")
+        raise ConfigError(f"{where} must be a mapping")
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(raw) - set(known))
     if unknown:
-        raise WorkspaceError(
-            f"{where}: unknown key(s) {', '.join(unknown)}", hint=f"known: {', '.join(known)}"
-        )
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}", hint=f"known: {', '.join(known)}")
     values: dict[str, Any] = {}
     for name, value in raw.items():
         nested = {"org": OrgLimits, "limits": Limits}.get(name) if cls is Config else None
@@ -126,7 +124,7 @@ def _build(cls: type[Any], raw: Any, where: str) -> Any:
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:
-        raise WorkspaceError(f"{where}: {exc}") from exc
+        raise ConfigError(f"{where}: {exc}") from exc
 
 
 def load_config(path: Path, *, require_org: bool = False) -> Config:
@@ -136,19 +134,19 @@ def load_config(path: Path, *, require_org: bool = False) -> Config:
     never taken from the defaults of an empty or half-written file.
 
     Raises:
-        WorkspaceError: missing, unparseable, or holding unknown keys or bad values; or, with
+        ConfigError: unreadable, unparseable, or holding unknown keys or bad values; or, with
             ``require_org``, stating no org limits.
     """
     try:
-        raw = yaml.safe_load(path.read_text()) if path.exists() else None
-    except (OSError, yaml.YAMLError) as exc:
-        raise WorkspaceError(f"cannot read {path}: {exc}") from exc
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
     if require_org and not (isinstance(raw, dict) and isinstance(raw.get("org"), dict) and raw["org"]):
-        raise WorkspaceError(
+        raise ConfigError(
             f"{path} states no org limits (empty, or caught mid-save?): agents are not judged with defaults",
             hint="write the org section (max_monthly_budget_usd) back, then retry",
         )
     config: Config = _build(Config, raw, str(path.name))
     if config.runtime not in ("managed", "external"):
-        raise WorkspaceError(f"{path.name}: runtime must be 'managed' or 'external', not {config.runtime!r}")
+        raise ConfigError(f"{path.name}: runtime must be 'managed' or 'external', not {config.runtime!r}")
     return config

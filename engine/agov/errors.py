@@ -42,6 +42,10 @@ class WorkspaceError(UsageError):
     """The workspace is missing, or `init` would overwrite something."""
 
 
+class ConfigError(WorkspaceError):
+    """The workspace's agov.yaml cannot be read, or states bad values: in a decision, a deny."""
+
+
 class SpecError(AgovError):
     """An agent spec that does not parse or does not match the schema."""
 

@@ -18,6 +18,7 @@ from e2e_support import (
     Result,
     Snapshot,
     agov,
+    assert_only_audit_changed,
     assert_rejected_unchanged,
     copy_ws,
     expect_error,
@@ -380,3 +381,39 @@ def test_half_a_workspace_names_the_missing_file_instead_of_advising_init(
     )
     assert "restore" in error["hint"] and "agov init" in error["hint"]
     assert expect_error(agov("init", home), 2)["message"].startswith("refusing to overwrite")
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        (b"\xff\xfe not UTF-8\n", "codec can't decode"),
+        (b"org: [unclosed\n", "cannot read"),
+        (b"org:\n  max_monthly_budget_usd: many\n", "max_monthly_budget_usd"),
+    ],
+    ids=["not-utf8", "not-yaml", "bad-value"],
+)
+def test_a_damaged_agov_yaml_is_a_deny_in_a_decision_and_bad_input_elsewhere(
+    pristine: Path, tmp_path: Path, damage: bytes, named: str
+) -> None:
+    """A decision that cannot read its workspace's config denies (exit 1, the decision's own
+    shape), as one that cannot read the store does; other commands say what is wrong (exit 2).
+    Nothing changes either way."""
+    home = copy_ws(pristine, tmp_path / "ws")
+    ok("agent", "create", "--template", "research-analyst", home=home)
+    (home / "agov.yaml").write_bytes(damage)
+    before = snapshot(home)
+
+    admitted = agov("admit", "research-analyst", home=home)
+    assert admitted.code == 1, str(admitted)
+    assert (admitted.json["allow"], admitted.json["code"]) == (False, "ADMISSION_DENY_ENGINE_UNAVAILABLE")
+    assert "agov.yaml" in admitted.json["reasons"][0]["message"]
+    assert named in admitted.json["reasons"][0]["message"]
+
+    promoted = agov("promote", "research-analyst", "--role", "agent_admin", home=home)
+    assert promoted.code == 1, str(promoted)
+    assert promoted.json["allow"] is False
+    assert "agov.yaml" in promoted.json["deny"][0]["message"]
+
+    listed = expect_error(agov("agent", "list", home=home), 2)
+    assert listed["type"] == "ConfigError" and "agov.yaml" in listed["message"] and named in listed["message"]
+    assert_only_audit_changed(before, snapshot(home))

@@ -77,7 +77,12 @@ def test_bad_workspace_config(ws: Path, tmp_path: Path, opa_spy: OpaSpy) -> None
     (home / "agov.yaml").write_text(
         (home / "agov.yaml").read_text().replace("runtime: managed", "runtime: warp")
     )
+    # a decision that cannot read its config denies (exit 1); other commands: bad input (exit 2)
     result = agov("admit", "runner", home=home, env=spy_env(opa_spy, tmp_path))
+    assert result.code == 1, str(result)
+    assert result.json["code"] == "ADMISSION_DENY_ENGINE_UNAVAILABLE"
+    assert "runtime must be 'managed' or 'external'" in result.json["reasons"][0]["message"]
+    result = agov("revalidate", home=home, env=spy_env(opa_spy, tmp_path))
     assert result.code == 2, str(result)
     assert "runtime must be 'managed' or 'external'" in result.json["error"]["message"]
     assert_no_opa_left(opa_spy, tmp_path, started=False)
