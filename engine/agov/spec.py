@@ -96,6 +96,41 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all distinct: with a repeated key the reader of the file and
+    the parser (last one wins) would see different specs."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"the key {key!r} appears twice in one object")
+        seen.add(key)
+    return dict(pairs)
+
+
+_YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _UniqueKeyLoader(_YAML_LOADER):  # type: ignore[misc]
+    """The safe loader (libyaml's when present), refusing a key repeated in one mapping."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                repeated = key in seen
+                seen.add(key)
+            except TypeError:  # unhashable: the base class says so
+                continue
+            if repeated:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice in one mapping", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep)
+
+
 def _refuse_aliases(text: str, loader: Any, source: str) -> None:
     """An alias repeats a node by reference: nine nested ones in 400 bytes expand to a billion
     values (gigabytes, minutes of CPU) when loaded. A spec has no use for them. The parser's
@@ -129,12 +164,11 @@ def parse_spec_bytes(raw: bytes, *, source: str = "spec", max_bytes: int = MAX_S
     try:
         if text.lstrip().startswith("{"):
             # JSON proper: PyYAML (YAML 1.1) would read 1e3 as a string.
-            document = json.loads(text, parse_constant=_reject_constant)
+            document = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
         else:
             # CSafeLoader when present; never the full loader (no arbitrary Python objects).
-            loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-            _refuse_aliases(text, loader, source)
-            document = yaml.load(text, Loader=loader)
+            _refuse_aliases(text, _YAML_LOADER, source)
+            document = yaml.load(text, Loader=_UniqueKeyLoader)
     except (yaml.YAMLError, ValueError) as exc:
         # PyYAML names a parsed string "<unicode string>": name the user's file instead
         detail = str(exc).replace('"<unicode string>"', f'"{source}"')

@@ -167,3 +167,26 @@ def test_yaml_aliases_are_refused_before_anything_expands(monkeypatch: pytest.Mo
     # an anchor with no alias is inert, and loads
     monkeypatch.setattr(yaml, "load", real_load)
     assert parse_spec_bytes(b"kind: &k Agent\n") == {"kind": "Agent"}
+
+
+@pytest.mark.parametrize(
+    ("raw", "where"),
+    [
+        (b'{"spec": {"temperature": 0.1, "temperature": 0.9}}', "one object"),
+        (b"spec:\n  temperature: 0.1\n  temperature: 0.9\n", 'one mapping\n  in "s.yaml", line 3'),
+        (b"kind: Agent\nspec: {}\nkind: Other\n", 'one mapping\n  in "s.yaml", line 3'),
+    ],
+    ids=["json", "yaml", "yaml-top-level"],
+)
+def test_a_key_repeated_in_one_mapping_is_refused(raw: bytes, where: str) -> None:
+    """The file's reader sees the first value, the parser keeps the last: refused, as proofs are."""
+    with pytest.raises(SpecError) as info:
+        parse_spec_bytes(raw, source="s.yaml")
+    assert "appears twice in " + where in info.value.message
+
+
+def test_the_same_key_in_different_mappings_and_a_merge_key_still_load(valid_spec: dict[str, Any]) -> None:
+    assert parse_spec_bytes(b"a: {name: x}\nb: {name: y}\n") == {"a": {"name": "x"}, "b": {"name": "y"}}
+    assert parse_spec_bytes(b"<<: {a: 1}\nb: 2\n") == {"a": 1, "b": 2}
+    spec = load_spec(yaml.safe_dump(valid_spec).encode())
+    assert spec.hash == load_spec(json.dumps(valid_spec).encode()).hash
