@@ -30,7 +30,8 @@ def verify_chain(store: Store) -> AuditReport:
     """Walk the chain from the first row: sequence numbers, links, hashes, then the anchor.
 
     Detects an edited row (hash), a deleted or reordered row (sequence gap or broken link) and a
-    truncated tail (the anchor names a row that is gone or differs).
+    truncated tail (the anchor names a row that is gone or differs). A missing anchor is not ok:
+    the tail cannot be vouched for (``first_bad_seq`` is then None).
     """
     rows = store.query("SELECT * FROM audit_events ORDER BY seq")
     prev_hash, expected_seq = GENESIS_HASH, 1
@@ -56,18 +57,28 @@ def verify_chain(store: Store) -> AuditReport:
             return AuditReport(False, len(rows), seq, "event content does not match its hash")
         prev_hash, expected_seq = row["hash"], seq + 1
     anchor = store.read_anchor()
-    if anchor is not None:
-        anchor_seq, anchor_hash = anchor
-        if anchor_seq >= expected_seq:
-            return AuditReport(
-                False,
-                len(rows),
-                expected_seq,
-                f"log truncated: the anchor records event {anchor_seq}, the log ends at {expected_seq - 1}",
-            )
-        matching = [r for r in rows if r["seq"] == anchor_seq]
-        if not matching or matching[0]["hash"] != anchor_hash:
-            return AuditReport(False, len(rows), anchor_seq, "event does not match the anchor")
+    if anchor is None:
+        # every committed event writes it, so only a deletion (or a log never written) leaves
+        # none: without it a cut tail, or a log emptied, would verify
+        return AuditReport(
+            False,
+            len(rows),
+            None,
+            f"the audit anchor {store.anchor_path} is missing, so a cut tail cannot be detected "
+            "(the next write starts a new anchor at the log's end; restore the file from a backup "
+            "of the workspace to check the tail)",
+        )
+    anchor_seq, anchor_hash = anchor
+    if anchor_seq >= expected_seq:
+        return AuditReport(
+            False,
+            len(rows),
+            expected_seq,
+            f"log truncated: the anchor records event {anchor_seq}, the log ends at {expected_seq - 1}",
+        )
+    matching = [r for r in rows if r["seq"] == anchor_seq]
+    if not matching or matching[0]["hash"] != anchor_hash:
+        return AuditReport(False, len(rows), anchor_seq, "event does not match the anchor")
     return AuditReport(True, len(rows))
 
 

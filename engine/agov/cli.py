@@ -896,7 +896,9 @@ def audit_verify(ctx: Ctx) -> None:
         report.as_dict(),
         f"audit log ok ({report.events} events)"
         if report.ok
-        else f"audit log TAMPERED at sequence {report.first_bad_seq}: {report.problem}",
+        else f"audit log TAMPERED at sequence {report.first_bad_seq}: {report.problem}"
+        if report.first_bad_seq is not None
+        else f"audit log NOT VERIFIED ({report.events} events): {report.problem}",
     )
     sys.exit(EXIT_OK if report.ok else EXIT_DENIED)
 

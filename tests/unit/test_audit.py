@@ -161,3 +161,28 @@ def test_a_write_sqlite_refuses_is_a_store_error_that_says_what_to_check(tmp_pat
     with store.transaction() as tx:
         tx.audit("WRITTEN")
     assert store.audit_events()[-1].type == "WRITTEN"
+
+
+@pytest.mark.parametrize("cut", ["nothing", "the tail", "every event"])
+def test_a_missing_anchor_is_not_ok_however_the_log_looks(tmp_path: Path, cut: str) -> None:
+    """Without the anchor a cut tail, or a log emptied, would verify: the report says the tail
+    cannot be vouched for rather than "ok"."""
+    store = _store(tmp_path)
+    if cut == "the tail":
+        _raw(store, "DELETE FROM audit_events WHERE seq > 4")
+    elif cut == "every event":
+        _raw(store, "DELETE FROM audit_events")
+    store.anchor_path.unlink()
+
+    report = verify_chain(store)
+
+    assert not report.ok and report.first_bad_seq is None
+    assert "anchor" in report.problem and "is missing" in report.problem
+    if cut == "every event":
+        return
+    # as the message says, the next write starts a new anchor at the log's end (so a cut made
+    # before it can no longer be seen: the limit of an anchor kept beside the database)
+    with store.transaction() as tx:
+        tx.audit("AFTER")
+    assert store.read_anchor() is not None
+    assert verify_chain(store).ok
