@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import io
+import json
 import re
 import tarfile
 import zlib
@@ -215,7 +216,33 @@ def bundle_bytes(bundles: Path, version: PolicyVersion) -> bytes:
             f"bundle of policy {version.hash[:12]} is an empty file",
             hint="rebuild it with `agov policy build`",
         )
+    revision = _manifest_revision(content)
+    if revision is not None and revision != version.hash:
+        # another validly signed bundle under this name: OPA would load it and never report the
+        # revision asked for, so every wait would run out
+        raise PolicyError(
+            f"bundle file {bundle_file(bundles, version).name} holds policy revision {revision[:12]!r}, "
+            f"not {version.hash[:12]}: the file was replaced",
+            hint="restore the file from a backup of the workspace, or rebuild that version with "
+            "`agov policy build` from its policy files",
+        )
     return content
+
+
+def _manifest_revision(content: bytes) -> str | None:
+    """The revision in a bundle's .manifest, or None when it cannot be read (OPA, which verifies
+    the signature over it, then refuses the bundle with its own reason)."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(content), mode="r:gz") as tar:
+            for member in tar.getmembers():
+                if member.name.lstrip("/") == ".manifest" and member.isfile():
+                    extracted = tar.extractfile(member)
+                    manifest = json.loads(extracted.read(1 << 20)) if extracted is not None else None
+                    revision = manifest.get("revision") if isinstance(manifest, dict) else None
+                    return revision if isinstance(revision, str) else None
+    except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error):
+        return None
+    return None
 
 
 def bundle_sources(content: bytes) -> dict[str, str]:

@@ -467,6 +467,32 @@ def test_a_rollback_from_a_process_with_no_sidecar_yet_loads_the_bundle_before_t
     assert decision.allow and decision.policy_hash == new
 
 
+def test_a_rollback_to_a_bundle_file_replaced_by_another_signed_bundle_is_refused_at_once(
+    engine: Engine, home: Path
+) -> None:
+    """A validly signed bundle of another version under the target's name: OPA would load it
+    and never report the revision asked for, so the rollback waited out its timeout and then
+    blamed OPA. The manifest names the revision, so it is refused before OPA is asked."""
+    old = engine.active_policy().hash
+    edit_data(home, set_analysis_limit(0.4))
+    new = engine.reload_policy(actor=ACTOR, reason="too tight")["policy_hash"]
+    (home / "bundles" / f"{old}.tar.gz").write_bytes((home / "bundles" / f"{new}.tar.gz").read_bytes())
+    before = snapshot(home)
+    seq = _last_seq(engine)
+
+    started = time.monotonic()
+    with Engine.open(home) as cli, pytest.raises(PolicyError, match=r"holds policy revision .* was replaced"):
+        cli.rollback_policy(old, actor=ACTOR, reason="undo")
+
+    assert time.monotonic() - started < 5  # not the activation timeout
+    assert engine.active_policy().hash == new
+    after = snapshot(home)
+    assert {t: after[t] for t in before if t not in ("audit_events", "__anchor__")} == {
+        t: before[t] for t in before if t not in ("audit_events", "__anchor__")
+    }
+    assert [e["type"] for e in _audit(engine, seq)] == []
+
+
 def test_rollback_restores_the_agents_the_bad_version_invalidated(engine: Engine, home: Path) -> None:
     old = engine.active_policy().hash
     edit_data(home, set_analysis_limit(0.4))
