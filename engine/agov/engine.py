@@ -175,7 +175,7 @@ class Engine:
     def _start_managed(self, version: PolicyVersion) -> Evaluator:
         from agov.opa.managed import ManagedSidecar
 
-        bundle_key = keys.ensure_bundle_signing_key(self.workspace.keys)
+        bundle_key = keys.ensure_bundle_signing_key(self.workspace.keys, create=False)
         sidecar = ManagedSidecar(
             bundle_bytes=policy.bundle_bytes(self.workspace.bundles, version),
             revision=version.hash,

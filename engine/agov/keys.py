@@ -205,8 +205,24 @@ def _read(path: Path, *, private: bool) -> bytes:
 
 def _present(path: Path) -> bool:
     """Something is at ``path``, a symbolic link that points nowhere included: such a link is a
-    key file gone missing (reported when it is read), never a free name to write a new key to."""
-    return os.path.lexists(path)
+    key file gone missing (reported when it is read), never a free name to write a new key to.
+
+    Raises:
+        KeyMaterialError: whether anything is there cannot be known (no permission on the key
+            directory): neither "missing" nor a free name to write a new key to.
+    """
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except NotADirectoryError:
+        return False
+    except OSError as exc:
+        raise KeyMaterialError(
+            f"cannot look for key file {path}: {exc.strerror or exc}",
+            hint=f"check the owner and permissions of {path.parent} (agov needs to read it)",
+        ) from exc
+    return True
 
 
 def _check_keyid(keyid: str) -> None:
@@ -455,8 +471,10 @@ def bundle_keyid(public_der: bytes) -> str:
     return "agov-bundle-" + hashlib.sha256(public_der).hexdigest()[:16]
 
 
-def ensure_bundle_signing_key(keys_dir: Path) -> BundleKey:
-    """Return the ES256 bundle signing key pair, creating it when there is none.
+def ensure_bundle_signing_key(keys_dir: Path, *, create: bool = True) -> BundleKey:
+    """Return the ES256 bundle signing key pair, creating it when there is none (and ``create``:
+    a bundle already built needs the key that signed it, and a new one would only make OPA
+    refuse it).
 
     OPA signs bundles with JWS and has no EdDSA there, hence P-256. The private key is
     PKCS#8 PEM, which ``opa build --signing-key ... --signing-alg ES256`` accepts (checked
@@ -490,6 +508,13 @@ def ensure_bundle_signing_key(keys_dir: Path) -> BundleKey:
             f"bundle public key {pub_path} exists but its private key {key_path} is missing",
             hint="restore the private key, or remove the public key to start a new pair "
             "and redistribute it to every OPA",
+        )
+    elif not create:
+        raise KeyMaterialError(
+            f"the bundle signing key {key_path} and its public key are missing, so no OPA can "
+            "verify the policy bundles signed with them",
+            hint="restore keys/ from a backup of the workspace, or run `agov policy build` to "
+            "make a new pair and sign the active policy's bundle with it",
         )
     else:
         private = ec.generate_private_key(ec.SECP256R1())

@@ -10,7 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import ADMISSION_KEYS, HEX64, Result, agov, copy_ws, ok, parallel, query, sql
+from e2e_support import (
+    ADMISSION_KEYS,
+    HEX64,
+    Result,
+    agov,
+    assert_only_audit_changed,
+    copy_ws,
+    ok,
+    parallel,
+    query,
+    snapshot,
+    sql,
+)
 
 pytestmark = pytest.mark.acceptance
 
@@ -273,3 +285,29 @@ def test_revoked_signer_then_new_key_and_revalidation(ws: Path, tmp_path: Path) 
     check_admission(agov("admit", "gov-a", home=home), allow=True, code="ADMISSION_ALLOW", agent_id="gov-a")
     proofs = ok("agent", "history", "gov-a", home=home)["proofs"]
     assert [(p["keyid"], p["superseded_at"] is None) for p in proofs] == [(old, False), (new["keyid"], True)]
+
+
+def test_a_lost_bundle_signing_key_is_a_deny_that_writes_no_new_key(ws: Path, tmp_path: Path) -> None:
+    """A decision starts the managed OPA on the bundle as built: with both halves of the bundle
+    signing key gone it denies and says how to recover. Before, it wrote a new pair into keys/
+    (a decision writing key material), which could never verify the bundle on disk."""
+    home = copy_ws(ws, tmp_path / "ws")
+    for name in ("bundle-signing.es256.key", "bundle-signing.es256.pub"):
+        (home / "keys" / name).unlink()
+    keys_before = sorted(p.name for p in (home / "keys").iterdir())
+    before = snapshot(home)
+
+    body = check_admission(
+        agov("admit", "gov-a", home=home),
+        allow=False,
+        code="ADMISSION_DENY_ENGINE_UNAVAILABLE",
+        agent_id="gov-a",
+    )
+
+    message = body["reasons"][0]["message"]
+    assert "bundle signing key" in message and "are missing" in message and "agov policy build" in message
+    assert sorted(p.name for p in (home / "keys").iterdir()) == keys_before
+    assert_only_audit_changed(before, snapshot(home))
+    # the recovery the message names: a new pair signs the active policy's bundle again
+    ok("policy", "build", home=home)
+    check_admission(agov("admit", "gov-a", home=home), allow=True, code="ADMISSION_ALLOW", agent_id="gov-a")

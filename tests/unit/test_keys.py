@@ -573,3 +573,32 @@ def test_a_dangling_bundle_or_seal_key_link_is_not_replaced_by_a_new_key(tmp_pat
     else:
         _assert_names_the_link(exc, link, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == [name], "no key written"
+
+
+def test_a_key_directory_agov_may_not_search_is_not_taken_for_missing_keys(
+    keys_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lexists() says False on EACCES too, so a keys/ agov may not search read as "no key": a
+    promotion then tried to write a new bundle key pair, and admission said a key was missing.
+    (Simulated: the tests may run as root, for whom mode 000 is no obstacle.)"""
+    real_lstat = os.lstat
+
+    def denied(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(path).parent == keys_dir:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "lstat", denied)
+    with pytest.raises(KeyMaterialError, match=r"cannot look for key file .*: Permission denied") as info:
+        keys.ensure_bundle_signing_key(keys_dir)
+    assert str(keys_dir) in info.value.hint
+    assert list(keys_dir.iterdir()) == []
+
+
+def test_a_bundle_key_is_created_only_when_asked(keys_dir: Path) -> None:
+    with pytest.raises(KeyMaterialError, match=r"bundle signing key .* are missing") as info:
+        keys.ensure_bundle_signing_key(keys_dir, create=False)
+    assert "agov policy build" in info.value.hint
+    assert list(keys_dir.iterdir()) == []
+    made = keys.ensure_bundle_signing_key(keys_dir)
+    assert keys.ensure_bundle_signing_key(keys_dir, create=False) == made
