@@ -352,13 +352,22 @@ def load_signer(keys_dir: Path, keyid: str) -> ProofSigner:
 
     Raises:
         KeyMaterialError: the key id is malformed, the file is missing, unreadable, readable
-            by group or others, corrupt, or holds a different key than its name says.
+            by group or others, corrupt, or holds a different key than its name says; or the
+            public file of an Ed25519 key is (admission verifies with it).
     """
     alg, path = _find_private(keys_dir, keyid)
     data = _read(path, private=True)
     if alg == "ed25519":
         private = _load_ed25519_private(path, data)
         _expect_keyid(path, keyid, ed25519_keyid(_raw_public(private.public_key())))
+        try:  # admission verifies with the public file: a proof nothing can verify is no proof
+            load_trusted_key(keys_dir, keyid)
+        except KeyMaterialError as exc:
+            raise KeyMaterialError(
+                f"the signing key {keyid[:12]} may not sign: admission could not verify what it "
+                f"signs, because {exc.message}",
+                hint=exc.hint,
+            ) from exc
         return ProofSigner.ed25519(private)
     secret = _load_hmac_secret(path, data)
     _expect_keyid(path, keyid, hmac_keyid(secret))

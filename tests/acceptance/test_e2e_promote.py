@@ -213,3 +213,28 @@ def test_fails_closed_when_opa_is_unavailable(ws: Path, tmp_path: Path, active_h
         assert out["proof_keyid"] is None
         assert out["policy_hash"] == active_hash
         assert_only_audit_changed(before, snapshot(ws), "PROMOTION_ATTEMPT", "PROMOTION_DENIED")
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage", "empty"])
+def test_a_signing_key_whose_public_half_is_unreadable_signs_nothing(
+    ws: Path, tmp_path: Path, proof_key: str, damage: str
+) -> None:
+    """Admission verifies with the public file: before, promotion signed anyway and every later
+    start of the agent was denied. Now the promotion is denied, naming the file."""
+    home = copy_ws(ws, tmp_path / "ws")
+    public = home / "keys" / f"{proof_key}.ed25519.pub"
+    if damage == "missing":
+        public.unlink()
+    else:
+        public.write_bytes(b"" if damage == "empty" else b"not a PEM key\n")
+    before = snapshot(home)
+
+    code, out = promote(home, "pass-agent")
+
+    assert code == 1 and out["allow"] is False and out["proof_keyid"] is None
+    assert out["status"] == "SANDBOX"
+    (reason,) = out["deny"]
+    assert (
+        "admission could not verify what it signs" in reason["message"] and str(public) in reason["message"]
+    )
+    assert_only_audit_changed(before, snapshot(home), "PROMOTION_ATTEMPT", "PROMOTION_DENIED")
