@@ -245,6 +245,8 @@ def _record(row: Any) -> AgentRecord:
 
 
 def _decode(row: Any) -> AgentRecord:
+    if row["spec"] is None:
+        raise ValueError(f"its current version {row['current_version']!r} has no stored spec")
     return AgentRecord(
         id=row["id"],
         workspace=row["workspace"],
@@ -264,9 +266,10 @@ def _decode(row: Any) -> AgentRecord:
     )
 
 
+# LEFT JOIN: an agent whose current version row is gone is a damaged row, not no agent
 _SELECT = (
     "SELECT a.*, v.spec, v.creation_mode, v.source FROM agents a "
-    "JOIN agent_versions v ON v.agent_id = a.id AND v.version = a.current_version"
+    "LEFT JOIN agent_versions v ON v.agent_id = a.id AND v.version = a.current_version"
 )
 
 

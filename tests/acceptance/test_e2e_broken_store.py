@@ -95,8 +95,13 @@ def test_an_unreadable_audit_anchor_denies_a_promotion_before_anything_commits(f
     [
         ("UPDATE agent_versions SET spec = '{not json' WHERE agent_id = 'gov-a'", "JSONDecodeError"),
         ("UPDATE agents SET status = 'PROMOTED_BY_HAND' WHERE id = 'gov-a'", "ValueError"),
+        # was "no agent with id 'gov-a'" (exit 2), and `agent list` left the agent out
+        (
+            "UPDATE agents SET current_version = 99 WHERE id = 'gov-a'",
+            "ValueError: its current version 99 has no stored spec",
+        ),
     ],
-    ids=["spec-not-json", "unknown-status"],
+    ids=["spec-not-json", "unknown-status", "current-version-gone"],
 )
 def test_a_damaged_agent_row_is_named_and_its_admission_denied(fresh_ws: Path, sql: str, damage: str) -> None:
     """Before: `agent list` failed for every agent with a raw JSONDecodeError ("internal error"),
