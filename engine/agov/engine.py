@@ -27,6 +27,7 @@ from agov.decisions import AdmissionDecision, Code
 from agov.errors import (
     AgovError,
     KeyMaterialError,
+    NotFoundError,
     PolicyError,
     UsageError,
     WorkspaceError,
@@ -309,7 +310,11 @@ class Engine:
             NotFoundError: no such agent.
             UsageError: a concurrent change to the agent won.
         """
-        agent = registry.get_agent(self.store, agent_id)
+        try:
+            agent = registry.get_agent(self.store, agent_id)
+        except NotFoundError as exc:  # audited as every rejected promote request is
+            self.reject_request("promote", exc, actor=actor, agent_id=agent_id)
+            raise
         self.metrics.promotion_attempts.inc()
         started = time.perf_counter()
         active = policy.active_version(self.store)

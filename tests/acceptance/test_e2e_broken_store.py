@@ -8,11 +8,12 @@ store, so a caller that only tells 0 from 1 could not read the answer as a deny.
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 from pathlib import Path
 
 import pytest
-from e2e_support import ADMISSION_KEYS, agov, db_path, expect_error, ok, snapshot
+from e2e_support import ADMISSION_KEYS, agov, assert_only_audit_changed, db_path, expect_error, ok, snapshot
 
 pytestmark = pytest.mark.acceptance
 
@@ -69,8 +70,17 @@ def test_a_command_that_is_not_a_decision_is_exit_3(broken: Path) -> None:
 
 
 def test_an_unknown_agent_is_still_bad_input(fresh_ws: Path) -> None:
+    before = snapshot(fresh_ws)
     expect_error(agov("admit", "no-such-agent", home=fresh_ws), code=2)
     expect_error(agov("promote", "no-such-agent", "--role", "agent_admin", home=fresh_ws), code=2)
+    # a rejected promote request is audited, as a rejected create or update is
+    (event,) = assert_only_audit_changed(before, snapshot(fresh_ws), "REQUEST_REJECTED")
+    payload = json.loads(event[6])
+    assert (payload["operation"], payload["agent_ref"], payload["error"]) == (
+        "promote",
+        "no-such-agent",
+        "NotFoundError",
+    )
 
 
 def test_an_unreadable_audit_anchor_denies_a_promotion_before_anything_commits(fresh_ws: Path) -> None:
