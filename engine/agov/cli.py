@@ -410,6 +410,9 @@ def agent_create(
         )
     with _engine(ctx) as engine:
         try:
+            if agent_id is not None and not agent_id.strip():
+                # not a default: each mode would fall back to its own id without a word
+                raise UsageError("--id is empty", hint="give the new agent's id, or leave --id out")
             limit = engine.config.limits.max_spec_bytes
             source: str
             if from_file:
@@ -857,9 +860,12 @@ def keys_list(ctx: Ctx) -> None:
 @common
 def keys_revoke(ctx: Ctx, keyid: str, reason: str) -> None:
     """Revoke a key: proofs it signed stop admitting at once; run `agov revalidate` to re-sign."""
+    if not reason.strip():
+        raise UsageError("--reason is empty", hint="say why the key is revoked: it is kept in the audit log")
+    prefix = keyid.lower()  # key ids are lowercase hex; a prefix copied in capitals is the same key
     with _engine(ctx) as engine:
         matches = (
-            [k.keyid for k in engine.list_keys() if k.keyid.startswith(keyid)] if len(keyid) >= 8 else []
+            [k.keyid for k in engine.list_keys() if k.keyid.startswith(prefix)] if len(prefix) >= 8 else []
         )
         if len(matches) != 1:
             raise NotFoundError(

@@ -7,6 +7,7 @@ caller has already size-checked, so an oversized document is refused before it i
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -183,6 +184,28 @@ def parse_spec_bytes(raw: bytes, *, source: str = "spec", max_bytes: int = MAX_S
 _SHOWN_ERRORS = 10
 
 
+def _first_unjsonable(value: Any, path: tuple[str, ...] = ()) -> tuple[str, str] | None:
+    """Where the first value JSON cannot carry sits, as a field path, and what it is."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _first_unjsonable(item, (*path, str(key)))
+            if found:
+                return found
+        return None
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            found = _first_unjsonable(item, (*path, str(index)))
+            if found:
+                return found
+        return None
+    where = "/".join(path) or "(document)"
+    if isinstance(value, float) and not math.isfinite(value):
+        return where, f"{value} is not a finite number"
+    if value is None or isinstance(value, str | int | float):
+        return None
+    return where, f"{type(value).__name__} {value!r}"
+
+
 def validate_spec(document: Any) -> AgentSpec:
     """Validate a parsed document against the agent spec schema and compute its hash.
 
@@ -196,7 +219,12 @@ def validate_spec(document: Any) -> AgentSpec:
     try:
         document = json.loads(json.dumps(document, allow_nan=False))
     except (TypeError, ValueError) as exc:
-        raise SpecError(f"spec holds a value JSON cannot carry: {exc}") from exc
+        field, what = _first_unjsonable(document) or ("", str(exc))
+        raise SpecError(
+            f"a value JSON cannot carry: {what}",
+            path=field,
+            hint="quote it to make it a string (YAML reads 2026-01-01 as a date), or use a finite number",
+        ) from exc
     errors = sorted(_validator().iter_errors(document), key=lambda e: (list(e.absolute_path), e.message))
     if errors:
         where = ["/".join(str(p) for p in e.absolute_path) or "(document)" for e in errors]

@@ -417,3 +417,24 @@ def test_a_damaged_agov_yaml_is_a_deny_in_a_decision_and_bad_input_elsewhere(
     listed = expect_error(agov("agent", "list", home=home), 2)
     assert listed["type"] == "ConfigError" and "agov.yaml" in listed["message"] and named in listed["message"]
     assert_only_audit_changed(before, snapshot(home))
+
+
+def test_empty_values_are_refused_not_taken_for_defaults(pristine: Path, tmp_path: Path) -> None:
+    home = copy_ws(pristine, tmp_path / "ws")
+    ok("agent", "create", "--template", "research-analyst", home=home)
+    (keyid,) = [k["keyid"] for k in ok("keys", "list", home=home)]
+    before = snapshot(home)
+
+    # an empty --id made `--clone X` create "X-clone" without a word
+    error = expect_error(agov("agent", "create", "--clone", "research-analyst", "--id", "", home=home), 2)
+    assert error["message"] == "--id is empty"
+    # a revocation without a reason leaves nothing for the audit log to say
+    error = expect_error(agov("keys", "revoke", keyid, "--reason", " ", home=home), 2)
+    assert error["message"] == "--reason is empty"
+    after = snapshot(home)
+    assert after.rows == before.rows
+    assert [row[2] for row in new_audit(before, after)] == ["REQUEST_REJECTED"]  # the create
+
+    # a key id prefix in capitals is the same key
+    revoked = ok("keys", "revoke", keyid[:12].upper(), "--reason", "rotated", home=home)
+    assert revoked["keyid"] == keyid and revoked["revoked_at"]

@@ -190,3 +190,26 @@ def test_the_same_key_in_different_mappings_and_a_merge_key_still_load(valid_spe
     assert parse_spec_bytes(b"<<: {a: 1}\nb: 2\n") == {"a": 1, "b": 2}
     spec = load_spec(yaml.safe_dump(valid_spec).encode())
     assert spec.hash == load_spec(json.dumps(valid_spec).encode()).hash
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "what"),
+    [
+        (b"metadata:\n  created: 2026-01-01\n", "metadata/created", "date datetime.date(2026, 1, 1)"),
+        (
+            b"spec:\n  anatomy:\n    temperature: .nan\n",
+            "spec/anatomy/temperature",
+            "nan is not a finite number",
+        ),
+        (b"spec:\n  limits: [1, .inf]\n", "spec/limits/1", "inf is not a finite number"),
+        (b"blob: !!binary aGVsbG8=\n", "blob", "bytes b'hello'"),
+    ],
+    ids=["yaml-date", "nan", "inf-in-a-list", "binary"],
+)
+def test_a_value_json_cannot_carry_is_named_by_its_field(raw: bytes, field: str, what: str) -> None:
+    """Before: "Object of type date is not JSON serializable", with no field to look at."""
+    with pytest.raises(SpecError) as info:
+        validate_spec(parse_spec_bytes(raw))
+    assert info.value.path == field
+    assert info.value.message == f"{field}: a value JSON cannot carry: {what}"
+    assert "quote it" in info.value.hint
