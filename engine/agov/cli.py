@@ -15,6 +15,7 @@ import os
 import select
 import signal
 import sys
+import unicodedata
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,6 +51,15 @@ def _default_actor() -> str:
         return os.environ.get("AGOV_ACTOR") or getpass.getuser()
     except Exception:
         return "unknown"
+
+
+def _check_actor(actor: str) -> None:
+    """The actor is signed into proofs and shown in audit lines: one printable line."""
+    if any(unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp") for char in actor):
+        raise UsageError(
+            f"the actor {actor!r} holds a control or line-breaking character",
+            hint="give --actor (or AGOV_ACTOR) as one printable line",
+        )
 
 
 def _exit_for(exc: BaseException) -> int:
@@ -129,6 +139,7 @@ def common(func: F) -> F:
         as_json = as_json or bool(click.get_current_context().meta.get(_JSON_META))  # `agov --json X`
         ctx = Ctx(home=home, as_json=as_json, actor=actor or _default_actor(), opa_url=opa_url)
         try:
+            _check_actor(ctx.actor)
             return func(ctx, **kwargs)
         except click.exceptions.Abort as exc:  # click.prompt turns Ctrl-C into Abort
             if _by_ctrl_c(exc):

@@ -438,3 +438,19 @@ def test_empty_values_are_refused_not_taken_for_defaults(pristine: Path, tmp_pat
     # a key id prefix in capitals is the same key
     revoked = ok("keys", "revoke", keyid[:12].upper(), "--reason", "rotated", home=home)
     assert revoked["keyid"] == keyid and revoked["revoked_at"]
+
+
+@pytest.mark.parametrize("actor", ["bob\nmallory", "bob\r", "bob\u2028x", "bob\u202e"])
+def test_an_actor_that_is_not_one_printable_line_is_refused(
+    pristine: Path, tmp_path: Path, actor: str
+) -> None:
+    """The actor is signed into proofs and printed in audit lines: a line break in it could fake
+    a second line there."""
+    home = copy_ws(pristine, tmp_path / "ws")
+    before = snapshot(home)
+    error = expect_error(
+        agov("agent", "create", "--template", "research-analyst", "--actor", actor, home=home), 2
+    )
+    assert "control or line-breaking character" in error["message"]
+    after = snapshot(home)
+    assert (after.rows, after.audit) == (before.rows, before.audit)
