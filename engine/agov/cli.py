@@ -42,8 +42,19 @@ class Ctx:
     def __init__(self, home: Path, as_json: bool, actor: str, opa_url: str | None = None) -> None:
         self.home = home
         self.as_json = as_json
-        self.actor = actor
+        self._actor = actor
         self.opa_url = opa_url
+
+    @property
+    def actor(self) -> str:
+        """Checked where it is used (recorded), so a command that records no actor, such as
+        `admit`, never fails over it.
+
+        Raises:
+            UsageError: it holds a control or line-breaking character.
+        """
+        _check_actor(self._actor)
+        return self._actor
 
 
 def _default_actor() -> str:
@@ -53,9 +64,20 @@ def _default_actor() -> str:
         return "unknown"
 
 
+def _active_hash_or_none(engine: Any) -> str | None:
+    try:
+        return str(engine.active_policy().hash)
+    except Exception:
+        return None
+
+
+_JOINERS = frozenset("\u200c\u200d")  # format characters that names written in some scripts need
+
+
 def _check_actor(actor: str) -> None:
-    """The actor is signed into proofs and shown in audit lines: one printable line."""
-    if any(unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp") for char in actor):
+    """The actor is signed into proofs and shown in audit lines: one printable line, with no
+    invisible format character (a bidi override can make it read as another name)."""
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") and c not in _JOINERS for c in actor):
         raise UsageError(
             f"the actor {actor!r} holds a control or line-breaking character",
             hint="give --actor (or AGOV_ACTOR) as one printable line",
@@ -139,7 +161,6 @@ def common(func: F) -> F:
         as_json = as_json or bool(click.get_current_context().meta.get(_JSON_META))  # `agov --json X`
         ctx = Ctx(home=home, as_json=as_json, actor=actor or _default_actor(), opa_url=opa_url)
         try:
-            _check_actor(ctx.actor)
             return func(ctx, **kwargs)
         except click.exceptions.Abort as exc:  # click.prompt turns Ctrl-C into Abort
             if _by_ctrl_c(exc):
@@ -1002,12 +1023,17 @@ def serve(ctx: Ctx, watch: bool, metrics_port: int, metrics_addr: str) -> None:
 
         def reload() -> None:
             with lock:
+                before = _active_hash_or_none(engine)
                 try:
                     result = engine.reload_policy(
                         actor=ctx.actor, reason="watch: policy files or agov.yaml changed"
                     )
                 except AgovError as exc:
-                    click.echo(f"reload refused: {exc.diagnostics()}", err=True)
+                    # a switch that stood, with its run stopped, is no refusal: the message says so
+                    switched = _active_hash_or_none(engine) not in (before, None)
+                    click.echo(
+                        f"reload {'stopped' if switched else 'refused'}: {exc.diagnostics()}", err=True
+                    )
                     return
                 except Exception as exc:  # the watch goes on: the next save tries again
                     click.echo(f"reload failed: internal error: {type(exc).__name__}: {exc}", err=True)

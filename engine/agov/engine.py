@@ -26,6 +26,8 @@ from agov.config import Config, load_config
 from agov.decisions import AdmissionDecision, Code
 from agov.errors import (
     AgovError,
+    ConflictError,
+    InfrastructureError,
     KeyMaterialError,
     NotFoundError,
     PolicyError,
@@ -526,16 +528,22 @@ class Engine:
             self._refuse_reload(exc, actor=actor, reason=reason, active=active)
             raise
         version = policy.record(self.store, built, actor=actor, reason=reason)
+        switch = _SwitchProgress()
         try:
             report, org_changed = self._switch(
-                version, config, event=Code.POLICY_HOTRELOAD, actor=actor, reason=reason, progress=progress
+                version,
+                config,
+                event=Code.POLICY_HOTRELOAD,
+                actor=actor,
+                reason=reason,
+                progress=progress,
+                switch=switch,
             )
         # refused by OPA, OPA did not load it in time, no key to re-sign with, or no org limits to
-        # judge with: refused and the old one stays, unless the store had switched already (then
-        # the revalidation stopped, and its run is finished later)
+        # judge with: refused and the old one stays, unless this call had switched the store
+        # already (then the revalidation stopped, and its run is finished later)
         except AgovError as exc:
-            now_active = policy.active_version(self.store)
-            if now_active is None or now_active.hash != version.hash:
+            if not switch.committed:
                 self._refuse_reload(exc, actor=actor, reason=reason, active=active)
             raise
         self.metrics.reload_success.inc()
@@ -697,6 +705,7 @@ class Engine:
         actor: str,
         reason: str,
         progress: Callable[[int], None] | None,
+        switch: _SwitchProgress | None = None,
     ) -> tuple[RevalidationReport, bool]:
         """Activate in OPA first, then in the store, then revalidate with ``config`` (from
         ``_ready_to_switch``). Between the two steps every decision fails closed, because OPA's
@@ -724,6 +733,8 @@ class Engine:
                 self._evaluator.close()
                 self._evaluator = None
             policy.mark_active(self.store, version.hash, event=event, actor=actor, reason=reason)
+            if switch is not None:
+                switch.committed = True
         try:
             report = self.revalidate(
                 previous_hash=previous.hash if previous else None,
@@ -734,15 +745,19 @@ class Engine:
         except AgovError as exc:
             # the switch stands (an external OPA fetches bundles itself, so nothing refused it
             # here): say so, or the error reads as a refusal
-            exc.message = (
+            message = (
                 f"policy {version.hash[:12]} is active, but revalidating the agents under it stopped: "
                 f"{exc.message}"
             )
-            exc.args = (exc.message,)
-            exc.hint = (
+            hint = (
                 f"{exc.hint + '; then ' if exc.hint else ''}`agov revalidate` finishes the run; until "
                 "then an agent not yet re-signed under the new policy is denied"
             )
+            if not isinstance(exc, InfrastructureError):
+                # e.g. the signing key revoked meanwhile: not bad input (the switch changed the
+                # store), but something changed under the run
+                raise ConflictError(message, hint=hint) from exc
+            exc.message, exc.args, exc.hint = message, (message,), hint
             raise
         return report, org_changed
 
@@ -796,6 +811,13 @@ class Engine:
 
 
 _T = TypeVar("_T")
+
+
+class _SwitchProgress:
+    """Whether a policy switch has committed the store's side: what an error after it means
+    (a stopped revalidation) differs from what it means before (a refusal)."""
+
+    committed = False
 
 
 def _memo(reads: dict[Any, Any], key: Any, load: Callable[[], _T]) -> _T:

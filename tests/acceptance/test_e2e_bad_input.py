@@ -454,3 +454,16 @@ def test_an_actor_that_is_not_one_printable_line_is_refused(
     assert "control or line-breaking character" in error["message"]
     after = snapshot(home)
     assert (after.rows, after.audit) == (before.rows, before.audit)
+
+
+def test_the_actor_is_checked_only_where_it_is_recorded(pristine: Path, tmp_path: Path) -> None:
+    """A stray character in AGOV_ACTOR must not refuse commands that record no actor, such as
+    every start of an agent; and a name that needs a zero-width joiner is a name."""
+    home = copy_ws(pristine, tmp_path / "ws")
+    stray = {"AGOV_ACTOR": "ci-runner\r"}
+    assert agov("audit", "verify", home=home, env=stray).code == 0
+    assert agov("agent", "list", home=home, env=stray).code == 0
+    persian = "\u0645\u0647\u062f\u06cc\u200c\u0632\u0627\u062f\u0647"  # a name with a ZWNJ
+    created = ok("agent", "create", "--template", "research-analyst", "--actor", persian, home=home)
+    assert created["id"] == "research-analyst"
+    assert agov("admit", "research-analyst", home=home, env=stray).code == 0
