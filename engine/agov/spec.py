@@ -184,6 +184,16 @@ def parse_spec_bytes(raw: bytes, *, source: str = "spec", max_bytes: int = MAX_S
 _SHOWN_ERRORS = 10
 
 
+_ONE_LINE = "^[^\\u0000-\\u001f\\u007f\\u2028\\u2029]+$"  # the schema's pattern for ids and names
+
+
+def _said(error: Any) -> str:
+    """The schema error in words: a pattern is no explanation."""
+    if error.validator == "pattern" and error.validator_value == _ONE_LINE:
+        return f"{error.instance!r} holds a control or line-breaking character"
+    return str(error.message)
+
+
 def _first_unjsonable(value: Any, path: tuple[str, ...] = ()) -> tuple[str, str] | None:
     """Where the first value JSON cannot carry sits, as a field path, and what it is."""
     if isinstance(value, dict):
@@ -228,15 +238,12 @@ def validate_spec(document: Any) -> AgentSpec:
     errors = sorted(_validator().iter_errors(document), key=lambda e: (list(e.absolute_path), e.message))
     if errors:
         where = ["/".join(str(p) for p in e.absolute_path) or "(document)" for e in errors]
-        others = [
-            f"{w}: {e.message}" for w, e in zip(where[1:_SHOWN_ERRORS], errors[1:_SHOWN_ERRORS], strict=True)
-        ]
+        said = [_said(e) for e in errors]
+        others = [f"{w}: {m}" for w, m in zip(where[1:_SHOWN_ERRORS], said[1:_SHOWN_ERRORS], strict=True)]
         if len(errors) > _SHOWN_ERRORS:
             others.append(f"and {len(errors) - _SHOWN_ERRORS} more")
         also = "".join(f"\n  also {line}" for line in others)  # one fix-and-retry round, not ten
-        raise SpecError(
-            f"{errors[0].message}{also}", path=where[0], hint="see the spec reference in README.md"
-        )
+        raise SpecError(f"{said[0]}{also}", path=where[0], hint="see the spec reference in README.md")
     canonical = canonical_json(document)
     return AgentSpec(document=document, canonical=canonical, hash=spec_hash(document))
 

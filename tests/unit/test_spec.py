@@ -213,3 +213,26 @@ def test_a_value_json_cannot_carry_is_named_by_its_field(raw: bytes, field: str,
     assert info.value.path == field
     assert info.value.message == f"{field}: a value JSON cannot carry: {what}"
     assert "quote it" in info.value.hint
+
+
+@pytest.mark.parametrize("field", ["id", "name"])
+@pytest.mark.parametrize("value", ["two\nlines", "tab\there", "bell\x07", "line\u2028sep"])
+def test_an_id_or_name_that_is_not_one_line_is_refused_in_words(
+    valid_spec: dict[str, Any], field: str, value: str
+) -> None:
+    """Ids and names are printed one per line (`agent list`, audit lines): a line break in one
+    broke the layout. The schema's pattern says so in words, not as a regular expression."""
+    document = json.loads(json.dumps(valid_spec))
+    document["metadata"][field] = value
+    with pytest.raises(SpecError) as info:
+        validate_spec(document)
+    assert info.value.path == f"metadata/{field}"
+    assert info.value.message == f"metadata/{field}: {value!r} holds a control or line-breaking character"
+
+
+def test_the_one_line_pattern_is_the_schemas() -> None:
+    from agov.spec import _ONE_LINE
+
+    metadata = json.loads(schema_path("agent_spec.json").read_text())["properties"]["metadata"]["properties"]
+    assert metadata["id"]["pattern"] == metadata["name"]["pattern"] == _ONE_LINE
+    assert re.search(_ONE_LINE, "finance-reconciler prod/2 \u00e9\u200d") is not None
