@@ -48,6 +48,15 @@ _TAMPERED = PolicyVerdict(
         ),
     ),
 )
+_NO_VERSION = PolicyVerdict(
+    False,
+    (
+        Reason(
+            "REVALIDATION_SPEC_UNREADABLE",
+            "the agent's current version has no stored spec: its version row was removed outside agov",
+        ),
+    ),
+)
 _UNREADABLE = PolicyVerdict(
     False,
     (
@@ -94,6 +103,7 @@ class _Row:
     has_proof: bool  # a current proof on record for this version and spec hash
     proof_expires_at: datetime | None  # that proof's expiry, which a renewed proof keeps
     stored: _StoredProof | None = None  # that proof's row, when there is one
+    version_row_gone: bool = False  # the agent's current version has no row (spec_hash is "")
 
 
 @dataclass(frozen=True)
@@ -139,7 +149,8 @@ def _chunk(store: Store, after: str, size: int) -> list[_Row]:
         " CAST(p.keyid AS BLOB) AS proof_keyid, CAST(p.governance_status AS BLOB) AS proof_status,"
         " CAST(p.issued_at AS BLOB) AS proof_issued_at, p.id AS proof_row_id, CAST(p.seal AS BLOB) AS proof_seal"
         " FROM agents a"
-        " JOIN agent_versions v ON v.agent_id = a.id AND v.version = a.current_version"
+        # LEFT: an agent whose version row is gone is judged (invalidated), not silently skipped
+        " LEFT JOIN agent_versions v ON v.agent_id = a.id AND v.version = a.current_version"
         " LEFT JOIN agent_proofs p ON p.agent_id = a.id AND p.superseded_at IS NULL"
         # `+a.status`: walk the primary key from the cursor instead of sorting every governed row
         # per chunk (which made each chunk slower as the store grew).
@@ -158,7 +169,8 @@ def _chunk(store: Store, after: str, size: int) -> list[_Row]:
 
 
 def _row(r: Any) -> _Row:
-    spec_hash = blob_text(r["spec_hash"])
+    gone = r["spec_hash"] is None  # LEFT JOIN: no version row (the column itself is NOT NULL)
+    spec_hash = "" if gone else blob_text(r["spec_hash"])
     proof_expires = blob_text(r["proof_expires_at"])
     has_proof = r["proof_version"] == r["current_version"] and blob_text(r["proof_spec_hash"]) == spec_hash
     try:
@@ -188,6 +200,7 @@ def _row(r: Any) -> _Row:
         )
         if has_proof
         else None,
+        gone,
     )
 
 
@@ -221,8 +234,9 @@ def _verdicts(
 ) -> _Judged:
     # A spec whose stored bytes no longer hash to the recorded spec hash was edited outside
     # agov: it is invalidated, and its bytes are never spliced into the input.
+    verdicts = {r.agent_id: _NO_VERSION for r in rows if r.version_row_gone}
     tampered = {r.agent_id for r in rows if sha256_hex(r.canonical) != r.spec_hash}
-    verdicts = dict.fromkeys(tampered, _TAMPERED)
+    verdicts |= {agent_id: _TAMPERED for agent_id in tampered - set(verdicts)}
     for r in rows:
         if r.agent_id in verdicts:
             continue

@@ -49,6 +49,30 @@ def test_a_spec_edited_outside_agov_is_invalidated_and_never_sent(engine: Engine
     assert not engine.admit(AGENTS[0]).allow
 
 
+def test_an_agent_whose_version_row_is_gone_is_invalidated_not_skipped(engine: Engine) -> None:
+    """Before, the chunk query's inner join left such an agent out of every run (the report
+    counted one agent fewer) while it stayed GOVERNED_VALID on its old proof."""
+    conn = sqlite3.connect(engine.workspace.db_path)
+    try:
+        conn.execute("UPDATE agents SET current_version = 99 WHERE id = ?", (AGENTS[0],))
+        conn.commit()
+    finally:
+        conn.close()
+
+    report = engine.revalidate()
+
+    assert (report.total, report.valid, report.newly_invalidated) == (2, 1, 1)
+    gone = engine.store.query_one("SELECT status, reasons FROM agents WHERE id = ?", (AGENTS[0],))
+    assert gone["status"] == Status.GOVERNED_INVALIDATED.value
+    assert "REVALIDATION_SPEC_UNREADABLE" in gone["reasons"] and "version row was removed" in gone["reasons"]
+    assert engine.admit(AGENTS[1]).allow
+    assert not engine.admit(AGENTS[0]).allow
+    assert engine.revalidate().total == 2  # judged again by the next run, and still invalid
+    assert engine.store.query_one("SELECT status FROM agents WHERE id = ?", (AGENTS[0],))[0] == (
+        Status.GOVERNED_INVALIDATED.value
+    )
+
+
 def _set_spec(engine: Engine, agent_id: str, spec: str) -> None:
     """The stored spec and its recorded hash, both edited outside agov, so that they agree."""
     conn = sqlite3.connect(engine.workspace.db_path)
