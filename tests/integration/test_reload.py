@@ -476,6 +476,29 @@ def test_a_rollback_from_a_process_with_no_sidecar_yet_loads_the_bundle_before_t
     assert decision.allow and decision.policy_hash == new
 
 
+def test_a_reload_after_another_process_rolled_back_activates_the_tree_again(
+    engine: Engine, home: Path
+) -> None:
+    """`serve --watch` reloaded to X; the CLI rolled back; the next change of a tree that still
+    hashes to X (here agov.yaml) rebuilt X, whose new signature bytes the sidecar, still serving
+    X, refused as "active with different bundle bytes": an internal error, and the change (a
+    tighter org limit too) was never applied."""
+    old = engine.active_policy().hash
+    edit_data(home, set_analysis_limit(0.4))
+    tight = engine.reload_policy(actor=ACTOR, reason="tighten")["policy_hash"]
+    with Engine.open(home) as cli:
+        cli.rollback_policy(old, actor="other", reason="undo")
+    assert statuses(home) == BEFORE
+    assert engine.evaluator().active_revision == tight  # type: ignore[attr-defined]
+
+    result = engine.reload_policy(actor=ACTOR, reason="the watcher saw a change")
+
+    assert result["changed"] and result["policy_hash"] == tight
+    assert engine.active_policy().hash == tight
+    assert {a for a, s in statuses(home).items() if s == "GOVERNED_INVALIDATED"} == INVALIDATED_BY_04
+    assert not engine.admit("hot-analyst").allow and engine.admit("cool-analyst").allow
+
+
 def test_a_reload_that_switched_is_never_audited_as_refused_even_when_another_process_moves_on(
     engine: Engine, home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -291,8 +291,7 @@ class ManagedSidecar:
         Raises:
             PolicyError: OPA refused the bundle; the message carries OPA's reason.
             EngineUnavailableError: Not running, OPA died, or no verdict in time.
-            ValueError: Empty or oversized bundle, a revision unusable as an ETag, or the
-                active revision with different bytes.
+            ValueError: Empty or oversized bundle, or a revision unusable as an ETag.
         """
         if not bundle_bytes or len(bundle_bytes) > self.managed.max_bundle_bytes:
             raise ValueError(
@@ -305,10 +304,11 @@ class ManagedSidecar:
                     "the managed OPA sidecar is not running", hint="call start() first"
                 )
             if revision == previous[1]:
-                if bundle_bytes == previous[0]:
-                    return  # already active
-                # OPA would report this revision active at once, whatever it makes of the bytes
-                raise ValueError(f"revision {revision!r} is active with different bundle bytes")
+                # already active. Other bytes under the same revision are the same policy (the
+                # revision hashes every policy and data file): a rebuild signs anew (ES256 is
+                # randomised). OPA keeps the bundle it verified; offering the new bytes would
+                # only look active at once, whatever OPA made of them.
+                return
             published = server.publish(bundle_bytes, revision)
             deadline = time.monotonic() + (timeout_s or self.managed.activation_timeout_s)
             try:
