@@ -521,8 +521,28 @@ def _open_run(
                 )
             return run_id, "", False
         run_id, cursor, digest = int(row[0]), str(row[1]), row[2]
-        if digest == org:
+        if digest == org and not (cursor and _signed_by_a_revoked_key(tx, policy_hash, cursor)):
             return run_id, cursor, bool(cursor)  # resumed if it got anywhere
+        if digest == org:
+            # the agents before the cursor were re-signed by a key revoked since: resuming would
+            # leave them on proofs no admission accepts, reported as valid by no run
+            tx.execute(
+                "UPDATE revalidation_runs SET cursor = '', total = 0, valid = 0, restricted = 0,"
+                " invalidated = 0, restored = 0, newly_invalidated = 0 WHERE id = ?",
+                (run_id,),
+            )
+            tx.audit(
+                Code.POLICY_REVALIDATION,
+                actor=REVALIDATION_ACTOR,
+                policy_hash=policy_hash,
+                now=now,
+                payload={
+                    "run_id": run_id,
+                    "stopped": "a key that signed proofs in this run was revoked before it finished",
+                    "restarts_from_the_first_agent": True,
+                },
+            )
+            return run_id, "", False
         tx.execute(
             "UPDATE revalidation_runs SET org_digest = ?, cursor = '', total = 0, valid = 0, restricted = 0,"
             " invalidated = 0, restored = 0, newly_invalidated = 0 WHERE id = ?",
@@ -546,6 +566,21 @@ def _open_run(
                 payload={"run_id": run_id, "stopped": why, "restarts_from_the_first_agent": True},
             )
         return run_id, "", False
+
+
+def _signed_by_a_revoked_key(tx: Tx, policy_hash: str, cursor: str) -> bool:
+    """Whether an agent the run has passed, and left admissible, holds its current proof under
+    this policy from a key revoked since."""
+    return (
+        tx.execute(
+            "SELECT 1 FROM agent_proofs p JOIN signing_keys k ON k.keyid = p.keyid"
+            " JOIN agents a ON a.id = p.agent_id AND a.status IN (?, ?)"
+            " WHERE p.superseded_at IS NULL AND p.policy_hash = ? AND p.agent_id <= ?"
+            " AND k.revoked_at IS NOT NULL LIMIT 1",
+            (Status.GOVERNED_VALID.value, Status.GOVERNED_RESTRICTED.value, policy_hash, cursor),
+        ).fetchone()
+        is not None
+    )
 
 
 def _audit_org_change(

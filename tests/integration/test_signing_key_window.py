@@ -234,6 +234,41 @@ def test_a_key_revoked_during_a_run_stops_it_and_its_resumption_re_signs_everyon
             assert engine.admit(agent_id).allow
 
 
+def test_a_key_revoked_while_no_process_runs_the_interrupted_run_makes_its_resumption_start_over(
+    tmp_path: Path, opa_bin: Path
+) -> None:
+    """The run died (kill -9, Ctrl-C) after re-signing the first agents; their key was revoked
+    before anyone resumed it. Resuming from the cursor left those agents on proofs no admission
+    accepts, and `agov revalidate` reported the rest as valid."""
+    home = tmp_path / "chunked"
+    with Engine.init(home, Config(limits=Limits(revalidation_chunk_size=1)), actor=ACTOR) as engine:
+        for agent_id in GOVERNED:
+            create_governed(engine, agent_id)
+        first_key = engine.list_keys()[0].keyid
+
+        def die_after_first_chunk(done: int) -> None:
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            engine.revalidate(progress=die_after_first_chunk)
+        run = engine.store.query_one("SELECT id, cursor FROM revalidation_runs WHERE finished_at IS NULL")
+        assert run["cursor"] == GOVERNED[0]
+        engine.revoke_key(first_key, reason="leaked", actor="other")
+        engine.generate_key(alg="ed25519", actor=ACTOR)
+
+        report = engine.revalidate()
+
+        assert (report.run_id, report.resumed, report.total, report.valid) == (run["id"], False, 2, 2)
+        for agent_id in GOVERNED:
+            assert engine.admit(agent_id).allow, agent_id
+        (restart,) = [
+            e.payload
+            for e in engine.store.audit_events()
+            if e.type == "POLICY_REVALIDATION" and "revoked" in e.payload.get("stopped", "")
+        ]
+        assert restart["run_id"] == run["id"] and restart["restarts_from_the_first_agent"] is True
+
+
 RUN = ("run-a", "run-b", "run-c", "run-d", "run-e")
 
 
