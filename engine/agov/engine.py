@@ -715,6 +715,13 @@ class Engine:
         previous policy's last run judged with (audited as ``ORG_LIMITS_CHANGED`` with the run:
         the new policy is not the only thing that judges the agents differently)."""
         previous = policy.active_version(self.store)
+        if previous is not None and previous.hash == version.hash:
+            # the caller saw another version active: another process has switched meanwhile
+            raise ConflictError(
+                f"another process activated policy {version.hash[:12]} meanwhile; that process "
+                "revalidates the agents under it",
+                hint="see `agov policy history`; nothing was changed here",
+            )
         digest = revalidation.org_digest(canonical_json(dataclasses.asdict(config.org)))
         judged = revalidation.judged_org(self.store, previous.hash) if previous else None
         org_changed = judged is not None and judged != digest
@@ -732,7 +739,14 @@ class Engine:
             elif not started and self._evaluator is not None:
                 self._evaluator.close()
                 self._evaluator = None
-            policy.mark_active(self.store, version.hash, event=event, actor=actor, reason=reason)
+            policy.mark_active(
+                self.store,
+                version.hash,
+                event=event,
+                actor=actor,
+                reason=reason,
+                expected_active=previous.hash if previous else None,
+            )
             if switch is not None:
                 switch.committed = True
         try:
@@ -749,10 +763,10 @@ class Engine:
                 f"policy {version.hash[:12]} is active, but revalidating the agents under it stopped: "
                 f"{exc.message}"
             )
-            hint = (
-                f"{exc.hint + '; then ' if exc.hint else ''}`agov revalidate` finishes the run; until "
-                "then an agent not yet re-signed under the new policy is denied"
-            )
+            finish = (
+                "" if "agov revalidate" in exc.hint else "`agov revalidate` finishes the run; "
+            ) + "until then an agent not yet re-signed under the new policy is denied"
+            hint = f"{exc.hint}; {finish}" if exc.hint else finish
             if not isinstance(exc, InfrastructureError):
                 # e.g. the signing key revoked meanwhile: not bad input (the switch changed the
                 # store), but something changed under the run

@@ -22,7 +22,7 @@ from agov import keys
 from agov.admission import ADMISSION_PATH
 from agov.bundle import BuiltBundle, check_and_build, compute_policy_hash
 from agov.decisions import Code
-from agov.errors import NotFoundError, PolicyError
+from agov.errors import ConflictError, NotFoundError, PolicyError
 from agov.promotion import PROMOTION_PATH
 from agov.revalidation import REVALIDATION_PATH
 from agov.store import Store
@@ -144,6 +144,13 @@ def record(
     return _version(row)
 
 
+class _Unchecked:
+    """The default of ``mark_active(expected_active=...)``: switch whatever is active."""
+
+
+_UNCHECKED = _Unchecked()
+
+
 def mark_active(
     store: Store,
     policy_hash: str,
@@ -154,8 +161,16 @@ def mark_active(
     now: datetime | None = None,
     extra: dict[str, Any] | None = None,
     open_run: bool = True,
+    expected_active: str | _Unchecked | None = _UNCHECKED,
 ) -> PolicyVersion:
     """Flip the active row and write the audit event, in one transaction.
+
+    With ``expected_active`` (a hash, or None for none) the switch happens only if that is still
+    the active version when the transaction holds the write lock: two reloads of one tree must
+    not both switch (and both revalidate, into one run).
+
+    Raises:
+        ConflictError: another process switched the active version since the caller looked.
 
     Unfinished revalidation runs of every other hash are closed then: once another policy has
     judged the agents, resuming such a run from its cursor would skip the agents before it (a
@@ -167,6 +182,14 @@ def mark_active(
     now = now or utcnow()
     previous = active_version(store)
     with store.transaction() as tx:
+        row = tx.execute("SELECT hash FROM policy_versions WHERE active = 1").fetchone()
+        current = row[0] if row else None
+        if not isinstance(expected_active, _Unchecked) and current != expected_active:
+            raise ConflictError(
+                f"another process activated policy {str(current)[:12]} while this one was switching to "
+                f"{policy_hash[:12]}; that process revalidates the agents under it",
+                hint="see `agov policy history`; run the command again if this policy should be active",
+            )
         tx.execute("UPDATE policy_versions SET active = 0 WHERE active = 1")
         if tx.execute("UPDATE policy_versions SET active = 1 WHERE hash = ?", (policy_hash,)).rowcount != 1:
             raise NotFoundError(f"policy version {policy_hash} is not recorded")

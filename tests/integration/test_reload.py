@@ -499,6 +499,53 @@ def test_a_reload_after_another_process_rolled_back_activates_the_tree_again(
     assert not engine.admit("hot-analyst").allow and engine.admit("cool-analyst").allow
 
 
+@pytest.mark.parametrize("when", ["before the switch began", "while OPA loaded the bundle"])
+def test_two_reloads_of_one_tree_switch_once_and_revalidate_once(
+    engine: Engine, home: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """Both built the same new hash; before, both switched (the second with previous_hash equal
+    to the hash it switched to) and both revalidated into one run, counting agents twice."""
+    seq = _last_seq(engine)
+    edit_data(home, set_analysis_limit(0.4))
+    other_result: dict[str, Any] = {}
+
+    def other_reloads_first() -> None:
+        if not other_result:
+            with Engine.open(home) as other:
+                other_result.update(other.reload_policy(actor="other", reason="same edit"))
+
+    if when == "before the switch began":
+        ready = engine._ready_to_switch
+
+        def ready_after_the_other() -> Any:
+            other_reloads_first()
+            return ready()
+
+        monkeypatch.setattr(engine, "_ready_to_switch", ready_after_the_other)
+    else:
+        sidecar = engine.evaluator()
+        activate = sidecar.activate  # type: ignore[attr-defined]
+
+        def activate_after_the_other(*args: Any, **kwargs: Any) -> Any:
+            other_reloads_first()
+            return activate(*args, **kwargs)
+
+        monkeypatch.setattr(sidecar, "activate", activate_after_the_other)
+
+    with pytest.raises(ConflictError, match=r"another process activated policy \w{12}"):
+        engine.reload_policy(actor=ACTOR, reason="same edit")
+
+    new = other_result["policy_hash"]
+    assert engine.active_policy().hash == new
+    types = [e["type"] for e in _audit(engine, seq)]
+    assert types.count("POLICY_HOTRELOAD") == 1 and types.count("POLICY_REVALIDATION") == 1
+    runs = engine.store.query(
+        "SELECT total, finished_at FROM revalidation_runs WHERE policy_hash = ?", (new,)
+    )
+    assert [(r["total"], r["finished_at"] is not None) for r in runs] == [(len(CAST), True)]
+    assert {a for a, s in statuses(home).items() if s == "GOVERNED_INVALIDATED"} == INVALIDATED_BY_04
+
+
 def test_a_reload_that_switched_is_never_audited_as_refused_even_when_another_process_moves_on(
     engine: Engine, home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
