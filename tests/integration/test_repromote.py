@@ -51,7 +51,7 @@ def test_after_its_signer_is_revoked_the_agent_is_promoted_again_as_the_deny_adv
     denied = engine.admit(AGENT)
     assert (
         denied.code == "ADMISSION_DENY_SIGNER_REVOKED"
-        and "promote the agent again" in denied.reasons[0].message
+        and "once a key may sign, `agov revalidate` re-signs it" in denied.reasons[0].message
     )
 
     assert engine.promote(AGENT, actor=ACTOR, role=ADMIN_ROLE).allow

@@ -39,7 +39,7 @@ _proof_chain := [
 	{
 		"fact": "signer_not_revoked",
 		"code": "ADMISSION_DENY_SIGNER_REVOKED",
-		"message": "the proof signer is revoked; promote the agent again for a new proof",
+		"message": "the proof signer is revoked; once a key may sign, `agov revalidate` re-signs it",
 	},
 	{
 		"fact": "proof_not_expired",
