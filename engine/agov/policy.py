@@ -165,19 +165,20 @@ def mark_active(
 ) -> PolicyVersion:
     """Flip the active row and write the audit event, in one transaction.
 
-    With ``expected_active`` (a hash, or None for none) the switch happens only if that is still
-    the active version when the transaction holds the write lock: two reloads of one tree must
-    not both switch (and both revalidate, into one run).
-
-    Raises:
-        ConflictError: another process switched the active version since the caller looked.
-
     Unfinished revalidation runs of every other hash are closed then: once another policy has
     judged the agents, resuming such a run from its cursor would skip the agents before it (a
     later activation of that hash starts a run of its own). The event lists the closed runs.
     With ``open_run`` the new hash's run is opened in the same transaction, so a process that
     dies right after the switch leaves a run that the next reload, ``serve`` or ``revalidate``
     finishes, rather than agents bound to a policy nothing will revalidate them under.
+
+    With ``expected_active`` (a hash, or None for none) the switch happens only if that is still
+    the active version when the transaction holds the write lock: two reloads of one tree must
+    not both switch (and both revalidate, into one run).
+
+    Raises:
+        ConflictError: another process switched the active version since the caller looked.
+        NotFoundError: ``policy_hash`` is not recorded.
     """
     now = now or utcnow()
     previous = active_version(store)
