@@ -521,26 +521,17 @@ def _open_run(
                 )
             return run_id, "", False
         run_id, cursor, digest = int(row[0]), str(row[1]), row[2]
-        if digest == org and not (cursor and _signed_by_a_revoked_key(tx, policy_hash, cursor)):
-            return run_id, cursor, bool(cursor)  # resumed if it got anywhere
         if digest == org:
+            if not (cursor and _signed_by_a_revoked_key(tx, policy_hash, cursor)):
+                return run_id, cursor, bool(cursor)  # resumed if it got anywhere
             # the agents before the cursor were re-signed by a key revoked since: resuming would
             # leave them on proofs no admission accepts, reported as valid by no run
-            tx.execute(
-                "UPDATE revalidation_runs SET cursor = '', total = 0, valid = 0, restricted = 0,"
-                " invalidated = 0, restored = 0, newly_invalidated = 0 WHERE id = ?",
-                (run_id,),
-            )
-            tx.audit(
-                Code.POLICY_REVALIDATION,
-                actor=REVALIDATION_ACTOR,
-                policy_hash=policy_hash,
-                now=now,
-                payload={
-                    "run_id": run_id,
-                    "stopped": "a key that signed proofs in this run was revoked before it finished",
-                    "restarts_from_the_first_agent": True,
-                },
+            _restart_in(
+                tx,
+                run_id,
+                policy_hash,
+                "a key that signed proofs in this run was revoked before it finished",
+                now,
             )
             return run_id, "", False
         tx.execute(
@@ -897,18 +888,23 @@ def _apply(
 
 def _restart(store: Store, run_id: int, policy_hash: str, cause: KeyMaterialError, now: datetime) -> None:
     with store.transaction() as tx:
-        tx.execute(
-            "UPDATE revalidation_runs SET cursor = '', total = 0, valid = 0, restricted = 0, invalidated = 0,"
-            " restored = 0, newly_invalidated = 0 WHERE id = ? AND finished_at IS NULL",
-            (run_id,),
-        )
-        tx.audit(
-            Code.POLICY_REVALIDATION,
-            actor=REVALIDATION_ACTOR,
-            policy_hash=policy_hash,
-            now=now,
-            payload={"run_id": run_id, "stopped": cause.message, "restarts_from_the_first_agent": True},
-        )
+        _restart_in(tx, run_id, policy_hash, cause.message, now)
+
+
+def _restart_in(tx: Tx, run_id: int, policy_hash: str, why: str, now: datetime) -> None:
+    """Send an unfinished run back to its first agent, and audit why."""
+    tx.execute(
+        "UPDATE revalidation_runs SET cursor = '', total = 0, valid = 0, restricted = 0, invalidated = 0,"
+        " restored = 0, newly_invalidated = 0 WHERE id = ? AND finished_at IS NULL",
+        (run_id,),
+    )
+    tx.audit(
+        Code.POLICY_REVALIDATION,
+        actor=REVALIDATION_ACTOR,
+        policy_hash=policy_hash,
+        now=now,
+        payload={"run_id": run_id, "stopped": why, "restarts_from_the_first_agent": True},
+    )
 
 
 class _SignerChanged(Exception):

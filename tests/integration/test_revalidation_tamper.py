@@ -52,12 +52,7 @@ def test_a_spec_edited_outside_agov_is_invalidated_and_never_sent(engine: Engine
 def test_an_agent_whose_version_row_is_gone_is_invalidated_not_skipped(engine: Engine) -> None:
     """Before, the chunk query's inner join left such an agent out of every run (the report
     counted one agent fewer) while it stayed GOVERNED_VALID on its old proof."""
-    conn = sqlite3.connect(engine.workspace.db_path)
-    try:
-        conn.execute("UPDATE agents SET current_version = 99 WHERE id = ?", (AGENTS[0],))
-        conn.commit()
-    finally:
-        conn.close()
+    _outside_agov(engine, ("UPDATE agents SET current_version = 99 WHERE id = ?", (AGENTS[0],)))
 
     report = engine.revalidate()
 
@@ -73,18 +68,26 @@ def test_an_agent_whose_version_row_is_gone_is_invalidated_not_skipped(engine: E
     )
 
 
-def _set_spec(engine: Engine, agent_id: str, spec: str) -> None:
-    """The stored spec and its recorded hash, both edited outside agov, so that they agree."""
+def _outside_agov(engine: Engine, *edits: tuple[str, tuple[object, ...]]) -> None:
+    """Statements (SQL, parameters) run on the store as the sqlite3 shell would, in one
+    transaction."""
     conn = sqlite3.connect(engine.workspace.db_path)
     try:
-        digest = hashlib.sha256(spec.encode()).hexdigest()
-        conn.execute(
-            "UPDATE agent_versions SET spec = ?, spec_hash = ? WHERE agent_id = ?", (spec, digest, agent_id)
-        )
-        conn.execute("UPDATE agent_proofs SET spec_hash = ? WHERE agent_id = ?", (digest, agent_id))
+        for sql, params in edits:
+            conn.execute(sql, params)
         conn.commit()
     finally:
         conn.close()
+
+
+def _set_spec(engine: Engine, agent_id: str, spec: str) -> None:
+    """The stored spec and its recorded hash, both edited outside agov, so that they agree."""
+    digest = hashlib.sha256(spec.encode()).hexdigest()
+    _outside_agov(
+        engine,
+        ("UPDATE agent_versions SET spec = ?, spec_hash = ? WHERE agent_id = ?", (spec, digest, agent_id)),
+        ("UPDATE agent_proofs SET spec_hash = ? WHERE agent_id = ?", (digest, agent_id)),
+    )
 
 
 @pytest.mark.parametrize("edit", ["not JSON", "a second entry smuggled in"])
