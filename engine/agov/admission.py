@@ -49,7 +49,7 @@ PROOF_FACTS = (
 )
 
 
-def sandbox_facts(agent: AgentRecord, now: datetime) -> dict[str, bool]:
+def sandbox_facts(agent: AgentRecord, now: datetime) -> dict[str, bool | None]:
     expires = parse_iso(agent.sandbox_expires_at)
     containment = agent.spec.containment
     return {
@@ -69,14 +69,18 @@ def proof_facts(
     *,
     max_proof_bytes: int,
     cache: SignatureCache | None = None,
-) -> tuple[dict[str, bool], list[str]]:
+) -> tuple[dict[str, bool | None], list[str]]:
     """The proof facts (pure apart from ``key_for``) and notes explaining any that failed.
 
-    A fact is true only when it was positively established; anything unknown stays false.
+    The facts are established in ``PROOF_FACTS`` order, and each is true only when it was
+    positively established. Once one is false, the rest are unknown (the proof's claims are
+    not read from an envelope that failed) and stay ``None``: a deny all the same, but not
+    reported as a second failure.
     """
-    facts = dict.fromkeys(PROOF_FACTS, False)
+    facts: dict[str, bool | None] = dict.fromkeys(PROOF_FACTS)
     notes: list[str] = []
     if proof_row is None:
+        facts["proof_present"] = False
         notes.append("no current proof on record")
         return facts, notes
     facts["proof_present"] = True
@@ -88,14 +92,16 @@ def proof_facts(
     try:
         verified = verify_proof(envelope, trusted, now, max_size=max_proof_bytes, cache=cache)
     except RevokedSignerError as exc:
-        facts["signature_valid"] = True
+        facts["signature_valid"], facts["signer_not_revoked"] = True, False
         notes.append(str(exc))
         return facts, notes
     except ExpiredProofError as exc:
         facts["signature_valid"] = facts["signer_not_revoked"] = True
+        facts["proof_not_expired"] = False
         notes.append(str(exc))
         return facts, notes
     except ProofError as exc:
+        facts["signature_valid"] = False
         notes.append(str(exc))
         return facts, notes
     claims = verified.claims
@@ -107,6 +113,7 @@ def proof_facts(
         if iso(claims.issued_at) != proof_row["issued_at"]:
             raise RollbackError("the proof's issue time differs from its record: replayed envelope")
     except RollbackError as exc:
+        facts["signature_valid"] = False
         notes.append(str(exc))
         return facts, notes
     facts["signature_valid"] = facts["signer_not_revoked"] = facts["proof_not_expired"] = True
@@ -125,7 +132,11 @@ def proof_facts(
 
 
 def decide(
-    evaluator: Evaluator, agent: AgentRecord, facts: dict[str, bool], active_policy_hash: str, now: datetime
+    evaluator: Evaluator,
+    agent: AgentRecord,
+    facts: dict[str, bool | None],
+    active_policy_hash: str,
+    now: datetime,
 ) -> AdmissionDecision:
     """Ask ``agov.admission`` and check the answer's shape; any fault raises (and so denies).
 
@@ -134,7 +145,7 @@ def decide(
         DecisionError: the answer is not a well-formed admission decision.
     """
     payload = {"agent_id": agent.id, "status": agent.status.value, "facts": facts, "now": iso(now)}
-    # strings and booleans only, so orjson's bytes are plain JSON (its one liberty, NaN as null,
+    # strings, booleans and null only, so orjson's bytes are plain JSON (its one liberty, NaN as null,
     # cannot arise); the stdlib encoder cost more than the rest of this function
     encoded = EncodedInput(orjson.dumps(payload))
     evaluation = evaluator.evaluate(ADMISSION_PATH, encoded, expected_revision=active_policy_hash)
@@ -207,7 +218,7 @@ def admit(
         active_hash = active_hash_loader()
         notes: list[str] = []
         if agent.status is Status.SANDBOX:
-            facts: dict[str, bool] = sandbox_facts(agent, now)
+            facts: dict[str, bool | None] = sandbox_facts(agent, now)
         else:
             proof_row, newest = proof_loader(agent.id)
             facts, notes = proof_facts(

@@ -161,6 +161,7 @@ class Cheat:
     code: str
     tamper: Callable[[Path], object] = lambda home: None
     env: Callable[[Path], dict[str, str | None]] = field(default=lambda home: {})
+    also: tuple[str, ...] = ()  # reason codes after the first, in order (the engine's notes aside)
 
 
 CHEATS = [
@@ -248,6 +249,10 @@ def cheated(ws: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Res
 def test_cheating_is_denied_with_its_code(cheated: dict[str, Result], cheat: Cheat, active_hash: str) -> None:
     body = check_admission(cheated[cheat.id], allow=False, code=cheat.code, agent_id=cheat.agent_id)
     assert body["policy_hash"] == active_hash
+    # no fact the engine never established is reported as a failure of its own: a proof whose
+    # signature fails is not also called expired or a hash mismatch
+    codes = [reason["code"] for reason in body["reasons"]]
+    assert list(dict.fromkeys(codes)) == [cheat.code, *cheat.also], body["reasons"]
     if cheat.code == "ADMISSION_DENY_ENGINE_UNAVAILABLE":
         assert body["decision_id"] is None
 
@@ -273,9 +278,11 @@ def test_revoked_signer_then_new_key_and_revalidation(ws: Path, tmp_path: Path) 
     revoked = ok("keys", "revoke", old[:12], "--reason", "key leaked", home=home)
     assert revoked["keyid"] == old
     assert revoked["revoked_at"] and revoked["revoke_reason"] == "key leaked"
-    check_admission(
+    denied = check_admission(
         agov("admit", "gov-a", home=home), allow=False, code="ADMISSION_DENY_SIGNER_REVOKED", agent_id="gov-a"
     )
+    # the proof's expiry and hashes are never read from a revoked signer's proof: not reported
+    assert {reason["code"] for reason in denied["reasons"]} == {"ADMISSION_DENY_SIGNER_REVOKED"}, denied
 
     new = ok("keys", "generate", home=home)
     assert re.fullmatch(HEX64, new["keyid"]) and new["keyid"] != old and new["active"] is True

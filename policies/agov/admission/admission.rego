@@ -14,8 +14,9 @@
 #   - input: schema.admission_input
 package agov.admission
 
-# Precedence. reasons lists every failing check in this order; code is the
-# first one, or ADMISSION_ALLOW when nothing fails.
+# Precedence. reasons lists the failing checks in this order (a fact the
+# engine could not establish only when it fails first, see _listed); code is
+# the first one, or ADMISSION_ALLOW when nothing fails.
 #
 #   (1) status          missing / unknown     -> ADMISSION_DENY_INPUT_INVALID
 #                       GOVERNED_INVALIDATED  -> ADMISSION_DENY_INVALIDATED
@@ -81,7 +82,8 @@ _input_checks := [
 #   The engine queries POST /v1/data/agov/admission/decision and gets
 #   {"allow": bool, "code": string, "reasons": [{code, message}]}, where code
 #   is ADMISSION_ALLOW or the first failing check in the precedence order of
-#   the package description, and reasons lists every failing check in order.
+#   the package description, and reasons lists the failing checks in order
+#   (a fact that is not exactly false only when it is the first to fail).
 #   An admitted start is answered from allow alone: the reasons are built
 #   only for a deny, since nearly every start is admitted.
 # entrypoint: true
@@ -164,8 +166,19 @@ _input_reasons := [_reason("ADMISSION_DENY_INPUT_INVALID", check.message) |
 	not check.field in _input_valid
 ]
 
-# (3) facts of the status's chain, in chain order
+# (3) facts of the status's chain, in chain order. The engine establishes the
+# proof facts in chain order and sends null for those it never got to (once
+# the signature fails, the proof's expiry and hashes are unknown). So a check
+# is listed when its fact is false, or when it is the first that fails: a
+# missing proof is not also called an invalid signature, an expired proof and
+# two hash mismatches. allow still needs every fact exactly true.
 _holds(fact) if input.facts[fact] == true
+
+_failing := [i | some i, check in _chain; not _holds(check.fact)]
+
+_listed(_, fact) if input.facts[fact] == false
+
+_listed(i, _) if i == _failing[0]
 
 _shown_fact(fact) := json.marshal(value) if {
 	value := input.facts[fact]
@@ -174,7 +187,8 @@ _shown_fact(fact) := json.marshal(value) if {
 # The filter comes first: OPA evaluates a body in order, so a message is only
 # formatted for a check that failed (admission runs at every start).
 _fact_reasons := [_reason(check.code, message) |
-	some check in _chain
+	some i, check in _chain
 	not _holds(check.fact)
+	_listed(i, check.fact)
 	message := sprintf("%s (facts.%s is %s, want true)", [check.message, check.fact, _shown_fact(check.fact)])
 ]

@@ -95,11 +95,24 @@ cases := {
 	},
 	"facts missing": {
 		"input": json.remove(governed, ["facts"]),
-		"code": "ADMISSION_DENY_PROOF_MISSING", "reasons": proof_codes,
+		"code": "ADMISSION_DENY_PROOF_MISSING", "reasons": ["ADMISSION_DENY_PROOF_MISSING"],
 	},
 	"facts not an object": {
 		"input": patch(governed, "/facts", [true, true, true, true, true, true]),
-		"code": "ADMISSION_DENY_PROOF_MISSING", "reasons": proof_codes,
+		"code": "ADMISSION_DENY_PROOF_MISSING", "reasons": ["ADMISSION_DENY_PROOF_MISSING"],
+	},
+	# What the engine sends for a revoked signer: the facts after it are unknown.
+	"facts never established are not listed": {
+		"input": patch(governed, "/facts", object.union(
+			{fact: null | some fact, _ in governed.facts},
+			{"proof_present": true, "signature_valid": true, "signer_not_revoked": false},
+		)),
+		"code": "ADMISSION_DENY_SIGNER_REVOKED", "reasons": ["ADMISSION_DENY_SIGNER_REVOKED"],
+	},
+	"a false fact after an unknown one is listed": {
+		"input": patch(patch(governed, "/facts/signature_valid", null), "/facts/policy_hash_match", false),
+		"code": "ADMISSION_DENY_SIGNATURE_INVALID",
+		"reasons": ["ADMISSION_DENY_SIGNATURE_INVALID", "ADMISSION_DENY_POLICY_HASH_MISMATCH"],
 	},
 	"later facts keep their order": {
 		"input": patch(patch(governed, "/facts/policy_hash_match", false), "/facts/signer_not_revoked", false),
@@ -130,10 +143,9 @@ cases := {
 		"input": patch(sandbox, "/facts/containment_valid", "yes"),
 		"code": "ADMISSION_DENY_CONTAINMENT_VIOLATION", "reasons": ["ADMISSION_DENY_CONTAINMENT_VIOLATION"],
 	},
-	"sandbox facts missing: precedence": {
+	"sandbox facts missing: the first is listed": {
 		"input": json.remove(sandbox, ["facts"]),
-		"code": "ADMISSION_DENY_SANDBOX_EXPIRED",
-		"reasons": ["ADMISSION_DENY_SANDBOX_EXPIRED", "ADMISSION_DENY_CONTAINMENT_VIOLATION"],
+		"code": "ADMISSION_DENY_SANDBOX_EXPIRED", "reasons": ["ADMISSION_DENY_SANDBOX_EXPIRED"],
 	},
 	"sandbox ignores proof facts": {
 		"input": patch(sandbox, "/facts/proof_present", false),
@@ -141,8 +153,7 @@ cases := {
 	},
 	"sandbox with proof facts only": {
 		"input": patch(sandbox, "/facts", governed.facts),
-		"code": "ADMISSION_DENY_SANDBOX_EXPIRED",
-		"reasons": ["ADMISSION_DENY_SANDBOX_EXPIRED", "ADMISSION_DENY_CONTAINMENT_VIOLATION"],
+		"code": "ADMISSION_DENY_SANDBOX_EXPIRED", "reasons": ["ADMISSION_DENY_SANDBOX_EXPIRED"],
 	},
 	"invalidated with every fact true": {
 		"input": patch(governed, "/status", "GOVERNED_INVALIDATED"),
@@ -198,7 +209,10 @@ test_no_input_denies if {
 }
 
 test_reason_messages if {
-	facts_input := json.remove(patch(governed, "/facts/signature_valid", "true"), ["facts/policy_hash_match"])
+	facts_input := patch(
+		json.remove(patch(governed, "/facts/signature_valid", "true"), ["facts/proof_not_expired"]),
+		"/facts/policy_hash_match", false,
+	)
 	admission.decision.reasons == [
 		{
 			"code": "ADMISSION_DENY_SIGNATURE_INVALID",
@@ -206,9 +220,16 @@ test_reason_messages if {
 		},
 		{
 			"code": "ADMISSION_DENY_POLICY_HASH_MISMATCH",
-			"message": "the policy hash differs from the one the proof signs (facts.policy_hash_match is missing, want true)",
+			"message": "the policy hash differs from the one the proof signs (facts.policy_hash_match is false, want true)",
 		},
 	] with input as facts_input
+}
+
+test_reason_message_of_a_missing_fact if {
+	admission.decision.reasons == [{
+		"code": "ADMISSION_DENY_PROOF_MISSING",
+		"message": "no promotion proof is present (facts.proof_present is missing, want true)",
+	}] with input as json.remove(governed, ["facts"])
 }
 
 test_status_message if {
