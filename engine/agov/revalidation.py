@@ -656,6 +656,7 @@ def revalidate(
                         _apply(
                             store,
                             report,
+                            cursor,
                             rows,
                             verdicts,
                             signer,
@@ -675,6 +676,7 @@ def revalidate(
                                 hint="run `agov revalidate` again",
                             ) from None
                         signer = signer_loader()  # the key that took over signs the rest
+                cursor = rows[-1].agent_id
             except KeyMaterialError as exc:
                 # the proofs this run signed so far carry a key that may no longer sign: the run
                 # starts again from the first agent when it is resumed, so it re-signs them too
@@ -685,7 +687,7 @@ def revalidate(
     if not dry_run:
         assert signer is not None and report.run_id is not None
         try:
-            _finish(store, report, signer, org_digest(org_canonical), policy_hash, now_fn())
+            _finish(store, report, cursor, signer, org_digest(org_canonical), policy_hash, now_fn())
         except KeyMaterialError as exc:
             _restart(store, report.run_id, policy_hash, exc, now_fn())
             raise
@@ -693,12 +695,18 @@ def revalidate(
 
 
 def _finish(
-    store: Store, report: RevalidationReport, signer: ProofSigner, org: str, policy_hash: str, now: datetime
+    store: Store,
+    report: RevalidationReport,
+    cursor: str,
+    signer: ProofSigner,
+    org: str,
+    policy_hash: str,
+    now: datetime,
 ) -> None:
     """Close the run, if it is still this process's to close: another process may have
     restarted it (other org limits) or closed it (another policy) after its last chunk."""
     with store.transaction() as tx:
-        _still_current(tx, report.run_id, policy_hash, org, signer.keyid, now, signing=False)
+        _still_current(tx, report.run_id, cursor, policy_hash, org, signer.keyid, now, signing=False)
         tx.execute("UPDATE revalidation_runs SET finished_at = ? WHERE id = ?", (iso(now), report.run_id))
         tx.audit(
             Code.POLICY_REVALIDATION,
@@ -762,6 +770,7 @@ def _input_digest(row: _Row, org_canonical: bytes) -> str:
 def _apply(
     store: Store,
     report: RevalidationReport,
+    cursor: str,
     rows: list[_Row],
     verdicts: dict[str, PolicyVerdict],
     signer: ProofSigner,
@@ -772,7 +781,8 @@ def _apply(
     now: datetime,
     clock: Callable[[], datetime],
 ) -> None:
-    """Sign, transition and commit one chunk, with the run's cursor, in one transaction. ``now``
+    """Sign, transition and commit one chunk (read after ``cursor``, where this process left the
+    run), with the run's new cursor, in one transaction. ``now``
     is when the chunk was judged; the key is checked, and the proofs issued, at the time of the
     commit (under the write lock): another key may have taken over since, and a key's proofs
     must not be issued before its window opened."""
@@ -780,7 +790,7 @@ def _apply(
         now = max(now, clock())
         stamp = iso(now)
         _still_current(
-            tx, report.run_id, policy_hash, org_digest(org_canonical), signer.keyid, now, signing=True
+            tx, report.run_id, cursor, policy_hash, org_digest(org_canonical), signer.keyid, now, signing=True
         )
         # Agents another writer changed since the chunk was read are skipped: that write (an
         # update, or a promotion under this same policy) judged them itself. Under BEGIN
@@ -913,7 +923,15 @@ class _SignerChanged(Exception):
 
 
 def _still_current(
-    tx: Tx, run_id: int | None, policy_hash: str, org: str, keyid: str, now: datetime, *, signing: bool
+    tx: Tx,
+    run_id: int | None,
+    cursor: str,
+    policy_hash: str,
+    org: str,
+    keyid: str,
+    now: datetime,
+    *,
+    signing: bool,
 ) -> None:
     """Stop a run whose policy is no longer active (another process activated one, and closed
     this run): its proofs would be bound to a policy that no longer decides anything, and they
@@ -923,9 +941,13 @@ def _still_current(
     (A key whose window closed after it signed leaves its proofs valid: they were issued inside
     it.)
 
+    Stop it also when the run's cursor is no longer where this process left it: another process
+    works the same run (``agov revalidate`` beside ``serve`` finishing it), and has committed the
+    chunk this one would commit again, counting its agents twice.
+
     Raises:
         ConflictError: the active policy changed, or the run was closed, or restarted by another
-            process judging with other org limits, during the run.
+            process judging with other org limits, or moved on by another process, during the run.
         KeyMaterialError: the run's key was revoked, or no key may sign now.
         _SignerChanged: another key signs now.
     """
@@ -948,13 +970,19 @@ def _still_current(
             raise _SignerChanged(current)
     active = tx.execute("SELECT hash FROM policy_versions WHERE active = 1").fetchone()
     run = tx.execute(
-        "SELECT finished_at, org_digest FROM revalidation_runs WHERE id = ?", (run_id,)
+        "SELECT finished_at, org_digest, cursor FROM revalidation_runs WHERE id = ?", (run_id,)
     ).fetchone()
     if active is None or active[0] != policy_hash or run is None or run[0] is not None or run[1] != org:
         raise ConflictError(
             f"the revalidation under {policy_hash[:12]} was stopped: another process activated a policy,"
             " closed this run, or restarted it with other org limits, while it ran",
             hint="the run of the policy now active judges every agent; `agov revalidate` finishes it",
+        )
+    if run[2] != cursor:
+        raise ConflictError(
+            f"the revalidation under {policy_hash[:12]} was stopped: another process is working the"
+            " same run and has moved it on, so this one leaves the run to it",
+            hint="that process finishes the run; should it stop first, `agov revalidate` finishes it",
         )
 
 

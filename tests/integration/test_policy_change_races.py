@@ -234,3 +234,40 @@ def test_a_decision_never_moves_the_sidecar_back_to_a_hash_it_read_before_a_swit
     sidecar = engine._evaluator_for(p1)
 
     assert getattr(sidecar, "active_revision", None) == p2
+
+
+class _StopAfterOneChunk(Exception):
+    pass
+
+
+def test_a_run_another_process_moved_on_stops_instead_of_counting_agents_twice(
+    engine: Engine, home: Path
+) -> None:
+    """Two processes working one unfinished run (`agov revalidate` beside `serve` finishing it):
+    the one overtaken stops at its next chunk. Before, it committed a chunk the other had
+    committed already, and wrote its own counts over the run's."""
+    agents = [create_governed(engine, f"agent-{i}") for i in range(4)]
+    edit_data(home, set_analysis_limit(0.4))  # a new policy every agent still passes
+    moved_on: list[int] = []
+
+    def other_process_works_the_run(judged: int) -> None:
+        if moved_on:
+            return
+        with Engine.open(home) as other:  # resumes the run after this process's first chunk
+
+            def stop(judged: int) -> None:
+                raise _StopAfterOneChunk
+
+            with pytest.raises(_StopAfterOneChunk):
+                other.revalidate(progress=stop)
+        moved_on.append(judged)
+
+    with pytest.raises(ConflictError, match="another process is working the same run"):
+        engine.reload_policy(actor=ACTOR, reason="P2", progress=other_process_works_the_run)
+
+    run = engine.store.query_one("SELECT * FROM revalidation_runs ORDER BY id DESC")
+    assert run["finished_at"] is None and (run["cursor"], run["total"]) == (agents[1], 2), dict(run)
+    report = engine.revalidate()  # finishes the same run, counting each agent once
+    run = engine.store.query_one("SELECT * FROM revalidation_runs ORDER BY id DESC")
+    assert report.run_id == run["id"] and report.resumed
+    assert (run["total"], run["valid"], run["finished_at"] is not None) == (4, 4, True), dict(run)
