@@ -967,6 +967,18 @@ def demo(ctx: Ctx, keep: bool) -> None:
         emit(ctx, {"story": [line for line in story if line], "seen": seen}, "")
 
 
+class _ServeStopping(Exception):
+    """serve was asked to stop during a reload's revalidation (raised between two chunks)."""
+
+
+# How long serve, asked to stop, waits for a reload in progress: its revalidation stops at the
+# next chunk, but building and loading a bundle run to their end. Well inside Kubernetes' default
+# 30 s grace period.
+_STOP_WAIT_S = 10.0
+_FINISH_RUN = "the next `agov serve` or `agov revalidate` finishes its revalidation run"
+_FINISH_RELOAD = "`agov policy reload` applies the change and finishes revalidating the agents"
+
+
 @main.command()
 @click.option(
     "--watch", is_flag=True, help="Reload the policy when a file under policies/, or agov.yaml, changes."
@@ -991,6 +1003,11 @@ def serve(ctx: Ctx, watch: bool, metrics_port: int, metrics_addr: str) -> None:
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def stop_between_chunks(_judged: int) -> None:
+        if stop.is_set():
+            raise _ServeStopping
+
     with _engine(ctx) as engine:
         try:  # first: a port in use is said at once, not after a catch-up that may take a while
             server, _thread = start_http_server(
@@ -1003,7 +1020,11 @@ def serve(ctx: Ctx, watch: bool, metrics_port: int, metrics_addr: str) -> None:
             ) from exc
         engine.evaluator()
         try:
-            caught_up = engine.catch_up(actor=ctx.actor, reason="serve: start")
+            caught_up = engine.catch_up(actor=ctx.actor, reason="serve: start", progress=stop_between_chunks)
+        except _ServeStopping:
+            click.echo(
+                f"bringing the agents up to date interrupted: serve is stopping; {_FINISH_RUN}", err=True
+            )
         except AgovError as exc:  # serve anyway: agents not yet re-judged under a new policy are denied
             click.echo(f"could not bring the agents up to date: {exc.diagnostics()}", err=True)
         else:
@@ -1014,29 +1035,34 @@ def serve(ctx: Ctx, watch: bool, metrics_port: int, metrics_addr: str) -> None:
                     else "finished an interrupted run"
                 )
                 click.echo(f"{why}: " + _revalidation_text(caught_up["revalidation"]), err=True)
-        click.echo(
-            f"serving: policy {engine.active_policy().hash[:12]}, metrics on "
-            f"http://{metrics_addr}:{server.server_port}/metrics",
-            err=True,
-        )
+        serving = engine.active_policy().hash
         lock = threading.Lock()
 
         def reload() -> None:
             with lock:
+                if stop.is_set():
+                    return
                 before = _active_hash_or_none(engine)
                 try:
                     result = engine.reload_policy(
-                        actor=ctx.actor, reason="watch: policy files or agov.yaml changed"
+                        actor=ctx.actor,
+                        reason="watch: policy files or agov.yaml changed",
+                        progress=stop_between_chunks,
                     )
-                except AgovError as exc:
-                    # a switch that stood, with its run stopped, is no refusal: the message says so
-                    switched = _active_hash_or_none(engine) not in (before, None)
-                    click.echo(
-                        f"reload {'stopped' if switched else 'refused'}: {exc.diagnostics()}", err=True
-                    )
+                except _ServeStopping:  # its run stopped after a committed chunk: resumable
+                    click.echo(f"reload interrupted: serve is stopping; {_FINISH_RUN}", err=True)
                     return
-                except Exception as exc:  # the watch goes on: the next save tries again
-                    click.echo(f"reload failed: internal error: {type(exc).__name__}: {exc}", err=True)
+                except Exception as exc:
+                    if stop.is_set():  # serve stopped the sidecar under it: OPA is not to blame
+                        click.echo(f"reload interrupted: serve stopped during it; {_FINISH_RELOAD}", err=True)
+                    elif isinstance(exc, AgovError):
+                        # a switch that stood, with its run stopped, is no refusal: the message says so
+                        switched = _active_hash_or_none(engine) not in (before, None)
+                        click.echo(
+                            f"reload {'stopped' if switched else 'refused'}: {exc.diagnostics()}", err=True
+                        )
+                    else:  # the watch goes on: the next save tries again
+                        click.echo(f"reload failed: internal error: {type(exc).__name__}: {exc}", err=True)
                     return
                 if result["revalidation"] is not None:  # a new policy, changed org limits, or a resumed run
                     click.echo(_revalidation_text(result["revalidation"]), err=True)
@@ -1048,15 +1074,26 @@ def serve(ctx: Ctx, watch: bool, metrics_port: int, metrics_addr: str) -> None:
         )
         if watcher is not None:
             watcher.start()
+        # said once the watcher runs: an edit made after this line is seen
+        click.echo(
+            f"serving: policy {serving[:12]}, metrics on http://{metrics_addr}:{server.server_port}/metrics"
+            + (", watching policies/ and agov.yaml" if watcher is not None else ""),
+            err=True,
+        )
         try:
             while not stop.wait(0.5):
                 pass
         except KeyboardInterrupt:
             pass
         finally:
-            if watcher is not None:
-                watcher.stop()
+            stop.set()  # also on Ctrl-C: a reload in progress stops after its current chunk
+            if watcher is not None and not watcher.stop(wait_s=_STOP_WAIT_S):
+                click.echo(
+                    f"stopping with a reload still in progress after {_STOP_WAIT_S:.0f} s; {_FINISH_RELOAD}",
+                    err=True,
+                )
             server.shutdown()
+    click.echo("serve stopped", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -104,6 +104,7 @@ class PolicyWatcher:
     ) -> None:
         """``config_file`` (``agov.yaml``) is watched too: its org limits judge agents."""
         self._run_lock = threading.Lock()
+        self._stopped = threading.Event()
         self._on_change = on_change
         self._policies = policies
         files = (config_file,) if config_file is not None else ()
@@ -126,6 +127,8 @@ class PolicyWatcher:
 
     def _fire(self) -> None:
         with self._run_lock:
+            if self._stopped.is_set():  # a timer that went off as the watch stopped
+                return
             self._follow_tree()
             self._on_change()
 
@@ -148,10 +151,20 @@ class PolicyWatcher:
     def start(self) -> None:
         self._observer.start()
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 0.0) -> bool:
+        """Stop watching, and wait up to ``wait_s`` for a reload in progress to return.
+
+        Returns:
+            Whether no reload is running any more.
+        """
+        self._stopped.set()
         self._observer.stop()  # first: no new events may schedule a reload
         self._observer.join(timeout=5)
         self._handler.cancel()
+        if not self._run_lock.acquire(timeout=max(wait_s, 0.0)):
+            return False
+        self._run_lock.release()
+        return True
 
 
 def _inode(path: Path) -> tuple[int, int] | None:
