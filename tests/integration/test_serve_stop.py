@@ -32,7 +32,17 @@ class Serve:
         tmpdir = home.with_name("tmp")
         tmpdir.mkdir(exist_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmpdir)}
-        argv = [sys.executable, "-m", "agov.cli", "serve", "--watch", "--metrics-port", "0", "--home", str(home)]
+        argv = [
+            sys.executable,
+            "-m",
+            "agov.cli",
+            "serve",
+            "--watch",
+            "--metrics-port",
+            "0",
+            "--home",
+            str(home),
+        ]
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
         )
