@@ -4,10 +4,12 @@ One governed agent (the research-analyst template, promoted), one managed ``opa 
 started by the engine. In the same run, interleaved call by call against the *same* OPA with the
 *same* admission input:
 
-- a bare ``http.client`` keep-alive POST (read + ``json.loads`` of the answer): goal agov <= 1.3x;
-- opa-python-client (``opa_client.OpaClient.query_rule``, one keep-alive ``requests`` session):
-  goal agov >= 2x faster; also a new client per call, for information, in a phase of its own
-  (beside Engine.admit and the bare POST), since the call after it runs slower;
+- a bare ``http.client`` keep-alive POST (read + ``json.loads`` of the answer) over the sidecar's
+  Unix socket, as agov's own client uses: goal agov <= 1.3x;
+- opa-python-client (``opa_client.OpaClient.query_rule``, one keep-alive ``requests`` session),
+  over the loopback port the sidecar also opens for it (it speaks only TCP): goal agov >= 2x
+  faster; also a new client per call, for information, in a phase of its own (beside
+  Engine.admit and the bare POST), since the call after it runs slower;
 - ``opa eval`` as a subprocess on the same signed bundle (a few dozen runs, in their own
   interleaved phase): to show the gap.
 
@@ -27,6 +29,7 @@ import json
 import socket
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,7 @@ import _common as c
 from agov import admission, policy, registry
 from agov.engine import Engine
 from agov.opa.http import DecisionClient
+from agov.opa.managed import ManagedConfig
 from agov.proofs import verify_proof
 from agov.registry import CreationMode
 from agov.spec import spec_from_canonical
@@ -51,7 +55,9 @@ def run(quick: bool, do_profile: bool) -> dict[str, Any]:
     n, warmup = (300, 50) if quick else (5000, 500)
     eval_runs = 3 if quick else 30
     with c.tempdir("agov-bench-p1-") as tmp:
-        engine = Engine.init(tmp / "ws", actor=c.ACTOR)
+        Engine.init(tmp / "ws", actor=c.ACTOR).close()
+        # the sidecar also listens on a loopback port, for opa-python-client only
+        engine = Engine.open(tmp / "ws", managed=ManagedConfig(also_tcp=True))
         try:
             return _run(engine, n, warmup, eval_runs, quick, do_profile)
         finally:
@@ -72,7 +78,8 @@ def _run(
     first = engine.admit(agent.id)
     assert first.allow, first
     sidecar: Any = engine.evaluator()
-    host, port = "127.0.0.1", int(sidecar.url.rsplit(":", 1)[1])
+    tcp = urllib.parse.urlsplit(sidecar.tcp_url)
+    host, port = str(tcp.hostname), int(tcp.port or 0)
     active = engine.active_policy()
 
     # the same admission input agov sends (facts from the real first decision)
@@ -85,7 +92,7 @@ def _run(
     body = json.dumps({"input": admission_input}, separators=(",", ":")).encode()
     target = f"/v1/data/{ADMISSION_PATH}{QUERY}"
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
-    conn = http.client.HTTPConnection(host, port, timeout=5)
+    conn = _bare_connection(sidecar)
 
     def bare_http() -> Any:
         conn.request("POST", target, body=body, headers=headers)
@@ -223,6 +230,9 @@ def _run(
         "breakdown": breakdown,
         "opa_server_timers_us": server,
         "notes": [
+            "The managed sidecar listens on a Unix socket, which agov's client, the bare POST and "
+            "the floor use; opa-python-client speaks only TCP, so it asks the same OPA over a "
+            "loopback port opened for it (ManagedConfig.also_tcp).",
             "The goal ratio against opa-python-client uses one keep-alive requests session, the "
             "stricter comparison; a new client per call is shown for information.",
             f"A new opa-python-client per call runs in its own phase ({fresh_n} rounds, "
@@ -235,8 +245,8 @@ def _run(
             f"The floor asks the same OPA for data.{FLOOR_PATH.replace('/', '.')}, which no rule "
             "defines, over a keep-alive socket with the request written in one send and no HTTP "
             "library: no policy is evaluated and the answer has no result, but it still pays the "
-            "loopback round trip, OPA's HTTP handler and its decision log, as every decision from "
-            "this sidecar does.",
+            "round trip over the socket, OPA's HTTP handler and its decision log, as every "
+            "decision from this sidecar does.",
             f"opa eval: {eval_runs} runs interleaved with Engine.admit in their own phase "
             f"(agov p50 in that phase: {eval_agov['p50']:.0f} µs).",
         ],
@@ -327,12 +337,10 @@ def _breakdown(
 def _raw_socket_post(evaluator: Any, path: str, payload: dict[str, Any]) -> Callable[[], Any]:
     """A POST over a plain keep-alive socket of its own, written with one send (what http.client
     splits into two: headers, then body): the transport floor. Returns OPA's whole answer."""
-    host, port = evaluator.url.split("//", 1)[1].rsplit(":", 1)
-    sock = socket.create_connection((host, int(port)), timeout=5)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock = _open_socket(evaluator)
     body = json.dumps({"input": payload}, separators=(",", ":")).encode()
     request = (
-        f"POST /v1/data/{path}{QUERY} HTTP/1.1\r\nHost: {host}\r\n"
+        f"POST /v1/data/{path}{QUERY} HTTP/1.1\r\nHost: localhost\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode() + body
 
@@ -352,6 +360,42 @@ def _raw_socket_post(evaluator: Any, path: str, payload: dict[str, Any]) -> Call
         return json.loads(rest)
 
     return post
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """``http.client`` over a Unix socket: the transport agov's client uses with the sidecar."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+def _bare_connection(sidecar: Any) -> http.client.HTTPConnection:
+    """A plain keep-alive ``http.client`` connection to the sidecar, the way agov reaches it."""
+    connection = sidecar.connection
+    if connection.unix_socket is not None:
+        return _UnixHTTPConnection(str(connection.unix_socket), timeout=5)
+    parts = urllib.parse.urlsplit(connection.url)
+    return http.client.HTTPConnection(str(parts.hostname), parts.port, timeout=5)
+
+
+def _open_socket(sidecar: Any) -> socket.socket:
+    connection = sidecar.connection
+    if connection.unix_socket is not None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(5)
+        sock.connect(str(connection.unix_socket))
+        return sock
+    parts = urllib.parse.urlsplit(connection.url)
+    sock = socket.create_connection((str(parts.hostname), int(parts.port or 0)), timeout=5)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 def _accepts(fn: Callable[..., Any], name: str) -> bool:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from agov import admission, audit, keyring, keys, policy, promotion, registry, revalidation
 from agov.config import Config, load_config
@@ -45,6 +45,9 @@ from agov.revalidation import RevalidationReport
 from agov.store.sqlite import ReadMemo, blob_text, parse_iso, utcnow
 from agov.workspace import CONFIG_FILE, Workspace, create_layout, remove_layout
 
+if TYPE_CHECKING:  # the managed sidecar's module is imported when a sidecar is started
+    from agov.opa.managed import ManagedConfig
+
 SYSTEM_ACTOR = "agov"
 
 
@@ -63,10 +66,12 @@ class Engine:
         clock: Callable[[], datetime] = utcnow,
         metrics: Metrics | None = None,
         opa_url: str | None = None,
+        managed: ManagedConfig | None = None,
     ) -> None:
         """``opa_url``: decide with the OPA sidecar at this URL (the external runtime), whatever
         ``agov.yaml`` says; it wins over ``opa_url`` there and over ``AGOV_OPA_URL``. Its token
-        and TLS files then come from ``AGOV_OPA_*`` only, never from ``agov.yaml``."""
+        and TLS files then come from ``AGOV_OPA_*`` only, never from ``agov.yaml``.
+        ``managed``: how the managed sidecar runs (the benchmarks ask it to listen on TCP too)."""
         self.workspace = workspace
         self.config: Config = workspace.config
         if opa_url is not None:
@@ -81,6 +86,7 @@ class Engine:
                 opa_client_key=None,
             )
         self._opa_url = opa_url
+        self._managed = managed
         self.store = workspace.store()
         self.clock = clock
         self.metrics = metrics or Metrics()
@@ -186,6 +192,7 @@ class Engine:
             keyid=bundle_key.keyid,
             config=self._evaluator_config(),
             start_timeout_s=self.config.limits.opa_start_timeout_s,
+            managed=self._managed,
         )
         sidecar.start()
         return sidecar

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -16,7 +17,7 @@ import pytest
 
 from agov.errors import DecisionError, EngineUnavailableError, PolicyError
 from agov.opa import ConnectionConfig, EvaluatorConfig, ExternalSidecar, ManagedSidecar, require_bool
-from agov.opa.managed import sweep_orphaned_dirs
+from agov.opa.managed import ManagedConfig, sweep_orphaned_dirs
 
 pytestmark = pytest.mark.integration
 
@@ -76,10 +77,70 @@ def test_evaluate_returns_result_revision_and_decision_id(sidecar: ManagedSideca
 
 
 def test_the_same_opa_answers_as_an_external_sidecar(sidecar: ManagedSidecar) -> None:
-    with ExternalSidecar(ConnectionConfig(url=sidecar.url), EvaluatorConfig()) as external:
+    with ExternalSidecar(sidecar.connection, EvaluatorConfig()) as external:
         external.health()
         assert external.revision() == "rev-1"
         assert external.evaluate(PATH, {"x": 1}).result["allow"] is True
+
+
+def _opa_argv(pid: int | None) -> list[str]:
+    assert pid is not None
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+
+
+def test_opa_listens_only_on_a_socket_only_its_owner_may_open(sidecar: ManagedSidecar) -> None:
+    """No loopback port: another local user can neither ask nor write to the managed OPA, nor
+    answer in its place on a port it left."""
+    connection = sidecar.connection
+    assert connection.unix_socket is not None and sidecar.url == f"unix:{connection.unix_socket}"
+    assert sidecar.tcp_url == ""
+    argv = _opa_argv(sidecar.pid)
+    addresses = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--addr"]
+    assert addresses == [f"unix://{connection.unix_socket}"], argv
+    assert stat.S_IMODE(connection.unix_socket.stat().st_mode) == 0o600
+    assert stat.S_IMODE(connection.unix_socket.parent.stat().st_mode) == 0o700
+    assert sidecar.evaluate(PATH, {"x": 1}).result["allow"] is True
+
+
+def test_a_gone_socket_is_engine_unavailable_naming_it(sidecar: ManagedSidecar) -> None:
+    connection = sidecar.connection
+    assert connection.unix_socket is not None
+    connection.unix_socket.unlink()  # OPA still runs, but no new connection can reach it
+    gone = r"OPA at unix:/.*opa\.sock is not listening"
+    with (
+        ExternalSidecar(connection, EvaluatorConfig()) as fresh,
+        pytest.raises(EngineUnavailableError, match=gone),
+    ):
+        fresh.evaluate(PATH, {"x": 1})
+
+
+def test_also_tcp_listens_on_loopback_too(first_bundle: Any, signing_key: Any, opa_bin: Path) -> None:
+    with ManagedSidecar(
+        first_bundle.data,
+        first_bundle.revision,
+        signing_key.public_pem,
+        signing_key.keyid,
+        managed=ManagedConfig(also_tcp=True),
+        opa_bin=opa_bin,
+    ) as running:
+        assert running.url.startswith("unix:/") and running.tcp_url.startswith("http://127.0.0.1:")
+        with ExternalSidecar(ConnectionConfig(url=running.tcp_url), EvaluatorConfig()) as over_tcp:
+            assert over_tcp.evaluate(PATH, {"x": 1}).result["allow"] is True
+        assert running.evaluate(PATH, {"x": 1}).result["allow"] is True
+
+
+def test_a_working_directory_too_long_for_a_socket_falls_back_to_a_loopback_port(
+    first_bundle: Any, signing_key: Any, opa_bin: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    with ManagedSidecar(
+        first_bundle.data, first_bundle.revision, signing_key.public_pem, signing_key.keyid, opa_bin=opa_bin
+    ) as running:
+        assert running.url == running.tcp_url and running.url.startswith("http://127.0.0.1:")
+        assert running.connection.unix_socket is None
+        assert running.evaluate(PATH, {"x": 1}).result["allow"] is True
 
 
 def test_undefined_decision_fails_closed(sidecar: ManagedSidecar) -> None:

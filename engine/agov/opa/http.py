@@ -65,6 +65,8 @@ class ConnectionConfig:
             system store when not given).
         client_cert: PEM client certificate for mTLS (https only).
         client_key: PEM key of ``client_cert`` (defaults to the key inside ``client_cert``).
+        unix_socket: Connect to OPA's Unix domain socket at this path instead of the url's
+            host and port (a managed sidecar); the url then names only the Host header.
     """
 
     url: str
@@ -72,6 +74,7 @@ class ConnectionConfig:
     ca_file: Path | None = None
     client_cert: Path | None = None
     client_key: Path | None = None
+    unix_socket: Path | None = None
 
     def __post_init__(self) -> None:
         parts = urllib.parse.urlsplit(self.url)
@@ -89,6 +92,13 @@ class ConnectionConfig:
             raise ValueError("client_key needs client_cert")
         if self.token is not None and (not self.token or any(c in self.token for c in "\r\n")):
             raise ValueError("token must be non-empty and on one line")
+        if self.unix_socket is not None and parts.scheme != "http":
+            raise ValueError("a Unix socket needs an http:// OPA url")
+
+    @property
+    def where(self) -> str:
+        """Where OPA is, for messages: the url, or ``unix:<path>`` for a Unix socket."""
+        return f"unix:{self.unix_socket}" if self.unix_socket is not None else self.url
 
     @property
     def tls(self) -> bool:
@@ -303,9 +313,7 @@ class DecisionClient:
         deadline = time.monotonic() + timeout
         retried = False
         while True:
-            conn, reused = (
-                (_Connection(self._host, self._port, self._ssl), False) if retried else self._acquire()
-            )
+            conn, reused = (self._new_connection(), False) if retried else self._acquire()
             try:
                 status, data, keep = self._exchange(conn, method, self._prefix + target, body, deadline)
             except _StaleConnection as exc:
@@ -352,7 +360,7 @@ class DecisionClient:
         with self._idle_lock:
             if self._idle:
                 return self._idle.pop(), True
-        return _Connection(self._host, self._port, self._ssl), False
+        return self._new_connection(), False
 
     def _release(self, conn: _Connection) -> None:
         pooled = False
@@ -413,8 +421,11 @@ class DecisionClient:
             return status, b"", False
         return status, data, keep and conn.idle()
 
+    def _new_connection(self) -> _Connection:
+        return _Connection(self._host, self._port, self._ssl, self.connection.unix_socket)
+
     def _unavailable(self, exc: BaseException, timeout_s: float) -> EngineUnavailableError:
-        where = self.connection.url
+        where = self.connection.where
         if isinstance(exc, _ResolverTimeout):
             return EngineUnavailableError(
                 f"cannot resolve the OPA host in {where} within {timeout_s:g} s",
@@ -430,6 +441,10 @@ class DecisionClient:
         if isinstance(exc, ConnectionRefusedError):
             return EngineUnavailableError(
                 f"OPA at {where} refused the connection", hint="is the OPA sidecar running?"
+            )
+        if isinstance(exc, FileNotFoundError) and self.connection.unix_socket is not None:
+            return EngineUnavailableError(
+                f"OPA at {where} is not listening: the socket is gone", hint="is the OPA sidecar running?"
             )
         if isinstance(exc, socket.gaierror):
             return EngineUnavailableError(f"cannot resolve the OPA host in {where}: {exc}")
@@ -466,15 +481,21 @@ class _Connection:
     which fails before any byte arrives can be told apart from a broken answer.
     """
 
-    __slots__ = ("_buffer", "_context", "_host", "_port", "received", "sock")
+    __slots__ = ("_buffer", "_context", "_host", "_port", "_unix_socket", "received", "sock")
 
-    def __init__(self, host: str, port: int, context: ssl.SSLContext | None) -> None:
+    def __init__(
+        self, host: str, port: int, context: ssl.SSLContext | None, unix_socket: Path | None = None
+    ) -> None:
         self._host, self._port, self._context = host, port, context
+        self._unix_socket = unix_socket
         self.sock: socket.socket | None = None
         self._buffer = bytearray()
         self.received = 0
 
     def open(self, deadline: float) -> None:
+        if self._unix_socket is not None:
+            self.sock = _connect_unix(self._unix_socket, deadline)
+            return
         sock = _connect(self._host, self._port, deadline)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -590,6 +611,17 @@ class _Connection:
                 self._buffer.clear()
                 return data
         return None
+
+
+def _connect_unix(path: Path, deadline: float) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(_remaining(deadline))
+        sock.connect(str(path))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _connect(host: str, port: int, deadline: float) -> socket.socket:

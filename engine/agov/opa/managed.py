@@ -15,6 +15,11 @@ No ``opa`` process outlives the Python process that started it:
 - on Linux the child is spawned with ``PR_SET_PDEATHSIG = SIGKILL``, from a keeper thread
   that lives exactly as long as the sidecar (the signal follows the *thread* that forked),
   so even ``kill -9`` of Python takes OPA down.
+
+OPA listens on a Unix domain socket in its working directory (mode 0700), not on a loopback
+port: another local user can neither query nor write to it, nor answer in its place on a port
+it left. A working directory whose path is too long for a socket falls back to a free
+127.0.0.1 port.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ _PR_SET_PDEATHSIG = 1
 _SERVICE = "agov"
 _ADDR_IN_USE = "address already in use"
 _TMP_PREFIX = "agov-opa-"
+# A socket's path must fit sockaddr_un.sun_path (108 bytes on Linux, with its NUL); kept short of it.
+_MAX_SOCKET_PATH = 100
 _OWNER_LOCK = "owner.lock"
 
 
@@ -79,6 +86,9 @@ class ManagedConfig:
         max_bundle_bytes: Largest bundle published or accepted by OPA.
         probe_interval_s: Pause between readiness probes.
         stderr_tail_bytes: How much of OPA's stderr goes into error messages.
+        also_tcp: Also listen on a free 127.0.0.1 port (``tcp_url``), for a client that speaks
+            only TCP (the benchmarks' opa-python-client baseline); agov itself keeps to the
+            socket.
         gogc: Go's garbage-collection target for the OPA process (``GOGC``), unless the
             environment sets one. A revalidation chunk is about 1 MB of JSON that OPA parses
             into short-lived values; at Go's default of 100 it spent about a fifth of its CPU
@@ -99,6 +109,7 @@ class ManagedConfig:
     max_bundle_bytes: int = 64 * 1024 * 1024
     probe_interval_s: float = 0.02
     stderr_tail_bytes: int = 4000
+    also_tcp: bool = False
     gogc: int | None = 200
 
     def __post_init__(self) -> None:
@@ -118,7 +129,7 @@ class ManagedConfig:
 
 
 class ManagedSidecar:
-    """An ``opa run --server`` process on a free loopback port, owned by this object.
+    """An ``opa run --server`` process on a Unix socket of its own, owned by this object.
 
     Implements :class:`~agov.opa.evaluator.Evaluator`. Use as a context manager, or call
     :meth:`start` and :meth:`stop`.
@@ -178,6 +189,7 @@ class ManagedSidecar:
         self._owner_fd: int | None = None  # flock on the working directory's owner.lock
         self._client: DecisionClient | None = None
         self._active: tuple[bytes, str] | None = None
+        self._socket: Path | None = None
         self._port = 0
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -333,8 +345,29 @@ class ManagedSidecar:
 
     @property
     def url(self) -> str:
-        """OPA's base URL, e.g. ``http://127.0.0.1:40123`` (empty when not running)."""
+        """Where OPA listens, for messages: ``unix:<socket path>``, or ``http://127.0.0.1:<port>``
+        when the path was too long for a socket (empty when not running)."""
+        if self._socket is not None:
+            return f"unix:{self._socket}"
+        return self.tcp_url
+
+    @property
+    def tcp_url(self) -> str:
+        """OPA's loopback URL, with ``ManagedConfig.also_tcp`` (or the fallback), else empty."""
         return f"http://127.0.0.1:{self._port}" if self._port else ""
+
+    @property
+    def connection(self) -> ConnectionConfig:
+        """How a client reaches this OPA, as agov's own client does.
+
+        Raises:
+            EngineUnavailableError: the sidecar is not running.
+        """
+        if self._socket is not None:
+            return ConnectionConfig(url="http://localhost", unix_socket=self._socket)
+        if self._port:
+            return ConnectionConfig(url=self.tcp_url)
+        raise EngineUnavailableError("the managed OPA sidecar is not running")
 
     @property
     def pid(self) -> int | None:
@@ -374,10 +407,14 @@ class ManagedSidecar:
         config_path = self._tmp / "opa-config.yaml"
         _write_private(config_path, yaml.safe_dump(self._opa_config(self._server), sort_keys=True))
         deadline = time.monotonic() + self.managed.startup_timeout_s
+        socket_path = self._tmp / "opa.sock"
         for attempt in range(3):
-            self._port = _free_port()
+            self._socket = socket_path if len(os.fsencode(socket_path)) <= _MAX_SOCKET_PATH else None
+            if self._socket is not None:
+                self._socket.unlink(missing_ok=True)  # left by an OPA killed in a previous attempt
+            self._port = _free_port() if self._socket is None or self.managed.also_tcp else 0
             self._spawn(opa, config_path)
-            self._client = DecisionClient(ConnectionConfig(url=self.url), self.config)
+            self._client = DecisionClient(self.connection, self.config)
             try:
                 self._wait_active(revision, published.generation, deadline, require_health=True)
             except EngineUnavailableError:
@@ -428,6 +465,15 @@ class ManagedSidecar:
             env["GOGC"] = str(self.managed.gogc)
         return env
 
+    def _addresses(self) -> list[str]:
+        addresses: list[str] = []
+        if self._socket is not None:
+            # only the owner may connect (the directory is 0700 as well)
+            addresses += ["--addr", f"unix://{self._socket}", "--unix-socket-perm", "600"]
+        if self._port:
+            addresses += ["--addr", f"127.0.0.1:{self._port}"]
+        return addresses
+
     def _spawn(self, opa: Path, config_path: Path) -> None:
         assert self._tmp is not None
         if self._stderr is None:
@@ -436,8 +482,7 @@ class ManagedSidecar:
             str(opa),
             "run",
             "--server",
-            "--addr",
-            f"127.0.0.1:{self._port}",
+            *self._addresses(),
             "--config-file",
             str(config_path),
             "--log-level",
@@ -610,6 +655,7 @@ class ManagedSidecar:
         if self._owner_fd is not None:
             os.close(self._owner_fd)
             self._owner_fd = None
+        self._socket = None
         self._port = 0
         atexit.unregister(self._atexit_stop)
 
