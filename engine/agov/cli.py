@@ -15,6 +15,7 @@ import os
 import select
 import signal
 import sys
+import threading
 import unicodedata
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -968,12 +969,16 @@ def demo(ctx: Ctx, keep: bool) -> None:
 
 
 class _ServeStopping(Exception):
-    """serve was asked to stop during a reload's revalidation (raised between two chunks)."""
+    """serve was asked to stop during a reload (raised before its switch, or between chunks)."""
+
+    def __init__(self, switched: bool) -> None:
+        super().__init__("serve is stopping")
+        self.switched = switched
 
 
 # How long serve, asked to stop, waits for a reload in progress: its revalidation stops at the
-# next chunk, but building and loading a bundle run to their end. Well inside Kubernetes' default
-# 30 s grace period.
+# next chunk, but building and testing a bundle, and loading it into OPA, run to their end. Well
+# inside Kubernetes' default 30 s grace period.
 _STOP_WAIT_S = 10.0
 _FINISH_RUN = "the next `agov serve` or `agov revalidate` finishes its revalidation run"
 _FINISH_RELOAD = "`agov policy reload` applies the change and finishes revalidating the agents"
@@ -994,19 +999,28 @@ _FINISH_RELOAD = "`agov policy reload` applies the change and finishes revalidat
 @common
 def serve(ctx: Ctx, watch: bool, metrics_port: int, metrics_addr: str) -> None:
     """Run the managed OPA, the metrics endpoint and (with --watch) the policy watcher."""
-    import threading
-
     from prometheus_client import start_http_server
 
-    from agov.watch import PolicyWatcher
-    from agov.workspace import CONFIG_FILE
-
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    closing_under_reload = threading.Event()  # serve closes the engine while a reload still runs
+
+    def on_stop_signal(signum: int, _frame: object) -> None:
+        if signum == signal.SIGINT and stop.is_set():
+            raise KeyboardInterrupt  # a second Ctrl-C: stop at once
+        stop.set()
+
+    # SIGTERM and Ctrl-C are serve's normal stop, at a safe point: between two chunks of a
+    # revalidation, or before a reload switches anything
+    signal.signal(signal.SIGTERM, on_stop_signal)
+    signal.signal(signal.SIGINT, on_stop_signal)
+
+    def stop_before_switch() -> None:
+        if stop.is_set():
+            raise _ServeStopping(switched=False)
 
     def stop_between_chunks(_judged: int) -> None:
         if stop.is_set():
-            raise _ServeStopping
+            raise _ServeStopping(switched=True)
 
     with _engine(ctx) as engine:
         try:  # first: a port in use is said at once, not after a catch-up that may take a while
@@ -1018,82 +1032,119 @@ def serve(ctx: Ctx, watch: bool, metrics_port: int, metrics_addr: str) -> None:
                 f"cannot serve metrics on {metrics_addr}:{metrics_port}: {exc.strerror or exc}",
                 hint="choose another --metrics-port or --metrics-addr, or stop what listens there",
             ) from exc
-        engine.evaluator()
         try:
-            caught_up = engine.catch_up(actor=ctx.actor, reason="serve: start", progress=stop_between_chunks)
-        except _ServeStopping:
-            click.echo(
-                f"bringing the agents up to date interrupted: serve is stopping; {_FINISH_RUN}", err=True
-            )
-        except AgovError as exc:  # serve anyway: agents not yet re-judged under a new policy are denied
-            click.echo(f"could not bring the agents up to date: {exc.diagnostics()}", err=True)
-        else:
-            if caught_up["revalidation"] is not None:
-                why = (
-                    "org limits in agov.yaml changed"
-                    if caught_up["org_changed"]
-                    else "finished an interrupted run"
+            engine.evaluator()
+            try:
+                caught_up = engine.catch_up(
+                    actor=ctx.actor, reason="serve: start", progress=stop_between_chunks
                 )
-                click.echo(f"{why}: " + _revalidation_text(caught_up["revalidation"]), err=True)
-        serving = engine.active_policy().hash
-        lock = threading.Lock()
-
-        def reload() -> None:
-            with lock:
-                if stop.is_set():
-                    return
-                before = _active_hash_or_none(engine)
-                try:
-                    result = engine.reload_policy(
-                        actor=ctx.actor,
-                        reason="watch: policy files or agov.yaml changed",
-                        progress=stop_between_chunks,
-                    )
-                except _ServeStopping:  # its run stopped after a committed chunk: resumable
-                    click.echo(f"reload interrupted: serve is stopping; {_FINISH_RUN}", err=True)
-                    return
-                except Exception as exc:
-                    if stop.is_set():  # serve stopped the sidecar under it: OPA is not to blame
-                        click.echo(f"reload interrupted: serve stopped during it; {_FINISH_RELOAD}", err=True)
-                    elif isinstance(exc, AgovError):
-                        # a switch that stood, with its run stopped, is no refusal: the message says so
-                        switched = _active_hash_or_none(engine) not in (before, None)
-                        click.echo(
-                            f"reload {'stopped' if switched else 'refused'}: {exc.diagnostics()}", err=True
-                        )
-                    else:  # the watch goes on: the next save tries again
-                        click.echo(f"reload failed: internal error: {type(exc).__name__}: {exc}", err=True)
-                    return
-                if result["revalidation"] is not None:  # a new policy, changed org limits, or a resumed run
-                    click.echo(_revalidation_text(result["revalidation"]), err=True)
-
-        watcher = (
-            PolicyWatcher(engine.workspace.policies, reload, config_file=engine.workspace.home / CONFIG_FILE)
-            if watch
-            else None
-        )
-        if watcher is not None:
-            watcher.start()
-        # said once the watcher runs: an edit made after this line is seen
-        click.echo(
-            f"serving: policy {serving[:12]}, metrics on http://{metrics_addr}:{server.server_port}/metrics"
-            + (", watching policies/ and agov.yaml" if watcher is not None else ""),
-            err=True,
-        )
-        try:
-            while not stop.wait(0.5):
-                pass
-        except KeyboardInterrupt:
-            pass
-        finally:
-            stop.set()  # also on Ctrl-C: a reload in progress stops after its current chunk
-            if watcher is not None and not watcher.stop(wait_s=_STOP_WAIT_S):
+            except _ServeStopping:
                 click.echo(
-                    f"stopping with a reload still in progress after {_STOP_WAIT_S:.0f} s; {_FINISH_RELOAD}",
-                    err=True,
+                    f"bringing the agents up to date interrupted: serve is stopping; {_FINISH_RUN}", err=True
                 )
+            except AgovError as exc:  # serve anyway: agents not yet re-judged under a new policy are denied
+                click.echo(f"could not bring the agents up to date: {exc.diagnostics()}", err=True)
+            else:
+                if caught_up["revalidation"] is not None:
+                    why = (
+                        "org limits in agov.yaml changed"
+                        if caught_up["org_changed"]
+                        else "finished an interrupted run"
+                    )
+                    click.echo(f"{why}: " + _revalidation_text(caught_up["revalidation"]), err=True)
+            if not stop.is_set():
+                _serve_until_stopped(
+                    ctx,
+                    engine,
+                    stop,
+                    closing_under_reload,
+                    watch,
+                    f"{metrics_addr}:{server.server_port}",
+                    stop_before_switch,
+                    stop_between_chunks,
+                )
+        finally:
             server.shutdown()
     click.echo("serve stopped", err=True)
+
+
+def _serve_until_stopped(
+    ctx: Ctx,
+    engine: Any,
+    stop: threading.Event,
+    closing_under_reload: threading.Event,
+    watch: bool,
+    metrics_at: str,
+    stop_before_switch: Callable[[], None],
+    stop_between_chunks: Callable[[int], None],
+) -> None:
+    """Watch (with ``--watch``) and reload on change until ``stop`` is set; then stop the watch,
+    waiting up to ``_STOP_WAIT_S`` for a reload in progress."""
+    from agov.watch import PolicyWatcher
+    from agov.workspace import CONFIG_FILE
+
+    serving = engine.active_policy().hash
+    lock = threading.Lock()
+
+    def reload() -> None:
+        with lock:
+            if stop.is_set():
+                return
+            before = _active_hash_or_none(engine)
+            try:
+                result = engine.reload_policy(
+                    actor=ctx.actor,
+                    reason="watch: policy files or agov.yaml changed",
+                    progress=stop_between_chunks,
+                    before_switch=stop_before_switch,
+                )
+            except _ServeStopping as stopping:
+                done = (
+                    _FINISH_RUN
+                    if stopping.switched
+                    else "the new policy was not activated; " + _FINISH_RELOAD
+                )
+                click.echo(f"reload interrupted: serve is stopping; {done}", err=True)
+                return
+            except Exception as exc:
+                if closing_under_reload.is_set():  # serve stopped the sidecar under it: not OPA's fault
+                    click.echo(f"reload interrupted: serve stopped during it; {_FINISH_RELOAD}", err=True)
+                elif isinstance(exc, AgovError):
+                    # a switch that stood, with its run stopped, is no refusal: the message says so
+                    switched = _active_hash_or_none(engine) not in (before, None)
+                    click.echo(
+                        f"reload {'stopped' if switched else 'refused'}: {exc.diagnostics()}", err=True
+                    )
+                else:  # the watch goes on: the next save tries again
+                    click.echo(f"reload failed: internal error: {type(exc).__name__}: {exc}", err=True)
+                return
+            if result["revalidation"] is not None:  # a new policy, changed org limits, or a resumed run
+                click.echo(_revalidation_text(result["revalidation"]), err=True)
+
+    watcher = (
+        PolicyWatcher(engine.workspace.policies, reload, config_file=engine.workspace.home / CONFIG_FILE)
+        if watch
+        else None
+    )
+    if watcher is not None:
+        watcher.start()
+    # said once the watcher runs: an edit made after this line is seen
+    click.echo(
+        f"serving: policy {serving[:12]}, metrics on http://{metrics_at}/metrics"
+        + (", watching policies/ and agov.yaml" if watcher is not None else ""),
+        err=True,
+    )
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        stop.set()
+        if watcher is not None and not watcher.stop(wait_s=_STOP_WAIT_S):
+            closing_under_reload.set()
+            click.echo(
+                f"stopping with a reload still in progress after {_STOP_WAIT_S:.0f} s; {_FINISH_RELOAD}",
+                err=True,
+            )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -501,6 +501,7 @@ class Engine:
         reason: str,
         dry_run: bool = False,
         progress: Callable[[int], None] | None = None,
+        before_switch: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
         """Rebuild the policy; if its hash changed, activate it and revalidate every agent. With
         the same hash, revalidate every agent when the org limits in agov.yaml differ from those
@@ -509,6 +510,10 @@ class Engine:
         A policy that does not compile or whose tests fail is refused and the old one stays.
         With ``dry_run`` the candidate is built in a temporary directory and judged by a
         throwaway sidecar: nothing is written, nothing is activated.
+
+        ``before_switch`` is called once the new policy is built and checked, before anything
+        is recorded or switched: an exception it raises leaves everything as it was (``serve``
+        stopping). ``progress`` is called after each committed revalidation chunk.
 
         Raises:
             PolicyError: refused (counted in ``policy_reload_failure_total`` and audited).
@@ -534,6 +539,8 @@ class Engine:
         except (KeyMaterialError, WorkspaceError) as exc:
             self._refuse_reload(exc, actor=actor, reason=reason, active=active)
             raise
+        if before_switch is not None:
+            before_switch()
         version = policy.record(self.store, built, actor=actor, reason=reason)
         switch = _SwitchProgress()
         try:

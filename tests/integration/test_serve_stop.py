@@ -1,23 +1,35 @@
-"""`agov serve --watch` asked to stop while a reload revalidates the agents.
+"""`agov serve` asked to stop (SIGTERM or Ctrl-C) while it brings agents up to date.
 
-The run stops after a committed chunk (resumable, as after any interruption), serve says so and
-exits 0, and nothing blames OPA: serve stopped the sidecar itself. Before, the reload went on
-until serve had stopped OPA under it, and printed "refused the connection / is the OPA sidecar
-running?".
+A reload's revalidation stops after a committed chunk (resumable, as after any interruption); a
+reload still building stops before it switches anything; the catch-up at start stops the same
+way, and serve then never says it is serving. serve exits 0 each time, and nothing blames OPA:
+serve stopped the sidecar itself. Before, the reload went on until serve had stopped OPA under
+it, and printed "refused the connection / is the OPA sidecar running?".
 """
 
 from __future__ import annotations
 
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
-from _reload_support import ACTOR, connect, create_governed, edit_data, set_analysis_limit, statuses
+from _reload_support import (
+    ACTOR,
+    connect,
+    create_governed,
+    edit_config,
+    edit_data,
+    set_analysis_limit,
+    statuses,
+)
 
 from agov.config import Config, Limits
 from agov.engine import Engine
@@ -28,10 +40,10 @@ AGENTS = 300  # one agent per chunk: a run of a few hundred chunk queries, long 
 class Serve:
     """`agov serve --watch` as a process, with its stderr read line by line."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, **env_overrides: str) -> None:
         tmpdir = home.with_name("tmp")
         tmpdir.mkdir(exist_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmpdir)}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmpdir), **env_overrides}
         argv = [
             sys.executable,
             "-m",
@@ -89,30 +101,63 @@ def active_hash(home: Path) -> str:
         conn.close()
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT"])
-def test_serve_stopped_during_a_reload_stops_its_run_after_a_chunk(tmp_path: Path, how: str) -> None:
-    home = tmp_path / "ws"
+def wait_for(condition: Callable[[], Any], what: str, serve: Serve, timeout_s: float = 60) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.01)
+    pytest.fail(f"{what} did not happen: {serve.text}")
+
+
+def stop(serve: Serve, how: str) -> str:
+    """Send the signal, check serve exits 0, and return all it printed."""
+    serve.proc.send_signal(getattr(signal, how))
+    assert serve.proc.wait(timeout=30) == 0, serve.text
+    return serve.read_until("\0", 5)  # the rest of stderr, up to EOF
+
+
+@pytest.fixture(scope="module")
+def governed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A workspace with AGENTS governed agents, judged one per chunk."""
+    home = tmp_path_factory.mktemp("serve-stop") / "ws"
     with Engine.init(home, Config(limits=Limits(revalidation_chunk_size=1)), actor=ACTOR) as engine:
         for i in range(AGENTS):
             create_governed(engine, f"agent-{i:04d}", temperature=0.3)
-    old_hash = active_hash(home)
+    return home
 
+
+@pytest.fixture
+def home(governed: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(governed, tmp_path / "ws"))
+
+
+def finish_with_revalidate(home: Path) -> None:
+    finished = subprocess.run(
+        [sys.executable, "-m", "agov.cli", "revalidate", "--home", str(home), "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert finished.returncode == 0, finished.stderr
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT"])
+def test_serve_stopped_during_a_reload_stops_its_run_after_a_chunk(home: Path, how: str) -> None:
+    old_hash = active_hash(home)
     serve = Serve(home)
     try:
         assert "metrics on http://" in serve.read_until("metrics on http://", 60), serve.text
         edit_data(home, set_analysis_limit(0.35))  # a new policy every agent still passes
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # until the reload's run has committed a chunk
+
+        def started() -> str | None:  # the reload's run has committed a chunk
             new_hash = active_hash(home)
             run = run_row(home, new_hash) if new_hash != old_hash else None
-            if run is not None and run["cursor"]:
-                break
-            time.sleep(0.01)
-        else:
-            pytest.fail(f"no revalidation run started: {serve.text}")
-        serve.proc.send_signal(getattr(signal, how))
-        assert serve.proc.wait(timeout=30) == 0, serve.text
-        text = serve.read_until("\0", 5)  # the rest of stderr, up to EOF
+            return new_hash if run is not None and run["cursor"] else None
+
+        new_hash = wait_for(started, "a revalidation run", serve)
+        text = stop(serve, how)
     finally:
         serve.kill()
 
@@ -123,15 +168,73 @@ def test_serve_stopped_during_a_reload_stops_its_run_after_a_chunk(tmp_path: Pat
     assert stopped is not None and stopped["finished_at"] is None, stopped
     assert 0 < int(str(stopped["total"])) < AGENTS, stopped  # stopped midway, at a committed chunk
 
-    # the next `agov revalidate` finishes the same run
-    finished = subprocess.run(
-        [sys.executable, "-m", "agov.cli", "revalidate", "--home", str(home), "--json"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert finished.returncode == 0, finished.stderr
+    finish_with_revalidate(home)  # the same run, to its end
     done = run_row(home, new_hash)
     assert done is not None and done["id"] == stopped["id"] and done["finished_at"] is not None, done
     assert done["total"] == AGENTS and done["valid"] == AGENTS, done
     assert set(statuses(home).values()) == {"GOVERNED_VALID"}
+
+
+def test_serve_stopped_while_a_reload_builds_switches_nothing(home: Path, tmp_path: Path) -> None:
+    """A stop that comes while the new bundle is still being built or tested: serve waits for
+    that, and then leaves the old policy active instead of switching and stopping after one chunk
+    (which would deny every agent not yet re-signed until someone finished the run)."""
+    building = tmp_path / "building"
+    slow_opa = tmp_path / "slow-opa"
+    real_opa = shutil.which("opa")
+    assert real_opa is not None
+    slow_opa.write_text(
+        f'#!/bin/sh\nif [ "$1" = build ]; then touch "{building}"; sleep 1; fi\nexec "{real_opa}" "$@"\n'
+    )
+    slow_opa.chmod(0o755)
+    old_hash = active_hash(home)
+    versions = count_rows(home, "policy_versions")
+    serve = Serve(home, AGOV_OPA_BIN=str(slow_opa))
+    try:
+        assert "metrics on http://" in serve.read_until("metrics on http://", 60), serve.text
+        edit_data(home, set_analysis_limit(0.35))
+        wait_for(building.exists, "a reload's build", serve)
+        text = stop(serve, "SIGTERM")
+    finally:
+        serve.kill()
+
+    assert "reload interrupted: serve is stopping; the new policy was not activated" in text, text
+    assert text.rstrip().endswith("serve stopped"), text
+    assert active_hash(home) == old_hash
+    assert count_rows(home, "policy_versions") == versions
+    assert count_rows(home, "revalidation_runs WHERE finished_at IS NULL") == 0
+
+
+def test_ctrl_c_during_the_catch_up_at_start_stops_serve_before_it_serves(home: Path) -> None:
+    """At start serve judges every agent again when agov.yaml's org limits changed; Ctrl-C then
+    stops that run after a chunk, exits 0 (serve's normal stop), and never says it is serving."""
+    edit_config(home, lambda raw: raw["org"].update(max_monthly_budget_usd=2000.0))
+    policy_hash = active_hash(home)
+    before = run_row(home, policy_hash)
+    serve = Serve(home)
+    try:
+
+        def started() -> bool:  # the catch-up's run has committed a chunk
+            run = run_row(home, policy_hash)
+            return run is not None and run != before and bool(run["cursor"])
+
+        wait_for(started, "the catch-up's run", serve)
+        text = stop(serve, "SIGINT")
+    finally:
+        serve.kill()
+
+    assert "bringing the agents up to date interrupted: serve is stopping" in text, text
+    assert "serving:" not in text, text
+    assert text.rstrip().endswith("serve stopped"), text
+    run = run_row(home, policy_hash)
+    assert run is not None and run["finished_at"] is None and 0 < int(str(run["total"])) < AGENTS, run
+    finish_with_revalidate(home)
+    assert run_row(home, policy_hash)["total"] == AGENTS  # type: ignore[index]
+
+
+def count_rows(home: Path, table_and_filter: str) -> int:
+    conn = connect(home / "agov.db")
+    try:
+        return int(conn.execute(f"SELECT count(*) FROM {table_and_filter}").fetchone()[0])
+    finally:
+        conn.close()
