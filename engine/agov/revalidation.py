@@ -978,6 +978,12 @@ def _still_current(
             " closed this run, or restarted it with other org limits, while it ran",
             hint="the run of the policy now active judges every agent; `agov revalidate` finishes it",
         )
+    if isinstance(run[2], str) and run[2] < cursor:  # a cursor only moves back to restart
+        raise ConflictError(
+            f"the revalidation under {policy_hash[:12]} was stopped: another process sent the run back"
+            " to its first agent (a key that signed in it was revoked, or another key took over)",
+            hint="should no process be working it, `agov revalidate` finishes it once a key may sign",
+        )
     if run[2] != cursor:
         raise ConflictError(
             f"the revalidation under {policy_hash[:12]} was stopped: another process is working the"

@@ -271,3 +271,27 @@ def test_a_run_another_process_moved_on_stops_instead_of_counting_agents_twice(
     run = engine.store.query_one("SELECT * FROM revalidation_runs ORDER BY id DESC")
     assert report.run_id == run["id"] and report.resumed
     assert (run["total"], run["valid"], run["finished_at"] is not None) == (4, 4, True), dict(run)
+
+
+def test_a_run_another_process_sent_back_to_its_first_agent_says_so(engine: Engine, home: Path) -> None:
+    """An overtaken process whose key was revoked restarts the run (its proofs must be signed
+    again) and stops; the process that was working the run then stops too, and is told why."""
+    create_governed(engine, HOT, temperature=0.3)
+    create_governed(engine, COOL, temperature=0.3)
+    edit_data(home, set_analysis_limit(0.4))
+    restarted: list[int] = []
+
+    def other_process_restarts_the_run(judged: int) -> None:
+        if restarted:
+            return
+        with Engine.open(home) as other, other.store.transaction() as tx:
+            (run_id,) = tx.execute("SELECT id FROM revalidation_runs WHERE finished_at IS NULL").fetchone()
+            revalidation._restart_in(
+                tx, run_id, other.active_policy().hash, "its key was revoked", other.clock()
+            )
+        restarted.append(run_id)
+
+    with pytest.raises(ConflictError, match="another process sent the run back to its first agent"):
+        engine.reload_policy(actor=ACTOR, reason="P2", progress=other_process_restarts_the_run)
+    run = engine.store.query_one("SELECT * FROM revalidation_runs WHERE id = ?", (restarted[0],))
+    assert (run["cursor"], run["total"], run["finished_at"]) == ("", 0, None), dict(run)
