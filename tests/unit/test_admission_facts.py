@@ -1,0 +1,112 @@
+"""admission.proof_facts: a fact is true only once established, and once one is false the
+facts after it are unknown (None), never reported false as if each had been checked.
+
+No OPA and no store: a signed envelope, a trusted key and a proof row as the store holds them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agov.admission import PROOF_FACTS, proof_facts
+from agov.proofs import ProofClaims, ProofSigner, TrustedKey, sign_proof
+from agov.store.sqlite import iso
+
+T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+SPEC = hashlib.sha256(b"spec").hexdigest()
+POLICY = hashlib.sha256(b"policy").hexdigest()
+SIGNER = ProofSigner.ed25519(Ed25519PrivateKey.generate())
+AGENT: Any = SimpleNamespace(id="invoice-triage", version=3, spec=SimpleNamespace(hash=SPEC))
+
+
+def claims(**overrides: Any) -> ProofClaims:
+    values: dict[str, Any] = {
+        "agent_id": AGENT.id,
+        "version": "3",
+        "spec_hash": SPEC,
+        "policy_hash": POLICY,
+        "decision_id": "d-1",
+        "input_digest": hashlib.sha256(b"input").hexdigest(),
+        "actor": "alice",
+        "role": "agent_admin",
+        "governance_status": "GOVERNED_VALID",
+        "issued_at": T0,
+        "expires_at": T0 + timedelta(days=30),
+    }
+    values.update(overrides)
+    return ProofClaims(**values)
+
+
+def row(proof: ProofClaims, envelope: bytes | None = None) -> dict[str, Any]:
+    return {
+        "envelope": envelope if envelope is not None else sign_proof(proof, SIGNER),
+        "keyid": SIGNER.keyid,
+        "issued_at": iso(proof.issued_at),
+    }
+
+
+def facts(
+    proof_row: dict[str, Any] | None,
+    *,
+    key: TrustedKey | None = None,
+    now: datetime = T0 + timedelta(days=1),
+    newest: datetime | None = None,
+) -> list[bool | None]:
+    trusted = key if key is not None else SIGNER.trusted_key()
+    got, notes = proof_facts(
+        AGENT, proof_row, newest, lambda _keyid: trusted, POLICY, now, max_proof_bytes=64 * 1024
+    )
+    assert list(got) == list(PROOF_FACTS)
+    assert notes or all(got.values()), "a fact that fails comes with a note saying why"
+    return list(got.values())
+
+
+# proof_present, signature_valid, signer_not_revoked, proof_not_expired, spec_hash_match, policy_hash_match
+CASES: dict[str, tuple[Any, list[bool | None]]] = {
+    "genuine": (lambda: facts(row(claims())), [True, True, True, True, True, True]),
+    "no proof": (lambda: facts(None), [False, None, None, None, None, None]),
+    "garbage envelope": (
+        lambda: facts(row(claims(), b"not a DSSE envelope")),
+        [True, False, None, None, None, None],
+    ),
+    "unknown key": (
+        lambda: proof_facts(AGENT, row(claims()), None, lambda _k: None, POLICY, T0, max_proof_bytes=65536)[
+            0
+        ],
+        [True, False, None, None, None, None],
+    ),
+    "revoked signer": (
+        lambda: facts(row(claims()), key=SIGNER.trusted_key(revoked_at=T0)),
+        [True, True, False, None, None, None],
+    ),
+    "expired": (
+        lambda: facts(row(claims()), now=T0 + timedelta(days=31)),
+        [True, True, True, False, None, None],
+    ),
+    "an older proof replayed": (
+        lambda: facts(row(claims()), newest=T0 + timedelta(hours=1)),
+        [True, False, None, None, None, None],
+    ),
+    "another spec": (lambda: facts(row(claims(spec_hash="0" * 64))), [True, True, True, True, False, True]),
+    "another policy": (
+        lambda: facts(row(claims(policy_hash="0" * 64))),
+        [True, True, True, True, True, False],
+    ),
+    "both hashes": (
+        lambda: facts(row(claims(spec_hash="0" * 64, policy_hash="0" * 64))),
+        [True, True, True, True, False, False],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_each_fact_is_established_in_order_or_left_unknown(case: str) -> None:
+    compute, want = CASES[case]
+    got = compute()
+    assert list(got.values() if isinstance(got, dict) else got) == want
