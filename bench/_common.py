@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import argparse
 import gc
+import http.client
 import json
 import os
 import platform
 import random
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -362,3 +365,27 @@ def sqlite_checkpoint(db: Path) -> None:
 def collect() -> None:
     """A full collection before a timed section, so one subject does not pay for another's garbage."""
     gc.collect()
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """``http.client`` over a Unix socket: the transport agov's client uses with the sidecar."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+def http_connection(sidecar: Any, timeout: float) -> http.client.HTTPConnection:
+    """A plain keep-alive ``http.client`` connection to a managed sidecar, the way agov reaches it
+    (its Unix socket, or the loopback port it fell back to)."""
+    connection = sidecar.connection
+    if connection.unix_socket is not None:
+        return UnixHTTPConnection(str(connection.unix_socket), timeout=timeout)
+    parts = urllib.parse.urlsplit(connection.url)
+    return http.client.HTTPConnection(str(parts.hostname), parts.port, timeout=timeout)

@@ -92,7 +92,7 @@ def _run(
     body = json.dumps({"input": admission_input}, separators=(",", ":")).encode()
     target = f"/v1/data/{ADMISSION_PATH}{QUERY}"
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
-    conn = _bare_connection(sidecar)
+    conn = c.http_connection(sidecar, timeout=5)
 
     def bare_http() -> Any:
         conn.request("POST", target, body=body, headers=headers)
@@ -360,29 +360,6 @@ def _raw_socket_post(evaluator: Any, path: str, payload: dict[str, Any]) -> Call
         return json.loads(rest)
 
     return post
-
-
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    """``http.client`` over a Unix socket: the transport agov's client uses with the sidecar."""
-
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
-
-
-def _bare_connection(sidecar: Any) -> http.client.HTTPConnection:
-    """A plain keep-alive ``http.client`` connection to the sidecar, the way agov reaches it."""
-    connection = sidecar.connection
-    if connection.unix_socket is not None:
-        return _UnixHTTPConnection(str(connection.unix_socket), timeout=5)
-    parts = urllib.parse.urlsplit(connection.url)
-    return http.client.HTTPConnection(str(parts.hostname), parts.port, timeout=5)
 
 
 def _open_socket(sidecar: Any) -> socket.socket:

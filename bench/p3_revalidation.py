@@ -430,10 +430,8 @@ def _instrument(evaluator: Any) -> dict[str, list[int]]:
 
 def _opa_chunk_timers(engine: Engine, evaluator: Any, active: str) -> dict[str, float] | None:
     """OPA's own timers (?metrics=true) for one chunk of the configured size, in ms."""
-    import http.client
 
-    url = getattr(evaluator, "url", "")
-    if not url:
+    if not getattr(evaluator, "url", ""):
         return None
     size = engine.config.limits.revalidation_chunk_size
     rows = engine.store.query("SELECT agent_id, spec FROM agent_versions ORDER BY agent_id LIMIT ?", (size,))
@@ -444,8 +442,7 @@ def _opa_chunk_timers(engine: Engine, evaluator: Any, active: str) -> dict[str, 
         "now": iso(engine.clock()),
     }
     body = json.dumps({"input": payload}, separators=(",", ":")).encode()
-    host, port = url.split("//", 1)[1].rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn = c.http_connection(evaluator, timeout=60)
     try:
         timers: dict[str, list[float]] = {}
         for _ in range(3):
