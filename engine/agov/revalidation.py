@@ -782,10 +782,10 @@ def _apply(
     clock: Callable[[], datetime],
 ) -> None:
     """Sign, transition and commit one chunk (read after ``cursor``, where this process left the
-    run), with the run's new cursor, in one transaction. ``now``
-    is when the chunk was judged; the key is checked, and the proofs issued, at the time of the
-    commit (under the write lock): another key may have taken over since, and a key's proofs
-    must not be issued before its window opened."""
+    run), with the run's new cursor, in one transaction. ``now`` is when the chunk was judged;
+    the key is checked, and the proofs issued, at the time of the commit (under the write
+    lock): another key may have taken over since, and a key's proofs must not be issued before
+    its window opened."""
     with store.transaction() as tx:
         now = max(now, clock())
         stamp = iso(now)
