@@ -1113,7 +1113,10 @@ def _serve_until_stopped(
                     # a switch that stood, with its run stopped, is no refusal: the message says so
                     switched = _active_hash_or_none(engine) not in (before, None)
                     click.echo(
-                        f"reload {'stopped' if switched else 'refused'}: {exc.diagnostics()}", err=True
+                        f"reload {'stopped' if switched else 'refused'}: {exc.diagnostics()}"
+                        # nothing else wakes the watch: a new key, say, is not a file it watches
+                        + ("" if switched else "\n  the next save, or `agov policy reload`, tries again"),
+                        err=True,
                     )
                 else:  # the watch goes on: the next save tries again
                     click.echo(f"reload failed: internal error: {type(exc).__name__}: {exc}", err=True)

@@ -58,6 +58,7 @@ class Serve:
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
         )
+        self.raw = b""
         self.text = ""
 
     def read_until(self, marker: str, timeout_s: float) -> str:
@@ -68,10 +69,12 @@ class Serve:
         try:
             while marker not in self.text and time.monotonic() < deadline:
                 if selector.select(timeout=0.2):
-                    line = self.proc.stderr.readline()
-                    if not line:
+                    # the fd itself: a buffered readline would hold lines select no longer sees
+                    chunk = os.read(self.proc.stderr.fileno(), 65536)
+                    if not chunk:
                         break
-                    self.text += line.decode()
+                    self.raw += chunk
+                    self.text = self.raw.decode(errors="replace")
         finally:
             selector.close()
         return self.text
@@ -238,3 +241,25 @@ def count_rows(home: Path, table_and_filter: str) -> int:
         return int(conn.execute(f"SELECT count(*) FROM {table_and_filter}").fetchone()[0])
     finally:
         conn.close()
+
+
+def test_a_refused_reload_says_what_tries_again_and_the_next_save_does(home: Path) -> None:
+    """A refused change is not retried by itself (a new key, say, is not a file the watch sees):
+    serve says what tries again, and the next save does."""
+    old_hash = active_hash(home)
+    broken = home / "policies" / "agov" / "broken.rego"
+    serve = Serve(home)
+    try:
+        assert "metrics on http://" in serve.read_until("metrics on http://", 60), serve.text
+        broken.write_text("package agov.broken\n\nthis is not rego\n")
+        text = serve.read_until("tries again", 60)
+        assert "reload refused: " in text and "the next save, or `agov policy reload`, tries again" in text, (
+            text
+        )
+        assert active_hash(home) == old_hash
+        broken.unlink()
+        edit_data(home, set_analysis_limit(0.35))
+        wait_for(lambda: active_hash(home) != old_hash, "the next save's reload", serve)
+        stop(serve, "SIGTERM")
+    finally:
+        serve.kill()
