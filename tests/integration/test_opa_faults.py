@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -692,3 +693,36 @@ def test_an_address_family_this_host_cannot_use_passes_on_to_the_next(
     with DecisionClient(ConnectionConfig(url=f"http://opa.invalid:{port}"), config) as client:
         assert require_bool(client.evaluate(PATH, {}).result.get("allow"), "allow") is True
     assert server.requests == 1
+
+
+def test_a_unix_socket_with_a_full_backlog_is_waited_for_until_the_deadline(tmp_path: Path) -> None:
+    """A Unix socket whose listener's backlog is full refuses a connect at once (EAGAIN), where
+    TCP would wait: the client asks again until its deadline, then fails closed, as for TCP."""
+    path = tmp_path / "opa.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(0)
+    queued: list[socket.socket] = []
+    try:
+        while len(queued) < 64:  # fill the backlog (the listener never accepts)
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.setblocking(False)
+            try:
+                probe.connect(str(path))
+            except BlockingIOError:
+                probe.close()
+                break
+            queued.append(probe)
+        client = DecisionClient(
+            ConnectionConfig(url="http://localhost", unix_socket=path), EvaluatorConfig(timeout_s=0.5)
+        )
+        started = time.monotonic()
+        with pytest.raises(
+            EngineUnavailableError, match=r"OPA at unix:.*opa\.sock did not answer within 0\.5 s"
+        ):
+            client.evaluate("agov/test/decision", {"x": 1})
+        assert 0.45 <= time.monotonic() - started < 2.0
+    finally:
+        for sock in queued:
+            sock.close()
+        listener.close()

@@ -96,7 +96,8 @@ def test_opa_listens_only_on_a_socket_only_its_owner_may_open(sidecar: ManagedSi
     assert sidecar.tcp_url == ""
     argv = _opa_argv(sidecar.pid)
     addresses = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--addr"]
-    assert addresses == [f"unix://{connection.unix_socket}"], argv
+    assert addresses == ["unix://opa.sock"], argv  # named relative to OPA's working directory
+    assert Path(os.readlink(f"/proc/{sidecar.pid}/cwd")) == connection.unix_socket.parent
     assert stat.S_IMODE(connection.unix_socket.stat().st_mode) == 0o600
     assert stat.S_IMODE(connection.unix_socket.parent.stat().st_mode) == 0o700
     assert sidecar.evaluate(PATH, {"x": 1}).result["allow"] is True
@@ -106,7 +107,7 @@ def test_a_gone_socket_is_engine_unavailable_naming_it(sidecar: ManagedSidecar) 
     connection = sidecar.connection
     assert connection.unix_socket is not None
     connection.unix_socket.unlink()  # OPA still runs, but no new connection can reach it
-    gone = r"OPA at unix:/.*opa\.sock is not listening"
+    gone = r"OPA at unix:/.*opa\.sock is not listening: there is no socket there"
     with (
         ExternalSidecar(connection, EvaluatorConfig()) as fresh,
         pytest.raises(EngineUnavailableError, match=gone),
@@ -129,18 +130,38 @@ def test_also_tcp_listens_on_loopback_too(first_bundle: Any, signing_key: Any, o
         assert running.evaluate(PATH, {"x": 1}).result["allow"] is True
 
 
-def test_a_working_directory_too_long_for_a_socket_falls_back_to_a_loopback_port(
+def test_a_working_directory_too_long_for_a_socket_path_is_reached_through_its_descriptor(
     first_bundle: Any, signing_key: Any, opa_bin: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Never a loopback port instead: that would undo what the socket is for."""
     deep = tmp_path / ("d" * 100)
     deep.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(deep))
     with ManagedSidecar(
         first_bundle.data, first_bundle.revision, signing_key.public_pem, signing_key.keyid, opa_bin=opa_bin
     ) as running:
-        assert running.url == running.tcp_url and running.url.startswith("http://127.0.0.1:")
-        assert running.connection.unix_socket is None
+        assert running.url.startswith(f"unix:{deep}/") and running.tcp_url == ""
+        address = running.connection.unix_socket
+        assert address is not None and str(address).startswith("/proc/self/fd/"), address
         assert running.evaluate(PATH, {"x": 1}).result["allow"] is True
+
+
+def test_a_temp_directory_whose_name_reads_as_a_url_changes_nothing_outside_it(
+    first_bundle: Any, signing_key: Any, opa_bin: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OPA reads --addr as a URL: a socket path with '#' or '?' in it once made OPA bind (and
+    first remove) a file outside its working directory."""
+    odd = tmp_path / "t#x?y=%41"
+    odd.mkdir()
+    bystander = tmp_path / "t"
+    bystander.write_text("precious\n")
+    monkeypatch.setattr(tempfile, "tempdir", str(odd))
+    with ManagedSidecar(
+        first_bundle.data, first_bundle.revision, signing_key.public_pem, signing_key.keyid, opa_bin=opa_bin
+    ) as running:
+        assert running.evaluate(PATH, {"x": 1}).result["allow"] is True
+    assert bystander.read_text() == "precious\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t", "t#x?y=%41"]
 
 
 def test_undefined_decision_fails_closed(sidecar: ManagedSidecar) -> None:

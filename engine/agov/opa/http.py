@@ -444,7 +444,8 @@ class DecisionClient:
             )
         if isinstance(exc, FileNotFoundError) and self.connection.unix_socket is not None:
             return EngineUnavailableError(
-                f"OPA at {where} is not listening: the socket is gone", hint="is the OPA sidecar running?"
+                f"OPA at {where} is not listening: there is no socket there (not yet, or no longer)",
+                hint="is the OPA sidecar running?",
             )
         if isinstance(exc, socket.gaierror):
             return EngineUnavailableError(f"cannot resolve the OPA host in {where}: {exc}")
@@ -614,14 +615,21 @@ class _Connection:
 
 
 def _connect_unix(path: Path, deadline: float) -> socket.socket:
+    """Connect to a Unix socket by the deadline. A listener whose backlog is full answers a
+    connect at once with EAGAIN (where TCP would wait): it is asked again until the deadline."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.settimeout(_remaining(deadline))
-        sock.connect(str(path))
+        while True:
+            sock.settimeout(_remaining(deadline))
+            try:
+                sock.connect(str(path))
+            except BlockingIOError:
+                time.sleep(min(0.005, _remaining(deadline)))
+                continue
+            return sock
     except BaseException:
         sock.close()
         raise
-    return sock
 
 
 def _connect(host: str, port: int, deadline: float) -> socket.socket:

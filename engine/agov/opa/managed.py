@@ -18,8 +18,9 @@ No ``opa`` process outlives the Python process that started it:
 
 OPA listens on a Unix domain socket in its working directory (mode 0700), not on a loopback
 port: another local user can neither query nor write to it, nor answer in its place on a port
-it left. A working directory whose path is too long for a socket falls back to a free
-127.0.0.1 port.
+it left. OPA binds it by a name relative to that directory (so no path is ever parsed as a
+URL), and agov connects by its path, or through the directory's file descriptor
+(``/proc/self/fd``) when the path is too long for a socket address.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ _ADDR_IN_USE = "address already in use"
 _TMP_PREFIX = "agov-opa-"
 # A socket's path must fit sockaddr_un.sun_path (108 bytes on Linux, with its NUL); kept short of it.
 _MAX_SOCKET_PATH = 100
+_SOCKET_NAME = "opa.sock"  # in OPA's working directory, which is its cwd
 _OWNER_LOCK = "owner.lock"
 
 
@@ -88,7 +90,7 @@ class ManagedConfig:
         stderr_tail_bytes: How much of OPA's stderr goes into error messages.
         also_tcp: Also listen on a free 127.0.0.1 port (``tcp_url``), for a client that speaks
             only TCP (the benchmarks' opa-python-client baseline); agov itself keeps to the
-            socket.
+            socket. Any local user can reach that port: never for a deployment.
         gogc: Go's garbage-collection target for the OPA process (``GOGC``), unless the
             environment sets one. A revalidation chunk is about 1 MB of JSON that OPA parses
             into short-lived values; at Go's default of 100 it spent about a fifth of its CPU
@@ -189,7 +191,9 @@ class ManagedSidecar:
         self._owner_fd: int | None = None  # flock on the working directory's owner.lock
         self._client: DecisionClient | None = None
         self._active: tuple[bytes, str] | None = None
-        self._socket: Path | None = None
+        self._socket: Path | None = None  # the socket's real path, for messages
+        self._socket_address: Path | None = None  # the path agov connects by
+        self._dir_fd: int | None = None  # the working directory, for a socket path too long
         self._port = 0
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -349,11 +353,11 @@ class ManagedSidecar:
         when the path was too long for a socket (empty when not running)."""
         if self._socket is not None:
             return f"unix:{self._socket}"
-        return self.tcp_url
+        return ""
 
     @property
     def tcp_url(self) -> str:
-        """OPA's loopback URL, with ``ManagedConfig.also_tcp`` (or the fallback), else empty."""
+        """OPA's loopback URL with ``ManagedConfig.also_tcp``, else empty."""
         return f"http://127.0.0.1:{self._port}" if self._port else ""
 
     @property
@@ -363,11 +367,9 @@ class ManagedSidecar:
         Raises:
             EngineUnavailableError: the sidecar is not running.
         """
-        if self._socket is not None:
-            return ConnectionConfig(url="http://localhost", unix_socket=self._socket)
-        if self._port:
-            return ConnectionConfig(url=self.tcp_url)
-        raise EngineUnavailableError("the managed OPA sidecar is not running")
+        if self._socket_address is None:
+            raise EngineUnavailableError("the managed OPA sidecar is not running")
+        return ConnectionConfig(url="http://localhost", unix_socket=self._socket_address)
 
     @property
     def pid(self) -> int | None:
@@ -407,12 +409,11 @@ class ManagedSidecar:
         config_path = self._tmp / "opa-config.yaml"
         _write_private(config_path, yaml.safe_dump(self._opa_config(self._server), sort_keys=True))
         deadline = time.monotonic() + self.managed.startup_timeout_s
-        socket_path = self._tmp / "opa.sock"
+        self._socket = self._tmp / _SOCKET_NAME
+        self._socket_address = self._socket_address_of(self._tmp)
         for attempt in range(3):
-            self._socket = socket_path if len(os.fsencode(socket_path)) <= _MAX_SOCKET_PATH else None
-            if self._socket is not None:
-                self._socket.unlink(missing_ok=True)  # left by an OPA killed in a previous attempt
-            self._port = _free_port() if self._socket is None or self.managed.also_tcp else 0
+            self._socket.unlink(missing_ok=True)  # left by an OPA killed in a previous attempt
+            self._port = _free_port() if self.managed.also_tcp else 0
             self._spawn(opa, config_path)
             self._client = DecisionClient(self.connection, self.config)
             try:
@@ -465,11 +466,27 @@ class ManagedSidecar:
             env["GOGC"] = str(self.managed.gogc)
         return env
 
+    def _socket_address_of(self, directory: Path) -> Path:
+        """The path agov connects to the socket by: its own, or, when that is too long for a
+        socket address, the same name through a descriptor of the directory.
+
+        Raises:
+            EngineUnavailableError: the path is too long and there is no ``/proc/self/fd``.
+        """
+        path = directory / _SOCKET_NAME
+        if len(os.fsencode(path)) <= _MAX_SOCKET_PATH:
+            return path
+        if not os.path.isdir("/proc/self/fd"):
+            raise EngineUnavailableError(
+                f"cannot start OPA: its socket path {path} is too long for a Unix socket",
+                hint="set TMPDIR to a shorter directory",
+            )
+        self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        return Path(f"/proc/self/fd/{self._dir_fd}/{_SOCKET_NAME}")
+
     def _addresses(self) -> list[str]:
-        addresses: list[str] = []
-        if self._socket is not None:
-            # only the owner may connect (the directory is 0700 as well)
-            addresses += ["--addr", f"unix://{self._socket}", "--unix-socket-perm", "600"]
+        # relative to OPA's cwd, its 0700 working directory: only the owner may connect
+        addresses = ["--addr", f"unix://{_SOCKET_NAME}", "--unix-socket-perm", "600"]
         if self._port:
             addresses += ["--addr", f"127.0.0.1:{self._port}"]
         return addresses
@@ -613,8 +630,9 @@ class ManagedSidecar:
         return f"exit code {proc.returncode}; stderr: {self.stderr_tail() or '(empty)'}"
 
     def _with_exit_note(self, exc: EngineUnavailableError) -> EngineUnavailableError:
-        # a refused or reset connection may mean OPA just died: give it a moment to be reaped
-        dropped = isinstance(exc.__cause__, ConnectionError)
+        # a refused or reset connection, or a socket OPA removed as it exited, may mean OPA just
+        # died: give it a moment to be reaped
+        dropped = isinstance(exc.__cause__, ConnectionError | FileNotFoundError)
         note = self._exit_note(wait_s=0.2 if dropped else 0.0)
         if note is None:
             return exc
@@ -655,7 +673,10 @@ class ManagedSidecar:
         if self._owner_fd is not None:
             os.close(self._owner_fd)
             self._owner_fd = None
-        self._socket = None
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
+        self._socket = self._socket_address = None
         self._port = 0
         atexit.unregister(self._atexit_stop)
 
