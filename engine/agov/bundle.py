@@ -111,7 +111,12 @@ def compute_policy_hash(policies_root: Path) -> str:
 
 def _start(cmd: Sequence[str], cwd: Path | None = None) -> subprocess.Popen[str]:
     try:
-        return subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+        # a group of its own: a Ctrl-C meant for `agov serve` (which stops at a safe point) must
+        # not kill a build or test midway, which would read as a policy that failed them; when
+        # agov itself stops, build() kills what still runs
+        return subprocess.Popen(
+            list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, process_group=0
+        )
     except OSError as exc:
         raise PolicyError(
             f"cannot run {cmd[0]}: {exc.strerror}", hint="run `make tools` or set AGOV_OPA_BIN"

@@ -16,6 +16,7 @@ import select
 import signal
 import sys
 import threading
+import time
 import unicodedata
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -968,6 +969,14 @@ def demo(ctx: Ctx, keep: bool) -> None:
         emit(ctx, {"story": [line for line in story if line], "seen": seen}, "")
 
 
+class _StopRequest:
+    """serve's stop, requested from a signal handler: a plain attribute, because
+    ``threading.Event.set()`` takes a lock the interrupted main thread may hold (a deadlock)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+
 class _ServeStopping(Exception):
     """serve was asked to stop during a reload (raised before its switch, or between chunks)."""
 
@@ -1001,13 +1010,13 @@ def serve(ctx: Ctx, watch: bool, metrics_port: int, metrics_addr: str) -> None:
     """Run the managed OPA, the metrics endpoint and (with --watch) the policy watcher."""
     from prometheus_client import start_http_server
 
-    stop = threading.Event()
+    stop = _StopRequest()
     closing_under_reload = threading.Event()  # serve closes the engine while a reload still runs
 
     def on_stop_signal(signum: int, _frame: object) -> None:
-        if signum == signal.SIGINT and stop.is_set():
+        if signum == signal.SIGINT and stop.requested:
             raise KeyboardInterrupt  # a second Ctrl-C: stop at once
-        stop.set()
+        stop.requested = True
 
     # SIGTERM and Ctrl-C are serve's normal stop, at a safe point: between two chunks of a
     # revalidation, or before a reload switches anything
@@ -1015,11 +1024,11 @@ def serve(ctx: Ctx, watch: bool, metrics_port: int, metrics_addr: str) -> None:
     signal.signal(signal.SIGINT, on_stop_signal)
 
     def stop_before_switch() -> None:
-        if stop.is_set():
+        if stop.requested:
             raise _ServeStopping(switched=False)
 
     def stop_between_chunks(_judged: int) -> None:
-        if stop.is_set():
+        if stop.requested:
             raise _ServeStopping(switched=True)
 
     with _engine(ctx) as engine:
@@ -1034,25 +1043,9 @@ def serve(ctx: Ctx, watch: bool, metrics_port: int, metrics_addr: str) -> None:
             ) from exc
         try:
             engine.evaluator()
-            try:
-                caught_up = engine.catch_up(
-                    actor=ctx.actor, reason="serve: start", progress=stop_between_chunks
-                )
-            except _ServeStopping:
-                click.echo(
-                    f"bringing the agents up to date interrupted: serve is stopping; {_FINISH_RUN}", err=True
-                )
-            except AgovError as exc:  # serve anyway: agents not yet re-judged under a new policy are denied
-                click.echo(f"could not bring the agents up to date: {exc.diagnostics()}", err=True)
-            else:
-                if caught_up["revalidation"] is not None:
-                    why = (
-                        "org limits in agov.yaml changed"
-                        if caught_up["org_changed"]
-                        else "finished an interrupted run"
-                    )
-                    click.echo(f"{why}: " + _revalidation_text(caught_up["revalidation"]), err=True)
-            if not stop.is_set():
+            if not stop.requested:  # a stop that came while OPA started: no run begins
+                _catch_up_at_start(ctx, engine, stop_between_chunks)
+            if not stop.requested:
                 _serve_until_stopped(
                     ctx,
                     engine,
@@ -1068,18 +1061,37 @@ def serve(ctx: Ctx, watch: bool, metrics_port: int, metrics_addr: str) -> None:
     click.echo("serve stopped", err=True)
 
 
+def _catch_up_at_start(ctx: Ctx, engine: Any, stop_between_chunks: Callable[[int], None]) -> None:
+    """Finish an interrupted run, or judge every agent again under changed org limits; serve
+    goes on whatever comes of it (an agent not yet re-judged under a new policy is denied)."""
+    try:
+        caught_up = engine.catch_up(actor=ctx.actor, reason="serve: start", progress=stop_between_chunks)
+    except _ServeStopping:
+        click.echo(f"bringing the agents up to date interrupted: serve is stopping; {_FINISH_RUN}", err=True)
+    except AgovError as exc:
+        click.echo(f"could not bring the agents up to date: {exc.diagnostics()}", err=True)
+    else:
+        if caught_up["revalidation"] is not None:
+            why = (
+                "org limits in agov.yaml changed"
+                if caught_up["org_changed"]
+                else "finished an interrupted run"
+            )
+            click.echo(f"{why}: " + _revalidation_text(caught_up["revalidation"]), err=True)
+
+
 def _serve_until_stopped(
     ctx: Ctx,
     engine: Any,
-    stop: threading.Event,
+    stop: _StopRequest,
     closing_under_reload: threading.Event,
     watch: bool,
     metrics_at: str,
     stop_before_switch: Callable[[], None],
     stop_between_chunks: Callable[[int], None],
 ) -> None:
-    """Watch (with ``--watch``) and reload on change until ``stop`` is set; then stop the watch,
-    waiting up to ``_STOP_WAIT_S`` for a reload in progress."""
+    """Watch (with ``--watch``) and reload on change until a stop is requested; then stop the
+    watch, waiting up to ``_STOP_WAIT_S`` for a reload in progress."""
     from agov.watch import PolicyWatcher
     from agov.workspace import CONFIG_FILE
 
@@ -1088,7 +1100,7 @@ def _serve_until_stopped(
 
     def reload() -> None:
         with lock:
-            if stop.is_set():
+            if stop.requested:
                 return
             before = _active_hash_or_none(engine)
             try:
@@ -1138,16 +1150,22 @@ def _serve_until_stopped(
         err=True,
     )
     try:
-        while not stop.wait(0.5):
-            pass
+        while not stop.requested:
+            time.sleep(0.2)
     finally:
-        stop.set()
-        if watcher is not None and not watcher.stop(wait_s=_STOP_WAIT_S):
-            closing_under_reload.set()
-            click.echo(
-                f"stopping with a reload still in progress after {_STOP_WAIT_S:.0f} s; {_FINISH_RELOAD}",
-                err=True,
-            )
+        stop.requested = True
+        if watcher is not None:
+            try:
+                idle = watcher.stop(wait_s=_STOP_WAIT_S)
+            except BaseException:  # a second Ctrl-C: the engine closes under the reload now
+                closing_under_reload.set()
+                raise
+            if not idle:
+                closing_under_reload.set()
+                click.echo(
+                    f"stopping with a reload still in progress after {_STOP_WAIT_S:.0f} s; {_FINISH_RELOAD}",
+                    err=True,
+                )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -55,8 +55,13 @@ class Serve:
             "--home",
             str(home),
         ]
-        self.proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+        self.proc = subprocess.Popen(  # a session of its own, like a terminal's foreground job
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
         )
         self.raw = b""
         self.text = ""
@@ -115,8 +120,12 @@ def wait_for(condition: Callable[[], Any], what: str, serve: Serve, timeout_s: f
 
 
 def stop(serve: Serve, how: str) -> str:
-    """Send the signal, check serve exits 0, and return all it printed."""
-    serve.proc.send_signal(getattr(signal, how))
+    """Send the signal (``Ctrl-C``: SIGINT to serve's whole process group, as a terminal does),
+    check serve exits 0, and return all it printed."""
+    if how == "Ctrl-C":
+        os.killpg(serve.proc.pid, signal.SIGINT)
+    else:
+        serve.proc.send_signal(getattr(signal, how))
     assert serve.proc.wait(timeout=30) == 0, serve.text
     return serve.read_until("\0", 5)  # the rest of stderr, up to EOF
 
@@ -146,7 +155,7 @@ def finish_with_revalidate(home: Path) -> None:
     assert finished.returncode == 0, finished.stderr
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "Ctrl-C"])
 def test_serve_stopped_during_a_reload_stops_its_run_after_a_chunk(home: Path, how: str) -> None:
     old_hash = active_hash(home)
     serve = Serve(home)
@@ -178,10 +187,13 @@ def test_serve_stopped_during_a_reload_stops_its_run_after_a_chunk(home: Path, h
     assert set(statuses(home).values()) == {"GOVERNED_VALID"}
 
 
-def test_serve_stopped_while_a_reload_builds_switches_nothing(home: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
+def test_serve_stopped_while_a_reload_builds_switches_nothing(home: Path, tmp_path: Path, how: str) -> None:
     """A stop that comes while the new bundle is still being built or tested: serve waits for
     that, and then leaves the old policy active instead of switching and stopping after one chunk
-    (which would deny every agent not yet re-signed until someone finished the run)."""
+    (which would deny every agent not yet re-signed until someone finished the run). A Ctrl-C in
+    the terminal reaches the whole process group: it must not kill the build midway, which read
+    as a policy that failed it (a refusal, audited and counted)."""
     building = tmp_path / "building"
     slow_opa = tmp_path / "slow-opa"
     real_opa = shutil.which("opa")
@@ -197,7 +209,7 @@ def test_serve_stopped_while_a_reload_builds_switches_nothing(home: Path, tmp_pa
         assert "metrics on http://" in serve.read_until("metrics on http://", 60), serve.text
         edit_data(home, set_analysis_limit(0.35))
         wait_for(building.exists, "a reload's build", serve)
-        text = stop(serve, "SIGTERM")
+        text = stop(serve, how)
     finally:
         serve.kill()
 
@@ -206,6 +218,7 @@ def test_serve_stopped_while_a_reload_builds_switches_nothing(home: Path, tmp_pa
     assert active_hash(home) == old_hash
     assert count_rows(home, "policy_versions") == versions
     assert count_rows(home, "revalidation_runs WHERE finished_at IS NULL") == 0
+    assert count_rows(home, "audit_events WHERE type = 'POLICY_RELOAD_REFUSED'") == 0
 
 
 def test_ctrl_c_during_the_catch_up_at_start_stops_serve_before_it_serves(home: Path) -> None:
@@ -222,7 +235,7 @@ def test_ctrl_c_during_the_catch_up_at_start_stops_serve_before_it_serves(home: 
             return run is not None and run != before and bool(run["cursor"])
 
         wait_for(started, "the catch-up's run", serve)
-        text = stop(serve, "SIGINT")
+        text = stop(serve, "Ctrl-C")
     finally:
         serve.kill()
 
