@@ -210,8 +210,9 @@ def _run(
         "ratios": [
             c.ratio("agov / bare http.client (p50)", agov_m["p50"] / http_m["p50"], "<=", 1.3),
             c.ratio("agov / bare http.client (p99)", agov_m["p99"] / http_m["p99"]),
-            c.ratio("opa-python-client / agov (p50)", opc_m["p50"] / agov_m["p50"], ">=", 2.0),
-            c.ratio("opa-python-client / agov (p99)", opc_m["p99"] / agov_m["p99"]),
+            # opa-python-client speaks only TCP: its ratio includes the transport (see the notes)
+            c.ratio("opa-python-client over TCP / agov (p50)", opc_m["p50"] / agov_m["p50"], ">=", 2.0),
+            c.ratio("opa-python-client over TCP / agov (p99)", opc_m["p99"] / agov_m["p99"]),
             c.ratio(
                 "opa-python-client new client per call / agov (p50, own phase)",
                 fresh_m["p50"] / fresh_agov["p50"],
