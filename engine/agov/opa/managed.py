@@ -349,8 +349,7 @@ class ManagedSidecar:
 
     @property
     def url(self) -> str:
-        """Where OPA listens, for messages: ``unix:<socket path>``, or ``http://127.0.0.1:<port>``
-        when the path was too long for a socket (empty when not running)."""
+        """Where OPA listens, for messages: ``unix:<socket path>`` (empty when not running)."""
         if self._socket is not None:
             return f"unix:{self._socket}"
         return ""
