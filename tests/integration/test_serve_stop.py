@@ -1,10 +1,12 @@
-"""`agov serve` asked to stop (SIGTERM or Ctrl-C) while it brings agents up to date.
+"""`agov serve --watch` asked to stop (SIGTERM or Ctrl-C) while it brings agents up to date, and
+a reload it refuses.
 
 A reload's revalidation stops after a committed chunk (resumable, as after any interruption); a
 reload still building stops before it switches anything; the catch-up at start stops the same
 way, and serve then never says it is serving. serve exits 0 each time, and nothing blames OPA:
 serve stopped the sidecar itself. Before, the reload went on until serve had stopped OPA under
-it, and printed "refused the connection / is the OPA sidecar running?".
+it, and printed "refused the connection / is the OPA sidecar running?". A refused reload says
+what tries it again, since nothing else wakes the watch.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ AGENTS = 300  # one agent per chunk: a run of a few hundred chunk queries, long 
 
 
 class Serve:
-    """`agov serve --watch` as a process, with its stderr read line by line."""
+    """`agov serve --watch` as a process in a session of its own, with its stderr read as it comes."""
 
     def __init__(self, home: Path, **env_overrides: str) -> None:
         tmpdir = home.with_name("tmp")
