@@ -19,7 +19,7 @@ from pathlib import Path
 
 from agov.errors import PolicyError
 from agov.hashing import policy_hash
-from agov.opa.binary import opa_version
+from agov.opa.binary import opa_version, pdeathsig_preexec
 
 BUNDLE_ROOT = "agov"
 AGREEMENT_TESTS = "*_agreement_test.rego"
@@ -111,11 +111,19 @@ def compute_policy_hash(policies_root: Path) -> str:
 
 def _start(cmd: Sequence[str], cwd: Path | None = None) -> subprocess.Popen[str]:
     try:
-        # a group of its own: a Ctrl-C meant for `agov serve` (which stops at a safe point) must
-        # not kill a build or test midway, which would read as a policy that failed them; when
-        # agov itself stops, build() kills what still runs
+        # A group of its own: a Ctrl-C meant for `agov serve` (which stops at a safe point) must
+        # not kill a build or test midway, which would read as a policy that failed them. Out of
+        # the group, a step is killed by build() when it unwinds, and by the kernel when the
+        # thread that waits for it dies (agov killed, or exiting with a reload still running).
         return subprocess.Popen(
-            list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, process_group=0
+            list(cmd),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+            process_group=0,
+            preexec_fn=pdeathsig_preexec(),
         )
     except OSError as exc:
         raise PolicyError(

@@ -1042,7 +1042,8 @@ def serve(ctx: Ctx, watch: bool, metrics_port: int, metrics_addr: str) -> None:
                 hint="choose another --metrics-port or --metrics-addr, or stop what listens there",
             ) from exc
         try:
-            engine.evaluator()
+            if not stop.requested:
+                engine.evaluator()
             if not stop.requested:  # a stop that came while OPA started: no run begins
                 _catch_up_at_start(ctx, engine, stop_between_chunks)
             if not stop.requested:

@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -235,3 +236,47 @@ def test_serve_on_a_port_in_use_is_bad_usage_said_before_anything_starts(
     assert error["message"].startswith(f"cannot serve metrics on 127.0.0.1:{port}: Address already in use")
     assert "--metrics-port" in error["hint"]
     assert_no_opa_left(opa_spy, tmp_path, started=False)  # said before the sidecar or the catch-up
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "the group's SIGTERM"])
+def test_a_policy_reload_killed_midway_leaves_no_opa_step_running(ws: Path, tmp_path: Path, how: str) -> None:
+    """`opa test` and the other build steps run in a process group of their own (so that a
+    terminal's Ctrl-C meant for `agov serve` does not kill a build midway): the kernel still ends
+    them with agov, however agov ends (a CI runner or `timeout` signals agov's group only)."""
+    home = copy_ws(ws, tmp_path / "ws")
+    data = home / "policies" / "agov" / "config" / "data.json"
+    data.write_text(data.read_text().replace('"analysis": 0.7', '"analysis": 0.65'))
+    real_opa = os.environ.get("AGOV_OPA_BIN") or shutil.which("opa")
+    assert real_opa is not None
+    pid_file = tmp_path / "opa-test.pid"
+    slow_opa = tmp_path / "slow-opa"
+    slow_opa.write_text(
+        f'#!/bin/sh\nif [ "$1" = test ]; then echo $$ > "{pid_file}"; exec sleep 60; fi\nexec "{real_opa}" "$@"\n'
+    )
+    slow_opa.chmod(0o755)
+    proc = subprocess.Popen(
+        [*AGOV, "policy", "reload", "--home", str(home)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=base_env(AGOV_OPA_BIN=str(slow_opa)),
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (pid_file.exists() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        step = int(pid_file.read_text())
+        assert alive(step)
+        if how == "SIGKILL":
+            proc.kill()
+        else:
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+        assert wait_gone([step]) == [], "the opa test step outlived agov"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if pid_file.exists() and alive(step := int(pid_file.read_text())):
+            os.kill(step, signal.SIGKILL)

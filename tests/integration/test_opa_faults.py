@@ -703,16 +703,19 @@ def test_a_unix_socket_with_a_full_backlog_is_waited_for_until_the_deadline(tmp_
     listener.bind(str(path))
     listener.listen(0)
     queued: list[socket.socket] = []
+    full = False
     try:
-        while len(queued) < 64:  # fill the backlog (the listener never accepts)
+        while len(queued) < 64 and not full:  # fill the backlog (the listener never accepts)
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             probe.setblocking(False)
             try:
                 probe.connect(str(path))
             except BlockingIOError:
                 probe.close()
-                break
-            queued.append(probe)
+                full = True
+            else:
+                queued.append(probe)
+        assert full, "setup: the backlog never filled"
         client = DecisionClient(
             ConnectionConfig(url="http://localhost", unix_socket=path), EvaluatorConfig(timeout_s=0.5)
         )

@@ -143,6 +143,7 @@ def test_a_working_directory_too_long_for_a_socket_path_is_reached_through_its_d
         assert running.url.startswith(f"unix:{deep}/") and running.tcp_url == ""
         address = running.connection.unix_socket
         assert address is not None and str(address).startswith("/proc/self/fd/"), address
+        assert running.connection.where == running.url  # messages name the real path
         assert running.evaluate(PATH, {"x": 1}).result["allow"] is True
 
 

@@ -1,15 +1,20 @@
-"""Finding the ``opa`` binary, and asking it for its version."""
+"""Finding the ``opa`` binary, asking it for its version, and tying its processes to agov's."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from agov.errors import EngineUnavailableError
 
 ENV_OPA_BIN = "AGOV_OPA_BIN"
+_PR_SET_PDEATHSIG = 1
 _TOOLS_HINT = "run `make tools` (it installs the pinned OPA under .tools/bin), or set AGOV_OPA_BIN"
 
 
@@ -82,3 +87,24 @@ def _source_checkout() -> Path | None:
         if (parent / "pyproject.toml").is_file():
             return parent
     return None
+
+
+def pdeathsig_preexec() -> Callable[[], None] | None:
+    """A preexec_fn that makes the kernel SIGKILL the child when the thread that started it dies
+    (on Linux; None elsewhere). The thread must live as long as the child: it waits for it, or
+    keeps it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before fork, not in the child
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return preexec

@@ -25,9 +25,11 @@ make a ``deny`` rule vanish and an ``allow`` come out true.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import ipaddress
 import json
+import os
 import re
 import socket
 import ssl
@@ -97,8 +99,15 @@ class ConnectionConfig:
 
     @property
     def where(self) -> str:
-        """Where OPA is, for messages: the url, or ``unix:<path>`` for a Unix socket."""
-        return f"unix:{self.unix_socket}" if self.unix_socket is not None else self.url
+        """Where OPA is, for messages: the url, or ``unix:<path>`` for a Unix socket (one reached
+        through ``/proc/self/fd/N/`` shown by its directory's own path)."""
+        if self.unix_socket is None:
+            return self.url
+        shown = self.unix_socket
+        if shown.parent.parent == Path("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                shown = Path(os.readlink(shown.parent)) / shown.name
+        return f"unix:{shown}"
 
     @property
     def tls(self) -> bool:

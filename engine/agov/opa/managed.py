@@ -27,20 +27,17 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import dataclasses
 import fcntl
 import os
 import queue
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -51,12 +48,11 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from agov.decisions import Evaluation
 from agov.errors import DecisionError, EngineUnavailableError, KeyMaterialError, PolicyError
-from agov.opa.binary import find_opa
+from agov.opa.binary import find_opa, pdeathsig_preexec
 from agov.opa.bundle_server import BundleServer, BundleServerConfig
 from agov.opa.evaluator import EncodedInput, EvaluatorConfig
 from agov.opa.http import ConnectionConfig, DecisionClient
 
-_PR_SET_PDEATHSIG = 1
 _SERVICE = "agov"
 _ADDR_IN_USE = "address already in use"
 _TMP_PREFIX = "agov-opa-"
@@ -526,7 +522,7 @@ class ManagedSidecar:
                     cwd=self._tmp,
                     close_fds=True,
                     start_new_session=True,
-                    preexec_fn=_pdeathsig_preexec(),
+                    preexec_fn=pdeathsig_preexec(),
                 )
             except BaseException as exc:
                 handoff.put(exc)
@@ -658,26 +654,26 @@ class ManagedSidecar:
             self._client = None
 
     def _stop_locked(self) -> None:
-        self._kill_process()
-        self._active = None
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        if self._stderr is not None:
-            self._stderr.close()
-            self._stderr = None
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
-        if self._owner_fd is not None:
-            os.close(self._owner_fd)
-            self._owner_fd = None
-        if self._dir_fd is not None:
-            os.close(self._dir_fd)
-            self._dir_fd = None
-        self._socket = self._socket_address = None
-        self._port = 0
-        atexit.unregister(self._atexit_stop)
+        try:
+            self._kill_process()
+            self._active = None
+            if self._server is not None:
+                self._server.close()
+                self._server = None
+            if self._stderr is not None:
+                self._stderr.close()
+                self._stderr = None
+            if self._tmp is not None:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+                self._tmp = None
+        finally:  # the descriptors whatever failed above: a next start() must not leak them
+            for fd in (self._owner_fd, self._dir_fd):
+                if fd is not None:
+                    os.close(fd)
+            self._owner_fd = self._dir_fd = None
+            self._socket = self._socket_address = None
+            self._port = 0
+            atexit.unregister(self._atexit_stop)
 
     def _atexit_stop(self) -> None:
         with contextlib.suppress(Exception):
@@ -766,22 +762,3 @@ def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
-
-
-def _pdeathsig_preexec() -> Callable[[], None] | None:
-    """A preexec_fn that makes the kernel SIGKILL the child when its parent thread dies."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before fork, not in the child
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-        if os.getppid() != parent:  # the parent died before the signal was armed
-            os._exit(1)
-
-    return preexec
