@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -382,10 +381,6 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 
 
 def http_connection(sidecar: Any, timeout: float) -> http.client.HTTPConnection:
-    """A plain keep-alive ``http.client`` connection to a managed sidecar, the way agov reaches it
-    (its Unix socket, or the loopback port it fell back to)."""
-    connection = sidecar.connection
-    if connection.unix_socket is not None:
-        return UnixHTTPConnection(str(connection.unix_socket), timeout=timeout)
-    parts = urllib.parse.urlsplit(connection.url)
-    return http.client.HTTPConnection(str(parts.hostname), parts.port, timeout=timeout)
+    """A plain keep-alive ``http.client`` connection to a managed sidecar, over its Unix socket,
+    the way agov reaches it."""
+    return UnixHTTPConnection(str(sidecar.connection.unix_socket), timeout=timeout)

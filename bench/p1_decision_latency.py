@@ -364,15 +364,9 @@ def _raw_socket_post(evaluator: Any, path: str, payload: dict[str, Any]) -> Call
 
 
 def _open_socket(sidecar: Any) -> socket.socket:
-    connection = sidecar.connection
-    if connection.unix_socket is not None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(5)
-        sock.connect(str(connection.unix_socket))
-        return sock
-    parts = urllib.parse.urlsplit(connection.url)
-    sock = socket.create_connection((str(parts.hostname), int(parts.port or 0)), timeout=5)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    sock.connect(str(sidecar.connection.unix_socket))
     return sock
 
 
