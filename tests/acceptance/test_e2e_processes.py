@@ -246,6 +246,7 @@ def test_a_policy_reload_killed_midway_leaves_no_opa_step_running(ws: Path, tmp_
     home = copy_ws(ws, tmp_path / "ws")
     data = home / "policies" / "agov" / "config" / "data.json"
     data.write_text(data.read_text().replace('"analysis": 0.7', '"analysis": 0.65'))
+    assert '"analysis": 0.65' in data.read_text(), "setup: a changed policy, so that the reload builds"
     real_opa = os.environ.get("AGOV_OPA_BIN") or shutil.which("opa")
     assert real_opa is not None
     pid_file = tmp_path / "opa-test.pid"
