@@ -534,27 +534,19 @@ def _open_run(
                 now,
             )
             return run_id, "", False
-        tx.execute(
-            "UPDATE revalidation_runs SET org_digest = ?, cursor = '', total = 0, valid = 0, restricted = 0,"
-            " invalidated = 0, restored = 0, newly_invalidated = 0 WHERE id = ?",
-            (org, run_id),
-        )
-        if org_change is not None:
-            _audit_org_change(
-                tx, org_change, run_id, policy_hash, org, org_canonical, now, restarted=bool(cursor)
-            )
-        elif cursor:
+        tx.execute("UPDATE revalidation_runs SET org_digest = ? WHERE id = ?", (org, run_id))
+        if org_change is None and cursor:
             why = (
                 "the org limits in agov.yaml changed during the run"
                 if digest is not None
                 else "the run recorded no org limits (begun by an agov from before they were recorded)"
             )
-            tx.audit(
-                Code.POLICY_REVALIDATION,
-                actor=REVALIDATION_ACTOR,
-                policy_hash=policy_hash,
-                now=now,
-                payload={"run_id": run_id, "stopped": why, "restarts_from_the_first_agent": True},
+            _restart_in(tx, run_id, policy_hash, why, now)
+            return run_id, "", False
+        _reset(tx, run_id)
+        if org_change is not None:
+            _audit_org_change(
+                tx, org_change, run_id, policy_hash, org, org_canonical, now, restarted=bool(cursor)
             )
         return run_id, "", False
 
@@ -901,13 +893,18 @@ def _restart(store: Store, run_id: int, policy_hash: str, cause: KeyMaterialErro
         _restart_in(tx, run_id, policy_hash, cause.message, now)
 
 
-def _restart_in(tx: Tx, run_id: int, policy_hash: str, why: str, now: datetime) -> None:
-    """Send an unfinished run back to its first agent, and audit why."""
+def _reset(tx: Tx, run_id: int) -> None:
+    """Send an unfinished run back to its first agent, with nothing counted."""
     tx.execute(
         "UPDATE revalidation_runs SET cursor = '', total = 0, valid = 0, restricted = 0, invalidated = 0,"
         " restored = 0, newly_invalidated = 0 WHERE id = ? AND finished_at IS NULL",
         (run_id,),
     )
+
+
+def _restart_in(tx: Tx, run_id: int, policy_hash: str, why: str, now: datetime) -> None:
+    """Send an unfinished run back to its first agent, and audit why."""
+    _reset(tx, run_id)
     tx.audit(
         Code.POLICY_REVALIDATION,
         actor=REVALIDATION_ACTOR,
