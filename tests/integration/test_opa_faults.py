@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -729,3 +730,18 @@ def test_a_unix_socket_with_a_full_backlog_is_waited_for_until_the_deadline(tmp_
         for sock in queued:
             sock.close()
         listener.close()
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            {"url": "https://localhost", "unix_socket": Path("/run/opa.sock")},
+            "a Unix socket needs an http://",
+        ),
+        ({"url": "http://localhost", "socket_owner_pid": 1}, "socket_owner_pid needs unix_socket"),
+    ],
+)
+def test_unix_socket_settings_that_cannot_hold_are_refused(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ConnectionConfig(**fields)

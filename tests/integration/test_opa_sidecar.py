@@ -115,6 +115,62 @@ def test_a_gone_socket_is_engine_unavailable_naming_it(sidecar: ManagedSidecar) 
         fresh.evaluate(PATH, {"x": 1})
 
 
+# Listens on argv[1] and answers every request with an allow under revision argv[3], as the
+# real OPA would, counting the requests in argv[2].
+_IMPOSTOR = r"""
+import json, socket, sys
+provenance = {"bundles": {"agov": {"revision": sys.argv[3]}}}
+body = json.dumps({"result": {"allow": True}, "provenance": provenance}).encode()
+head = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+listener.bind(sys.argv[1])
+listener.listen(8)
+while True:
+    conn, _ = listener.accept()
+    with conn:
+        if not conn.recv(65536):  # closed without a request (one small POST)
+            continue
+        with open(sys.argv[2], "a") as log:
+            log.write("request\n")
+        conn.sendall(head + body)
+"""
+
+
+def test_another_process_on_the_sidecars_socket_path_is_never_asked(
+    sidecar: ManagedSidecar, tmp_path: Path
+) -> None:
+    """Whoever binds the socket's path in OPA's place (after it removed its socket, say) answers
+    no decision: each connection checks that the listener is the OPA process agov started."""
+    connection = sidecar.connection
+    assert connection.unix_socket is not None and connection.socket_owner_pid == sidecar.pid
+    connection.unix_socket.unlink()
+    requests = tmp_path / "requests.log"
+    impostor = subprocess.Popen(
+        [sys.executable, "-c", _IMPOSTOR, str(connection.unix_socket), str(requests), "rev-1"]
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not connection.unix_socket.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        unchecked = ConnectionConfig(url=connection.url, unix_socket=connection.unix_socket)
+        with ExternalSidecar(unchecked, EvaluatorConfig()) as fooled:  # setup: it would answer
+            assert fooled.evaluate(PATH, {"x": 2}, expected_revision="rev-1").result["allow"] is True
+        assert requests.read_text() == "request\n"
+        refused = (
+            rf"OPA at unix:/.*opa\.sock is not the OPA agov started: process {impostor.pid} "
+            rf"listens there, not process {sidecar.pid}"
+        )
+        with (
+            ExternalSidecar(connection, EvaluatorConfig()) as checked,
+            pytest.raises(EngineUnavailableError, match=refused),
+        ):
+            checked.evaluate(PATH, {"x": 2}, expected_revision="rev-1")
+        assert requests.read_text() == "request\n"  # nothing was sent to it
+    finally:
+        impostor.kill()
+        impostor.wait()
+
+
 def test_also_tcp_listens_on_loopback_too(first_bundle: Any, signing_key: Any, opa_bin: Path) -> None:
     with ManagedSidecar(
         first_bundle.data,

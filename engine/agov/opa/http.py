@@ -33,6 +33,7 @@ import os
 import re
 import socket
 import ssl
+import struct
 import threading
 import time
 import urllib.parse
@@ -69,6 +70,9 @@ class ConnectionConfig:
         client_key: PEM key of ``client_cert`` (defaults to the key inside ``client_cert``).
         unix_socket: Connect to OPA's Unix domain socket at this path instead of the url's
             host and port (a managed sidecar); the url then names only the Host header.
+        socket_owner_pid: With ``unix_socket``, the process that must be listening on it (the
+            kernel's ``SO_PEERCRED``): a connection to any other process fails closed, so a
+            socket path that outlived its OPA never reaches whatever listens there next.
     """
 
     url: str
@@ -77,6 +81,7 @@ class ConnectionConfig:
     client_cert: Path | None = None
     client_key: Path | None = None
     unix_socket: Path | None = None
+    socket_owner_pid: int | None = None
 
     def __post_init__(self) -> None:
         parts = urllib.parse.urlsplit(self.url)
@@ -96,6 +101,8 @@ class ConnectionConfig:
             raise ValueError("token must be non-empty and on one line")
         if self.unix_socket is not None and parts.scheme != "http":
             raise ValueError("a Unix socket needs an http:// OPA url")
+        if self.socket_owner_pid is not None and self.unix_socket is None:
+            raise ValueError("socket_owner_pid needs unix_socket")
 
     @property
     def where(self) -> str:
@@ -431,7 +438,13 @@ class DecisionClient:
         return status, data, keep and conn.idle()
 
     def _new_connection(self) -> _Connection:
-        return _Connection(self._host, self._port, self._ssl, self.connection.unix_socket)
+        return _Connection(
+            self._host,
+            self._port,
+            self._ssl,
+            self.connection.unix_socket,
+            self.connection.socket_owner_pid,
+        )
 
     def _unavailable(self, exc: BaseException, timeout_s: float) -> EngineUnavailableError:
         where = self.connection.where
@@ -450,6 +463,12 @@ class DecisionClient:
         if isinstance(exc, ConnectionRefusedError):
             return EngineUnavailableError(
                 f"OPA at {where} refused the connection", hint="is the OPA sidecar running?"
+            )
+        if isinstance(exc, _WrongSocketOwner):
+            return EngineUnavailableError(
+                f"OPA at {where} is not the OPA agov started: process {exc.peer_pid} listens there, "
+                f"not process {exc.expected_pid}",
+                hint="another process took the sidecar's socket; restart agov, and find out what did",
             )
         if isinstance(exc, FileNotFoundError) and self.connection.unix_socket is not None:
             return EngineUnavailableError(
@@ -491,20 +510,34 @@ class _Connection:
     which fails before any byte arrives can be told apart from a broken answer.
     """
 
-    __slots__ = ("_buffer", "_context", "_host", "_port", "_unix_socket", "received", "sock")
+    __slots__ = (
+        "_buffer",
+        "_context",
+        "_host",
+        "_port",
+        "_socket_owner_pid",
+        "_unix_socket",
+        "received",
+        "sock",
+    )
 
     def __init__(
-        self, host: str, port: int, context: ssl.SSLContext | None, unix_socket: Path | None = None
+        self,
+        host: str,
+        port: int,
+        context: ssl.SSLContext | None,
+        unix_socket: Path | None = None,
+        socket_owner_pid: int | None = None,
     ) -> None:
         self._host, self._port, self._context = host, port, context
-        self._unix_socket = unix_socket
+        self._unix_socket, self._socket_owner_pid = unix_socket, socket_owner_pid
         self.sock: socket.socket | None = None
         self._buffer = bytearray()
         self.received = 0
 
     def open(self, deadline: float) -> None:
         if self._unix_socket is not None:
-            self.sock = _connect_unix(self._unix_socket, deadline)
+            self.sock = _connect_unix(self._unix_socket, deadline, self._socket_owner_pid)
             return
         sock = _connect(self._host, self._port, deadline)
         try:
@@ -623,9 +656,21 @@ class _Connection:
         return None
 
 
-def _connect_unix(path: Path, deadline: float) -> socket.socket:
-    """Connect to a Unix socket by the deadline. A listener whose backlog is full answers a
-    connect at once with EAGAIN (where TCP would wait): it is asked again until the deadline."""
+class _WrongSocketOwner(OSError):
+    """The process listening on a Unix socket is not the one expected."""
+
+    def __init__(self, peer_pid: int, expected_pid: int) -> None:
+        super().__init__(f"process {peer_pid} listens on the socket, not {expected_pid}")
+        self.peer_pid, self.expected_pid = peer_pid, expected_pid
+
+
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def _connect_unix(path: Path, deadline: float, owner_pid: int | None = None) -> socket.socket:
+    """Connect to a Unix socket by the deadline, and check who listens there when ``owner_pid``
+    is given. A listener whose backlog is full answers a connect at once with EAGAIN (where TCP
+    would wait): it is asked again until the deadline."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         while True:
@@ -635,7 +680,14 @@ def _connect_unix(path: Path, deadline: float) -> socket.socket:
             except BlockingIOError:
                 time.sleep(min(0.005, _remaining(deadline)))
                 continue
-            return sock
+            break
+        if owner_pid is not None:
+            peer_pid = _PEERCRED.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            )[0]
+            if peer_pid != owner_pid:
+                raise _WrongSocketOwner(peer_pid, owner_pid)
+        return sock
     except BaseException:
         sock.close()
         raise

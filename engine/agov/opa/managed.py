@@ -362,9 +362,13 @@ class ManagedSidecar:
         Raises:
             EngineUnavailableError: the sidecar is not running.
         """
-        if self._socket_address is None:
+        proc = self._proc
+        if self._socket_address is None or proc is None:
             raise EngineUnavailableError("the managed OPA sidecar is not running")
-        return ConnectionConfig(url="http://localhost", unix_socket=self._socket_address)
+        # only this OPA may answer on the socket path (SO_PEERCRED is checked at each connect)
+        return ConnectionConfig(
+            url="http://localhost", unix_socket=self._socket_address, socket_owner_pid=proc.pid
+        )
 
     @property
     def pid(self) -> int | None:
