@@ -155,7 +155,12 @@ def _finish(
             opa_version(opa)  # silent failure: check the binary runs at all
         for copy, original in shown_as.items():
             detail = detail.replace(copy, original)
-        raise PolicyError(f"{what} failed:\n{detail}", hint="fix the policy; the active one stays in force")
+        # a data file opa cannot read (data.json that is not JSON) is no failed test or check
+        unreadable = "during loading" in detail and "rego_" not in detail
+        failure = "could not load the policy tree" if unreadable else "failed"
+        raise PolicyError(
+            f"{what} {failure}:\n{detail}", hint="fix the policy; the active one stays in force"
+        )
 
 
 def _tree(root: Path) -> dict[str, bytes]:
