@@ -1,7 +1,8 @@
 """Promotion: ask ``agov.promotion``; on allow sign a proof and govern the agent.
 
 On deny (including a fail-closed deny) nothing changes but the audit events
-``PROMOTION_ATTEMPT`` and ``PROMOTION_DENIED``.
+``PROMOTION_ATTEMPT`` and ``PROMOTION_DENIED``. A promotion refused as a request (the version
+is already promoted, or a concurrent change won) leaves one ``REQUEST_REJECTED``.
 """
 
 from __future__ import annotations
@@ -338,9 +339,20 @@ def promote(
                 },
                 **fields,
             )
-    except UsageError:
+    except UsageError as exc:
+        # lost to a concurrent change: a refused request, as "already promoted" is, not a deny by
+        # policy (the policy allowed; the attempt's own audit rolled back with its transaction)
         store.record_rejection(
-            Code.PROMOTION_DENIED, payload={"reason": "concurrent change", "role": role}, **fields
+            Code.REQUEST_REJECTED,
+            payload={
+                "operation": "promote",
+                "reason": "concurrent change",
+                "message": exc.message,
+                "role": role,
+                "version": agent.version,
+                "decision_id": decision_id,
+            },
+            **fields,
         )
         raise
     except Exception as exc:  # signing or storing failed after OPA allowed: rolled back, a deny

@@ -102,6 +102,8 @@ def test_promotion_racing_an_update_never_proves_the_new_version(engine: Engine)
         )
     assert engine.store.query("SELECT * FROM agent_proofs WHERE agent_id = ?", (agent_id,)) == []
     assert engine.get_agent(agent_id).version == 2
+    last = engine.store.query_one("SELECT type, payload FROM audit_events ORDER BY seq DESC")
+    assert last["type"] == "REQUEST_REJECTED" and "changed while it was being promoted" in last["payload"]
     result = engine.promote(agent_id, actor="tester", role="agent_admin")
     assert result.allow
     proof = engine.store.query_one("SELECT version FROM agent_proofs WHERE agent_id = ?", (agent_id,))

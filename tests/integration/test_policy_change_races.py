@@ -9,6 +9,7 @@ bound to it, which could overwrite what the new policy's own run had judged.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -69,10 +70,13 @@ def test_a_promotion_judged_before_a_reload_does_not_commit_after_it(
     assert engine.active_policy().hash == reloaded[0]
     assert engine.get_agent(HOT).status is Status.SANDBOX
     assert engine.store.query("SELECT 1 FROM agent_proofs WHERE agent_id = ?", (HOT,)) == []
-    denied = engine.store.query_one(
-        "SELECT payload FROM audit_events WHERE type = ? ORDER BY seq DESC", (Code.PROMOTION_DENIED,)
-    )
-    assert "concurrent change" in denied["payload"]
+    # a race lost, not a deny by policy: one REQUEST_REJECTED naming what changed
+    last = engine.store.query_one("SELECT type, payload FROM audit_events ORDER BY seq DESC")
+    assert last["type"] == Code.REQUEST_REJECTED
+    rejected = json.loads(last["payload"])
+    assert rejected["operation"] == "promote" and rejected["reason"] == "concurrent change"
+    assert "active policy changed" in rejected["message"] and rejected["decision_id"]
+    assert engine.store.query("SELECT 1 FROM audit_events WHERE type = ?", (Code.PROMOTION_DENIED,)) == []
     # promoted again, it is judged by the policy now active
     again = engine.promote(HOT, actor=ACTOR, role="agent_admin")
     assert [r.code for r in again.deny] == ["PROMOTION_DENY_TEMPERATURE_EXCEEDS_LIMIT"]
