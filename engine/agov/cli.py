@@ -156,7 +156,8 @@ def common(func: F) -> F:
         "--opa-url",
         default=None,
         metavar="URL",
-        help="Decide with the OPA sidecar at URL (the external runtime), whatever agov.yaml says.",
+        help="Decide with the OPA sidecar at URL (the external runtime), whatever agov.yaml says: "
+        "http(s)://host:port, or unix:///path/to/opa.sock for one listening on a Unix socket.",
     )
     @functools.wraps(func)
     def wrapper(home: Path, as_json: bool, actor: str | None, opa_url: str | None, **kwargs: Any) -> Any:

@@ -58,9 +58,11 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, opa_bin: Path) -> Path:
 class Sidecar:
     """A plain ``opa run --server`` on the repository's opa-config.yaml, as a deployment runs it."""
 
-    def __init__(self, home: Path, server: BundleServer) -> None:
+    def __init__(self, home: Path, server: BundleServer, unix_socket: Path | None = None) -> None:
         self.port = _free_port()
         env = {**os.environ, "AGOV_BUNDLE_SERVICE_URL": server.url, "AGOV_BUNDLE_TOKEN": TOKEN}
+        # the loopback port for the test's own probes; agov may use the socket
+        also = ["--addr", f"unix://{unix_socket}"] if unix_socket is not None else []
         self.proc = subprocess.Popen(
             [
                 str(find_opa()),
@@ -68,6 +70,7 @@ class Sidecar:
                 "--server",
                 "--addr",
                 f"127.0.0.1:{self.port}",
+                *also,
                 "--skip-version-check",
                 "--config-file",
                 str(REPO / "opa-config.yaml"),
@@ -124,10 +127,10 @@ class Sidecar:
 def serve(workspace: Path) -> Iterator[Any]:
     started: list[tuple[BundleServer, Sidecar]] = []
 
-    def start(bundle: bytes, revision: str) -> tuple[BundleServer, Sidecar]:
+    def start(bundle: bytes, revision: str, unix_socket: Path | None = None) -> tuple[BundleServer, Sidecar]:
         server = BundleServer(BundleServerConfig(token=TOKEN))
         server.publish(bundle, revision)
-        sidecar = Sidecar(workspace, server)
+        sidecar = Sidecar(workspace, server, unix_socket)
         started.append((server, sidecar))
         return server, sidecar
 
@@ -252,6 +255,39 @@ def test_the_cli_decides_with_the_deployed_sidecar_named_by_opa_url(workspace: P
     code, gone = _cli(workspace, "admit", "deployed-runner", "--opa-url", url, env=env)
     assert (code, gone["code"]) == (1, "ADMISSION_DENY_ENGINE_UNAVAILABLE"), gone
     assert url in gone["reasons"][0]["message"], gone
+
+
+def test_the_cli_decides_with_a_deployed_sidecar_on_a_unix_socket(
+    workspace: Path, serve: Any, tmp_path: Path
+) -> None:
+    """`--opa-url unix:///path` (or AGOV_OPA_URL): OPA's own notation for `--addr`."""
+    policy_hash, bundle = _built(workspace)
+    socket_path = tmp_path / "opa.sock"
+    _server, sidecar = serve(bundle, policy_hash, socket_path)
+    assert sidecar.wait_ready(), sidecar.proc.stderr
+    assert socket_path.is_socket()
+    _agov(workspace, "agent", "create", "--template", "research-analyst", "--id", "socket-runner")
+    # no opa binary agov could start, and no port: every decision is the socket's sidecar's
+    env = {**os.environ, "AGOV_OPA_BIN": str(workspace / "no-such-opa")}
+    url = f"unix://{socket_path}"
+
+    code, promoted = _cli(
+        workspace, "promote", "socket-runner", "--role", "agent_admin", "--opa-url", url, env=env
+    )
+    assert (code, promoted["allow"], promoted["policy_hash"]) == (0, True, policy_hash), promoted
+    code, admitted = _cli(workspace, "admit", "socket-runner", "--opa-url", url, env=env)
+    assert (code, admitted["code"], admitted["policy_hash"]) == (0, "ADMISSION_ALLOW", policy_hash), admitted
+    assert admitted["decision_id"]
+
+    sidecar.stop()  # OPA removes its socket as it exits
+    code, gone = _cli(workspace, "admit", "socket-runner", "--opa-url", url, env=env)
+    assert (code, gone["code"]) == (1, "ADMISSION_DENY_ENGINE_UNAVAILABLE"), gone
+    assert f"unix:{socket_path}" in gone["reasons"][0]["message"], gone
+
+    for bad in ("unix://relative/opa.sock", "unix:opa.sock", "unix:///"):
+        code, refused = _cli(workspace, "admit", "socket-runner", "--opa-url", bad, env=env)
+        assert code == 1 and refused["code"] == "ADMISSION_DENY_ENGINE_UNAVAILABLE", (bad, refused)
+        assert "names no absolute socket path" in refused["reasons"][0]["message"], (bad, refused)
 
 
 def test_opa_url_is_refused_by_commands_that_run_their_own_opa(tmp_path: Path) -> None:

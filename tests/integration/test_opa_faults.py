@@ -740,6 +740,10 @@ def test_a_unix_socket_with_a_full_backlog_is_waited_for_until_the_deadline(tmp_
             "a Unix socket needs an http://",
         ),
         ({"url": "http://localhost", "socket_owner_pid": 1}, "socket_owner_pid needs unix_socket"),
+        (
+            {"url": "http://localhost", "unix_socket": Path("/run/opa.sock"), "ca_file": Path("/ca.pem")},
+            "TLS options do not apply to a Unix socket",
+        ),
     ],
 )
 def test_unix_socket_settings_that_cannot_hold_are_refused(fields: dict[str, Any], message: str) -> None:

@@ -118,8 +118,18 @@ class ExternalSidecar:
         url = env.get(ENV_OPA_URL, "").strip()
         if not url:
             raise UsageError(
-                f"{ENV_OPA_URL} is not set", hint="set it to the sidecar's URL, e.g. http://127.0.0.1:8181"
+                f"{ENV_OPA_URL} is not set",
+                hint="set it to the sidecar's URL, e.g. http://127.0.0.1:8181 or unix:///run/opa/opa.sock",
             )
+        unix_socket: Path | None = None
+        if url.startswith("unix:"):  # OPA's own notation: `opa run --server --addr unix:///path`
+            unix_socket = Path(url.removeprefix("unix://"))
+            if not url.startswith("unix:///") or not unix_socket.name:
+                raise UsageError(
+                    f"bad OPA connection settings: {url!r} names no absolute socket path",
+                    hint="write unix:// and the socket's absolute path, e.g. unix:///run/opa/opa.sock",
+                )
+            url = "http://localhost"  # only the Host header of the requests
 
         def path(name: str) -> Path | None:
             value = env.get(name, "").strip()
@@ -132,6 +142,7 @@ class ExternalSidecar:
                 ca_file=path(ENV_OPA_CA_FILE),
                 client_cert=path(ENV_OPA_CLIENT_CERT),
                 client_key=path(ENV_OPA_CLIENT_KEY),
+                unix_socket=unix_socket,
             )
         except ValueError as exc:
             raise UsageError(f"bad OPA connection settings: {exc}") from exc

@@ -93,7 +93,10 @@ class ConnectionConfig:
             _ = parts.port
         except ValueError as exc:
             raise ValueError(f"OPA url has a bad port: {self.url!r}") from exc
-        if parts.scheme == "http" and (self.ca_file or self.client_cert or self.client_key):
+        tls_options = self.ca_file or self.client_cert or self.client_key
+        if self.unix_socket is not None and tls_options:
+            raise ValueError("TLS options do not apply to a Unix socket")
+        if parts.scheme == "http" and tls_options:
             raise ValueError("TLS options need an https:// OPA url")
         if self.client_key and not self.client_cert:
             raise ValueError("client_key needs client_cert")
