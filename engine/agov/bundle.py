@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -23,6 +24,8 @@ from agov.opa.binary import opa_version, pdeathsig_preexec
 
 BUNDLE_ROOT = "agov"
 AGREEMENT_TESTS = "*_agreement_test.rego"
+_TEST_STEP = "opa test"
+_PASSED_TESTS = re.compile(r"^PASS: [1-9][0-9]*/", re.MULTILINE)  # opa test's summary line
 _DATA_FILES = frozenset({"data.json", "data.yaml", "data.yml"})
 
 
@@ -133,8 +136,9 @@ def _start(cmd: Sequence[str], cwd: Path | None = None) -> subprocess.Popen[str]
 
 def _finish(
     opa: Path, proc: subprocess.Popen[str], what: str, deadline: float, shown_as: dict[str, str]
-) -> None:
-    """Wait for one step; its failure is a refused policy, unless opa itself does not work.
+) -> str:
+    """Wait for one step and return its output; its failure is a refused policy, unless opa
+    itself does not work.
 
     ``shown_as`` maps the snapshot's directories to the user's tree, so that an error names
     the file the user edits rather than a temporary copy of it.
@@ -161,6 +165,7 @@ def _finish(
         raise PolicyError(
             f"{what} {failure}:\n{detail}", hint="fix the policy; the active one stays in force"
         )
+    return out
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -239,7 +244,7 @@ def check_and_build(
             # *_agreement_test.rego: exhaustive cross-checks that `make test` runs; skipped here so
             # that a saved policy reaches the sidecar in well under a second.
             (
-                "opa test",
+                _TEST_STEP,
                 [
                     str(opa),
                     "test",
@@ -284,13 +289,21 @@ def check_and_build(
                 running.append((what, _start(cmd, cwd)))
             deadline = time.monotonic() + timeout_s
             for what, proc in running:  # report the first failing step in this order
-                _finish(
+                out = _finish(
                     opa,
                     proc,
                     what,
                     deadline,
                     {str(snapshot): str(policies_root), str(stage): str(policies_root)},
                 )
+                if what == _TEST_STEP and not _PASSED_TESTS.search(out):
+                    # `opa test` passes when there is nothing to run: no test would then judge
+                    # the policy that is about to decide
+                    raise PolicyError(
+                        f"opa test ran no tests: {policies_root} has none that passed"
+                        f" (*_test.rego, not counting {AGREEMENT_TESTS})",
+                        hint="write tests beside the policies; the active policy stays in force",
+                    )
         finally:
             for _what, proc in running:
                 if proc.poll() is None:

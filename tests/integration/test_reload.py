@@ -225,6 +225,26 @@ def _rego_outside_the_bundle_root(home: Path) -> Callable[[], None]:
     return lambda: shutil.rmtree(path.parent)
 
 
+def _every_test_removed(home: Path) -> Callable[[], None]:
+    # `opa test` passes with nothing to run: the policy would go live untested
+    aside = home / "tests.aside"
+    aside.mkdir()
+    moved = [
+        (path, aside / str(number))
+        for number, path in enumerate(sorted((home / "policies").rglob("*_test.rego")))
+    ]
+    assert moved, "setup: the workspace has tests"
+    for path, kept in moved:
+        path.rename(kept)
+
+    def undo() -> None:
+        for path, kept in moved:
+            kept.rename(path)
+        aside.rmdir()
+
+    return undo
+
+
 def _admission_package_removed(home: Path) -> Callable[[], None]:
     # Checks and tests still pass without it; only the entrypoint check sees that no rule
     # answers agov/admission/decision (every start would then be denied as undefined).
@@ -246,6 +266,7 @@ def _admission_package_removed(home: Path) -> Callable[[], None]:
         ),
         (_data_file_a_bundle_ignores, "blocked.json: a bundle takes data only from files named data.json"),
         (_rego_outside_the_bundle_root, "helpers.rego: outside agov/, the bundle's only root"),
+        (_every_test_removed, "opa test ran no tests: .*/policies has none that passed"),
         (_admission_package_removed, 'entrypoint "agov/admission/decision" does not refer to a rule'),
     ],
     ids=[
@@ -255,6 +276,7 @@ def _admission_package_removed(home: Path) -> Callable[[], None]:
         "malformed-data-json",
         "data-file-a-bundle-ignores",
         "rego-outside-the-bundle-root",
+        "every-test-removed",
         "admission-package-removed",
     ],
 )
