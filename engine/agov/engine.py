@@ -530,10 +530,13 @@ class Engine:
             raise
         if active is not None and built.policy_hash == active.hash:
             try:
-                return self.catch_up(actor=actor, reason=reason, progress=progress)
+                caught_up = self.catch_up(actor=actor, reason=reason, progress=progress)
             except (KeyMaterialError, WorkspaceError) as exc:  # no key to sign, no limits to judge with
                 self._refuse_reload(exc, actor=actor, reason=reason, active=active)
                 raise
+            if caught_up["org_changed"]:  # new limits now judge every agent, as a new policy would
+                self.metrics.reload_success.inc()
+            return caught_up
         try:
             config = self._ready_to_switch()  # before the new version is even recorded
         except (KeyMaterialError, WorkspaceError) as exc:

@@ -25,7 +25,11 @@ class Metrics:
         self.invalidations = Counter(
             "agent_invalidation_events_total", "Agents invalidated by revalidation.", registry=r
         )
-        self.reload_success = Counter("policy_reload_success_total", "Policy reloads activated.", registry=r)
+        self.reload_success = Counter(
+            "policy_reload_success_total",
+            "Policy reloads that took effect: a new policy, or new org limits, now judges every agent.",
+            registry=r,
+        )
         self.reload_failure = Counter("policy_reload_failure_total", "Policy reloads refused.", registry=r)
         self.promotion_attempts = Counter("promotion_attempts_total", "Promotion attempts.", registry=r)
         self.promotion_denies = Counter(

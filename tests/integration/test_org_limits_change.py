@@ -20,6 +20,7 @@ from _reload_support import (
     create_governed,
     edit_config,
     edit_data,
+    metric,
     reload_interrupted_at,
     set_analysis_limit,
     snapshot,
@@ -62,6 +63,7 @@ def test_lowering_the_org_budget_alone_rejudges_every_agent_at_the_next_reload(e
     result = engine.reload_policy(actor=ACTOR, reason="org budget lowered")
 
     assert (result["changed"], result["org_changed"], result["policy_hash"]) == (False, True, policy_hash)
+    assert metric(engine, "policy_reload_success_total") == 1, "new limits, as good as a new policy"
     assert {k: result["revalidation"][k] for k in ("total", "valid", "newly_invalidated")} == {
         "total": 3,
         "valid": 2,
@@ -90,11 +92,13 @@ def test_lowering_the_org_budget_alone_rejudges_every_agent_at_the_next_reload(e
     again = engine.reload_policy(actor=ACTOR, reason="nothing changed")
     assert (again["org_changed"], again["revalidation"]) == (False, None)
     assert snapshot(engine.workspace.home) == before
+    assert metric(engine, "policy_reload_success_total") == 1
 
     # raising it again restores the agent
     _set_org_budget(engine, 1000)
     restored = engine.reload_policy(actor=ACTOR, reason="org budget raised")
     assert restored["org_changed"] is True and restored["revalidation"]["restored"] == 1
+    assert metric(engine, "policy_reload_success_total") == 2
     assert engine.admit("b-spender").allow
 
 
