@@ -111,14 +111,22 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 _YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+class _MergeKeyError(yaml.YAMLError):
+    def __init__(self, line: int) -> None:
+        super().__init__(f"a YAML merge key (<<) on line {line}")
+        self.line = line
+
+
 class _UniqueKeyLoader(_YAML_LOADER):  # type: ignore[misc]
-    """The safe loader (libyaml's when present), refusing a key repeated in one mapping."""
+    """The safe loader (libyaml's when present), refusing a key repeated in one mapping, and
+    merge keys: ``<<`` merges a mapping in, and a key given both there and beside it keeps one
+    of the two values silently, as a repeated key would."""
 
     def construct_mapping(self, node: Any, deep: bool = False) -> Any:
         seen: set[Any] = set()
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
+                raise _MergeKeyError(key_node.start_mark.line + 1)
             key = self.construct_object(key_node, deep=True)
             try:
                 repeated = key in seen
@@ -170,6 +178,11 @@ def parse_spec_bytes(raw: bytes, *, source: str = "spec", max_bytes: int = MAX_S
             # CSafeLoader when present; never the full loader (no arbitrary Python objects).
             _refuse_aliases(text, _YAML_LOADER, source)
             document = yaml.load(text, Loader=_UniqueKeyLoader)
+    except _MergeKeyError as exc:
+        raise SpecError(
+            f"{source} uses a YAML merge key (<<) on line {exc.line}, which agov does not accept",
+            hint="write the keys out",
+        ) from None
     except (yaml.YAMLError, ValueError) as exc:
         # PyYAML names a parsed string "<unicode string>": name the user's file instead
         detail = str(exc).replace('"<unicode string>"', f'"{source}"')

@@ -170,6 +170,22 @@ def test_yaml_aliases_are_refused_before_anything_expands(monkeypatch: pytest.Mo
 
 
 @pytest.mark.parametrize(
+    "raw",
+    [
+        b"spec:\n  <<: {economics: {monthly_budget_usd: 999999}}\n  economics: {monthly_budget_usd: 300}\n",
+        b"<<: {a: 1}\nb: 2\n",
+    ],
+    ids=["beside-the-same-key", "alone"],
+)
+def test_a_yaml_merge_key_is_refused(raw: bytes) -> None:
+    """`<<` beside a key of the same name keeps one value of the two silently, as a repeated key."""
+    with pytest.raises(
+        SpecError, match=r"^s\.yaml uses a YAML merge key \(<<\) on line [12], which agov does not accept$"
+    ):
+        parse_spec_bytes(raw, source="s.yaml")
+
+
+@pytest.mark.parametrize(
     ("raw", "where"),
     [
         (b'{"spec": {"temperature": 0.1, "temperature": 0.9}}', "one object"),
@@ -185,9 +201,8 @@ def test_a_key_repeated_in_one_mapping_is_refused(raw: bytes, where: str) -> Non
     assert "appears twice in " + where in info.value.message
 
 
-def test_the_same_key_in_different_mappings_and_a_merge_key_still_load(valid_spec: dict[str, Any]) -> None:
+def test_the_same_key_in_different_mappings_still_loads(valid_spec: dict[str, Any]) -> None:
     assert parse_spec_bytes(b"a: {name: x}\nb: {name: y}\n") == {"a": {"name": "x"}, "b": {"name": "y"}}
-    assert parse_spec_bytes(b"<<: {a: 1}\nb: 2\n") == {"a": 1, "b": 2}
     spec = load_spec(yaml.safe_dump(valid_spec).encode())
     assert spec.hash == load_spec(json.dumps(valid_spec).encode()).hash
 
