@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from agov.errors import AgovError
 from agov.store import Store
 from agov.store.sqlite import GENESIS_HASH, audit_hash
 
@@ -43,16 +44,19 @@ def verify_chain(store: Store) -> AuditReport:
             )
         if row["prev_hash"] != prev_hash:
             return AuditReport(False, len(rows), seq, "link to the previous event is broken")
-        recomputed = audit_hash(
-            seq,
-            row["time"],
-            row["type"],
-            row["agent_id"],
-            row["actor"],
-            row["policy_hash"],
-            row["payload"],
-            row["prev_hash"],
-        )
+        try:
+            recomputed = audit_hash(
+                seq,
+                row["time"],
+                row["type"],
+                row["agent_id"],
+                row["actor"],
+                row["policy_hash"],
+                row["payload"],
+                row["prev_hash"],
+            )
+        except AgovError:  # a value canonical JSON cannot carry: a BLOB, say, never written by agov
+            return AuditReport(False, len(rows), seq, "event holds a value of a type agov never writes")
         if recomputed != row["hash"]:
             return AuditReport(False, len(rows), seq, "event content does not match its hash")
         prev_hash, expected_seq = row["hash"], seq + 1

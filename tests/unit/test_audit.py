@@ -53,6 +53,12 @@ TAMPERS: dict[str, tuple[Callable[[Store], None], int]] = {
     "reorder": (_swap_3_and_6, 3),
     "truncate tail": (lambda s: _raw(s, "DELETE FROM audit_events WHERE seq > 8"), 9),
     "truncate all": (lambda s: _raw(s, "DELETE FROM audit_events"), 1),
+    # the same text stored as a BLOB: no longer a value agov writes, so it cannot be hashed
+    "payload as a blob": (
+        lambda s: _raw(s, "UPDATE audit_events SET payload = CAST(payload AS BLOB) WHERE seq = 3"),
+        3,
+    ),
+    "time as a blob": (lambda s: _raw(s, "UPDATE audit_events SET time = X'ff' WHERE seq = 6"), 6),
     "rehash edited row": (
         lambda s: _raw(s, "UPDATE audit_events SET payload = '{}', hash = ? WHERE seq = 2", ("f" * 64,)),
         2,
@@ -186,3 +192,25 @@ def test_a_missing_anchor_is_not_ok_however_the_log_looks(tmp_path: Path, cut: s
         tx.audit("AFTER")
     assert store.read_anchor() is not None
     assert verify_chain(store).ok
+
+
+@pytest.mark.parametrize(
+    ("sql", "field"),
+    [
+        ("UPDATE audit_events SET payload = '{' WHERE seq = 5", "payload"),
+        ("UPDATE audit_events SET payload = '[1]' WHERE seq = 5", "payload"),
+        ("UPDATE audit_events SET time = X'ff' WHERE seq = 5", "time"),
+        ("UPDATE audit_events SET actor = X'6d' WHERE seq = 5", "actor"),
+    ],
+)
+def test_an_event_agov_could_not_have_written_is_named_when_read(
+    tmp_path: Path, sql: str, field: str
+) -> None:
+    """audit export and agent history read every event: a row changed outside agov is a
+    StoreError naming its sequence number, not a crash halfway through."""
+    store = _store(tmp_path)
+    _raw(store, sql)
+    with pytest.raises(StoreError, match=rf"^audit event 5 cannot be read: {field} is not what agov writes"):
+        store.audit_events()
+    assert [e.seq for e in store.audit_events(after_seq=5)] == list(range(6, EVENTS + 1))
+    assert verify_chain(store).first_bad_seq == 5

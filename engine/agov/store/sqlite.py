@@ -233,6 +233,45 @@ def audit_hash(
     return sha256_hex(canonical_json(body))
 
 
+_TEXT_FIELDS = ("time", "type", "prev_hash", "hash")
+_OPTIONAL_TEXT_FIELDS = ("agent_id", "actor", "policy_hash")
+
+
+def _audit_event(row: Any) -> AuditEvent:
+    """One audit row as agov wrote it.
+
+    Raises:
+        StoreError: a value is not of the type agov writes there (the row was changed outside
+            agov): named by its sequence number, never a crash halfway through an export.
+    """
+    seq = row["seq"]
+    wrong = [f for f in _TEXT_FIELDS if not isinstance(row[f], str)]
+    wrong += [f for f in _OPTIONAL_TEXT_FIELDS if row[f] is not None and not isinstance(row[f], str)]
+    payload: Any = None
+    if isinstance(row["payload"], str):
+        with contextlib.suppress(ValueError):
+            payload = json.loads(row["payload"])
+    if not isinstance(payload, dict):
+        wrong.append("payload")
+    if wrong:
+        raise StoreError(
+            f"audit event {seq} cannot be read: {', '.join(wrong)} is not what agov writes there "
+            "(agov.db was changed outside agov)",
+            hint="run `agov audit verify`, and restore agov.db from a backup",
+        )
+    return AuditEvent(
+        seq=seq,
+        time=row["time"],
+        type=row["type"],
+        agent_id=row["agent_id"],
+        actor=row["actor"],
+        policy_hash=row["policy_hash"],
+        payload=payload,
+        prev_hash=row["prev_hash"],
+        hash=row["hash"],
+    )
+
+
 class Tx:
     """A transaction handle: SQL plus the audit append that must go with every change."""
 
@@ -447,20 +486,7 @@ class Store:
                 "SELECT * FROM audit_events WHERE seq > ? AND agent_id = ? ORDER BY seq",
                 (after_seq, agent_id),
             )
-        return [
-            AuditEvent(
-                seq=r["seq"],
-                time=r["time"],
-                type=r["type"],
-                agent_id=r["agent_id"],
-                actor=r["actor"],
-                policy_hash=r["policy_hash"],
-                payload=json.loads(r["payload"]),
-                prev_hash=r["prev_hash"],
-                hash=r["hash"],
-            )
-            for r in rows
-        ]
+        return [_audit_event(r) for r in rows]
 
     def record_rejection(self, type_: str, **fields: Any) -> None:
         """Record a rejected request: the one row a rejected operation may add."""
