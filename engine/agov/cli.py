@@ -76,6 +76,15 @@ def _active_hash_or_none(engine: Any) -> str | None:
 _JOINERS = frozenset("\u200c\u200d")  # format characters that names written in some scripts need
 
 
+def _one_line(text: object) -> str:
+    """Free text (a reason, notes, a source) as one line: a line break or control character in
+    it is shown escaped, so that it cannot draw a line of its own (a forged history entry)."""
+    return "".join(
+        ascii(c)[1:-1] if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") and c not in _JOINERS else c
+        for c in str(text)
+    )
+
+
 def _check_actor(actor: str) -> None:
     """The actor is signed into proofs and shown in audit lines: one printable line, with no
     invisible format character (a bidi override can make it read as another name)."""
@@ -578,8 +587,8 @@ def agent_history(ctx: Ctx, agent_id: str) -> None:
     def text() -> str:
         lines = [f"versions of {agent_id}:"]
         lines += [
-            f"  v{v['version']} {v['created_at']} {v['creation_mode']} ({v['source']}) by {v['created_by']}"
-            f"{' - ' + v['notes'] if v['notes'] else ''}"
+            f"  v{v['version']} {v['created_at']} {v['creation_mode']} ({_one_line(v['source'])})"
+            f" by {_one_line(v['created_by'])}{' - ' + _one_line(v['notes']) if v['notes'] else ''}"
             for v in data["versions"]
         ]
         lines.append("proofs:")
@@ -781,7 +790,8 @@ def policy_history(ctx: Ctx) -> None:
         ctx,
         versions,
         lambda: "\n".join(
-            f"{'*' if v['active'] else ' '} {v['hash'][:16]} {v['created_at']} {v['actor']}: {v['reason']}"
+            f"{'*' if v['active'] else ' '} {v['hash'][:16]} {v['created_at']} {_one_line(v['actor'])}:"
+            f" {_one_line(v['reason'])}"
             for v in versions
         ),
     )

@@ -88,18 +88,22 @@ def test_update_stores_version_2_with_notes(ws: Path, tmp_path: Path) -> None:
     v2 = patched(SPECS["alpha"], "spec.economics.monthly_budget_usd", 250)
     path = write_doc(tmp_path / "alpha-v2.yaml", v2)
 
-    out = ok("agent", "update", "alpha", "--from-file", path, "--notes", "raise the budget", home=home)
+    notes = "raise the budget\n  v9 2099-01-01 update (alpha@8) by root"  # a forged line, if printed raw
+    out = ok("agent", "update", "alpha", "--from-file", path, "--notes", notes, home=home)
 
     assert (out["id"], out["version"], out["status"]) == ("alpha", 2, "SANDBOX")
     assert (out["creation_mode"], out["source"]) == ("update", "alpha@1")
     history = ok("agent", "history", "alpha", home=home)
     assert [(v["version"], v["creation_mode"], v["notes"]) for v in history["versions"]] == [
         (1, "import", ""),
-        (2, "update", "raise the budget"),
+        (2, "update", notes),
     ]
     assert history["versions"][1]["spec_hash"] == out["spec_hash"] != history["versions"][0]["spec_hash"]
     assert [e["type"] for e in history["events"]] == ["AGENT_CREATED", "AGENT_UPDATED"]
-    assert history["events"][1]["payload"]["notes"] == "raise the budget"
+    assert history["events"][1]["payload"]["notes"] == notes
+    shown = agov("agent", "history", "alpha", home=home, as_json=False).out.splitlines()
+    assert shown[2].endswith(" - raise the budget\\n  v9 2099-01-01 update (alpha@8) by root"), shown
+    assert shown[3] == "proofs:", shown
     assert ok("agent", "show", "alpha", home=home)["spec"] == v2
 
 

@@ -167,3 +167,19 @@ def test_a_reload_whose_external_opa_is_unreachable_says_the_new_policy_is_activ
     # the run is left open: the managed sidecar finishes it, and the agent falls as it should
     report = ok("revalidate", home=fresh_ws)
     assert (report["total"], report["invalidated"]) == (1, 1)
+
+
+def test_a_reason_with_a_line_break_cannot_draw_a_history_line_of_its_own(fresh_ws: Path) -> None:
+    (initial,) = active(ok("policy", "history", home=fresh_ws))
+    forged = "tune\n* 0000000000000000 2099-01-01T00:00:00+00:00 root: forged active"
+    limits = fresh_ws / "policies" / "agov" / "config" / "data.json"
+    limits.write_text(limits.read_text().replace('"analysis": 0.7', '"analysis": 0.6'))
+    built = ok("policy", "build", "--reason", forged, home=fresh_ws)
+    assert built["reason"] == forged, "stored as given"
+
+    shown = agov("policy", "history", home=fresh_ws, as_json=False)
+    assert shown.code == 0, str(shown)
+    lines = shown.out.splitlines()
+    assert len(lines) == 2 and [line[0] for line in lines] == ["*", " "], lines
+    assert lines[0].startswith(f"* {initial[:16]} ")
+    assert lines[1].endswith(": tune\\n* 0000000000000000 2099-01-01T00:00:00+00:00 root: forged active")
