@@ -195,9 +195,32 @@ def from_event(event: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
     agent = event.get("agent")
     if not isinstance(agent, dict):
         raise SpecError("the event carries no 'agent' spec", path="agent")
-    source = str(event.get("source", "unknown"))
-    delivery = str(event.get("delivery_id", ""))
+    source = _provenance_field(event, "source", "unknown")
+    delivery = _provenance_field(event, "delivery_id", "")
     return copy.deepcopy(agent), f"{source}#{delivery}" if delivery else source
+
+
+_MAX_PROVENANCE_CHARS = 200
+
+
+def _provenance_field(event: Mapping[str, Any], name: str, default: str) -> str:
+    """A string the event names its origin by: absent or null is ``default``; anything else that
+    is not a short printable string is refused rather than written as Python's rendering of it.
+
+    Raises:
+        SpecError: not a string, too long, or holding a control or line-breaking character.
+    """
+    value = event.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, str) or len(value) > _MAX_PROVENANCE_CHARS or not value.isprintable():
+        raise SpecError(
+            f"the event's {name} must be a printable string of at most {_MAX_PROVENANCE_CHARS}"
+            f" characters, not {json.dumps(value)[:80]}",
+            path=name,
+            hint="it is stored as the agent's provenance",
+        )
+    return value
 
 
 def from_answers(answers: Mapping[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import agov, copy_ws, make_spec, ok, parse_time, query, write_doc
+from e2e_support import (
+    agov,
+    assert_rejected_unchanged,
+    copy_ws,
+    expect_error,
+    make_spec,
+    ok,
+    parse_time,
+    query,
+    snapshot,
+    write_doc,
+)
 
 pytestmark = pytest.mark.acceptance
 
@@ -146,6 +157,38 @@ def test_from_event(ws: Path, tmp_path: Path) -> None:
 
     spec = check_created(ws, out, agent_id="registered-agent", mode="event", source="model-registry#d-42")
     assert spec == agent
+
+
+def test_an_event_with_no_delivery_id_is_named_by_its_source_alone(ws: Path, tmp_path: Path) -> None:
+    home = copy_ws(ws, tmp_path / "ws")
+    agent = make_spec("undelivered-agent", role_class="ideation", temperature=0.9)
+    event = {"event": "agent.registered", "source": "model-registry", "delivery_id": None, "agent": agent}
+    out = ok("agent", "create", "--from-event", write_doc(tmp_path / "event.json", event, "json"), home=home)
+    assert out["source"] == "model-registry", "never the text '#None'"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("source", {"a": [1, 2]}),
+        ("source", "registry\n  v9 forged"),
+        ("delivery_id", 42),
+        ("delivery_id", "d" * 100_000),
+    ],
+    ids=["source-object", "source-line-break", "delivery-number", "delivery-100k"],
+)
+def test_an_event_whose_provenance_is_not_a_short_string_is_refused(
+    ws: Path, tmp_path: Path, field: str, value: object
+) -> None:
+    home = copy_ws(ws, tmp_path / "ws")
+    agent = make_spec("odd-event-agent", role_class="ideation", temperature=0.9)
+    event = {"event": "agent.registered", "source": "model-registry", "delivery_id": "d-1", "agent": agent}
+    event[field] = value
+    path = write_doc(tmp_path / "event.json", event, "json")
+    before = snapshot(home)
+    refused = expect_error(agov("agent", "create", "--from-event", path, home=home))
+    assert f"the event's {field} must be a printable string of at most 200 characters" in refused["message"]
+    assert_rejected_unchanged(before, snapshot(home))
 
 
 ANSWERS = [
