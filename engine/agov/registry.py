@@ -409,6 +409,8 @@ def update_agent(
     Raises:
         NotFoundError: no such agent.
         SpecError: invalid spec, or its id differs from ``agent_id``.
+        UsageError: the spec is the current version's (nothing to update), or a concurrent
+            update won.
     """
     current = get_agent(store, agent_id)
     spec = validate_spec(document)
@@ -418,6 +420,15 @@ def update_agent(
             f"metadata.id is {spec.id!r}, not {agent_id!r}",
             path="metadata/id",
             hint="an update keeps the agent's id; use `agent create --clone` for a copy",
+        )
+    if spec.hash == current.spec.hash:
+        # a new version of the same spec would only restart its sandbox period: an expired or
+        # invalidated agent would run again with nothing changed
+        raise UsageError(
+            f"agent {agent_id!r} version {current.version} already has this exact spec"
+            f" ({spec.hash[:12]}): nothing to update",
+            hint="an update stores a changed spec; an invalidated agent passes again only when"
+            " a revalidation finds it passing",
         )
     now = now or utcnow()
     version = current.version + 1

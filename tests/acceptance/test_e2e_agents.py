@@ -107,6 +107,31 @@ def test_update_stores_version_2_with_notes(ws: Path, tmp_path: Path) -> None:
     assert ok("agent", "show", "alpha", home=home)["spec"] == v2
 
 
+@pytest.mark.parametrize("state", ["sandbox-expired", "governed"])
+def test_an_update_that_changes_nothing_is_refused(ws: Path, tmp_path: Path, state: str) -> None:
+    """A new version of the same spec would start a fresh sandbox period: an expired (or, through
+    the sandbox, an invalidated) agent would run again with nothing changed."""
+    home = copy_ws(ws, tmp_path / "ws")
+    agent_id = "beta" if state == "sandbox-expired" else "delta"
+    if state == "sandbox-expired":
+        sql(
+            home,
+            "UPDATE agents SET sandbox_expires_at = '2000-01-01T00:00:00.000000+00:00' WHERE id = 'beta'",
+        )
+        assert ok("agent", "show", "beta", home=home)["status"] == "SANDBOX"
+    denied_before = agov("admit", agent_id, home=home).json["code"]
+    same = write_doc(tmp_path / "same.json", SPECS[agent_id], "json")  # another format, same spec
+    before = snapshot(home)
+
+    refused = expect_error(agov("agent", "update", agent_id, "--from-file", same, home=home))
+    assert f"agent '{agent_id}' version 1 already has this exact spec" in refused["message"], refused
+    assert_rejected_unchanged(before, snapshot(home))
+    assert agov("admit", agent_id, home=home).json["code"] == denied_before
+    assert denied_before == (
+        "ADMISSION_DENY_SANDBOX_EXPIRED" if state == "sandbox-expired" else "ADMISSION_ALLOW"
+    )
+
+
 def test_updating_a_governed_agent_sends_it_back_to_the_sandbox(ws: Path, tmp_path: Path) -> None:
     home = copy_ws(ws, tmp_path / "ws")
     first = ok("admit", "delta", home=home)
