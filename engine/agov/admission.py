@@ -5,6 +5,7 @@ Any error on the way (store, keys, OPA, a malformed answer) ends in a deny.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -168,6 +169,7 @@ def decide(
         decision_id=evaluation.decision_id,
         agent_id=agent.id,
         facts=facts,
+        status=agent.status.value,
     )
 
 
@@ -234,15 +236,7 @@ def admit(
         decision = decide(evaluator_loader(), agent, facts, active_hash, now)
         if notes and decision.code in PROOF_CODES:
             extra = tuple(Reason(decision.code, note) for note in notes)
-            decision = AdmissionDecision(
-                decision.allow,
-                decision.code,
-                decision.reasons + extra,
-                decision.policy_hash,
-                decision.decision_id,
-                decision.agent_id,
-                decision.facts,
-            )
+            decision = dataclasses.replace(decision, reasons=decision.reasons + extra)
         return decision
     except NotFoundError:
         raise

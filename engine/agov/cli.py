@@ -677,6 +677,8 @@ def admit(ctx: Ctx, agent_id: str) -> None:
 
     def text() -> str:
         head = f"{decision.decision} {agent_id}: {decision.code}"
+        if decision.allow:
+            head += f" (as {decision.status})"
         return "\n".join([head] + [f"  {r.code}: {r.message}" for r in decision.reasons])
 
     emit(ctx, decision.as_dict(), text)

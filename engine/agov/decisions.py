@@ -102,6 +102,8 @@ class AdmissionDecision:
     decision_id: str | None = None
     agent_id: str = ""
     facts: dict[str, Any] = field(default_factory=dict)
+    # the status the decision judged (SANDBOX, GOVERNED_RESTRICTED…): how an admitted agent runs
+    status: str | None = None
 
     @property
     def decision(self) -> str:
@@ -116,6 +118,7 @@ class AdmissionDecision:
             "reasons": [r.as_dict() for r in self.reasons],
             "policy_hash": self.policy_hash,
             "decision_id": self.decision_id,
+            "status": self.status,
         }
 
 

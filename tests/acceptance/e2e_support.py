@@ -30,7 +30,7 @@ AGOV = [sys.executable, "-m", "agov.cli"]
 ACTOR = "acceptance"
 HEX64 = r"[0-9a-f]{64}"
 
-ADMISSION_KEYS = {"agent_id", "decision", "allow", "code", "reasons", "policy_hash", "decision_id"}
+ADMISSION_KEYS = {"agent_id", "decision", "allow", "code", "reasons", "policy_hash", "decision_id", "status"}
 
 
 def base_env(**overrides: str | None) -> dict[str, str]:

@@ -69,6 +69,7 @@ def test_allow(ws: Path, active_hash: str) -> None:
     )
     assert body["policy_hash"] == active_hash
     assert isinstance(body["decision_id"], str) and body["decision_id"]
+    assert body["status"] == "GOVERNED_VALID"
 
 
 def test_a_sandbox_agent_in_its_period_is_admitted(ws: Path, active_hash: str) -> None:
@@ -76,12 +77,13 @@ def test_a_sandbox_agent_in_its_period_is_admitted(ws: Path, active_hash: str) -
         agov("admit", "sbx-agent", home=ws), allow=True, code="ADMISSION_ALLOW", agent_id="sbx-agent"
     )
     assert body["policy_hash"] == active_hash
+    assert body["status"] == "SANDBOX", "contained: the runtime starts it in its sandbox"
 
 
 def test_text_mode(ws: Path) -> None:
     result = agov("admit", "gov-a", home=ws, as_json=False)
     assert result.code == 0
-    assert result.out.strip() == "allow gov-a: ADMISSION_ALLOW"
+    assert result.out.strip() == "allow gov-a: ADMISSION_ALLOW (as GOVERNED_VALID)"
 
 
 # --- tampering behind agov's back -------------------------------------------------------------
@@ -253,7 +255,7 @@ def test_cheating_is_denied_with_its_code(cheated: dict[str, Result], cheat: Che
     # (the engine's notes explain the one code, under the same code)
     assert {reason["code"] for reason in body["reasons"]} == {cheat.code}, body["reasons"]
     if cheat.code == "ADMISSION_DENY_ENGINE_UNAVAILABLE":
-        assert body["decision_id"] is None
+        assert body["decision_id"] is None and body["status"] is None
 
 
 def test_a_genuine_envelope_stored_as_text_is_the_same_envelope(ws: Path, tmp_path: Path) -> None:

@@ -134,6 +134,9 @@ def test_warnings_only_restrict(
     ((stored_status, reasons),) = query(ws, "SELECT status, reasons FROM agents WHERE id = ?", [agent_id])
     assert stored_status == status
     assert codes(json.loads(reasons)) == warnings
+    # admission tells the runtime how to start it: restricted, or not
+    admitted = ok("admit", agent_id, home=ws)
+    assert (admitted["code"], admitted["status"]) == ("ADMISSION_ALLOW", status)
 
 
 @pytest.mark.parametrize(
