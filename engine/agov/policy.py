@@ -232,14 +232,10 @@ def bundle_bytes(bundles: Path, version: PolicyVersion) -> bytes:
         content = bundle_file(bundles, version).read_bytes()
     except OSError as exc:
         raise PolicyError(
-            f"bundle of policy {version.hash[:12]} is unreadable: {exc}",
-            hint="rebuild it with `agov policy build`",
+            f"bundle of policy {version.hash[:12]} is unreadable: {exc}", hint=_REBUILD_HINT
         ) from exc
     if not content:
-        raise PolicyError(
-            f"bundle of policy {version.hash[:12]} is an empty file",
-            hint="rebuild it with `agov policy build`",
-        )
+        raise PolicyError(f"bundle of policy {version.hash[:12]} is an empty file", hint=_REBUILD_HINT)
     revision = _manifest_revision(content)
     if revision is not None and revision != version.hash:
         # another validly signed bundle under this name: OPA would load it and never report the
@@ -247,10 +243,16 @@ def bundle_bytes(bundles: Path, version: PolicyVersion) -> bytes:
         raise PolicyError(
             f"bundle file {bundle_file(bundles, version).name} holds policy revision {revision[:12]!r}, "
             f"not {version.hash[:12]}: the file was replaced",
-            hint="restore the file from a backup of the workspace, or rebuild that version with "
-            "`agov policy build` from its policy files",
+            hint=_REBUILD_HINT,
         )
     return content
+
+
+# `agov policy build` builds whatever policies/ holds now: only that version's own files rebuild it
+_REBUILD_HINT = (
+    "restore the file from a backup of the workspace, or put that version's policy files back in "
+    "policies/ and run `agov policy build` (the same files give the same hash)"
+)
 
 
 def _manifest_revision(content: bytes) -> str | None:
