@@ -7,6 +7,7 @@ status and decision logs. Signing is OPA's own (ES256 JWT in ``.signatures.json`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from agov.errors import PolicyError
 from agov.hashing import policy_hash
@@ -58,10 +60,43 @@ def bundle_files(policies_root: Path) -> list[tuple[str, bytes]]:
         if not rel.startswith(f"{BUNDLE_ROOT}/"):
             continue
         if (name.endswith(".rego") and not name.endswith("_test.rego")) or name in _DATA_FILES:
-            files.append((rel, (policies_root / rel).read_bytes()))
+            content = (policies_root / rel).read_bytes()
+            if name == "data.json":
+                _refuse_repeated_keys(policies_root / rel, content)
+            files.append((rel, content))
     if not any(p.endswith(".rego") for p, _ in files):
         raise PolicyError(f"no Rego policies under {base}")
     return files
+
+
+class _RepeatedKey(Exception):
+    pass
+
+
+def _distinct_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _RepeatedKey(key)
+        seen.add(key)
+    return dict(pairs)
+
+
+def _refuse_repeated_keys(path: Path, content: bytes) -> None:
+    """A key repeated in one object of a data file: its reviewer sees the first value, OPA uses the
+    last (as for spec files). Other faults are left to ``opa test``, which names them.
+
+    Raises:
+        PolicyError: a key appears twice in one object.
+    """
+    try:
+        with contextlib.suppress(ValueError):
+            json.loads(content, object_pairs_hook=_distinct_keys)
+    except _RepeatedKey as exc:
+        raise PolicyError(
+            f"{path}: the key {exc.args[0]!r} appears twice in one object",
+            hint="keep one of the two values; the active policy stays in force",
+        ) from None
 
 
 _LOADED_BY_OPA = (".rego", ".json", ".yaml", ".yml")

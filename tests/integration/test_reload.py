@@ -210,6 +210,13 @@ def _malformed_data(home: Path) -> Callable[[], None]:
     return lambda: data_file(home).write_text(original)
 
 
+def _repeated_data_key(home: Path) -> Callable[[], None]:
+    # whoever reviews the file reads 0.4; OPA would judge with 0.9
+    original = data_file(home).read_text()
+    data_file(home).write_text('{"temperature_limits": {"analysis": 0.4, "analysis": 0.9}}\n')
+    return lambda: data_file(home).write_text(original)
+
+
 def _data_file_a_bundle_ignores(home: Path) -> Callable[[], None]:
     # `opa test` on the directory loads blocked.json as data.agov.config; a bundle loads only
     # data.json/data.yaml, so a rule tested against it would never fire in the sidecar.
@@ -264,6 +271,7 @@ def _admission_package_removed(home: Path) -> Callable[[], None]:
             _malformed_data,
             "opa test could not load the policy tree:\n.*/agov/config/data.json: unexpected EOF",
         ),
+        (_repeated_data_key, "config/data.json: the key 'analysis' appears twice in one object"),
         (_data_file_a_bundle_ignores, "blocked.json: a bundle takes data only from files named data.json"),
         (_rego_outside_the_bundle_root, "helpers.rego: outside agov/, the bundle's only root"),
         (_every_test_removed, "opa test ran no tests: .*/policies has none that passed"),
@@ -274,6 +282,7 @@ def _admission_package_removed(home: Path) -> Callable[[], None]:
         "failing-opa-test",
         "failing-opa-test-with-change",
         "malformed-data-json",
+        "repeated-data-key",
         "data-file-a-bundle-ignores",
         "rego-outside-the-bundle-root",
         "every-test-removed",
