@@ -59,9 +59,11 @@ class AgentRecord:
     row_version: int
     created_at: str
     updated_at: str
+    # the hash written with the spec; differs from spec.hash only if the stored spec was edited
+    recorded_spec_hash: str | None = None
 
     def summary(self) -> dict[str, Any]:
-        return {
+        shown: dict[str, Any] = {
             "id": self.id,
             "name": self.name,
             "workspace": self.workspace,
@@ -75,6 +77,12 @@ class AgentRecord:
             "sandbox_expires_at": self.sandbox_expires_at,
             "reasons": self.reasons,
         }
+        if self.recorded_spec_hash != self.spec.hash:
+            shown["warning"] = (
+                f"the stored spec does not match the hash recorded with it ({self.recorded_spec_hash}):"
+                " agov.db was changed outside agov; admission denies this agent"
+            )
+        return shown
 
 
 # --- builders: each mode turns its source into a spec document (pure) ----------------------
@@ -286,12 +294,13 @@ def _decode(row: Any) -> AgentRecord:
         row_version=row["row_version"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        recorded_spec_hash=row["spec_hash"],
     )
 
 
 # LEFT JOIN: an agent whose current version row is gone is a damaged row, not no agent
 _SELECT = (
-    "SELECT a.*, v.spec, v.creation_mode, v.source FROM agents a "
+    "SELECT a.*, v.spec, v.spec_hash, v.creation_mode, v.source FROM agents a "
     "LEFT JOIN agent_versions v ON v.agent_id = a.id AND v.version = a.current_version"
 )
 

@@ -319,3 +319,21 @@ def test_a_lost_bundle_signing_key_is_a_deny_that_writes_no_new_key(ws: Path, tm
     # the recovery the message names: a new pair signs the active policy's bundle again
     ok("policy", "build", home=home)
     check_admission(agov("admit", "gov-a", home=home), allow=True, code="ADMISSION_ALLOW", agent_id="gov-a")
+
+
+def test_agent_show_warns_when_the_stored_spec_no_longer_matches_its_recorded_hash(
+    ws: Path, tmp_path: Path
+) -> None:
+    home = copy_ws(ws, tmp_path / "ws")
+    assert "warning" not in ok("agent", "show", "gov-a", home=home)
+    ((recorded,),) = query(home, "SELECT spec_hash FROM agent_versions WHERE agent_id = 'gov-a'")
+    edit_spec(home, "gov-a", set_budget)
+
+    shown = ok("agent", "show", "gov-a", home=home)
+    assert shown["spec"]["spec"]["economics"]["monthly_budget_usd"] == 9000
+    assert shown["spec_hash"] != recorded
+    assert f"does not match the hash recorded with it ({recorded})" in shown["warning"]
+    text = agov("agent", "show", "gov-a", home=home, as_json=False).out
+    assert "warning: the stored spec does not match" in text
+    denied = agov("admit", "gov-a", home=home)
+    assert (denied.code, denied.json["code"]) == (1, "ADMISSION_DENY_SPEC_HASH_MISMATCH")
