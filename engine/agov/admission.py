@@ -169,7 +169,7 @@ def decide(
         decision_id=evaluation.decision_id,
         agent_id=agent.id,
         facts=facts,
-        status=agent.status.value,
+        status=agent.status.value if allow else None,  # what starts: nothing, on a deny
     )
 
 

@@ -102,7 +102,7 @@ class AdmissionDecision:
     decision_id: str | None = None
     agent_id: str = ""
     facts: dict[str, Any] = field(default_factory=dict)
-    # the status the decision judged (SANDBOX, GOVERNED_RESTRICTED…): how an admitted agent runs
+    # how an admitted agent runs (SANDBOX, GOVERNED_RESTRICTED, GOVERNED_VALID); None on a deny
     status: str | None = None
 
     @property

@@ -436,8 +436,8 @@ def update_agent(
         raise UsageError(
             f"agent {agent_id!r} version {current.version} already has this exact spec"
             f" ({spec.hash[:12]}): nothing to update",
-            hint="an update stores a changed spec; an invalidated agent passes again only when"
-            " a revalidation finds it passing",
+            hint="an update stores a changed spec; an invalidated agent is governed again by a"
+            " promotion (or a revalidation) that the active policy allows",
         )
     now = now or utcnow()
     version = current.version + 1
