@@ -7,7 +7,6 @@ status and decision logs. Signing is OPA's own (ES256 JWT in ``.signatures.json`
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -18,11 +17,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from agov.errors import PolicyError
 from agov.hashing import policy_hash
 from agov.opa.binary import opa_version, pdeathsig_preexec
+from agov.spec import ambiguous_keys
 
 BUNDLE_ROOT = "agov"
 AGREEMENT_TESTS = "*_agreement_test.rego"
@@ -61,42 +60,31 @@ def bundle_files(policies_root: Path) -> list[tuple[str, bytes]]:
             continue
         if (name.endswith(".rego") and not name.endswith("_test.rego")) or name in _DATA_FILES:
             content = (policies_root / rel).read_bytes()
-            if name == "data.json":
-                _refuse_repeated_keys(policies_root / rel, content)
+            if name in _DATA_FILES:
+                _refuse_ambiguous_data(policies_root / rel, content)
             files.append((rel, content))
     if not any(p.endswith(".rego") for p, _ in files):
         raise PolicyError(f"no Rego policies under {base}")
     return files
 
 
-class _RepeatedKey(Exception):
-    pass
-
-
-def _distinct_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise _RepeatedKey(key)
-        seen.add(key)
-    return dict(pairs)
-
-
-def _refuse_repeated_keys(path: Path, content: bytes) -> None:
-    """A key repeated in one object of a data file: its reviewer sees the first value, OPA uses the
-    last (as for spec files). Other faults are left to ``opa test``, which names them.
+def _refuse_ambiguous_data(path: Path, content: bytes) -> None:
+    """A data file its reviewer and OPA could read two ways: a key repeated in one mapping (the
+    reviewer sees the first value, OPA uses the last), a merge key or alias, bytes that are not
+    UTF-8 (OPA reads each as U+FFFD, so two keys can become one). Other faults are left to
+    ``opa test``, which names them.
 
     Raises:
-        PolicyError: a key appears twice in one object.
+        PolicyError: one of those.
     """
+    hint = "write each key once, as plain UTF-8; the active policy stays in force"
     try:
-        with contextlib.suppress(ValueError):
-            json.loads(content, object_pairs_hook=_distinct_keys)
-    except _RepeatedKey as exc:
-        raise PolicyError(
-            f"{path}: the key {exc.args[0]!r} appears twice in one object",
-            hint="keep one of the two values; the active policy stays in force",
-        ) from None
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"{path} is not UTF-8: {exc}", hint=hint) from None
+    problem = ambiguous_keys(text)
+    if problem:
+        raise PolicyError(f"{path}: {problem}", hint=hint)
 
 
 _LOADED_BY_OPA = (".rego", ".json", ".yaml", ".yml")

@@ -97,13 +97,20 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+class _RepeatedJsonKeyError(ValueError):
+    pass
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object whose keys are all distinct: with a repeated key the reader of the file and
-    the parser (last one wins) would see different specs."""
+    the parser (last one wins) would see different specs. A key with an escaped lone surrogate
+    is refused too: Go's decoder (OPA's) reads every such key as the same U+FFFD."""
     seen: set[str] = set()
     for key, _ in pairs:
         if key in seen:
-            raise ValueError(f"the key {key!r} appears twice in one object")
+            raise _RepeatedJsonKeyError(f"the key {key!r} appears twice in one object")
+        if any("\ud800" <= c <= "\udfff" for c in key):
+            raise _RepeatedJsonKeyError(f"the key {key!r} escapes a lone surrogate, which is no character")
         seen.add(key)
     return dict(pairs)
 
@@ -115,6 +122,10 @@ class _MergeKeyError(yaml.YAMLError):
     def __init__(self, line: int) -> None:
         super().__init__(f"a YAML merge key (<<) on line {line}")
         self.line = line
+
+
+class _RepeatedYamlKeyError(yaml.constructor.ConstructorError):
+    pass
 
 
 class _UniqueKeyLoader(_YAML_LOADER):  # type: ignore[misc]
@@ -134,7 +145,7 @@ class _UniqueKeyLoader(_YAML_LOADER):  # type: ignore[misc]
             except TypeError:  # unhashable: the base class says so
                 continue
             if repeated:
-                raise yaml.constructor.ConstructorError(
+                raise _RepeatedYamlKeyError(
                     None, None, f"the key {key!r} appears twice in one mapping", key_node.start_mark
                 )
         return super().construct_mapping(node, deep)
@@ -150,6 +161,32 @@ def _refuse_aliases(text: str, loader: Any, source: str) -> None:
                 f"{source} uses a YAML alias (*{event.anchor}), which agov does not accept",
                 hint="write the repeated values out",
             )
+
+
+def ambiguous_keys(text: str) -> str | None:
+    """What makes a JSON or YAML document read one way by a person and another by a parser: a key
+    repeated in one mapping, a YAML merge key, a YAML alias, or (JSON) a key escaping a lone
+    surrogate. None when it has none, or does not parse at all (its own loader names that).
+
+    For documents other than specs, such as a policy's data files, which are not held to the
+    other rules of :func:`parse_spec_bytes`.
+    """
+    try:
+        if text.lstrip().startswith("{"):
+            json.loads(text, object_pairs_hook=_unique_keys)
+        elif _bracket_depth(text) <= MAX_DEPTH:  # deeper: libyaml could overflow the C stack
+            _refuse_aliases(text, _YAML_LOADER, "it")
+            yaml.load(text, Loader=_UniqueKeyLoader)
+    except _MergeKeyError as exc:
+        return f"a YAML merge key (<<) on line {exc.line}"
+    except _RepeatedYamlKeyError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark is not None else "?"
+        return f"{exc.problem} (line {line})"
+    except (_RepeatedJsonKeyError, SpecError) as exc:  # SpecError: an alias
+        return exc.message if isinstance(exc, SpecError) else str(exc)
+    except (yaml.YAMLError, ValueError, RecursionError):
+        return None
+    return None
 
 
 def parse_spec_bytes(raw: bytes, *, source: str = "spec", max_bytes: int = MAX_SPEC_BYTES) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -110,3 +111,41 @@ def test_a_copy_that_keeps_failing_is_a_refused_policy_that_says_why(
 def test_a_missing_tree_is_named(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match=r"policies does not exist"):
         bundle._stable_copy(tmp_path / "policies", tmp_path / "copy")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "problem"),
+    [
+        ("data.json", b'{"limits": {"a": 0.4, "a": 0.9}}', "the key 'a' appears twice in one object"),
+        # Go reads both keys as U+FFFD: one key, the last value
+        ("data.json", b'{"k": {"\\ud800": 1, "\\udbff": 2}}', "escapes a lone surrogate"),
+        ("data.json", b'{"k": {"\xff": 1, "\xfe": 2}}', "is not UTF-8"),
+        ("data.yaml", b"limits:\n  a: 0.4\n  a: 0.9\n", "the key 'a' appears twice in one mapping (line 3)"),
+        ("data.yml", b"base: &b {a: 0.4}\nlimits: *b\n", "uses a YAML alias (*b)"),
+        ("data.yaml", b"limits:\n  <<: {a: 0.4}\n  a: 0.9\n", "a YAML merge key (<<) on line 2"),
+    ],
+    ids=["json-repeated", "json-surrogates", "json-not-utf8", "yaml-repeated", "yaml-alias", "yaml-merge"],
+)
+def test_a_data_file_a_reviewer_and_opa_would_read_two_ways_is_refused(
+    tree: Path, name: str, content: bytes, problem: str
+) -> None:
+    (tree / "agov" / "config" / "data.json").unlink()
+    (tree / "agov" / "config" / name).write_bytes(content)
+    with pytest.raises(PolicyError, match=re.escape(problem)) as refused:
+        bundle_files(tree)
+    assert str(tree / "agov" / "config" / name) in refused.value.message
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("data.json", b'{"limits": {"a": 0.4}, "other": {"a": 0.9}}'),  # the same key in two objects
+        ("data.yaml", b"limits:\n  a: 0.4\nother:\n  a: 0.9\n"),
+        ("data.json", b'{"limits": '),  # malformed: left to `opa test`, which names the fault
+    ],
+    ids=["json", "yaml", "malformed-json"],
+)
+def test_data_files_read_one_way_are_left_to_opa(tree: Path, name: str, content: bytes) -> None:
+    (tree / "agov" / "config" / "data.json").unlink()
+    (tree / "agov" / "config" / name).write_bytes(content)
+    assert f"agov/config/{name}" in [rel for rel, _ in bundle_files(tree)]
