@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from agov.errors import AgovError
 from agov.store import Store
-from agov.store.sqlite import GENESIS_HASH, audit_hash
+from agov.store.sqlite import AUDIT_ROWS, GENESIS_HASH, audit_hash, audit_row
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ def verify_chain(store: Store) -> AuditReport:
     truncated tail (the anchor names a row that is gone or differs). A missing anchor is not ok:
     the tail cannot be vouched for (``first_bad_seq`` is then None).
     """
-    rows = store.query("SELECT * FROM audit_events ORDER BY seq")
+    rows = [audit_row(r) for r in store.query(f"{AUDIT_ROWS} ORDER BY seq")]
     prev_hash, expected_seq = GENESIS_HASH, 1
     for row in rows:
         seq = row["seq"]
@@ -55,8 +55,10 @@ def verify_chain(store: Store) -> AuditReport:
                 row["payload"],
                 row["prev_hash"],
             )
-        except AgovError:  # a value canonical JSON cannot carry: a BLOB, say, never written by agov
-            return AuditReport(False, len(rows), seq, "event holds a value of a type agov never writes")
+        except AgovError:  # a value canonical JSON cannot carry: text that is not UTF-8, say
+            return AuditReport(
+                False, len(rows), seq, "event holds a value agov never writes (not UTF-8 text)"
+            )
         if recomputed != row["hash"]:
             return AuditReport(False, len(rows), seq, "event content does not match its hash")
         prev_hash, expected_seq = row["hash"], seq + 1

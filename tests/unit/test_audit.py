@@ -53,12 +53,12 @@ TAMPERS: dict[str, tuple[Callable[[Store], None], int]] = {
     "reorder": (_swap_3_and_6, 3),
     "truncate tail": (lambda s: _raw(s, "DELETE FROM audit_events WHERE seq > 8"), 9),
     "truncate all": (lambda s: _raw(s, "DELETE FROM audit_events"), 1),
-    # the same text stored as a BLOB: no longer a value agov writes, so it cannot be hashed
-    "payload as a blob": (
-        lambda s: _raw(s, "UPDATE audit_events SET payload = CAST(payload AS BLOB) WHERE seq = 3"),
+    # bytes that are not UTF-8 (sqlite3 would fail the whole read on them as text)
+    "time not utf-8": (lambda s: _raw(s, "UPDATE audit_events SET time = X'ff' WHERE seq = 6"), 6),
+    "actor not utf-8": (
+        lambda s: _raw(s, "UPDATE audit_events SET actor = CAST(X'ff' AS TEXT) WHERE seq = 3"),
         3,
     ),
-    "time as a blob": (lambda s: _raw(s, "UPDATE audit_events SET time = X'ff' WHERE seq = 6"), 6),
     "rehash edited row": (
         lambda s: _raw(s, "UPDATE audit_events SET payload = '{}', hash = ? WHERE seq = 2", ("f" * 64,)),
         2,
@@ -200,7 +200,7 @@ def test_a_missing_anchor_is_not_ok_however_the_log_looks(tmp_path: Path, cut: s
         ("UPDATE audit_events SET payload = '{' WHERE seq = 5", "payload"),
         ("UPDATE audit_events SET payload = '[1]' WHERE seq = 5", "payload"),
         ("UPDATE audit_events SET time = X'ff' WHERE seq = 5", "time"),
-        ("UPDATE audit_events SET actor = X'6d' WHERE seq = 5", "actor"),
+        ("UPDATE audit_events SET actor = CAST(X'ff' AS TEXT) WHERE seq = 5", "actor"),
     ],
 )
 def test_an_event_agov_could_not_have_written_is_named_when_read(
@@ -214,3 +214,15 @@ def test_an_event_agov_could_not_have_written_is_named_when_read(
         store.audit_events()
     assert [e.seq for e in store.audit_events(after_seq=5)] == list(range(6, EVENTS + 1))
     assert verify_chain(store).first_bad_seq == 5
+
+
+def test_the_same_bytes_stored_as_a_blob_are_the_same_event(tmp_path: Path) -> None:
+    """As for proofs: the hash covers the bytes, not SQLite's storage class of them."""
+    store = _store(tmp_path)
+    _raw(
+        store,
+        "UPDATE audit_events SET payload = CAST(payload AS BLOB), actor = CAST(actor AS BLOB) WHERE seq = 3",
+    )
+    assert verify_chain(store).ok
+    third = store.audit_events()[2]
+    assert (third.payload, third.actor) == ({"i": 2}, "tester")

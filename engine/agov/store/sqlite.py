@@ -235,20 +235,39 @@ def audit_hash(
 
 _TEXT_FIELDS = ("time", "type", "prev_hash", "hash")
 _OPTIONAL_TEXT_FIELDS = ("agent_id", "actor", "policy_hash")
+_AUDIT_TEXT = (*_TEXT_FIELDS, *_OPTIONAL_TEXT_FIELDS, "payload")
+# Text read as BLOB (see blob_text): a row whose text is not UTF-8 fails that row, not the fetch,
+# and the same bytes stored as a BLOB read as the same event.
+AUDIT_ROWS = (
+    "SELECT seq, "
+    + ", ".join(f"CAST({column} AS BLOB) AS {column}" for column in _AUDIT_TEXT)
+    + " FROM audit_events"
+)
 
 
-def _audit_event(row: Any) -> AuditEvent:
-    """One audit row as agov wrote it.
+def audit_row(row: Any) -> dict[str, Any]:
+    """A row of :data:`AUDIT_ROWS` with its text columns as text (bytes that are not UTF-8 as
+    surrogates, which canonical JSON refuses)."""
+    return {"seq": row["seq"], **{column: blob_text(row[column]) for column in _AUDIT_TEXT}}
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) and not any("\udc80" <= c <= "\udcff" for c in value)
+
+
+def _audit_event(row: dict[str, Any]) -> AuditEvent:
+    """One audit row (from :func:`audit_row`) as agov wrote it.
 
     Raises:
-        StoreError: a value is not of the type agov writes there (the row was changed outside
-            agov): named by its sequence number, never a crash halfway through an export.
+        StoreError: a value is not of the type agov writes there, or not UTF-8 (the row was
+            changed outside agov): named by its sequence number, never a crash halfway through
+            an export.
     """
     seq = row["seq"]
-    wrong = [f for f in _TEXT_FIELDS if not isinstance(row[f], str)]
-    wrong += [f for f in _OPTIONAL_TEXT_FIELDS if row[f] is not None and not isinstance(row[f], str)]
+    wrong = [f for f in _TEXT_FIELDS if not _is_text(row[f])]
+    wrong += [f for f in _OPTIONAL_TEXT_FIELDS if row[f] is not None and not _is_text(row[f])]
     payload: Any = None
-    if isinstance(row["payload"], str):
+    if _is_text(row["payload"]):
         with contextlib.suppress(ValueError):
             payload = json.loads(row["payload"])
     if not isinstance(payload, dict):
@@ -480,13 +499,12 @@ class Store:
 
     def audit_events(self, *, after_seq: int = 0, agent_id: str | None = None) -> list[AuditEvent]:
         if agent_id is None:
-            rows = self.query("SELECT * FROM audit_events WHERE seq > ? ORDER BY seq", (after_seq,))
+            rows = self.query(f"{AUDIT_ROWS} WHERE seq > ? ORDER BY seq", (after_seq,))
         else:
             rows = self.query(
-                "SELECT * FROM audit_events WHERE seq > ? AND agent_id = ? ORDER BY seq",
-                (after_seq, agent_id),
+                f"{AUDIT_ROWS} WHERE seq > ? AND agent_id = ? ORDER BY seq", (after_seq, agent_id)
             )
-        return [_audit_event(r) for r in rows]
+        return [_audit_event(audit_row(r)) for r in rows]
 
     def record_rejection(self, type_: str, **fields: Any) -> None:
         """Record a rejected request: the one row a rejected operation may add."""
