@@ -287,7 +287,10 @@ def test_the_cli_decides_with_a_deployed_sidecar_on_a_unix_socket(
     for bad in ("unix://relative/opa.sock", "unix:opa.sock", "unix:///"):
         code, refused = _cli(workspace, "admit", "socket-runner", "--opa-url", bad, env=env)
         assert code == 1 and refused["code"] == "ADMISSION_DENY_ENGINE_UNAVAILABLE", (bad, refused)
-        assert "names no absolute socket path" in refused["reasons"][0]["message"], (bad, refused)
+        assert "is not unix:// and an absolute socket path" in refused["reasons"][0]["message"], (
+            bad,
+            refused,
+        )
 
 
 def test_opa_url_is_refused_by_commands_that_run_their_own_opa(tmp_path: Path) -> None:

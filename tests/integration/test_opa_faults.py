@@ -611,6 +611,33 @@ def test_external_sidecar_from_env_requires_a_url() -> None:
         sidecar.evaluate(PATH, {})
 
 
+@pytest.mark.parametrize(
+    ("url", "socket_path"),
+    [
+        ("unix:///run/opa/opa.sock", "/run/opa/opa.sock"),
+        ("unix:///tmp/a%20b.sock", "/tmp/a b.sock"),  # percent-decoded, as OPA reads --addr
+        ("unix://relative/opa.sock", None),  # a host: OPA would bind /opa.sock
+        ("unix:opa.sock", None),
+        ("unix:///", None),
+        ("unix:///tmp/opa.sock?mode=x", None),  # OPA drops the query: another path than written
+        ("unix:///tmp/opa.sock#x", None),
+    ],
+)
+def test_an_external_opa_on_a_unix_socket_is_named_as_its_addr_is(url: str, socket_path: str | None) -> None:
+    from agov.errors import UsageError
+
+    environ = {"AGOV_OPA_URL": url}
+    if socket_path is None:
+        with pytest.raises(UsageError, match="is not unix:// and an absolute socket path"):
+            ExternalSidecar.from_env(environ=environ)
+        return
+    with ExternalSidecar.from_env(environ=environ) as sidecar:
+        assert sidecar.connection.unix_socket == Path(socket_path)
+        assert sidecar.connection.where == f"unix:{socket_path}"
+    with pytest.raises(UsageError, match="TLS options do not apply to a Unix socket"):
+        ExternalSidecar.from_env(environ={**environ, "AGOV_OPA_CA_FILE": "/ca.pem"})
+
+
 def test_every_address_of_a_name_shares_the_one_deadline(
     monkeypatch: pytest.MonkeyPatch, config: EvaluatorConfig
 ) -> None:
@@ -735,10 +762,6 @@ def test_a_unix_socket_with_a_full_backlog_is_waited_for_until_the_deadline(tmp_
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        (
-            {"url": "https://localhost", "unix_socket": Path("/run/opa.sock")},
-            "a Unix socket needs an http://",
-        ),
         ({"url": "http://localhost", "socket_owner_pid": 1}, "socket_owner_pid needs unix_socket"),
         (
             {"url": "http://localhost", "unix_socket": Path("/run/opa.sock"), "ca_file": Path("/ca.pem")},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -123,12 +124,7 @@ class ExternalSidecar:
             )
         unix_socket: Path | None = None
         if url.startswith("unix:"):  # OPA's own notation: `opa run --server --addr unix:///path`
-            unix_socket = Path(url.removeprefix("unix://"))
-            if not url.startswith("unix:///") or not unix_socket.name:
-                raise UsageError(
-                    f"bad OPA connection settings: {url!r} names no absolute socket path",
-                    hint="write unix:// and the socket's absolute path, e.g. unix:///run/opa/opa.sock",
-                )
+            unix_socket = _socket_path(url)
             url = "http://localhost"  # only the Host header of the requests
 
         def path(name: str) -> Path | None:
@@ -190,3 +186,21 @@ class ExternalSidecar:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _socket_path(url: str) -> Path:
+    """The socket path of a ``unix:///path`` URL, read as OPA reads its ``--addr``: the path
+    percent-decoded.
+
+    Raises:
+        UsageError: no absolute path, or a host, query or fragment (OPA would drop those and
+            bind another path than the one written).
+    """
+    parts = urllib.parse.urlsplit(url)
+    path = urllib.parse.unquote(parts.path)
+    if parts.netloc or parts.query or parts.fragment or not path.startswith("/") or path.endswith("/"):
+        raise UsageError(
+            f"bad OPA connection settings: {url!r} is not unix:// and an absolute socket path",
+            hint="write it as OPA's --addr takes it, e.g. unix:///run/opa/opa.sock",
+        )
+    return Path(path)
