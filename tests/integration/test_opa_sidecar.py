@@ -17,6 +17,7 @@ import pytest
 
 from agov.errors import DecisionError, EngineUnavailableError, PolicyError
 from agov.opa import ConnectionConfig, EvaluatorConfig, ExternalSidecar, ManagedSidecar, require_bool
+from agov.opa.http import WrongListenerError
 from agov.opa.managed import ManagedConfig, sweep_orphaned_dirs
 
 pytestmark = pytest.mark.integration
@@ -431,6 +432,33 @@ def test_failed_start_leaves_no_opa_process(build_bundle: Any, signing_key: Any,
         sc.start()
     assert sc.pid is None
     assert _opa_children() == []
+
+
+def test_an_opa_binary_that_forks_opa_fails_at_once_saying_why(
+    first_bundle: Any, signing_key: Any, opa_bin: Path, tmp_path: Path
+) -> None:
+    """A wrapper script that runs opa without `exec`: the process listening is not the one agov
+    started, so no answer can be trusted. Start fails at once, not at the start deadline."""
+    wrapper = tmp_path / "opa-wrapper"
+    wrapper.write_text(
+        f'#!/bin/sh\n"{opa_bin}" "$@" &\nchild=$!\ntrap \'kill $child\' TERM INT\nwait $child\n'
+    )
+    wrapper.chmod(0o755)
+    sc = ManagedSidecar(
+        first_bundle.data,
+        first_bundle.revision,
+        signing_key.public_pem,
+        signing_key.keyid,
+        managed=ManagedConfig(startup_timeout_s=60),
+        opa_bin=wrapper,
+    )
+    started = time.monotonic()
+    with pytest.raises(WrongListenerError, match=r"is not the OPA agov started") as refused:
+        sc.start()
+    assert "must `exec` opa" in refused.value.hint
+    assert time.monotonic() - started < 30, "not the 60 s start deadline"
+    sc.stop()
+    assert sc.pid is None
 
 
 def test_opa_death_is_reported_with_exit_code(sidecar: ManagedSidecar) -> None:

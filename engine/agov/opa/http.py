@@ -468,10 +468,11 @@ class DecisionClient:
                 f"OPA at {where} refused the connection", hint="is the OPA sidecar running?"
             )
         if isinstance(exc, _WrongSocketOwner):
-            return EngineUnavailableError(
+            return WrongListenerError(
                 f"OPA at {where} is not the OPA agov started: process {exc.peer_pid} listens there, "
                 f"not process {exc.expected_pid}",
-                hint="another process took the sidecar's socket; restart agov, and find out what did",
+                hint="if AGOV_OPA_BIN is a wrapper script, it must `exec` opa; otherwise another "
+                "process took the sidecar's socket: restart agov, and find out what did",
             )
         if isinstance(exc, FileNotFoundError) and self.connection.unix_socket is not None:
             return EngineUnavailableError(
@@ -659,6 +660,10 @@ class _Connection:
         return None
 
 
+class WrongListenerError(EngineUnavailableError):
+    """Not the expected process listens on the Unix socket: waiting will not change that."""
+
+
 class _WrongSocketOwner(OSError):
     """The process listening on a Unix socket is not the one expected."""
 
@@ -684,7 +689,8 @@ def _connect_unix(path: Path, deadline: float, owner_pid: int | None = None) -> 
                 time.sleep(min(0.005, _remaining(deadline)))
                 continue
             break
-        if owner_pid is not None:
+        # Linux's SO_PEERCRED; where there is none, the socket's 0700 directory is the guard
+        if owner_pid is not None and hasattr(socket, "SO_PEERCRED"):
             peer_pid = _PEERCRED.unpack(
                 sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
             )[0]

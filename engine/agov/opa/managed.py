@@ -51,7 +51,7 @@ from agov.errors import DecisionError, EngineUnavailableError, KeyMaterialError,
 from agov.opa.binary import find_opa, pdeathsig_preexec
 from agov.opa.bundle_server import BundleServer, BundleServerConfig
 from agov.opa.evaluator import EncodedInput, EvaluatorConfig
-from agov.opa.http import ConnectionConfig, DecisionClient
+from agov.opa.http import ConnectionConfig, DecisionClient, WrongListenerError
 
 _SERVICE = "agov"
 _ADDR_IN_USE = "address already in use"
@@ -557,6 +557,8 @@ class ManagedSidecar:
                     if require_health:
                         client.health()
                     return
+            except WrongListenerError:
+                raise  # OPA runs, but not as the process agov started (a wrapper that forks it)
             except (EngineUnavailableError, DecisionError) as exc:
                 last_error = exc  # not listening yet, or not ready
             # OPA downloads a bundle again only after refusing it (its ETag cache is cleared)
