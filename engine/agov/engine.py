@@ -35,7 +35,7 @@ from agov.errors import (
     WorkspaceError,
 )
 from agov.hashing import canonical_json
-from agov.observability import Metrics, log_decision
+from agov.observability import Metrics, engine_log, log_decision
 from agov.opa.binary import find_opa
 from agov.opa.evaluator import Evaluator, EvaluatorConfig
 from agov.policy import PolicyVersion
@@ -207,7 +207,19 @@ class Engine:
         with self._evaluator_lock:
             return self._evaluator_locked()
 
+    def _drop_dead_sidecar_locked(self) -> None:
+        """Forget a managed OPA that died (killed, out of memory), so that the caller starts a
+        new one: else every later decision of this engine, and every reload of a long-running
+        serve, failed closed until the process restarted."""
+        exit_note = getattr(self._evaluator, "exit_note", None)
+        note = exit_note() if exit_note is not None else None
+        if note is not None and self._evaluator is not None:
+            dead, self._evaluator = self._evaluator, None
+            dead.close()
+            engine_log.warning("the managed OPA exited (%s): starting a new one", note)
+
     def _evaluator_locked(self) -> Evaluator:
+        self._drop_dead_sidecar_locked()
         if self._evaluator is None:
             if self.config.runtime == "external":
                 from agov.opa.external import ENV_OPA_URL, ExternalSidecar
@@ -746,6 +758,7 @@ class Engine:
         content = policy.bundle_bytes(self.workspace.bundles, version)  # gone: refused, nothing changed
         with self._switch_lock:  # no decision moves the sidecar back to the store's hash meanwhile
             with self._evaluator_lock:
+                self._drop_dead_sidecar_locked()
                 started = self._evaluator is None and self.config.runtime != "external"
                 if started:
                     # no sidecar yet (a CLI process): start one on the new bundle, so that OPA

@@ -10,6 +10,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 decision_log = logging.getLogger("agov.decisions")
+engine_log = logging.getLogger("agov.engine")
 
 
 class Metrics:

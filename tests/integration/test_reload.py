@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import threading
 import time
@@ -328,6 +329,40 @@ def test_a_refused_reload_keeps_the_old_policy_in_store_and_opa(
     undo()
     assert engine.reload_policy(actor=ACTOR, reason="undone")["changed"] is False
     assert engine.active_policy().hash == old
+
+
+def _kill_managed_opa(engine: Engine) -> int:
+    sidecar = engine.evaluator()
+    pid = getattr(sidecar, "pid", None)
+    assert pid is not None, "setup: a managed sidecar runs"
+    os.kill(pid, signal.SIGKILL)  # as the OOM killer would
+    deadline = time.monotonic() + 10
+    while getattr(sidecar, "exit_note")() is None:  # noqa: B009 - ManagedSidecar only
+        assert time.monotonic() < deadline, "setup: the killed OPA was never reaped"
+        time.sleep(0.02)
+    return pid
+
+
+def test_a_managed_opa_that_died_is_started_again_for_the_next_decision_and_reload(
+    engine: Engine, home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before, every later decision of a long-lived engine failed closed, and every reload of a
+    running `serve --watch` was refused, until the process restarted."""
+    old = engine.active_policy().hash
+    first = _kill_managed_opa(engine)
+
+    with caplog.at_level("WARNING", logger="agov.engine"):
+        decision = engine.admit("cool-analyst")
+    assert decision.allow and decision.policy_hash == old, decision
+    assert getattr(engine.evaluator(), "pid", None) not in (None, first)
+    assert any("the managed OPA exited (exit code -9" in r.getMessage() for r in caplog.records)
+
+    _kill_managed_opa(engine)
+    edit_data(home, set_analysis_limit(0.4))
+    reloaded = engine.reload_policy(actor=ACTOR, reason="after OPA died")
+    assert reloaded["changed"] and engine.evaluator().revision() == reloaded["policy_hash"] != old
+    assert engine.admit("cool-analyst").allow
+    assert engine.admit("hot-analyst").code == "ADMISSION_DENY_INVALIDATED"
 
 
 # --- revalidation transitions --------------------------------------------------------------------

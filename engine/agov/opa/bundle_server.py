@@ -24,6 +24,7 @@ import hmac
 import json
 import re
 import secrets
+import sys
 import threading
 import time
 import zlib
@@ -112,7 +113,7 @@ class BundleServer:
         self._status_count = 0
         self._logs: deque[dict[str, Any]] = deque(maxlen=cfg.kept_log_events)
         self._closed = False
-        self._httpd = ThreadingHTTPServer((cfg.host, 0), _make_handler(self))
+        self._httpd = _Server((cfg.host, 0), _make_handler(self))
         self._httpd.daemon_threads = True  # held long polls must not block close()
         self._thread = threading.Thread(
             target=self._httpd.serve_forever,
@@ -281,6 +282,13 @@ def _slim(event: dict[str, Any]) -> dict[str, Any]:
         if size > _MAX_KEPT_INPUT_BYTES:
             return {**event, "input": {"omitted_bytes": size}}
     return event
+
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # OPA went away mid-answer (stopped, or died): no traceback on stderr
+        super().handle_error(request, client_address)
 
 
 def _etag_matches(if_none_match: str | None, etag: str) -> bool:

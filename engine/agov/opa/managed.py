@@ -610,6 +610,11 @@ class ManagedSidecar:
         except (EngineUnavailableError, DecisionError):
             return None
 
+    def exit_note(self) -> str | None:
+        """How OPA ended (exit code, stderr tail) if it exited on its own; None while it runs,
+        and once stopped."""
+        return self._exit_note()
+
     def _exited(self) -> bool:
         proc = self._proc
         return proc is not None and proc.poll() is not None
