@@ -1109,10 +1109,9 @@ def _serve_until_stopped(
     from agov.watch import PolicyWatcher
     from agov.workspace import CONFIG_FILE
 
-    serving = engine.active_policy().hash
     lock = threading.Lock()
 
-    def reload() -> None:
+    def reload(reason: str = "watch: policy files or agov.yaml changed") -> None:
         with lock:
             if stop.requested:
                 return
@@ -1120,7 +1119,7 @@ def _serve_until_stopped(
             try:
                 result = engine.reload_policy(
                     actor=ctx.actor,
-                    reason="watch: policy files or agov.yaml changed",
+                    reason=reason,
                     progress=stop_between_chunks,
                     before_switch=stop_before_switch,
                 )
@@ -1157,6 +1156,10 @@ def _serve_until_stopped(
     )
     if watcher is not None:
         watcher.start()
+        # the tree as it is now: an edit saved while serve was down (or under a stop) is applied
+        # too, not only the next one
+        reload("serve --watch: start")
+    serving = _active_hash_or_none(engine) or "(none)"
     # said once the watcher runs: an edit made after this line is seen
     click.echo(
         f"serving: policy {serving[:12]}, metrics on http://{metrics_at}/metrics"

@@ -209,6 +209,7 @@ def test_serve_stopped_while_a_reload_builds_switches_nothing(home: Path, tmp_pa
     serve = Serve(home, AGOV_OPA_BIN=str(slow_opa))
     try:
         assert "metrics on http://" in serve.read_until("metrics on http://", 60), serve.text
+        building.unlink()  # serve --watch builds the tree once at start (it was unchanged)
         edit_data(home, set_analysis_limit(0.35))
         wait_for(building.exists, "a reload's build", serve)
         text = stop(serve, how)
@@ -278,3 +279,24 @@ def test_a_refused_reload_says_what_tries_again_and_the_next_save_does(home: Pat
         stop(serve, "SIGTERM")
     finally:
         serve.kill()
+
+
+def test_serve_watch_applies_an_edit_saved_while_it_was_down(home: Path) -> None:
+    """Before, serve reconciled only the org limits and an unfinished run at start: an edit saved
+    while it was down (or one it was stopped under) stayed unenforced until the next save."""
+    from agov.bundle import compute_policy_hash
+
+    old_hash = active_hash(home)
+    edit_data(home, set_analysis_limit(0.25))  # every agent (0.3) now fails it
+    new_hash = compute_policy_hash(home / "policies")
+    assert new_hash != old_hash
+    serve = Serve(home)
+    try:
+        text = serve.read_until("metrics on http://", 120)
+        assert f"serving: policy {new_hash[:12]}" in text, text
+        assert f"revalidated {AGENTS} governed agents under {new_hash[:12]}" in text, text
+        text = stop(serve, "SIGTERM")
+    finally:
+        serve.kill()
+    assert active_hash(home) == new_hash
+    assert set(statuses(home).values()) == {"GOVERNED_INVALIDATED"}
