@@ -487,21 +487,26 @@ class Engine:
             KeyMaterialError: no active signing key, or the proof seal key is unusable.
         """
         target = policy_hash or policy.require_active(self.store).hash
-        report = revalidation.revalidate(
-            self.store,
-            config or self._judging_config(),
-            evaluator or self._evaluator_for(target),
-            lambda: keyring.active_signer(self.store, self.workspace.keys, self.clock()),
-            revalidation.ProofVouching(
-                keys.ensure_proof_seal(self.workspace.keys, create=not dry_run), self._trusted_key
-            ),
-            policy_hash=target,
-            now_fn=self.clock,
-            dry_run=dry_run,
-            previous_hash=previous_hash,
-            progress=progress,
-            org_change=org_change,
-        )
+        try:
+            report = revalidation.revalidate(
+                self.store,
+                config or self._judging_config(),
+                evaluator or self._evaluator_for(target),
+                lambda: keyring.active_signer(self.store, self.workspace.keys, self.clock()),
+                revalidation.ProofVouching(
+                    keys.ensure_proof_seal(self.workspace.keys, create=not dry_run), self._trusted_key
+                ),
+                policy_hash=target,
+                now_fn=self.clock,
+                dry_run=dry_run,
+                previous_hash=previous_hash,
+                progress=progress,
+                org_change=org_change,
+            )
+        except AgovError:
+            if not dry_run:
+                self.metrics.revalidation_stopped.inc()
+            raise
         if not dry_run:
             self.metrics.invalidations.inc(report.newly_invalidated)
         return report
@@ -572,7 +577,9 @@ class Engine:
         # judge with: refused and the old one stays, unless this call had switched the store
         # already (then the revalidation stopped, and its run is finished later)
         except AgovError as exc:
-            if not switch.committed:
+            if switch.committed:  # in force: its run stopped (counted there) and resumes later
+                self.metrics.reload_success.inc()
+            else:
                 self._refuse_reload(exc, actor=actor, reason=reason, active=active)
             raise
         self.metrics.reload_success.inc()

@@ -32,6 +32,12 @@ class Metrics:
             registry=r,
         )
         self.reload_failure = Counter("policy_reload_failure_total", "Policy reloads refused.", registry=r)
+        self.revalidation_stopped = Counter(
+            "revalidation_stopped_total",
+            "Revalidation runs stopped by an error before every agent was judged: agents not yet"
+            " judged are denied until the next reload, serve or revalidate finishes the run.",
+            registry=r,
+        )
         self.promotion_attempts = Counter("promotion_attempts_total", "Promotion attempts.", registry=r)
         self.promotion_denies = Counter(
             "promotion_denies_total", "Promotions denied.", ["reason"], registry=r

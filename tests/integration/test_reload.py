@@ -55,6 +55,7 @@ pytestmark = pytest.mark.integration
 
 SUCCESS = "policy_reload_success_total"
 FAILURE = "policy_reload_failure_total"
+STOPPED = "revalidation_stopped_total"
 INVALIDATIONS = "agent_invalidation_events_total"
 
 # The cast: under the shipped policy (analysis temperature <= 0.7, org budget 1000) all are
@@ -505,11 +506,17 @@ def test_a_bundle_opa_does_not_load_in_time_is_a_refused_reload_but_a_stopped_ru
     assert "in time" in refused["payload"]["error"]
     assert metric(engine, FAILURE) == 1
 
+    assert metric(engine, SUCCESS) == 0 and metric(engine, STOPPED) == 0
+
     # switched, then OPA failed mid-revalidation: the reload happened, its run resumes later
     seq = _last_seq(engine)
     reload_interrupted_at(engine, "auto-agent", monkeypatch)  # one chunk: it fails
     assert engine.active_policy().hash != old
     assert _audit(engine, seq, "POLICY_RELOAD_REFUSED") == []
+    # in force, so a success; the stopped run is what an alert should see
+    assert (metric(engine, SUCCESS), metric(engine, FAILURE), metric(engine, STOPPED)) == (1, 1, 1)
+    engine.revalidate()  # resumed to its end
+    assert metric(engine, STOPPED) == 1
 
 
 @pytest.mark.parametrize(
