@@ -579,6 +579,8 @@ class Engine:
         except AgovError as exc:
             if switch.committed:  # in force: its run stopped (counted there) and resumes later
                 self.metrics.reload_success.inc()
+            elif isinstance(exc, ConflictError) and self._activated_elsewhere(version):
+                pass  # another process activated this same tree first, and revalidates: not refused
             else:
                 self._refuse_reload(exc, actor=actor, reason=reason, active=active)
             raise
@@ -590,6 +592,10 @@ class Engine:
             "previous_hash": active.hash if active else None,
             "revalidation": report.as_dict(),
         }
+
+    def _activated_elsewhere(self, version: PolicyVersion) -> bool:
+        won = policy.active_version(self.store)
+        return won is not None and won.hash == version.hash
 
     def catch_up(
         self, *, actor: str, reason: str, progress: Callable[[int], None] | None = None

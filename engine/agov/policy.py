@@ -189,7 +189,12 @@ def mark_active(
             raise ConflictError(
                 f"another process activated policy {str(current)[:12]} while this one was switching to "
                 f"{policy_hash[:12]}; that process revalidates the agents under it",
-                hint="see `agov policy history`; run the command again if this policy should be active",
+                hint="see `agov policy history`; "
+                + (
+                    "nothing was changed here: this policy is active"
+                    if current == policy_hash
+                    else "run the command again if this policy should be active"
+                ),
             )
         tx.execute("UPDATE policy_versions SET active = 0 WHERE active = 1")
         if tx.execute("UPDATE policy_versions SET active = 1 WHERE hash = ?", (policy_hash,)).rowcount != 1:

@@ -616,6 +616,8 @@ def test_two_reloads_of_one_tree_switch_once_and_revalidate_once(
     assert engine.active_policy().hash == new
     types = [e["type"] for e in _audit(engine, seq)]
     assert types.count("POLICY_HOTRELOAD") == 1 and types.count("POLICY_REVALIDATION") == 1
+    # the same tree won: this one lost a race, it was not refused (no false alarm)
+    assert "POLICY_RELOAD_REFUSED" not in types and metric(engine, FAILURE) == 0
     runs = engine.store.query(
         "SELECT total, finished_at FROM revalidation_runs WHERE policy_hash = ?", (new,)
     )
