@@ -676,8 +676,13 @@ class Engine:
         org_changed = False
         if active is not None:
             _config, digest, judged = self._org_state(active.hash)
-            # as the reload would tell: a switch reports a change it can name (see _switch)
-            org_changed = judged != digest if not changed else judged is not None and judged != digest
+            pending, pending_digest = revalidation.unfinished_run_digest(self.store, active.hash)
+            if changed:  # as the reload would tell: a switch reports a change it can name (_switch)
+                org_changed = judged is not None and judged != digest
+            elif pending:  # as catch_up tells: the unfinished run judges with the limits it began with
+                org_changed = pending_digest is not None and pending_digest != digest
+            else:
+                org_changed = judged != digest
         return {
             "changed": changed,
             "org_changed": org_changed,

@@ -113,6 +113,16 @@ def test_a_dry_run_shows_who_an_org_change_would_invalidate_and_changes_nothing(
     assert snapshot(engine.workspace.home) == before
 
 
+def test_a_dry_run_beside_an_unfinished_run_names_an_org_change_only_if_there_is_one(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, a policy with no finished run yet read as one whose org limits had changed."""
+    reload_interrupted_at(engine, "b-spender", monkeypatch)
+    assert engine.reload_policy(actor=ACTOR, reason="what if", dry_run=True)["org_changed"] is False
+    _set_org_budget(engine, 250)
+    assert engine.reload_policy(actor=ACTOR, reason="what if", dry_run=True)["org_changed"] is True
+
+
 def test_a_run_interrupted_under_other_org_limits_starts_again_from_the_first_agent(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
