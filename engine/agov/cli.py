@@ -727,7 +727,13 @@ def revalidate(ctx: Ctx, dry_run: bool) -> None:
             finally:
                 if bar is not None:
                     bar.__exit__(None, None, None)
-    emit(ctx, report, lambda: _revalidation_text(report))
+    emit(
+        ctx,
+        report,
+        lambda: (
+            ("resumed an interrupted run\n" if report.get("resumed") else "") + _revalidation_text(report)
+        ),
+    )
 
 
 # -- policy -------------------------------------------------------------------------------------
@@ -771,6 +777,11 @@ def policy_reload(ctx: Ctx, reason: str, dry_run: bool) -> None:
             return (
                 f"policy unchanged ({result['policy_hash'][:12]}), but the org limits in agov.yaml changed:"
                 f" {judged} every governed agent again\n" + _revalidation_text(result["revalidation"])
+            )
+        if not result["changed"] and result["revalidation"] is not None and not dry_run:
+            return (
+                f"policy unchanged ({result['policy_hash'][:12]}); finished an interrupted run\n"
+                + _revalidation_text(result["revalidation"])
             )
         if not result["changed"]:
             return f"policy unchanged ({result['policy_hash'][:12]})"

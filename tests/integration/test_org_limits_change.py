@@ -382,3 +382,24 @@ def test_serve_watch_rejudges_the_agents_when_agov_yaml_is_saved(engine: Engine)
     assert [e["reason"] for e in _events(engine, Code.ORG_LIMITS_CHANGED)] == [
         "watch: policy files or agov.yaml changed"
     ]
+
+
+@pytest.mark.parametrize("command", [["policy", "reload"], ["revalidate"]])
+def test_a_command_that_finishes_an_interrupted_run_says_so(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    """Before, `policy reload` said only "policy unchanged" after judging the rest of the run,
+    and `revalidate` did not say it resumed one."""
+    from click.testing import CliRunner
+
+    from agov.cli import main
+
+    reload_interrupted_at(engine, "c-hot", monkeypatch)
+    said = CliRunner().invoke(main, [*command, "--home", str(engine.workspace.home)])
+    assert said.exit_code == 0, said.output
+    expected = (
+        "; finished an interrupted run\nrevalidated 3 governed agents"
+        if command[0] == "policy"
+        else "resumed an interrupted run\nrevalidated"
+    )
+    assert expected in said.output, said.output
