@@ -1121,6 +1121,7 @@ def _serve_until_stopped(
     from agov.workspace import CONFIG_FILE
 
     lock = threading.Lock()
+    said_limits_pending = threading.Event()  # said once per change, not at every save after it
 
     def reload(reason: str = "watch: policy files or agov.yaml changed") -> None:
         with lock:
@@ -1159,6 +1160,14 @@ def _serve_until_stopped(
                 return
             if result["revalidation"] is not None:  # a new policy, changed org limits, or a resumed run
                 click.echo(_revalidation_text(result["revalidation"]), err=True)
+            limits_pending = engine.limits_changed_on_disk()
+            if limits_pending and not said_limits_pending.is_set():
+                click.echo(
+                    "agov.yaml's limits changed: they take effect when serve restarts"
+                    " (org limits take effect at once)",
+                    err=True,
+                )
+            (said_limits_pending.set if limits_pending else said_limits_pending.clear)()
 
     watcher = (
         PolicyWatcher(engine.workspace.policies, reload, config_file=engine.workspace.home / CONFIG_FILE)

@@ -178,6 +178,15 @@ class Engine:
             raise WorkspaceError(f"{path} is gone: the org limits cannot be read", hint="restore it")
         return dataclasses.replace(self.config, org=load_config(path, require_org=True).org)
 
+    def limits_changed_on_disk(self) -> bool:
+        """Whether agov.yaml's ``limits`` now differ from those this engine runs with: they take
+        effect when the engine is opened again (the org limits, by contrast, at once). False
+        when agov.yaml cannot be read (a reload says why)."""
+        try:
+            return load_config(self.workspace.home / CONFIG_FILE).limits != self.config.limits
+        except AgovError:
+            return False
+
     def _evaluator_config(self) -> EvaluatorConfig:
         return EvaluatorConfig(timeout_s=self.config.limits.opa_timeout_s)
 

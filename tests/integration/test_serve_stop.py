@@ -300,3 +300,18 @@ def test_serve_watch_applies_an_edit_saved_while_it_was_down(home: Path) -> None
         serve.kill()
     assert active_hash(home) == new_hash
     assert set(statuses(home).values()) == {"GOVERNED_INVALIDATED"}
+
+
+def test_serve_says_when_agov_yaml_limits_wait_for_a_restart(home: Path) -> None:
+    """Org limits judge at once; `limits:` (chunk size, deadlines) are read when serve starts.
+    Before, a change to them was silently ignored until a restart."""
+    serve = Serve(home)
+    try:
+        assert "metrics on http://" in serve.read_until("metrics on http://", 60), serve.text
+        edit_config(home, lambda raw: raw["limits"].update(revalidation_chunk_size=7))
+        text = serve.read_until("take effect when serve restarts", 30)
+        assert "agov.yaml's limits changed: they take effect when serve restarts" in text, text
+        text = stop(serve, "SIGTERM")
+    finally:
+        serve.kill()
+    assert text.count("agov.yaml's limits changed") == 1, text
