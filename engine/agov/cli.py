@@ -1127,7 +1127,6 @@ def _serve_until_stopped(
         with lock:
             if stop.requested:
                 return
-            before = _active_hash_or_none(engine)
             try:
                 result = engine.reload_policy(
                     actor=ctx.actor,
@@ -1148,7 +1147,8 @@ def _serve_until_stopped(
                     click.echo(f"reload interrupted: serve stopped during it; {_FINISH_RELOAD}", err=True)
                 elif isinstance(exc, AgovError):
                     # a switch that stood, with its run stopped, is no refusal: the message says so
-                    switched = _active_hash_or_none(engine) not in (before, None)
+                    # (even if another process has since moved the active policy on, or back)
+                    switched = exc.policy_switched
                     click.echo(
                         f"reload {'stopped' if switched else 'refused'}: {exc.diagnostics()}"
                         # nothing else wakes the watch: a new key, say, is not a file it watches

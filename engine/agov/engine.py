@@ -827,8 +827,11 @@ class Engine:
             if not isinstance(exc, InfrastructureError):
                 # e.g. the signing key revoked meanwhile: not bad input (the switch changed the
                 # store), but something changed under the run
-                raise ConflictError(message, hint=hint) from exc
+                stopped = ConflictError(message, hint=hint)
+                stopped.policy_switched = True
+                raise stopped from exc
             exc.message, exc.args, exc.hint = message, (message,), hint
+            exc.policy_switched = True
             raise
         return report, org_changed
 

@@ -11,6 +11,9 @@ class AgovError(Exception):
     """Base of every error agov raises on purpose."""
 
     hint: str = ""
+    # set on an error a reload or rollback raises after it switched the active policy (its
+    # revalidation stopped): the switch stands, so it is no refusal
+    policy_switched: bool = False
 
     def __init__(self, message: str, *, hint: str = "") -> None:
         super().__init__(message)

@@ -641,8 +641,12 @@ def test_a_reload_that_switched_is_never_audited_as_refused_even_when_another_pr
         raise ConflictError("another process activated a policy: run stopped")
 
     monkeypatch.setattr(engine, "revalidate", rolled_back_meanwhile)
-    with pytest.raises(ConflictError, match=r"^policy \w{12} is active, but revalidating the agents"):
+    with pytest.raises(
+        ConflictError, match=r"^policy \w{12} is active, but revalidating the agents"
+    ) as stopped:
         engine.reload_policy(actor=ACTOR, reason="tighten")
+    # what serve reads to say "stopped", not "refused": the store names the old policy again
+    assert stopped.value.policy_switched and engine.active_policy().hash == old
 
     types = [e["type"] for e in _audit(engine, seq)]
     assert "POLICY_HOTRELOAD" in types and "POLICY_ROLLBACK" in types
