@@ -570,7 +570,7 @@ class Engine:
             raise
         if before_switch is not None:
             before_switch()
-        version = policy.record(self.store, built, actor=actor, reason=reason)
+        version = policy.candidate(built, actor=actor, reason=reason)
         switch = _SwitchProgress()
         try:
             report, org_changed = self._switch(
@@ -581,6 +581,8 @@ class Engine:
                 reason=reason,
                 progress=progress,
                 switch=switch,
+                # once OPA has taken the bundle: one it refuses leaves no version row behind
+                record=lambda: policy.record(self.store, built, actor=actor, reason=reason),
             )
         # refused by OPA, OPA did not load it in time, no key to re-sign with, or no org limits to
         # judge with: refused and the old one stays, unless this call had switched the store
@@ -762,10 +764,12 @@ class Engine:
         reason: str,
         progress: Callable[[int], None] | None,
         switch: _SwitchProgress | None = None,
+        record: Callable[[], object] | None = None,
     ) -> tuple[RevalidationReport, bool]:
         """Activate in OPA first, then in the store, then revalidate with ``config`` (from
         ``_ready_to_switch``). Between the two steps every decision fails closed, because OPA's
-        revision no longer matches the store's.
+        revision no longer matches the store's. ``record`` (a new version's) is called once OPA
+        has loaded the bundle, just before the store switches.
 
         Returns the run's report, and whether the org limits in agov.yaml differ from those the
         previous policy's last run judged with (audited as ``ORG_LIMITS_CHANGED`` with the run:
@@ -796,6 +800,8 @@ class Engine:
             elif not started and self._evaluator is not None:
                 self._evaluator.close()
                 self._evaluator = None
+            if record is not None:
+                record()
             policy.mark_active(
                 self.store,
                 version.hash,

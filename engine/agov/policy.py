@@ -144,6 +144,12 @@ def record(
     return _version(row)
 
 
+def candidate(built: BuiltBundle, *, actor: str, reason: str, now: datetime | None = None) -> PolicyVersion:
+    """A built bundle as the version it will be once recorded (not recorded yet: ``seq`` 0)."""
+    created_at = iso(now or utcnow()) or ""
+    return PolicyVersion(0, built.policy_hash, built.path.name, actor, reason, created_at, False)
+
+
 class _Unchecked:
     """The default of ``mark_active(expected_active=...)``: switch whatever is active."""
 

@@ -505,6 +505,9 @@ def test_a_bundle_opa_does_not_load_in_time_is_a_refused_reload_but_a_stopped_ru
     (refused,) = _audit(engine, seq, "POLICY_RELOAD_REFUSED")
     assert "in time" in refused["payload"]["error"]
     assert metric(engine, FAILURE) == 1
+    # a rejected reload changes no row but the audit's: no version row for a bundle OPA never took
+    assert [e["type"] for e in _audit(engine, seq)] == ["POLICY_RELOAD_REFUSED"]
+    assert [v.hash for v in engine.policy_history()] == [old]
 
     assert metric(engine, SUCCESS) == 0 and metric(engine, STOPPED) == 0
 
