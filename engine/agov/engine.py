@@ -512,8 +512,9 @@ class Engine:
                 progress=progress,
                 org_change=org_change,
             )
-        except AgovError:
-            if not dry_run:
+        except AgovError as exc:
+            # a ConflictError: another process works the run, or closed it; it is not left stopped
+            if not dry_run and not isinstance(exc, ConflictError):
                 self.metrics.revalidation_stopped.inc()
             raise
         if not dry_run:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _reload_support import ACTOR, agent_doc, create_governed, edit_data, set_analysis_limit
+from _reload_support import ACTOR, agent_doc, create_governed, edit_data, metric, set_analysis_limit
 
 from agov import keyring, policy, revalidation
 from agov.config import Config, Limits
@@ -102,6 +102,8 @@ def _reload_to_p2_and(engine: Engine, home: Path, after_first_chunk: Callable[[s
 
     assert before["agents"], "setup: the first chunk was committed"
     assert _state(engine) == before, "nothing was committed after the change"
+    # the other process owns the run now: not a run left stopped, for an alert to see
+    assert metric(engine, "revalidation_stopped_total") == 0
     return p1
 
 
