@@ -1068,7 +1068,10 @@ def serve(ctx: Ctx, watch: bool, metrics_port: int, metrics_addr: str) -> None:
         try:
             if not stop.requested:
                 engine.evaluator()
-            if not stop.requested:  # a stop that came while OPA started: no run begins
+            # with --watch and a changed tree, the start reload's run judges every agent (and the
+            # switch closes an unfinished run): no catch-up before it
+            reload_first = watch and _tree_to_apply(engine, say=False) is not None
+            if not stop.requested and not reload_first:  # a stop while OPA started: no run begins
                 _catch_up_at_start(ctx, engine, stop_between_chunks)
             if not stop.requested:
                 _serve_until_stopped(
@@ -1080,10 +1083,34 @@ def serve(ctx: Ctx, watch: bool, metrics_port: int, metrics_addr: str) -> None:
                     f"{metrics_addr}:{server.server_port}",
                     stop_before_switch,
                     stop_between_chunks,
+                    caught_up=not reload_first,
                 )
         finally:
             server.shutdown()
     click.echo("serve stopped", err=True)
+
+
+_TREE_UNREADABLE = "(the tree does not read as a policy)"
+
+
+def _tree_to_apply(engine: Any, *, say: bool) -> str | None:
+    """The policy tree's hash when serve --watch should activate it at start: it differs from
+    the active policy (an edit saved while serve was down, or one it was stopped under), and is
+    not the version the latest rollback replaced (a restart must not undo a rollback)."""
+    tree = engine.tree_hash_or_none() or _TREE_UNREADABLE  # unreadable: the reload says why
+    active = _active_hash_or_none(engine)
+    if tree == active:
+        return None
+    if tree == engine.rolled_back_from():
+        if say:
+            click.echo(
+                f"policies/ holds policy {tree[:12]}, which the latest `agov policy rollback` replaced:"
+                f" serving {str(active)[:12]} still; save a change, or run `agov policy reload`, to"
+                " activate the files",
+                err=True,
+            )
+        return None
+    return tree
 
 
 def _catch_up_at_start(ctx: Ctx, engine: Any, stop_between_chunks: Callable[[int], None]) -> None:
@@ -1114,6 +1141,8 @@ def _serve_until_stopped(
     metrics_at: str,
     stop_before_switch: Callable[[], None],
     stop_between_chunks: Callable[[int], None],
+    *,
+    caught_up: bool,
 ) -> None:
     """Watch (with ``--watch``) and reload on change until a stop is requested; then stop the
     watch, waiting up to ``_STOP_WAIT_S`` for a reload in progress."""
@@ -1176,9 +1205,12 @@ def _serve_until_stopped(
     )
     if watcher is not None:
         watcher.start()
-        # the tree as it is now: an edit saved while serve was down (or under a stop) is applied
-        # too, not only the next one
-        reload("serve --watch: start")
+        # the tree as it is now (read once the watcher runs, so no edit falls between): an edit
+        # saved while serve was down, or one it was stopped under, is applied too
+        if _tree_to_apply(engine, say=True) is not None:
+            reload("serve --watch: start")
+        elif not caught_up and not stop.requested:  # the tree was put back meanwhile
+            _catch_up_at_start(ctx, engine, stop_between_chunks)
     serving = _active_hash_or_none(engine) or "(none)"
     # said once the watcher runs: an edit made after this line is seen
     click.echo(

@@ -11,6 +11,7 @@ with Engine.open("./.agov") as engine:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 import threading
@@ -27,6 +28,7 @@ from agov.decisions import AdmissionDecision, Code
 from agov.errors import (
     AgovError,
     ConflictError,
+    EngineUnavailableError,
     InfrastructureError,
     KeyMaterialError,
     NotFoundError,
@@ -49,6 +51,8 @@ if TYPE_CHECKING:  # the managed sidecar's module is imported when a sidecar is 
     from agov.opa.managed import ManagedConfig
 
 SYSTEM_ACTOR = "agov"
+# after a managed OPA died and starting it again failed, the next attempt waits this long
+_RESTART_BACKOFF_S = 5.0
 
 
 class Engine:
@@ -92,6 +96,10 @@ class Engine:
         self.metrics = metrics or Metrics()
         self._evaluator = evaluator
         self._owns_evaluator = evaluator is None
+        # when starting a managed OPA again after it died last failed, and why: decisions deny at
+        # once until _RESTART_BACKOFF_S later, rather than each waiting out a start that hangs
+        self._restart_failed: tuple[float, str] | None = None
+        self._sidecar_died = False
         self._evaluator_lock = threading.Lock()
         self._switch_lock = threading.Lock()  # held while this engine switches policies
         self._signatures = SignatureCache()
@@ -220,11 +228,14 @@ class Engine:
         """Forget a managed OPA that died (killed, out of memory), so that the caller starts a
         new one: else every later decision of this engine, and every reload of a long-running
         serve, failed closed until the process restarted."""
+        if not self._owns_evaluator:  # a caller's sidecar: the caller restarts it, if anyone
+            return
         exit_note = getattr(self._evaluator, "exit_note", None)
         note = exit_note() if exit_note is not None else None
         if note is not None and self._evaluator is not None:
             dead, self._evaluator = self._evaluator, None
             dead.close()
+            self._sidecar_died = True
             engine_log.warning("the managed OPA exited (%s): starting a new one", note)
 
     def _evaluator_locked(self) -> Evaluator:
@@ -238,8 +249,34 @@ class Engine:
                     environ[ENV_OPA_URL] = self._opa_url  # the command line wins over the environment
                 self._evaluator = ExternalSidecar.from_config(self.config, self._evaluator_config(), environ)
             else:
-                self._evaluator = self._start_managed(policy.require_active(self.store))
+                self._evaluator = self._restart_managed() if self._sidecar_died else None
+                if self._evaluator is None:
+                    self._evaluator = self._start_managed(policy.require_active(self.store))
         return self._evaluator
+
+    def _restart_managed(self) -> Evaluator:
+        """Start the managed OPA again after it died, at most once per ``_RESTART_BACKOFF_S``
+        while that fails.
+
+        Raises:
+            EngineUnavailableError: the last attempt failed less than that ago (at once), or
+                this one failed.
+        """
+        if self._restart_failed is not None:
+            failed_at, why = self._restart_failed
+            wait_s = failed_at + _RESTART_BACKOFF_S - time.monotonic()
+            if wait_s > 0:
+                raise EngineUnavailableError(
+                    f"the managed OPA died, and starting it again failed: {why}",
+                    hint=f"the next attempt comes with a decision in {wait_s:.1f} s or later",
+                )
+        try:
+            evaluator = self._start_managed(policy.require_active(self.store))
+        except AgovError as exc:
+            self._restart_failed = (time.monotonic(), exc.message)
+            raise
+        self._restart_failed, self._sidecar_died = None, False
+        return evaluator
 
     def _evaluator_for(self, policy_hash: str) -> Evaluator:
         """The evaluator, with the managed sidecar moved to ``policy_hash`` first when the store
@@ -592,7 +629,8 @@ class Engine:
             if switch.committed:  # in force: its run stopped (counted there) and resumes later
                 self.metrics.reload_success.inc()
             elif isinstance(exc, ConflictError) and self._activated_elsewhere(version):
-                pass  # another process activated this same tree first, and revalidates: not refused
+                # another process activated this same tree first, and revalidates: not refused
+                exc.policy_switched = True
             else:
                 self._refuse_reload(exc, actor=actor, reason=reason, active=active)
             raise
@@ -730,11 +768,26 @@ class Engine:
             "org_changed": org_changed,
             "previous_hash": active.hash if active else None,
             # the files under policies/ are not rolled back: a later reload activates them again
-            "workspace_policy_hash": self._tree_hash_or_none(),
+            "workspace_policy_hash": self.tree_hash_or_none(),
             "revalidation": report.as_dict(),
         }
 
-    def _tree_hash_or_none(self) -> str | None:
+    def rolled_back_from(self) -> str | None:
+        """The hash the latest activation replaced, if that activation was a rollback (the files
+        under policies/ may still hold the version rolled back from)."""
+        row = self.store.query_one(
+            "SELECT type, payload FROM audit_events WHERE type IN (?, ?) ORDER BY seq DESC LIMIT 1",
+            (Code.POLICY_HOTRELOAD, Code.POLICY_ROLLBACK),
+        )
+        if row is None or row["type"] != Code.POLICY_ROLLBACK:
+            return None
+        try:
+            previous = json.loads(row["payload"]).get("previous_hash")
+        except (ValueError, TypeError, AttributeError):
+            return None
+        return previous if isinstance(previous, str) else None
+
+    def tree_hash_or_none(self) -> str | None:
         """The hash of the files under policies/, or None when they cannot be read as a policy
         tree: the rollback has happened by then, and reporting it matters more."""
         try:
@@ -796,11 +849,16 @@ class Engine:
                     # no sidecar yet (a CLI process): start one on the new bundle, so that OPA
                     # verifies and loads it before the store names it active
                     self._evaluator = self._start_managed(version)
-            if not started and self._evaluator is not None and hasattr(self._evaluator, "activate"):
-                self._evaluator.activate(content, version.hash)
-            elif not started and self._evaluator is not None:
-                self._evaluator.close()
-                self._evaluator = None
+                # this one, even if a decision drops it meanwhile (it died): activating a dead
+                # sidecar fails, and so refuses the switch before the store names the version
+                evaluator = self._evaluator
+            if not started and evaluator is not None and hasattr(evaluator, "activate"):
+                evaluator.activate(content, version.hash)
+            elif not started and evaluator is not None:
+                evaluator.close()
+                with self._evaluator_lock:
+                    if self._evaluator is evaluator:
+                        self._evaluator = None
             if record is not None:
                 record()
             policy.mark_active(

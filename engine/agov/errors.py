@@ -11,8 +11,9 @@ class AgovError(Exception):
     """Base of every error agov raises on purpose."""
 
     hint: str = ""
-    # set on an error a reload or rollback raises after it switched the active policy (its
-    # revalidation stopped): the switch stands, so it is no refusal
+    # set on an error a reload or rollback raises once the active policy is the one it switches
+    # to (its revalidation stopped, or another process activated the same version first): no
+    # refusal
     policy_switched: bool = False
 
     def __init__(self, message: str, *, hint: str = "") -> None:

@@ -366,6 +366,36 @@ def test_a_managed_opa_that_died_is_started_again_for_the_next_decision_and_relo
     assert engine.admit("hot-analyst").code == "ADMISSION_DENY_INVALIDATED"
 
 
+def test_a_dead_opa_that_fails_to_start_again_is_retried_at_most_once_per_backoff(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each decision waiting out a start that hangs (20 s each, one after another) would be worse
+    than the fast deny a dead sidecar gave before: one attempt, then denies at once until the
+    backoff has passed."""
+    import agov.engine as engine_module
+
+    _kill_managed_opa(engine)
+    attempts: list[str] = []
+    start = engine._start_managed
+
+    def start_fails(*args: Any) -> Any:
+        attempts.append("start")
+        raise EngineUnavailableError("injected: OPA would not start")
+
+    monkeypatch.setattr(engine, "_start_managed", start_fails)
+    first = engine.admit("cool-analyst")
+    assert (first.allow, first.code) == (False, "ADMISSION_DENY_ENGINE_UNAVAILABLE")
+    assert "injected: OPA would not start" in first.reasons[0].message
+    again = engine.admit("cool-analyst")
+    assert "starting it again failed: injected" in again.reasons[0].message, again
+    assert attempts == ["start"], "no second attempt within the backoff"
+
+    monkeypatch.setattr(engine_module, "_RESTART_BACKOFF_S", 0.0)
+    monkeypatch.setattr(engine, "_start_managed", start)
+    assert engine.admit("cool-analyst").allow, "the next attempt after the backoff starts OPA"
+    assert attempts == ["start"]
+
+
 # --- revalidation transitions --------------------------------------------------------------------
 
 

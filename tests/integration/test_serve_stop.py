@@ -209,7 +209,6 @@ def test_serve_stopped_while_a_reload_builds_switches_nothing(home: Path, tmp_pa
     serve = Serve(home, AGOV_OPA_BIN=str(slow_opa))
     try:
         assert "metrics on http://" in serve.read_until("metrics on http://", 60), serve.text
-        building.unlink()  # serve --watch builds the tree once at start (it was unchanged)
         edit_data(home, set_analysis_limit(0.35))
         wait_for(building.exists, "a reload's build", serve)
         text = stop(serve, how)
@@ -315,3 +314,38 @@ def test_serve_says_when_agov_yaml_limits_wait_for_a_restart(home: Path) -> None
     finally:
         serve.kill()
     assert text.count("agov.yaml's limits changed") == 1, text
+
+
+def test_a_restarted_serve_watch_does_not_undo_a_rollback(home: Path) -> None:
+    """The files still hold the version a rollback replaced: activating them at start would bring
+    back, at a pod restart, the policy an operator rolled back from."""
+    old_hash = active_hash(home)
+    with Engine.open(home) as engine:
+        edit_data(home, set_analysis_limit(0.35))
+        rolled_back_from = engine.reload_policy(actor=ACTOR, reason="P2")["policy_hash"]
+        engine.rollback_policy(old_hash, actor=ACTOR, reason="incident: back to P1")
+    serve = Serve(home)
+    try:
+        text = serve.read_until("metrics on http://", 120)
+        text = stop(serve, "SIGTERM")
+    finally:
+        serve.kill()
+    assert f"policies/ holds policy {rolled_back_from[:12]}, which the latest `agov policy rollback`" in text
+    assert f"serving: policy {old_hash[:12]}" in text, text
+    assert active_hash(home) == old_hash
+
+
+def test_serve_watch_with_an_unchanged_tree_brings_the_agents_up_to_date_once(home: Path) -> None:
+    """No reload at start when the tree is the active policy: before, a start that could not
+    read the org limits said so twice, and audited a refused reload nobody had asked for."""
+    edit_config(home, lambda raw: raw.pop("org"))
+    refused_before = count_rows(home, "audit_events WHERE type = 'POLICY_RELOAD_REFUSED'")
+    serve = Serve(home)
+    try:
+        text = serve.read_until("metrics on http://", 60)
+        text = stop(serve, "SIGTERM")
+    finally:
+        serve.kill()
+    assert text.count("could not bring the agents up to date") == 1, text
+    assert "reload refused" not in text, text
+    assert count_rows(home, "audit_events WHERE type = 'POLICY_RELOAD_REFUSED'") == refused_before
