@@ -1207,17 +1207,21 @@ def _serve_until_stopped(
         watcher.start()
         # the tree as it is now (read once the watcher runs, so no edit falls between): an edit
         # saved while serve was down, or one it was stopped under, is applied too
+        before = _active_hash_or_none(engine)
         if _tree_to_apply(engine, say=True) is not None:
             reload("serve --watch: start")
-        elif not caught_up and not stop.requested:  # the tree was put back meanwhile
+            # switched: its run judges every agent; refused (or the tree put back meanwhile):
+            # the active policy's agents still want the catch-up skipped before
+            caught_up = caught_up or _active_hash_or_none(engine) != before
+        if not caught_up and not stop.requested:
             _catch_up_at_start(ctx, engine, stop_between_chunks)
     serving = _active_hash_or_none(engine) or "(none)"
-    # said once the watcher runs: an edit made after this line is seen
-    click.echo(
-        f"serving: policy {serving[:12]}, metrics on http://{metrics_at}/metrics"
-        + (", watching policies/ and agov.yaml" if watcher is not None else ""),
-        err=True,
-    )
+    if not stop.requested:  # said once the watcher runs: an edit made after this line is seen
+        click.echo(
+            f"serving: policy {serving[:12]}, metrics on http://{metrics_at}/metrics"
+            + (", watching policies/ and agov.yaml" if watcher is not None else ""),
+            err=True,
+        )
     try:
         while not stop.requested:
             time.sleep(0.2)

@@ -349,3 +349,19 @@ def test_serve_watch_with_an_unchanged_tree_brings_the_agents_up_to_date_once(ho
     assert text.count("could not bring the agents up to date") == 1, text
     assert "reload refused" not in text, text
     assert count_rows(home, "audit_events WHERE type = 'POLICY_RELOAD_REFUSED'") == refused_before
+
+
+def test_a_start_reload_refused_still_brings_the_agents_up_to_date(home: Path) -> None:
+    """The catch-up is left to the start reload only when that reload switches: a refused one
+    leaves the active policy's agents to the catch-up, here new org limits to judge with."""
+    edit_config(home, lambda raw: raw["org"].update(max_monthly_budget_usd=2000.0))
+    broken = home / "policies" / "agov" / "broken.rego"
+    broken.write_text("package agov.broken\n\nallow if {\n")
+    serve = Serve(home)
+    try:
+        text = serve.read_until("metrics on http://", 120)
+        text = stop(serve, "SIGTERM")
+    finally:
+        serve.kill()
+    assert "reload refused: opa check --strict failed" in text, text
+    assert f"org limits in agov.yaml changed: revalidated {AGENTS} governed agents" in text, text
