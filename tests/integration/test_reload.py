@@ -47,6 +47,7 @@ from agov.errors import (
     PolicyError,
     UsageError,
 )
+from agov.opa.managed import ManagedSidecar
 from agov.proofs import verify_proof
 from agov.store.sqlite import utcnow
 from agov.watch import PolicyWatcher
@@ -334,11 +335,11 @@ def test_a_refused_reload_keeps_the_old_policy_in_store_and_opa(
 
 def _kill_managed_opa(engine: Engine) -> int:
     sidecar = engine.evaluator()
-    pid = getattr(sidecar, "pid", None)
-    assert pid is not None, "setup: a managed sidecar runs"
+    assert isinstance(sidecar, ManagedSidecar) and sidecar.pid is not None, "setup: a managed OPA runs"
+    pid = sidecar.pid
     os.kill(pid, signal.SIGKILL)  # as the OOM killer would
     deadline = time.monotonic() + 10
-    while getattr(sidecar, "exit_note")() is None:  # noqa: B009 - ManagedSidecar only
+    while sidecar.exit_note() is None:
         assert time.monotonic() < deadline, "setup: the killed OPA was never reaped"
         time.sleep(0.02)
     return pid
