@@ -367,6 +367,16 @@ def test_a_managed_opa_that_died_is_started_again_for_the_next_decision_and_relo
     assert engine.admit("hot-analyst").code == "ADMISSION_DENY_INVALIDATED"
 
 
+def test_a_dead_sidecar_the_caller_passed_in_is_not_replaced(engine: Engine, home: Path) -> None:
+    """Its owner restarts it, if anyone: a replacement started here was never stopped."""
+    theirs = engine.evaluator()
+    with Engine.open(home, evaluator=theirs) as borrowing:
+        _kill_managed_opa(borrowing)
+        denied = borrowing.admit("cool-analyst")
+        assert (denied.allow, denied.code) == (False, "ADMISSION_DENY_ENGINE_UNAVAILABLE")
+        assert borrowing.evaluator() is theirs
+
+
 def test_a_dead_opa_that_fails_to_start_again_is_retried_at_most_once_per_backoff(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
