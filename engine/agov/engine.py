@@ -609,7 +609,6 @@ class Engine:
         if before_switch is not None:
             before_switch()
         version = policy.candidate(built, actor=actor, reason=reason)
-        switch = _SwitchProgress()
         try:
             report, org_changed = self._switch(
                 version,
@@ -618,7 +617,6 @@ class Engine:
                 actor=actor,
                 reason=reason,
                 progress=progress,
-                switch=switch,
                 # once OPA has taken the bundle: one it refuses leaves no version row behind
                 record=lambda: policy.record(self.store, built, actor=actor, reason=reason),
             )
@@ -626,7 +624,7 @@ class Engine:
         # judge with: refused and the old one stays, unless this call had switched the store
         # already (then the revalidation stopped, and its run is finished later)
         except AgovError as exc:
-            if switch.committed:  # in force: its run stopped (counted there) and resumes later
+            if exc.policy_switched:  # in force: its run stopped (counted there) and resumes later
                 self.metrics.reload_success.inc()
             elif isinstance(exc, ConflictError) and self._activated_elsewhere(version):
                 # another process activated this same tree first, and revalidates: not refused
@@ -817,7 +815,6 @@ class Engine:
         actor: str,
         reason: str,
         progress: Callable[[int], None] | None,
-        switch: _SwitchProgress | None = None,
         record: Callable[[], object] | None = None,
     ) -> tuple[RevalidationReport, bool]:
         """Activate in OPA first, then in the store, then revalidate with ``config`` (from
@@ -869,8 +866,6 @@ class Engine:
                 reason=reason,
                 expected_active=previous.hash if previous else None,
             )
-            if switch is not None:
-                switch.committed = True
         try:
             report = self.revalidate(
                 previous_hash=previous.hash if previous else None,
@@ -950,13 +945,6 @@ class Engine:
 
 
 _T = TypeVar("_T")
-
-
-class _SwitchProgress:
-    """Whether a policy switch has committed the store's side: what an error after it means
-    (a stopped revalidation) differs from what it means before (a refusal)."""
-
-    committed = False
 
 
 def _memo(reads: dict[Any, Any], key: Any, load: Callable[[], _T]) -> _T:

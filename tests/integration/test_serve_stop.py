@@ -132,6 +132,16 @@ def stop(serve: Serve, how: str) -> str:
     return serve.read_until("\0", 5)  # the rest of stderr, up to EOF
 
 
+def serve_once(home: Path, timeout_s: float = 120) -> str:
+    """Start serve --watch, let it get to serving, stop it (SIGTERM): all it printed."""
+    serve = Serve(home)
+    try:
+        serve.read_until("metrics on http://", timeout_s)
+        return stop(serve, "SIGTERM")
+    finally:
+        serve.kill()
+
+
 @pytest.fixture(scope="module")
 def governed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A workspace with AGENTS governed agents, judged one per chunk."""
@@ -289,14 +299,9 @@ def test_serve_watch_applies_an_edit_saved_while_it_was_down(home: Path) -> None
     edit_data(home, set_analysis_limit(0.25))  # every agent (0.3) now fails it
     new_hash = compute_policy_hash(home / "policies")
     assert new_hash != old_hash
-    serve = Serve(home)
-    try:
-        text = serve.read_until("metrics on http://", 120)
-        assert f"serving: policy {new_hash[:12]}" in text, text
-        assert f"revalidated {AGENTS} governed agents under {new_hash[:12]}" in text, text
-        text = stop(serve, "SIGTERM")
-    finally:
-        serve.kill()
+    text = serve_once(home)
+    assert f"serving: policy {new_hash[:12]}" in text, text
+    assert f"revalidated {AGENTS} governed agents under {new_hash[:12]}" in text, text
     assert active_hash(home) == new_hash
     assert set(statuses(home).values()) == {"GOVERNED_INVALIDATED"}
 
@@ -324,12 +329,7 @@ def test_a_restarted_serve_watch_does_not_undo_a_rollback(home: Path) -> None:
         edit_data(home, set_analysis_limit(0.35))
         rolled_back_from = engine.reload_policy(actor=ACTOR, reason="P2")["policy_hash"]
         engine.rollback_policy(old_hash, actor=ACTOR, reason="incident: back to P1")
-    serve = Serve(home)
-    try:
-        text = serve.read_until("metrics on http://", 120)
-        text = stop(serve, "SIGTERM")
-    finally:
-        serve.kill()
+    text = serve_once(home)
     assert f"policies/ holds policy {rolled_back_from[:12]}, which the latest `agov policy rollback`" in text
     assert f"serving: policy {old_hash[:12]}" in text, text
     assert active_hash(home) == old_hash
@@ -340,12 +340,7 @@ def test_serve_watch_with_an_unchanged_tree_brings_the_agents_up_to_date_once(ho
     read the org limits said so twice, and audited a refused reload nobody had asked for."""
     edit_config(home, lambda raw: raw.pop("org"))
     refused_before = count_rows(home, "audit_events WHERE type = 'POLICY_RELOAD_REFUSED'")
-    serve = Serve(home)
-    try:
-        text = serve.read_until("metrics on http://", 60)
-        text = stop(serve, "SIGTERM")
-    finally:
-        serve.kill()
+    text = serve_once(home, 60)
     assert text.count("could not bring the agents up to date") == 1, text
     assert "reload refused" not in text, text
     assert count_rows(home, "audit_events WHERE type = 'POLICY_RELOAD_REFUSED'") == refused_before
@@ -357,11 +352,6 @@ def test_a_start_reload_refused_still_brings_the_agents_up_to_date(home: Path) -
     edit_config(home, lambda raw: raw["org"].update(max_monthly_budget_usd=2000.0))
     broken = home / "policies" / "agov" / "broken.rego"
     broken.write_text("package agov.broken\n\nallow if {\n")
-    serve = Serve(home)
-    try:
-        text = serve.read_until("metrics on http://", 120)
-        text = stop(serve, "SIGTERM")
-    finally:
-        serve.kill()
+    text = serve_once(home)
     assert "reload refused: opa check --strict failed" in text, text
     assert f"org limits in agov.yaml changed: revalidated {AGENTS} governed agents" in text, text
