@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from agov import admission, audit, keyring, keys, policy, promotion, registry, revalidation
 from agov.config import Config, load_config
-from agov.decisions import AdmissionDecision, Code
+from agov.decisions import AdmissionDecision, Code, Reason
 from agov.errors import (
     AgovError,
     ConflictError,
@@ -462,25 +462,9 @@ class Engine:
             NotFoundError: no such agent (bad input; every other failure is a deny).
         """
         started = time.perf_counter()
-        try:
-            reads = self._admission_reads.view()
-        except Exception:  # a cache that fails is no cache: the loaders below read the store,
-            reads = {}  # inside admission.admit, where any failure is a deny
-
-        def active_hash() -> str:
-            return _memo(reads, "policy", lambda: policy.require_active(self.store).hash)
-
-        decision = admission.admit(
-            lambda: _memo(reads, ("agent", agent_id), lambda: registry.get_agent(self.store, agent_id)),
-            lambda aid: _memo(reads, ("proof", aid), lambda: self._current_proof(aid)),
-            lambda keyid: _memo(reads, ("key", keyid), lambda: self._trusted_key(keyid)),
-            active_hash,
-            lambda: self._evaluator_for(active_hash()),
-            self.clock(),
-            max_proof_bytes=self.config.limits.max_proof_bytes,
-            cache=self._signatures,
-            agent_id=agent_id,
-        )
+        decision = self._admit_once(agent_id)
+        if decision.code == Code.ADMISSION_DENY_POLICY_HASH_MISMATCH:
+            decision = self._renew_then_admit(agent_id, decision)
         self.metrics.admission_latency.observe(time.perf_counter() - started)
         if decision.allow:
             self.metrics.starts_allowed.inc()
@@ -494,6 +478,59 @@ class Engine:
             decision_id=decision.decision_id,
         )
         return decision
+
+    def _admit_once(self, agent_id: str) -> AdmissionDecision:
+        try:
+            reads = self._admission_reads.view()
+        except Exception:  # a cache that fails is no cache: the loaders below read the store,
+            reads = {}  # inside admission.admit, where any failure is a deny
+
+        def active_hash() -> str:
+            return _memo(reads, "policy", lambda: policy.require_active(self.store).hash)
+
+        return admission.admit(
+            lambda: _memo(reads, ("agent", agent_id), lambda: registry.get_agent(self.store, agent_id)),
+            lambda aid: _memo(reads, ("proof", aid), lambda: self._current_proof(aid)),
+            lambda keyid: _memo(reads, ("key", keyid), lambda: self._trusted_key(keyid)),
+            active_hash,
+            lambda: self._evaluator_for(active_hash()),
+            self.clock(),
+            max_proof_bytes=self.config.limits.max_proof_bytes,
+            cache=self._signatures,
+            agent_id=agent_id,
+        )
+
+    def _renew_then_admit(self, agent_id: str, denied: AdmissionDecision) -> AdmissionDecision:
+        """An agent whose proof is bound to an earlier policy, while the run of the active one has
+        not reached it: judge it now, as the run would, and decide its start again. Any failure
+        leaves ``denied`` in force, with why."""
+        try:
+            active = policy.require_active(self.store).hash
+            renewal = revalidation.renew_at_start(
+                self.store,
+                self._evaluator_for(active),
+                lambda: keyring.active_signer(self.store, self.workspace.keys, self.clock()),
+                revalidation.ProofVouching(keys.ensure_proof_seal(self.workspace.keys), self._trusted_key),
+                agent_id=agent_id,
+                org_canonical=canonical_json(dataclasses.asdict(self._judging_config().org)),
+                policy_hash=active,
+                now_fn=self.clock,
+                timeout_s=self.config.limits.opa_timeout_s,
+            )
+        except AgovError as exc:
+            why = exc.in_one_line()
+        except Exception as exc:  # fail closed: the deny stands
+            why = f"internal error: {type(exc).__name__}: {exc}"
+        else:
+            why = renewal.why
+            if renewal.renewed:
+                self.metrics.starts_renewed.inc()
+            if renewal.decide_again:
+                denied = self._admit_once(agent_id)
+                if denied.code != Code.ADMISSION_DENY_POLICY_HASH_MISMATCH or not why:
+                    return denied
+        note = Reason(denied.code, f"not judged ahead of the revalidation run: {why}")
+        return dataclasses.replace(denied, reasons=(*denied.reasons, note))
 
     # -- policy ----------------------------------------------------------------------------------
 

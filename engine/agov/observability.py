@@ -34,8 +34,15 @@ class Metrics:
         self.reload_failure = Counter("policy_reload_failure_total", "Policy reloads refused.", registry=r)
         self.revalidation_stopped = Counter(
             "revalidation_stopped_total",
-            "Revalidation runs stopped by an error before every agent was judged: agents not yet"
-            " judged are denied until the next reload, serve or revalidate finishes the run.",
+            "Revalidation runs stopped by an error before every agent was judged: an agent not yet"
+            " judged is judged when it starts, until the next reload, serve or revalidate finishes"
+            " the run.",
+            registry=r,
+        )
+        self.starts_renewed = Counter(
+            "agent_starts_renewed_total",
+            "Starts of agents a revalidation run had not reached yet, judged at the start and"
+            " re-signed under the active policy (each is also counted as allowed or denied).",
             registry=r,
         )
         self.promotion_attempts = Counter("promotion_attempts_total", "Promotion attempts.", registry=r)

@@ -138,23 +138,28 @@ class OrgChange:
     previous_digest: str | None  # the limits the last finished run judged with
 
 
+# An agent with its current spec and current proof row. Columns are read as BLOB and decoded per
+# row (blob_text), so that one damaged row cannot stop every run at its chunk.
+_ROWS_SQL = (
+    "SELECT a.id, a.current_version, a.row_version, a.status,"
+    " CAST(v.spec AS BLOB) AS spec, CAST(v.spec_hash AS BLOB) AS spec_hash,"
+    " p.version AS proof_version, CAST(p.spec_hash AS BLOB) AS proof_spec_hash,"
+    " CAST(p.expires_at AS BLOB) AS proof_expires_at, CAST(p.policy_hash AS BLOB) AS proof_policy_hash,"
+    " CAST(p.keyid AS BLOB) AS proof_keyid, CAST(p.governance_status AS BLOB) AS proof_status,"
+    " CAST(p.issued_at AS BLOB) AS proof_issued_at, p.id AS proof_row_id, CAST(p.seal AS BLOB) AS proof_seal"
+    " FROM agents a"
+    # LEFT: an agent whose version row is gone is judged (invalidated), not silently skipped
+    " LEFT JOIN agent_versions v ON v.agent_id = a.id AND v.version = a.current_version"
+    " LEFT JOIN agent_proofs p ON p.agent_id = a.id AND p.superseded_at IS NULL"
+)
+
+
 def _chunk(store: Store, after: str, size: int) -> list[_Row]:
-    # Columns read as BLOB and decoded per row (blob_text), so that one damaged row cannot stop
-    # every run at this chunk.
     rows = store.query(
-        "SELECT a.id, a.current_version, a.row_version, a.status,"
-        " CAST(v.spec AS BLOB) AS spec, CAST(v.spec_hash AS BLOB) AS spec_hash,"
-        " p.version AS proof_version, CAST(p.spec_hash AS BLOB) AS proof_spec_hash,"
-        " CAST(p.expires_at AS BLOB) AS proof_expires_at, CAST(p.policy_hash AS BLOB) AS proof_policy_hash,"
-        " CAST(p.keyid AS BLOB) AS proof_keyid, CAST(p.governance_status AS BLOB) AS proof_status,"
-        " CAST(p.issued_at AS BLOB) AS proof_issued_at, p.id AS proof_row_id, CAST(p.seal AS BLOB) AS proof_seal"
-        " FROM agents a"
-        # LEFT: an agent whose version row is gone is judged (invalidated), not silently skipped
-        " LEFT JOIN agent_versions v ON v.agent_id = a.id AND v.version = a.current_version"
-        " LEFT JOIN agent_proofs p ON p.agent_id = a.id AND p.superseded_at IS NULL"
+        _ROWS_SQL
         # `+a.status`: walk the primary key from the cursor instead of sorting every governed row
         # per chunk (which made each chunk slower as the store grew).
-        f" WHERE +a.status IN ({','.join('?' * len(_GOVERNED))}) AND a.id > ? ORDER BY a.id LIMIT ?",
+        + f" WHERE +a.status IN ({','.join('?' * len(_GOVERNED))}) AND a.id > ? ORDER BY a.id LIMIT ?",
         (*_GOVERNED, after, size),
     )
     chunk: list[_Row] = []
@@ -774,19 +779,40 @@ def _apply(
     clock: Callable[[], datetime],
 ) -> None:
     """Sign, transition and commit one chunk (read after ``cursor``, where this process left the
-    run), with the run's new cursor, in one transaction. ``now`` is when the chunk was judged;
-    the key is checked, and the proofs issued, at the time of the commit (under the write
-    lock): another key may have taken over since, and a key's proofs must not be issued before
-    its window opened."""
+    run), with the run's new cursor, in one transaction. ``now`` is when the chunk was judged.
+    The proofs are issued when they are signed, just before the write lock is taken, and the key
+    is checked under that lock at that same time: another key may have taken over since the
+    chunk was judged, and a key's proofs must not be issued before its window opened. Signing
+    outside the lock keeps other writers (a start renewing its own proof) waiting only for the
+    commit, not for a thousand signatures."""
+    now = max(now, clock())
+    stamp = iso(now)
+    # judged earlier, issued now: a proof that expired in between is not renewed
+    renewable = {row.agent_id: _renewable(row, verdicts[row.agent_id], now) for row in rows}
+    proofs = {
+        row.agent_id: sign_for(
+            ProofTarget(row.agent_id, row.version, row.spec_hash, row.row_version),
+            renewable[row.agent_id],
+            signer,
+            seal,
+            policy_hash=policy_hash,
+            decision_id=decision_id,
+            input_digest=_input_digest(row, org_canonical),
+            actor=REVALIDATION_ACTOR,
+            role="system",
+            now=now,
+            expires_at=row.proof_expires_at,
+        )
+        for row in rows
+        if renewable[row.agent_id].allow
+    }
     with store.transaction() as tx:
-        now = max(now, clock())
-        stamp = iso(now)
         _still_current(
             tx, report.run_id, cursor, policy_hash, org_digest(org_canonical), signer.keyid, now, signing=True
         )
-        # Agents another writer changed since the chunk was read are skipped: that write (an
-        # update, or a promotion under this same policy) judged them itself. Under BEGIN
-        # IMMEDIATE nothing changes them now.
+        # Agents another writer changed since the chunk was read are skipped (their proofs signed
+        # above are dropped): that write (an update, a promotion under this same policy, or a
+        # start renewing its proof) judged them itself. Under BEGIN IMMEDIATE nothing changes them now.
         unchanged = _unchanged(tx, rows)
         tallied = RevalidationReport(policy_hash=policy_hash, dry_run=False)
         signed: list[SignedProof] = []
@@ -794,25 +820,9 @@ def _apply(
         for row in rows:
             if row.agent_id not in unchanged:
                 continue
-            # judged earlier, issued now: a proof that expired in between is not renewed
-            verdict = _renewable(row, verdicts[row.agent_id], now)
+            verdict = renewable[row.agent_id]
             if verdict.allow:
-                target = ProofTarget(row.agent_id, row.version, row.spec_hash, row.row_version)
-                signed.append(
-                    sign_for(
-                        target,
-                        verdict,
-                        signer,
-                        seal,
-                        policy_hash=policy_hash,
-                        decision_id=decision_id,
-                        input_digest=_input_digest(row, org_canonical),
-                        actor=REVALIDATION_ACTOR,
-                        role="system",
-                        now=now,
-                        expires_at=row.proof_expires_at,
-                    )
-                )
+                signed.append(proofs[row.agent_id])
                 if row.status == Status.GOVERNED_INVALIDATED.value:
                     tallied.restored += 1
                     tx.audit(
@@ -888,6 +898,114 @@ def _apply(
         )
 
 
+@dataclass(frozen=True)
+class StartRenewal:
+    """What judging one agent at its start did. ``decide_again``: its start is to be decided
+    afresh, because a proof was issued here, or the agent or the run changed meanwhile (another
+    writer may have judged it). ``why``: why no proof was issued here, if none was."""
+
+    decide_again: bool
+    why: str = ""
+    renewed: bool = False  # a proof was issued here
+
+
+def renew_at_start(
+    store: Store,
+    evaluator: Evaluator,
+    signer_loader: Callable[[], ProofSigner],
+    vouching: ProofVouching,
+    *,
+    agent_id: str,
+    org_canonical: bytes,
+    policy_hash: str,
+    now_fn: Callable[[], datetime],
+    timeout_s: float,
+) -> StartRenewal:
+    """Judge one agent ahead of the open run of ``policy_hash``, because it is starting and its
+    proof is still bound to an earlier policy: otherwise its start is denied until the run reaches
+    it (seconds, for a large fleet). It is judged as the run judges it (the same query, org limits,
+    verdict rules and seal check) and, if the policy allows it, gets the proof the run would sign.
+    Nothing is written otherwise: the run invalidates an agent the policy denies. The run skips an
+    agent renewed here (its row changed since the run read it), so its counts leave it out.
+
+    Raises:
+        AgovError: OPA, the store or the keys failed; the start stays denied.
+    """
+    is_open, digest = unfinished_run_digest(store, policy_hash)
+    if not is_open:  # or it has just closed, having judged the agent
+        return StartRenewal(True, "no revalidation run is open under the active policy")
+    org = org_digest(org_canonical)
+    if digest != org:
+        return StartRenewal(
+            False, "the open revalidation run judges with other org limits than agov.yaml holds now"
+        )
+    found = store.query(_ROWS_SQL + " WHERE a.id = ?", (agent_id,))
+    if not found:
+        return StartRenewal(True, "the agent is gone")
+    row = _row(found[0])
+    if row.status not in (Status.GOVERNED_VALID.value, Status.GOVERNED_RESTRICTED.value):
+        return StartRenewal(True, f"its status is now {row.status}")
+    if row.stored is not None and row.stored.policy_hash == policy_hash:
+        return StartRenewal(True)  # another writer renewed it since the start was decided
+    judged, decision_id, now = _verdicts(evaluator, [row], org_canonical, policy_hash, now_fn(), timeout_s)
+    verdict = _vouched(store, [row], judged, vouching, now)[agent_id]
+    if not verdict.allow:
+        reasons = "; ".join(f"{r.code}: {r.message}" for r in verdict.deny)
+        return StartRenewal(False, f"judged now, it keeps no proof ({reasons}); the run invalidates it")
+    signer = signer_loader()
+    with store.transaction() as tx:
+        now = max(now, now_fn())
+        run = tx.execute(
+            "SELECT id FROM revalidation_runs WHERE policy_hash = ? AND finished_at IS NULL ORDER BY id DESC",
+            (policy_hash,),
+        ).fetchone()
+        if run is None:  # the run judged it meanwhile, and closed
+            return StartRenewal(True, "the revalidation run closed while the agent was judged")
+        try:
+            _still_current(tx, int(run[0]), None, policy_hash, org, signer.keyid, now, signing=True)
+        except _SignerChanged:
+            return StartRenewal(False, "another key took over signing while the agent was judged")
+        except ConflictError as exc:  # another policy was activated, or the run restarted
+            return StartRenewal(True, exc.message)
+        if not _unchanged(tx, [row]):
+            return StartRenewal(True, "the agent changed while it was judged")
+        verdict = _renewable(row, verdict, now)
+        if not verdict.allow:
+            return StartRenewal(False, "; ".join(r.message for r in verdict.deny))
+        target = ProofTarget(row.agent_id, row.version, row.spec_hash, row.row_version)
+        signed = sign_for(
+            target,
+            verdict,
+            signer,
+            vouching.seal,
+            policy_hash=policy_hash,
+            decision_id=decision_id,
+            input_digest=_input_digest(row, org_canonical),
+            actor=REVALIDATION_ACTOR,
+            role="system",
+            now=now,
+            expires_at=row.proof_expires_at,
+        )
+        store_proofs(tx, [signed])
+        tx.audit(
+            Code.PROOFS_RENEWED,
+            agent_id=agent_id,
+            actor=REVALIDATION_ACTOR,
+            policy_hash=policy_hash,
+            now=now,
+            payload={
+                "run_id": int(run[0]),
+                "agents": 1,
+                "first": agent_id,
+                "last": agent_id,
+                "keyid": signer.keyid,
+                "decision_id": decision_id,
+                "at_start": True,
+            },
+        )
+    return StartRenewal(True, renewed=True)
+
+
 def _restart(store: Store, run_id: int, policy_hash: str, cause: KeyMaterialError, now: datetime) -> None:
     with store.transaction() as tx:
         _restart_in(tx, run_id, policy_hash, cause.message, now)
@@ -922,7 +1040,7 @@ class _SignerChanged(Exception):
 def _still_current(
     tx: Tx,
     run_id: int | None,
-    cursor: str,
+    cursor: str | None,
     policy_hash: str,
     org: str,
     keyid: str,
@@ -940,7 +1058,8 @@ def _still_current(
 
     Stop it also when the run's cursor is no longer where this process left it: another process
     works the same run (``agov revalidate`` beside ``serve`` finishing it), and has committed the
-    chunk this one would commit again, counting its agents twice.
+    chunk this one would commit again, counting its agents twice. A ``cursor`` of None is a
+    writer that does not move the cursor (a start judged ahead of the run): not checked.
 
     Raises:
         ConflictError: the active policy changed, or the run was closed, or restarted by another
@@ -975,6 +1094,8 @@ def _still_current(
             " closed this run, or restarted it with other org limits, while it ran",
             hint="the run of the policy now active judges every agent; `agov revalidate` finishes it",
         )
+    if cursor is None:
+        return
     if isinstance(run[2], str) and run[2] < cursor:  # a cursor only moves back to restart
         raise ConflictError(
             f"the revalidation under {policy_hash[:12]} was stopped: another process sent the run back"

@@ -519,7 +519,8 @@ class ReadMemo:
     """Store reads kept until anything commits to the store (see :meth:`Store.data_version`).
 
     Per thread, as SQLite connections are; bounded. For hot read paths such as admission, which
-    reads the same agent, proof, key and policy rows at every start and writes nothing.
+    reads the same agent, proof, key and policy rows at every start (and writes only to renew a
+    proof a revalidation run has not reached yet, which empties the memo as any commit does).
     """
 
     def __init__(self, store: Store, max_entries: int = 10_000) -> None:

@@ -1,0 +1,150 @@
+"""A start during a revalidation run: the agent is judged ahead of the run, not denied until the
+run reaches it (for 100k agents the run takes seconds; every start in that window was denied).
+
+Setup: four agents, chunks of two, and a reload to P2 (analysis temperature <= 0.4) that OPA
+stops at the second chunk, so the first chunk holds proofs bound to P2 and the second still
+holds proofs bound to P1. That is the state of every agent the run has not reached yet.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _reload_support import ACTOR, create_governed, edit_config, metric, reload_interrupted_at, snapshot
+
+from agov.config import Config, Limits
+from agov.decisions import Code, Status
+from agov.engine import Engine
+
+pytestmark = pytest.mark.integration
+
+FIRST, SECOND = ("a1-pass", "a2-pass"), ("b1-pass", "b2-fail")  # chunks of two, in id order
+
+
+@pytest.fixture
+def engine(tmp_path: Path, opa_bin: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Engine]:
+    with Engine.init(tmp_path / "ws", Config(limits=Limits(revalidation_chunk_size=2)), actor=ACTOR) as eng:
+        for agent_id in (*FIRST, SECOND[0]):
+            create_governed(eng, agent_id, temperature=0.3)  # passes P1 (<= 0.7) and P2 (<= 0.4)
+        create_governed(eng, SECOND[1], temperature=0.5)  # passes P1, fails P2
+        eng.p1 = eng.active_policy().hash  # type: ignore[attr-defined]
+        reload_interrupted_at(eng, SECOND[0], monkeypatch)
+        yield eng
+
+
+def _current_proof(engine: Engine, agent_id: str) -> Any:
+    rows = engine.store.query(
+        "SELECT policy_hash, keyid, seal FROM agent_proofs WHERE agent_id = ? AND superseded_at IS NULL",
+        (agent_id,),
+    )
+    assert len(rows) == 1
+    return rows[0]
+
+
+def _open_run(engine: Engine) -> Any:
+    return engine.store.query_one(
+        "SELECT id, cursor, total FROM revalidation_runs WHERE finished_at IS NULL ORDER BY id DESC"
+    )
+
+
+def test_setup_leaves_the_second_chunk_on_the_old_policy(engine: Engine) -> None:
+    p2 = engine.active_policy().hash
+    assert p2 != engine.p1  # type: ignore[attr-defined]
+    assert {a: _current_proof(engine, a)["policy_hash"] for a in (*FIRST, *SECOND)} == {
+        **dict.fromkeys(FIRST, p2),
+        **dict.fromkeys(SECOND, engine.p1),  # type: ignore[attr-defined]
+    }
+    assert _open_run(engine)["cursor"] == FIRST[-1]
+
+
+def test_a_passing_agent_the_run_has_not_reached_is_judged_and_admitted(engine: Engine) -> None:
+    p2 = engine.active_policy().hash
+    run_before = dict(_open_run(engine))
+    audit_before = engine.store.query_one("SELECT MAX(seq) AS seq FROM audit_events")["seq"]
+
+    decision = engine.admit(SECOND[0])
+
+    assert (decision.allow, decision.code, decision.policy_hash) == (True, Code.ADMISSION_ALLOW, p2)
+    assert decision.status == Status.GOVERNED_VALID.value
+    proof = _current_proof(engine, SECOND[0])
+    assert proof["policy_hash"] == p2 and proof["seal"]
+    events = engine.store.query(
+        "SELECT type, agent_id, actor, policy_hash, payload FROM audit_events WHERE seq > ? ORDER BY seq",
+        (audit_before,),
+    )
+    assert [(e["type"], e["agent_id"], e["actor"], e["policy_hash"]) for e in events] == [
+        (Code.PROOFS_RENEWED, SECOND[0], "agov-revalidation", p2)
+    ]
+    payload = json.loads(events[0]["payload"])
+    assert (payload["run_id"], payload["agents"], payload["at_start"]) == (run_before["id"], 1, True)
+    assert dict(_open_run(engine)) == run_before  # the run's cursor and counts are its own
+    assert metric(engine, "agent_starts_renewed_total") == 1
+    assert engine.verify_audit().ok
+
+    # a second start finds the renewed proof: nothing more is signed
+    assert engine.admit(SECOND[0]).allow
+    assert (
+        engine.store.query_one("SELECT COUNT(*) AS n FROM audit_events WHERE seq > ?", (audit_before,))["n"]
+        == 1
+    )
+
+    # the run then finishes as before, and governs every agent under P2
+    report = engine.revalidate()
+    assert (report.total, report.valid, report.newly_invalidated) == (4, 3, 1)
+    assert engine.get_agent(SECOND[0]).status is Status.GOVERNED_VALID
+    assert _current_proof(engine, SECOND[0])["policy_hash"] == p2
+    assert engine.get_agent(SECOND[1]).status is Status.GOVERNED_INVALIDATED
+
+
+def test_a_failing_agent_stays_denied_and_nothing_is_written(engine: Engine) -> None:
+    before = snapshot(engine.workspace.home)
+
+    decision = engine.admit(SECOND[1])
+
+    assert (decision.allow, decision.code, decision.status) == (
+        False,
+        Code.ADMISSION_DENY_POLICY_HASH_MISMATCH,
+        None,
+    )
+    notes = [r.message for r in decision.reasons]
+    assert any(
+        "PROMOTION_DENY_TEMPERATURE_EXCEEDS_LIMIT" in n and "the run invalidates it" in n for n in notes
+    )
+    assert snapshot(engine.workspace.home) == before  # the run invalidates it, not the start
+
+
+def test_org_limits_other_than_the_runs_leave_the_start_denied(engine: Engine) -> None:
+    edit_config(engine.workspace.home, lambda raw: raw["org"].__setitem__("max_monthly_budget_usd", 5000))
+    before = snapshot(engine.workspace.home)
+
+    decision = engine.admit(SECOND[0])
+
+    assert (decision.allow, decision.code) == (False, Code.ADMISSION_DENY_POLICY_HASH_MISMATCH)
+    assert any("other org limits" in r.message for r in decision.reasons)
+    assert snapshot(engine.workspace.home) == before
+
+
+def test_a_signing_key_it_cannot_read_leaves_the_start_denied(engine: Engine) -> None:
+    signer = _current_proof(engine, SECOND[0])["keyid"]
+    private = engine.workspace.keys / f"{signer}.ed25519.key"
+    private.rename(private.with_name("moved-away"))  # the public half still verifies its proofs
+    before = snapshot(engine.workspace.home)
+
+    decision = engine.admit(SECOND[0])
+
+    assert (decision.allow, decision.code) == (False, Code.ADMISSION_DENY_POLICY_HASH_MISMATCH)
+    assert any(
+        "not judged ahead of the revalidation run" in r.message and f"no key {signer}" in r.message
+        for r in decision.reasons
+    )
+    assert snapshot(engine.workspace.home) == before
+
+
+def test_an_admitted_agent_with_a_current_proof_is_not_judged_again(engine: Engine) -> None:
+    before = snapshot(engine.workspace.home)
+    assert engine.admit(FIRST[0]).allow
+    assert snapshot(engine.workspace.home) == before
