@@ -32,6 +32,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 from contextlib import nullcontext
@@ -55,6 +56,9 @@ from agov.store.sqlite import iso, parse_iso
 REVALIDATION_PATH = "agov/revalidation/results"
 TEMPERATURES = [round(0.05 * k, 2) for k in range(10)]  # 0.45 > 0.4: one agent in ten falls
 STRICT_LIMIT = 0.4
+START_INTERVAL_S = 0.01  # agents started during the "starts" trial: 100 a second
+STARTS_AGENTS = 10_000  # the run size the "starts" trial is measured at
+STARTS_PROVEN = 1_000  # the agents, from the last down, that get a proof of their own to start with
 FALLING = sum(1 for t in TEMPERATURES if t > STRICT_LIMIT)
 
 
@@ -343,9 +347,15 @@ def child(args: argparse.Namespace) -> int:
         profiling = (
             c.profiled(f"of Engine.revalidate ({args.mode})", lines=60) if args.profile else nullcontext()
         )
+        starter = None
+        if args.mode == "starts":
+            _own_proofs(engine, args.previous, range(max(0, args.agents - STARTS_PROVEN), args.agents))
+            starter = _StarterProcess(Path(args.workspace), evaluator, args.agents)
         t0 = time.perf_counter()
         report: Any
         with profiling:
+            if starter is not None:
+                starter.start()
             if args.mode == "naive":
                 counts = naive_revalidate(engine)
                 # every agent starts GOVERNED_VALID, so each one invalidated is newly invalidated
@@ -353,6 +363,7 @@ def child(args: argparse.Namespace) -> int:
             else:
                 report = engine.revalidate(previous_hash=args.previous)
         seconds = time.perf_counter() - t0
+        starts = starter.stop() if starter is not None else None
         agov_cpu, opa_cpu1 = time.process_time() - agov_cpu0, _cpu_seconds(opa_pid)
         peak = tracemalloc.get_traced_memory()[1] if args.tracemalloc else None
         if args.tracemalloc:
@@ -365,6 +376,12 @@ def child(args: argparse.Namespace) -> int:
             (active,),
         )["n"]
         opa_chunk = _opa_chunk_timers(engine, evaluator, active) if args.mode == "batch" else None
+        if starts is not None:
+            starts["renewed_at_start"] = c.one(
+                engine.store,
+                "SELECT COUNT(*) AS n FROM audit_events WHERE type = 'PROOFS_RENEWED'"
+                " AND json_extract(payload, '$.at_start') = 1",
+            )["n"]
         out = {
             "mode": args.mode,
             "stages": {k: {"seconds": v[0] / 1e9, "calls": v[1]} for k, v in stages.items()},
@@ -383,11 +400,159 @@ def child(args: argparse.Namespace) -> int:
             "rss_after_kb": rss_after,
             "tracemalloc_peak_bytes": peak,
             "opa_vm_hwm_kb": opa_hwm,
+            "starts": starts,
+            "agents": args.agents,
         }
     finally:
         engine.close()
     print(json.dumps(out))
     return 0
+
+
+class _StarterProcess:
+    """A ``_Starter`` in a process of its own, as a runtime admitting agents is, with its own
+    Engine on the same store and the run's OPA sidecar (``opa_url``, over its Unix socket): so
+    a start competes with the run for OPA, the CPU and SQLite's write lock, not for the GIL."""
+
+    def __init__(self, workspace: Path, evaluator: Any, agents: int) -> None:
+        socket = evaluator.connection.unix_socket
+        self._proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--starter",
+                str(workspace),
+                str(socket),
+                str(agents),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._stdin, self._stdout = self._proc.stdin, self._proc.stdout
+        ready = self._stdout.readline().strip()
+        if ready != "ready":
+            raise RuntimeError(f"the starter process did not start: {ready!r}")
+
+    def start(self) -> None:
+        self._stdin.write("go\n")
+        self._stdin.flush()
+
+    def stop(self) -> dict[str, Any]:
+        self._stdin.write("stop\n")
+        self._stdin.flush()
+        out: dict[str, Any] = json.loads(self._stdout.readline())
+        self._proc.wait(timeout=60)
+        return out
+
+
+def starter_main(workspace: str, socket: str, agents: int) -> int:
+    """The starter process: ``ready`` once warm, starts on ``go``, its figures on ``stop``."""
+    with Engine.open(Path(workspace), opa_url=f"unix://{socket}") as engine:
+        # warm-up without a start (any agent's would renew its proof): the store, and OPA
+        active = engine.active_policy().hash
+        facts: dict[str, Any] = {
+            "agent_id": "warm-up",
+            "status": "SANDBOX",
+            "facts": {},
+            "now": iso(engine.clock()),
+        }
+        engine.evaluator().evaluate("agov/admission/decision", facts, expected_revision=active)
+        print("ready", flush=True)
+        sys.stdin.readline()
+        starter = _Starter(engine, agents)
+        starter.start()
+        sys.stdin.readline()
+        print(json.dumps(starter.stop()), flush=True)
+    return 0
+
+
+def _own_proofs(engine: Engine, previous: str, indexes: range) -> None:
+    """Give the agents at ``indexes`` a proof of their own, bound to ``previous`` as the bulk proof
+    is (not timed): the bulk rows share one envelope, which admission rightly refuses for any
+    other agent than the one it was signed for."""
+    from agov.promotion import ProofTarget, sign_for, store_proofs
+
+    now = engine.clock()
+    signer = keyring.active_signer(engine.store, engine.workspace.keys, now)
+    seal = ensure_proof_seal(engine.workspace.keys)
+    ids = [f"bench-agent-{i:06d}" for i in indexes]
+    rows = engine.store.query(
+        "SELECT a.id, a.current_version, a.row_version, v.spec_hash, p.expires_at FROM agents a"
+        " JOIN agent_versions v ON v.agent_id = a.id AND v.version = a.current_version"
+        " JOIN agent_proofs p ON p.agent_id = a.id AND p.superseded_at IS NULL"
+        f" WHERE a.id IN ({','.join('?' * len(ids))})",
+        tuple(ids),
+    )
+    signed = [
+        sign_for(
+            ProofTarget(r["id"], r["current_version"], r["spec_hash"], r["row_version"]),
+            PolicyVerdict(True),
+            signer,
+            seal,
+            policy_hash=previous,
+            decision_id="bench-own-proof",
+            input_digest=sha256_hex(b"bench"),
+            actor=c.ACTOR,
+            role="agent_admin",
+            now=now,
+            expires_at=parse_iso(r["expires_at"]),  # the bulk proof's expiry, which a renewal keeps
+        )
+        for r in rows
+    ]
+    with engine.store.transaction() as tx:
+        store_proofs(tx, signed)
+
+
+class _Starter:
+    """Starts agents while the run goes on, one every ``START_INTERVAL_S``, from the last id down:
+    agents the run (which walks the ids upwards) has not reached yet, still holding proofs bound
+    to the previous policy. Each start must be decided as the new policy judges the agent."""
+
+    def __init__(self, engine: Engine, agents: int) -> None:
+        self._engine, self._agents = engine, agents
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-starts", daemon=True)
+        self.latencies_us: list[float] = []
+        self.allowed = self.expected_allowed = self.mismatched = 0
+        self.codes: dict[str, int] = {}
+        self.first_mismatch: list[str] | None = None  # its reasons
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> dict[str, Any]:
+        self._done.set()
+        self._thread.join()
+        lat = sorted(self.latencies_us)
+        return {
+            "n": len(lat),
+            "p50_us": c.percentile(lat, 50) if lat else None,
+            "p99_us": c.percentile(lat, 99) if lat else None,
+            "max_us": lat[-1] if lat else None,
+            "allowed": self.allowed,
+            "expected_allowed": self.expected_allowed,
+            "mismatched": self.mismatched,
+            "first_mismatch": self.first_mismatch,
+            "codes": self.codes,
+            "interval_s": START_INTERVAL_S,
+        }
+
+    def _run(self) -> None:
+        i = self._agents - 1
+        while i >= 0 and not self._done.wait(START_INTERVAL_S):
+            passes = TEMPERATURES[i % len(TEMPERATURES)] <= STRICT_LIMIT
+            t0 = time.perf_counter()
+            decision = self._engine.admit(f"bench-agent-{i:06d}")
+            self.latencies_us.append((time.perf_counter() - t0) * 1e6)
+            self.allowed += decision.allow
+            self.expected_allowed += passes
+            if decision.allow != passes:
+                self.mismatched += 1
+                self.first_mismatch = self.first_mismatch or [r.message for r in decision.reasons]
+            self.codes[decision.code] = self.codes.get(decision.code, 0) + 1
+            i -= 1
 
 
 def _instrument(evaluator: Any) -> dict[str, list[int]]:
@@ -488,11 +653,18 @@ def _vm_hwm_kb(pid: int | None) -> int | None:
 
 
 def trial(
-    template: Path, scratch: Path, mode: str, p0: str, *, tracemalloc_on: bool = False, profile: bool = False
+    template: Path,
+    scratch: Path,
+    mode: str,
+    p0: str,
+    agents: int,
+    *,
+    tracemalloc_on: bool = False,
+    profile: bool = False,
 ) -> dict[str, Any]:
     ws = c.copy_workspace(template, scratch / f"trial-{mode}-{time.monotonic_ns()}")
     try:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, str(ws), p0]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, str(ws), p0, str(agents)]
         if tracemalloc_on:
             cmd.append("--tracemalloc")
         if profile:
@@ -523,6 +695,7 @@ def run(quick: bool, with_100k: bool, do_profile: bool) -> dict[str, Any]:
     metrics: list[dict[str, Any]] = []
     runs: dict[int, dict[str, list[dict[str, Any]]]] = {}
     memory: dict[str, Any] | None = None
+    starts: dict[str, Any] | None = None
     setup_s: dict[int, float] = {}
     with c.tempdir("agov-bench-p3-") as root:
         base, p0, p1 = build_base(root)
@@ -538,14 +711,18 @@ def run(quick: bool, with_100k: bool, do_profile: bool) -> dict[str, Any]:
                 order = ["batch", "naive"] if r % 2 == 0 else ["naive", "batch"]
                 for mode in order:
                     if len(got[mode]) < (batch_trials if mode == "batch" else naive_trials):
-                        got[mode].append(trial(template, root, mode, p0))
+                        got[mode].append(trial(template, root, mode, p0, n))
                         _check(got[mode][-1], n)
                         print(f"P3: {n} {mode}: {got[mode][-1]['seconds']:.2f} s", file=sys.stderr)
             if n == plan[-1][0]:
-                memory = trial(template, root, "batch", p0, tracemalloc_on=True)
+                memory = trial(template, root, "batch", p0, n, tracemalloc_on=True)
                 _check(memory, n)
+            if n == (200 if quick else STARTS_AGENTS):
+                starts = trial(template, root, "starts", p0, n)
+                _check(starts, n, runs_to_end=False)
+                print(f"P3: {n} with starts: {starts['seconds']:.2f} s", file=sys.stderr)
             if do_profile and n == (200 if quick else 10_000):
-                trial(template, root, "batch", p0, profile=True)
+                trial(template, root, "batch", p0, n, profile=True)
             runs[n] = got
             import shutil
 
@@ -598,6 +775,29 @@ def run(quick: bool, with_100k: bool, do_profile: bool) -> dict[str, Any]:
                     10.0,
                 )
             )
+    if starts is not None:
+        st = starts["starts"]
+        metrics.append(
+            {
+                "name": f"start of an agent the run has not reached, during Engine.revalidate of "
+                f"{starts['agents']:,} agents (one start every {st['interval_s'] * 1000:g} ms)",
+                "unit": "µs",
+                "n": st["n"],
+                "p50": st["p50_us"],
+                "p99": st["p99_us"],
+                "max": st["max_us"],
+                "mode": "starts",
+            }
+        )
+        plain = [t["seconds"] for t in runs.get(STARTS_AGENTS if not quick else 200, {}).get("batch", [])]
+        if plain:
+            ratios.append(
+                c.ratio(
+                    f"Engine.revalidate with those starts / without, {STARTS_AGENTS if not quick else 200:,} "
+                    "agents (same run)",
+                    starts["seconds"] / sorted(plain)[len(plain) // 2],
+                )
+            )
     mem = None
     if memory is not None:
         mem = {
@@ -622,6 +822,7 @@ def run(quick: bool, with_100k: bool, do_profile: bool) -> dict[str, Any]:
         "goals": goals,
         "memory": mem,
         "trials": {str(n): got for n, got in runs.items()},
+        "starts": starts,
         "setup_seconds": {str(k): v for k, v in setup_s.items()},
         "policy": {"p0": p0, "p1": p1, "falling_fraction": FALLING / len(TEMPERATURES)},
         "notes": [
@@ -636,6 +837,17 @@ def run(quick: bool, with_100k: bool, do_profile: bool) -> dict[str, Any]:
             "overlap, no batched SQL.",
         ],
     }
+    if starts is not None:
+        st = starts["starts"]
+        result["notes"].append(
+            f"Starts during a run ({starts['agents']:,} agents, one start every {st['interval_s'] * 1000:g} ms from "
+            "the last agent down, where the run arrives last, by Engine.admit in a process of its own on the same "
+            f"store and the run's OPA sidecar): {st['allowed']} of {st['n']} allowed, exactly those the new policy "
+            f"passes (mismatches: {st['mismatched']}); {st['renewed_at_start']} agents were judged ahead of the "
+            "run and re-signed at their start (one single-agent revalidation query and one commit, which waits "
+            "for the chunk the run may be committing). Until this was built, such a start was denied "
+            "(ADMISSION_DENY_POLICY_HASH_MISMATCH) until the run reached the agent."
+        )
     result["breakdown"] = _breakdown(runs)
     result["bound"] = bound(result)
     return result
@@ -707,11 +919,20 @@ def _breakdown(runs: dict[int, dict[str, list[dict[str, Any]]]]) -> list[dict[st
     return rows
 
 
-def _check(out: dict[str, Any], n: int) -> None:
+def _check(out: dict[str, Any], n: int, *, runs_to_end: bool = True) -> None:
+    """The end state every trial must reach. With starts during the run, an agent renewed at its
+    start after the run read its chunk is skipped by the run, so the run's total may be short."""
     falling = (n // len(TEMPERATURES)) * FALLING + sum(
         1 for i in range(n % len(TEMPERATURES)) if TEMPERATURES[i] > STRICT_LIMIT
     )
     expected = {"total": n, "newly_invalidated": falling, "proofs_bound_to_new_policy": n - falling}
+    if not runs_to_end:
+        del expected["total"]
+    starts = out.get("starts")
+    if starts is not None and (starts["mismatched"] or not starts["n"]):
+        raise AssertionError(
+            f"starts during the run were not decided as the new policy judges them: {starts}"
+        )
     got = {k: out[k] for k in expected}
     if got != expected:
         raise AssertionError(f"revalidation of {n} agents ({out['mode']}) gave {got}, expected {expected}")
@@ -755,11 +976,14 @@ def bound(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
+    if argv and argv[0] == "--starter":
+        return starter_main(argv[1], argv[2], int(argv[3]))
     if argv and argv[0] == "--child":
         cp = argparse.ArgumentParser()
-        cp.add_argument("--child", dest="mode", choices=("batch", "naive"))
+        cp.add_argument("--child", dest="mode", choices=("batch", "naive", "starts"))
         cp.add_argument("workspace")
         cp.add_argument("previous")
+        cp.add_argument("agents", type=int)
         cp.add_argument("--tracemalloc", action="store_true")
         cp.add_argument("--profile", action="store_true")
         return child(cp.parse_args(argv))
