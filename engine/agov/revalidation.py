@@ -965,8 +965,10 @@ def renew_at_start(
             _still_current(tx, int(run[0]), None, policy_hash, org, signer.keyid, now, signing=True)
         except _SignerChanged:
             return StartRenewal(False, "another key took over signing while the agent was judged")
-        except ConflictError as exc:  # another policy was activated, or the run restarted
-            return StartRenewal(True, exc.message)
+        except ConflictError:
+            return StartRenewal(
+                True, "another policy was activated, or the run was restarted, while the agent was judged"
+            )
         if not _unchanged(tx, [row]):
             return StartRenewal(True, "the agent changed while it was judged")
         verdict = _renewable(row, verdict, now)
