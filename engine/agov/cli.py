@@ -907,6 +907,7 @@ def keys_list(ctx: Ctx) -> None:
             f"{k['keyid'][:16]} {k['alg']:<11} {k['state']:<9}"
             f"{' from ' + k['not_before'] if k['state'] == 'staged' else ''}"
             f"{' at ' + k['revoked_at'] if k['revoked_at'] else ''}".rstrip()
+            + (f"\n  problem: {k['problem']}" if k["problem"] else "")
             for k in states
         ),
     )

@@ -969,7 +969,22 @@ class Engine:
         )
 
     def list_keys(self) -> list[keyring.KeyState]:
-        return keyring.list_keys(self.store, self.clock())
+        """Every key with its state, and a problem named where its files cannot do what that state
+        needs: a signing or staged key must sign (and its proofs verify), a verifying key verify."""
+        return [
+            dataclasses.replace(state, problem=self._key_files_problem(state))
+            for state in keyring.list_keys(self.store, self.clock())
+        ]
+
+    def _key_files_problem(self, state: keyring.KeyState) -> str | None:
+        try:
+            if state.state in ("signing", "staged"):
+                keys.load_signer(self.workspace.keys, state.keyid)  # checks the public file too
+            elif state.state == "verifying":
+                keys.load_trusted_key(self.workspace.keys, state.keyid)
+        except KeyMaterialError as exc:
+            return exc.message
+        return None
 
     def revoke_key(self, keyid: str, *, reason: str, actor: str) -> keyring.KeyState:
         return keyring.revoke(self.store, keyid, reason=reason, actor=actor, now=self.clock())

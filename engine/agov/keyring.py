@@ -41,6 +41,9 @@ class KeyState:
     """One of KEY_STATES: signing, staged (signs from not_before on), verifying (signs no more;
     its proofs still verify inside its window), expired, revoked, or invalid (a row agov did not
     write)."""
+    problem: str | None = None
+    """Why the key's files cannot do what its state needs (sign, or verify), or None. Filled in
+    by ``Engine.list_keys``, which knows the keys directory."""
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -338,3 +338,19 @@ def test_agent_show_warns_when_the_stored_spec_no_longer_matches_its_recorded_ha
     assert "warning: the stored spec does not match" in text
     denied = agov("admit", "gov-a", home=home)
     assert (denied.code, denied.json["code"]) == (1, "ADMISSION_DENY_SPEC_HASH_MISMATCH")
+
+
+def test_keys_list_names_a_signing_key_whose_files_cannot_sign(ws: Path, tmp_path: Path) -> None:
+    """`keys list` read the store alone: a signing key whose public file was gone was listed as
+    `signing`, while every promotion and renewal refused to sign with it."""
+    home = copy_ws(ws, tmp_path / "ws")
+    (key,) = [k for k in ok("keys", "list", home=home) if k["active"]]
+    assert key["state"] == "signing" and key["problem"] is None
+    (home / "keys" / f"{key['keyid']}.ed25519.pub").unlink()
+
+    (listed,) = [k for k in ok("keys", "list", home=home) if k["keyid"] == key["keyid"]]
+    text = agov("keys", "list", home=home, as_json=False)
+
+    assert listed["state"] == "signing"
+    assert listed["problem"] and "may not sign" in listed["problem"], listed
+    assert text.code == 0 and f"problem: {listed['problem']}" in text.out, str(text)
