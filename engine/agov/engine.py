@@ -456,7 +456,9 @@ class Engine:
         return row, parse_iso(row["newest"]) if row is not None else None
 
     def admit(self, agent_id: str) -> AdmissionDecision:
-        """Fail-closed admission of one start.
+        """Fail-closed admission of one start. An agent a revalidation run has not reached yet is
+        judged and re-signed first (see ``_renew_then_admit``): the one case where admission
+        writes, and may wait for the store's write lock.
 
         Raises:
             NotFoundError: no such agent (bad input; every other failure is a deny).
@@ -503,14 +505,15 @@ class Engine:
     def _renew_then_admit(self, agent_id: str, denied: AdmissionDecision) -> AdmissionDecision:
         """An agent whose proof is bound to an earlier policy, while the run of the active one has
         not reached it: judge it now, as the run would, and decide its start again. Any failure
-        leaves ``denied`` in force, with why."""
+        leaves ``denied`` in force, with why. The renewal writes, so it may wait for SQLite's
+        write lock (a chunk the run commits), at most ``limits.opa_timeout_s``."""
         try:
             active = policy.require_active(self.store).hash
             renewal = revalidation.renew_at_start(
                 self.store,
                 self._evaluator_for(active),
                 lambda: keyring.active_signer(self.store, self.workspace.keys, self.clock()),
-                revalidation.ProofVouching(keys.ensure_proof_seal(self.workspace.keys), self._trusted_key),
+                revalidation.ProofVouching(keys.existing_proof_seal(self.workspace.keys), self._trusted_key),
                 agent_id=agent_id,
                 org_canonical=canonical_json(dataclasses.asdict(self._judging_config().org)),
                 policy_hash=active,
@@ -518,19 +521,18 @@ class Engine:
                 timeout_s=self.config.limits.opa_timeout_s,
             )
         except AgovError as exc:
-            why = exc.in_one_line()
+            note = f"not judged ahead of the revalidation run: {exc.in_one_line()}"
         except Exception as exc:  # fail closed: the deny stands
-            why = f"internal error: {type(exc).__name__}: {exc}"
+            note = f"not judged ahead of the revalidation run: internal error: {type(exc).__name__}: {exc}"
         else:
-            why = renewal.why
+            note = renewal.note
             if renewal.renewed:
                 self.metrics.starts_renewed.inc()
             if renewal.decide_again:
                 denied = self._admit_once(agent_id)
-                if denied.code != Code.ADMISSION_DENY_POLICY_HASH_MISMATCH or not why:
+                if denied.code != Code.ADMISSION_DENY_POLICY_HASH_MISMATCH or not note:
                     return denied
-        note = Reason(denied.code, f"not judged ahead of the revalidation run: {why}")
-        return dataclasses.replace(denied, reasons=(*denied.reasons, note))
+        return dataclasses.replace(denied, reasons=(*denied.reasons, Reason(denied.code, note)))
 
     # -- policy ----------------------------------------------------------------------------------
 

@@ -552,6 +552,21 @@ def ensure_bundle_signing_key(keys_dir: Path, *, create: bool = True) -> BundleK
 # --- proof seal key ---------------------------------------------------------------------------
 
 
+def existing_proof_seal(keys_dir: Path) -> ProofSeal:
+    """The workspace's proof seal, whose key must exist already: for a start that renews its
+    proof ahead of a revalidation run, which writes no key material.
+
+    Raises:
+        KeyMaterialError: the key file is missing, or as :func:`ensure_proof_seal`.
+    """
+    path = keys_dir / PROOF_SEAL_KEY_NAME
+    if not _present(path):
+        raise KeyMaterialError(
+            f"the proof seal key {path} is missing", hint="`agov revalidate` writes a new one"
+        )
+    return ensure_proof_seal(keys_dir, create=False)
+
+
 def ensure_proof_seal(keys_dir: Path, *, create: bool = True) -> ProofSeal:
     """The workspace's proof seal (see :class:`agov.proofs.ProofSeal`), its key created when there
     is none. Two processes that create it at once end with the one key the first one linked into

@@ -817,6 +817,16 @@ def _apply(
         tallied = RevalidationReport(policy_hash=policy_hash, dry_run=False)
         signed: list[SignedProof] = []
         invalidated: list[tuple[Any, ...]] = []
+        # judged under this policy, though not by this run: a start renewed their proofs (or a
+        # promotion under this policy governs them), since the run read them
+        for status in _judged_elsewhere(
+            tx, [r.agent_id for r in rows if r.agent_id not in unchanged], policy_hash
+        ):
+            tallied.total += 1
+            if status == Status.GOVERNED_RESTRICTED.value:
+                tallied.restricted += 1
+            else:
+                tallied.valid += 1
         for row in rows:
             if row.agent_id not in unchanged:
                 continue
@@ -902,11 +912,22 @@ def _apply(
 class StartRenewal:
     """What judging one agent at its start did. ``decide_again``: its start is to be decided
     afresh, because a proof was issued here, or the agent or the run changed meanwhile (another
-    writer may have judged it). ``why``: why no proof was issued here, if none was."""
+    writer may have judged it). ``note``: what a deny that stands should add, if anything."""
 
     decide_again: bool
-    why: str = ""
+    note: str = ""
     renewed: bool = False  # a proof was issued here
+
+
+def _not_judged(why: str, *, decide_again: bool = False) -> StartRenewal:
+    return StartRenewal(decide_again, f"not judged ahead of the revalidation run: {why}")
+
+
+def _keeps_no_proof(verdict: PolicyVerdict) -> StartRenewal:
+    reasons = "; ".join(f"{r.code}: {r.message}" for r in verdict.deny)
+    return StartRenewal(
+        False, f"judged ahead of the revalidation run, it keeps no proof ({reasons}); the run invalidates it"
+    )
 
 
 def renew_at_start(
@@ -925,86 +946,125 @@ def renew_at_start(
     proof is still bound to an earlier policy: otherwise its start is denied until the run reaches
     it (seconds, for a large fleet). It is judged as the run judges it (the same query, org limits,
     verdict rules and seal check) and, if the policy allows it, gets the proof the run would sign.
-    Nothing is written otherwise: the run invalidates an agent the policy denies. The run skips an
-    agent renewed here (its row changed since the run read it), so its counts leave it out.
+    Nothing is written otherwise: the run invalidates an agent the policy denies. The write waits
+    for SQLite's lock no longer than ``timeout_s``, a decision's deadline.
 
     Raises:
         AgovError: OPA, the store or the keys failed; the start stays denied.
     """
     is_open, digest = unfinished_run_digest(store, policy_hash)
     if not is_open:  # or it has just closed, having judged the agent
-        return StartRenewal(True, "no revalidation run is open under the active policy")
+        return _not_judged("no revalidation run is open under the active policy", decide_again=True)
     org = org_digest(org_canonical)
-    if digest != org:
-        return StartRenewal(
-            False, "the open revalidation run judges with other org limits than agov.yaml holds now"
+    if digest is None:  # opened by the switch; its process has not begun it (or died first)
+        return _not_judged(
+            "the run has not begun judging yet (should no process be working it, `agov revalidate` does)"
         )
+    if digest != org:
+        return _not_judged("the open revalidation run judges with other org limits than agov.yaml holds now")
     found = store.query(_ROWS_SQL + " WHERE a.id = ?", (agent_id,))
     if not found:
-        return StartRenewal(True, "the agent is gone")
+        return _not_judged("the agent is gone", decide_again=True)
     row = _row(found[0])
     if row.status not in (Status.GOVERNED_VALID.value, Status.GOVERNED_RESTRICTED.value):
-        return StartRenewal(True, f"its status is now {row.status}")
+        return _not_judged(f"its status is now {row.status}", decide_again=True)
     if row.stored is not None and row.stored.policy_hash == policy_hash:
         return StartRenewal(True)  # another writer renewed it since the start was decided
     judged, decision_id, now = _verdicts(evaluator, [row], org_canonical, policy_hash, now_fn(), timeout_s)
     verdict = _vouched(store, [row], judged, vouching, now)[agent_id]
     if not verdict.allow:
-        reasons = "; ".join(f"{r.code}: {r.message}" for r in verdict.deny)
-        return StartRenewal(False, f"judged now, it keeps no proof ({reasons}); the run invalidates it")
-    signer = signer_loader()
-    with store.transaction() as tx:
-        now = max(now, now_fn())
-        run = tx.execute(
-            "SELECT id FROM revalidation_runs WHERE policy_hash = ? AND finished_at IS NULL ORDER BY id DESC",
-            (policy_hash,),
-        ).fetchone()
-        if run is None:  # the run judged it meanwhile, and closed
-            return StartRenewal(True, "the revalidation run closed while the agent was judged")
+        return _keeps_no_proof(verdict)
+    for _ in range(2):  # a key that took over meanwhile signs: one more try, as a run has
+        signer = signer_loader()
         try:
-            _still_current(tx, int(run[0]), None, policy_hash, org, signer.keyid, now, signing=True)
+            with store.transaction(lock_wait_s=timeout_s) as tx:
+                return _renew_in(
+                    tx,
+                    row,
+                    verdict,
+                    signer,
+                    vouching.seal,
+                    decision_id,
+                    org_canonical,
+                    policy_hash,
+                    org,
+                    max(now, now_fn()),
+                )
         except _SignerChanged:
-            return StartRenewal(False, "another key took over signing while the agent was judged")
-        except ConflictError:
-            return StartRenewal(
-                True, "another policy was activated, or the run was restarted, while the agent was judged"
-            )
-        if not _unchanged(tx, [row]):
-            return StartRenewal(True, "the agent changed while it was judged")
-        verdict = _renewable(row, verdict, now)
-        if not verdict.allow:
-            return StartRenewal(False, "; ".join(r.message for r in verdict.deny))
-        target = ProofTarget(row.agent_id, row.version, row.spec_hash, row.row_version)
-        signed = sign_for(
-            target,
-            verdict,
-            signer,
-            vouching.seal,
-            policy_hash=policy_hash,
-            decision_id=decision_id,
-            input_digest=_input_digest(row, org_canonical),
-            actor=REVALIDATION_ACTOR,
-            role="system",
-            now=now,
-            expires_at=row.proof_expires_at,
+            continue
+    return _not_judged("the signing key changed twice while the agent was judged")
+
+
+def _renew_in(
+    tx: Tx,
+    row: _Row,
+    verdict: PolicyVerdict,
+    signer: ProofSigner,
+    seal: ProofSeal,
+    decision_id: str | None,
+    org_canonical: bytes,
+    policy_hash: str,
+    org: str,
+    now: datetime,
+) -> StartRenewal:
+    """The write of ``renew_at_start``, under the write lock: what the run checks before it
+    commits a chunk, then the renewal of this one agent, or nothing.
+
+    Raises:
+        _SignerChanged: another key signs now.
+    """
+    run = tx.execute(
+        "SELECT id FROM revalidation_runs WHERE policy_hash = ? AND finished_at IS NULL ORDER BY id DESC",
+        (policy_hash,),
+    ).fetchone()
+    if run is None:  # the run judged it meanwhile, and closed
+        return _not_judged("the revalidation run closed while the agent was judged", decide_again=True)
+    try:
+        _still_current(tx, int(run[0]), None, policy_hash, org, signer.keyid, now, signing=True)
+    except ConflictError:
+        return _not_judged(
+            "another policy was activated, or the run was restarted, while the agent was judged",
+            decide_again=True,
         )
-        store_proofs(tx, [signed])
-        tx.audit(
-            Code.PROOFS_RENEWED,
-            agent_id=agent_id,
-            actor=REVALIDATION_ACTOR,
-            policy_hash=policy_hash,
-            now=now,
-            payload={
-                "run_id": int(run[0]),
-                "agents": 1,
-                "first": agent_id,
-                "last": agent_id,
-                "keyid": signer.keyid,
-                "decision_id": decision_id,
-                "at_start": True,
-            },
+    except KeyMaterialError:  # its message speaks of the run, which this start did not stop
+        return _not_judged(
+            f"the signing key {signer.keyid[:12]} was revoked, or no key may sign now; `agov keys list` shows why"
         )
+    if not _unchanged(tx, [row]):
+        return _not_judged("the agent changed while it was judged", decide_again=True)
+    verdict = _renewable(row, verdict, now)  # its proof may have expired since it was judged
+    if not verdict.allow:
+        return _keeps_no_proof(verdict)
+    signed = sign_for(
+        ProofTarget(row.agent_id, row.version, row.spec_hash, row.row_version),
+        verdict,
+        signer,
+        seal,
+        policy_hash=policy_hash,
+        decision_id=decision_id,
+        input_digest=_input_digest(row, org_canonical),
+        actor=REVALIDATION_ACTOR,
+        role="system",
+        now=now,
+        expires_at=row.proof_expires_at,
+    )
+    store_proofs(tx, [signed])
+    tx.audit(
+        Code.PROOFS_RENEWED,
+        agent_id=row.agent_id,
+        actor=REVALIDATION_ACTOR,
+        policy_hash=policy_hash,
+        now=now,
+        payload={
+            "run_id": int(run[0]),
+            "agents": 1,
+            "first": row.agent_id,
+            "last": row.agent_id,
+            "keyid": signer.keyid,
+            "decision_id": decision_id,
+            "at_start": True,
+        },
+    )
     return StartRenewal(True, renewed=True)
 
 
@@ -1110,6 +1170,23 @@ def _still_current(
             " same run and has moved it on, so this one leaves the run to it",
             hint="that process finishes the run; should it stop first, `agov revalidate` finishes it",
         )
+
+
+def _judged_elsewhere(tx: Tx, agent_ids: list[str], policy_hash: str) -> list[str]:
+    """The statuses of those of ``agent_ids`` that another writer governs by a proof bound to
+    ``policy_hash`` now (a start that renewed its proof, or a promotion under this policy)."""
+    statuses: list[str] = []
+    for start in range(0, len(agent_ids), _IN_BATCH):
+        part = agent_ids[start : start + _IN_BATCH]
+        statuses += [
+            r[0]
+            for r in tx.execute(
+                "SELECT a.status FROM agents a JOIN agent_proofs p ON p.agent_id = a.id AND p.superseded_at IS NULL"
+                f" WHERE a.id IN ({','.join('?' * len(part))}) AND a.status IN (?, ?) AND p.policy_hash = ?",
+                (*part, Status.GOVERNED_VALID.value, Status.GOVERNED_RESTRICTED.value, policy_hash),
+            )
+        ]
+    return statuses
 
 
 def _unchanged(tx: Tx, rows: list[_Row]) -> set[str]:

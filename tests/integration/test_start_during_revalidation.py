@@ -8,7 +8,10 @@ holds proofs bound to P1. That is the state of every agent the run has not reach
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -148,3 +151,95 @@ def test_an_admitted_agent_with_a_current_proof_is_not_judged_again(engine: Engi
     before = snapshot(engine.workspace.home)
     assert engine.admit(FIRST[0]).allow
     assert snapshot(engine.workspace.home) == before
+
+
+def _denied_with(engine: Engine, agent_id: str, note: str) -> None:
+    decision = engine.admit(agent_id)
+    assert (decision.allow, decision.code) == (False, Code.ADMISSION_DENY_POLICY_HASH_MISMATCH)
+    assert any(note in r.message for r in decision.reasons), decision.reasons
+
+
+def test_a_run_not_begun_yet_leaves_the_start_denied_and_says_so(engine: Engine) -> None:
+    # the state a switch leaves when its process dies before the run judged anything
+    with engine.store.transaction() as tx:
+        tx.execute("UPDATE revalidation_runs SET org_digest = NULL WHERE finished_at IS NULL")
+    before = snapshot(engine.workspace.home)
+    _denied_with(engine, SECOND[0], "the run has not begun judging yet")
+    assert snapshot(engine.workspace.home) == before
+
+
+def test_a_missing_seal_key_leaves_the_start_denied_and_makes_no_key(engine: Engine) -> None:
+    seal = engine.workspace.keys / "proof-seal.key"
+    seal.rename(seal.with_name("moved-away"))
+    before = snapshot(engine.workspace.home)
+    _denied_with(engine, SECOND[0], "proof seal key")
+    assert not seal.exists()
+    assert snapshot(engine.workspace.home) == before
+
+
+def test_a_store_locked_past_the_decision_deadline_leaves_the_start_denied(engine: Engine) -> None:
+    engine.config = dataclasses.replace(
+        engine.config, limits=dataclasses.replace(engine.config.limits, opa_timeout_s=0.5)
+    )
+    before = snapshot(engine.workspace.home)
+    holder = sqlite3.connect(engine.workspace.home / "agov.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # another writer holding the lock
+        started = time.monotonic()
+        _denied_with(engine, SECOND[0], "locked")
+        assert time.monotonic() - started < 5  # the decision's deadline, not the 10 s busy timeout
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert snapshot(engine.workspace.home) == before
+
+
+def test_a_start_renewed_after_the_run_read_its_chunk_is_counted_by_the_run(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agov import revalidation
+
+    apply_chunk = revalidation._apply
+
+    def start_first(store: Any, report: Any, cursor: str, rows: list[Any], *args: Any) -> Any:
+        if rows[0].agent_id == SECOND[0]:  # read by the run, not yet committed: the agent starts
+            assert engine.admit(SECOND[0]).allow
+        return apply_chunk(store, report, cursor, rows, *args)
+
+    monkeypatch.setattr(revalidation, "_apply", start_first)
+    report = engine.revalidate()
+
+    assert (report.total, report.valid, report.invalidated, report.newly_invalidated) == (4, 3, 1, 1)
+    finished = engine.store.query_one(
+        "SELECT payload FROM audit_events WHERE type = 'POLICY_REVALIDATION' ORDER BY seq DESC LIMIT 1"
+    )
+    assert json.loads(finished["payload"])["total"] == 4
+    renewals = engine.store.query(
+        "SELECT payload FROM audit_events WHERE type = 'PROOFS_RENEWED' AND agent_id = ?", (SECOND[0],)
+    )
+    assert [json.loads(r["payload"]).get("at_start") for r in renewals] == [
+        True
+    ]  # the run did not sign it again
+    assert _current_proof(engine, SECOND[0])["policy_hash"] == engine.active_policy().hash
+
+
+def test_a_key_revoked_while_the_start_is_judged_leaves_it_denied_in_its_own_words(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agov import keyring
+
+    load_signer = keyring.active_signer
+
+    def load_then_revoke(*args: Any, **kwargs: Any) -> Any:
+        signer = load_signer(*args, **kwargs)
+        engine.revoke_key(signer.keyid, reason="test: revoked as the start is judged", actor=ACTOR)
+        return signer
+
+    monkeypatch.setattr(keyring, "active_signer", load_then_revoke)
+    decision = engine.admit(SECOND[0])
+
+    assert (decision.allow, decision.code) == (False, Code.ADMISSION_DENY_POLICY_HASH_MISMATCH)
+    notes = [r.message for r in decision.reasons]
+    assert any("was revoked, or no key may sign now" in n for n in notes), notes
+    assert not any("stopped" in n for n in notes), notes  # the start stopped no run
+    assert _current_proof(engine, SECOND[0])["policy_hash"] == engine.p1  # type: ignore[attr-defined]

@@ -373,15 +373,24 @@ class Store:
             self._local.conn = None
 
     @contextmanager
-    def transaction(self) -> Iterator[Tx]:
+    def transaction(self, *, lock_wait_s: float | None = None) -> Iterator[Tx]:
         """One ``BEGIN IMMEDIATE`` transaction; commits on success, rolls back on any exception.
+        ``lock_wait_s``: how long to wait for the write lock, when shorter than the busy timeout
+        suits the caller (a decision with a deadline).
 
         Raises:
             StoreError: SQLite failed (locked past the busy timeout, disk full, corrupt file).
         """
         conn = self._connect()
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            if lock_wait_s is None:
+                conn.execute("BEGIN IMMEDIATE")
+            else:
+                conn.execute(f"PRAGMA busy_timeout = {max(0, int(lock_wait_s * 1000))}")
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                finally:
+                    conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
         except sqlite3.Error as exc:
             raise StoreError(
                 f"cannot start a transaction on {self.path}: {exc}", hint=_hint_for(exc)
