@@ -530,8 +530,13 @@ class Engine:
                 self.metrics.starts_renewed.inc()
             if renewal.decide_again:
                 denied = self._admit_once(agent_id)
-                if denied.code != Code.ADMISSION_DENY_POLICY_HASH_MISMATCH or not note:
+                if denied.code != Code.ADMISSION_DENY_POLICY_HASH_MISMATCH:
                     return denied
+                # its proof is now bound to a policy that is no longer the active one
+                note = note or (
+                    "its proof was renewed ahead of the revalidation run, but another policy became"
+                    " active before its start was decided again"
+                )
         return dataclasses.replace(denied, reasons=(*denied.reasons, Reason(denied.code, note)))
 
     # -- policy ----------------------------------------------------------------------------------
@@ -916,12 +921,12 @@ class Engine:
             # the switch stands (an external OPA fetches bundles itself, so nothing refused it
             # here): say so, or the error reads as a refusal
             message = (
-                f"policy {version.hash[:12]} is active, but revalidating the agents under it stopped: "
+                f"policy {version.hash[:12]} was activated, but revalidating the agents under it stopped: "
                 f"{exc.message}"
             )
             finish = (
                 "" if "agov revalidate" in exc.hint else "`agov revalidate` finishes the run; "
-            ) + "until then an agent not yet re-signed under the new policy is denied"
+            ) + "until then an agent not yet re-signed under the new policy is judged when it starts"
             hint = f"{exc.hint}; {finish}" if exc.hint else finish
             if not isinstance(exc, InfrastructureError):
                 # e.g. the signing key revoked meanwhile: not bad input (the switch changed the

@@ -500,6 +500,15 @@ def _open_run(
     agent, so no agent stays judged by the old limits. ``org_change`` is audited with the run."""
     org = org_digest(org_canonical)
     with store.transaction() as tx:
+        active = tx.execute("SELECT hash FROM policy_versions WHERE active = 1").fetchone()
+        if active is None or active[0] != policy_hash:
+            # another process switched policies since the caller read the active one: activating
+            # it closed the runs of the others, so a run opened now would be left unfinished
+            raise ConflictError(
+                f"the revalidation under {policy_hash[:12]} was not begun: another process activated"
+                f" {'policy ' + str(active[0])[:12] if active else 'no policy'} meanwhile",
+                hint="the run of the policy now active judges every agent; `agov revalidate` finishes it",
+            )
         row = tx.execute(
             "SELECT id, cursor, org_digest FROM revalidation_runs WHERE policy_hash = ? AND finished_at IS NULL"
             " ORDER BY id DESC",

@@ -158,7 +158,7 @@ def test_a_reload_whose_external_opa_is_unreachable_says_the_new_policy_is_activ
     assert new != old
     error = result.json["error"]
     assert error["message"].startswith(
-        f"policy {new[:12]} is active, but revalidating the agents under it stopped"
+        f"policy {new[:12]} was activated, but revalidating the agents under it stopped"
     )
     assert "refused the connection" in error["message"]
     assert "agov revalidate" in error["hint"]

@@ -301,3 +301,28 @@ def test_a_run_another_process_sent_back_to_its_first_agent_says_so(engine: Engi
         engine.reload_policy(actor=ACTOR, reason="P2", progress=other_process_restarts_the_run)
     run = engine.store.query_one("SELECT * FROM revalidation_runs WHERE id = ?", (restarted[0],))
     assert (run["cursor"], run["total"], run["finished_at"]) == ("", 0, None), dict(run)
+
+
+def test_a_revalidate_that_read_a_policy_replaced_before_its_run_opened_opens_none(
+    engine: Engine, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`agov revalidate` reads the active policy, then opens its run. A reload by another process
+    in between closed the runs of every other policy; the run opened after it, for the policy it
+    had just replaced, was left unfinished (helper-41)."""
+    create_governed(engine, COOL, temperature=0.3)
+    p1 = engine.active_policy().hash
+    open_run = revalidation._open_run
+
+    def reload_first(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(revalidation, "_open_run", open_run)  # the other process's own run opens
+        edit_data(home, set_analysis_limit(0.4))
+        with Engine.open(home) as other:
+            other.reload_policy(actor="other", reason="P2, meanwhile")
+        return open_run(*args, **kwargs)
+
+    monkeypatch.setattr(revalidation, "_open_run", reload_first)
+    with pytest.raises(ConflictError, match=f"under {p1[:12]} was not begun: another process activated"):
+        engine.revalidate()
+
+    assert engine.active_policy().hash != p1
+    assert engine.store.query("SELECT id FROM revalidation_runs WHERE finished_at IS NULL") == []

@@ -686,7 +686,7 @@ def test_a_reload_that_switched_is_never_audited_as_refused_even_when_another_pr
 
     monkeypatch.setattr(engine, "revalidate", rolled_back_meanwhile)
     with pytest.raises(
-        ConflictError, match=r"^policy \w{12} is active, but revalidating the agents"
+        ConflictError, match=r"^policy \w{12} was activated, but revalidating the agents"
     ) as stopped:
         engine.reload_policy(actor=ACTOR, reason="tighten")
     # what serve reads to say "stopped", not "refused": the store names the old policy again
@@ -715,7 +715,7 @@ def test_a_key_revoked_during_the_revalidation_after_a_switch_is_not_bad_input(
     with pytest.raises(ConflictError) as info:
         engine.reload_policy(actor=ACTOR, reason="tighten")
 
-    assert info.value.message.startswith(f"policy {engine.active_policy().hash[:12]} is active, but")
+    assert info.value.message.startswith(f"policy {engine.active_policy().hash[:12]} was activated, but")
     assert "was revoked" in info.value.message and "agov revalidate" in info.value.hint
     assert _exit_for(info.value) == 3
     types = [e["type"] for e in _audit(engine, seq)]

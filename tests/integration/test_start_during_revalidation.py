@@ -243,3 +243,28 @@ def test_a_key_revoked_while_the_start_is_judged_leaves_it_denied_in_its_own_wor
     assert any("was revoked, or no key may sign now" in n for n in notes), notes
     assert not any("stopped" in n for n in notes), notes  # the start stopped no run
     assert _current_proof(engine, SECOND[0])["policy_hash"] == engine.p1  # type: ignore[attr-defined]
+
+
+def test_a_switch_between_the_renewal_and_the_second_decision_is_explained(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agov import policy, revalidation
+
+    renew = revalidation.renew_at_start
+
+    def renew_then_roll_back(*args: Any, **kwargs: Any) -> Any:
+        renewal = renew(*args, **kwargs)
+        with Engine.open(engine.workspace.home) as other:  # another process rolls back meanwhile
+            policy.mark_active(
+                other.store, engine.p1, event=Code.POLICY_ROLLBACK, actor="other", reason="back"
+            )  # type: ignore[attr-defined]
+        return renewal
+
+    monkeypatch.setattr(revalidation, "renew_at_start", renew_then_roll_back)
+    decision = engine.admit(SECOND[0])
+
+    assert (decision.allow, decision.code) == (False, Code.ADMISSION_DENY_POLICY_HASH_MISMATCH)
+    assert any(
+        "another policy became active before its start was decided again" in r.message
+        for r in decision.reasons
+    )

@@ -256,7 +256,10 @@ class DecisionClient:
         # (3) and, when asked, the revision the caller expects
         if expected_revision is not None and revision != expected_revision:
             raise DecisionError(
-                f"data.{_dotted(path)} was answered by revision {revision!r}, expected {expected_revision!r}"
+                f"data.{_dotted(path)} was answered by revision {revision!r}, expected {expected_revision!r}",
+                hint="the sidecar serves another policy than the one expected: another process may have"
+                " reloaded or rolled back meanwhile (`agov policy history` marks the active one), or the"
+                " sidecar has not loaded the new bundle yet; try again",
             )
         decision_id = doc.get("decision_id")
         if decision_id is not None and not isinstance(decision_id, str):
