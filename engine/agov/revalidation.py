@@ -773,6 +773,32 @@ def _input_digest(row: _Row, org_canonical: bytes) -> str:
     return sha256_hex(body + org_canonical + b"}")
 
 
+def _renewal(
+    row: _Row,
+    verdict: PolicyVerdict,
+    signer: ProofSigner,
+    seal: ProofSeal,
+    policy_hash: str,
+    decision_id: str | None,
+    org_canonical: bytes,
+    now: datetime,
+) -> SignedProof:
+    """The proof that renews ``row``'s under ``policy_hash``: issued ``now``, keeping its expiry."""
+    return sign_for(
+        ProofTarget(row.agent_id, row.version, row.spec_hash, row.row_version),
+        verdict,
+        signer,
+        seal,
+        policy_hash=policy_hash,
+        decision_id=decision_id,
+        input_digest=_input_digest(row, org_canonical),
+        actor=REVALIDATION_ACTOR,
+        role="system",
+        now=now,
+        expires_at=row.proof_expires_at,
+    )
+
+
 def _apply(
     store: Store,
     report: RevalidationReport,
@@ -799,18 +825,8 @@ def _apply(
     # judged earlier, issued now: a proof that expired in between is not renewed
     renewable = {row.agent_id: _renewable(row, verdicts[row.agent_id], now) for row in rows}
     proofs = {
-        row.agent_id: sign_for(
-            ProofTarget(row.agent_id, row.version, row.spec_hash, row.row_version),
-            renewable[row.agent_id],
-            signer,
-            seal,
-            policy_hash=policy_hash,
-            decision_id=decision_id,
-            input_digest=_input_digest(row, org_canonical),
-            actor=REVALIDATION_ACTOR,
-            role="system",
-            now=now,
-            expires_at=row.proof_expires_at,
+        row.agent_id: _renewal(
+            row, renewable[row.agent_id], signer, seal, policy_hash, decision_id, org_canonical, now
         )
         for row in rows
         if renewable[row.agent_id].allow
@@ -1044,19 +1060,7 @@ def _renew_in(
     verdict = _renewable(row, verdict, now)  # its proof may have expired since it was judged
     if not verdict.allow:
         return _keeps_no_proof(verdict)
-    signed = sign_for(
-        ProofTarget(row.agent_id, row.version, row.spec_hash, row.row_version),
-        verdict,
-        signer,
-        seal,
-        policy_hash=policy_hash,
-        decision_id=decision_id,
-        input_digest=_input_digest(row, org_canonical),
-        actor=REVALIDATION_ACTOR,
-        role="system",
-        now=now,
-        expires_at=row.proof_expires_at,
-    )
+    signed = _renewal(row, verdict, signer, seal, policy_hash, decision_id, org_canonical, now)
     store_proofs(tx, [signed])
     tx.audit(
         Code.PROOFS_RENEWED,
