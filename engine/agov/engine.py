@@ -506,7 +506,8 @@ class Engine:
         """An agent whose proof is bound to an earlier policy, while the run of the active one has
         not reached it: judge it now, as the run would, and decide its start again. Any failure
         leaves ``denied`` in force, with why. The renewal writes, so it may wait for SQLite's
-        write lock (a chunk the run commits), at most ``limits.opa_timeout_s``."""
+        write lock (a chunk the run commits), at most ``limits.opa_timeout_s`` each time (twice,
+        should another key take over signing meanwhile)."""
         try:
             active = policy.require_active(self.store).hash
             renewal = revalidation.renew_at_start(
@@ -534,7 +535,7 @@ class Engine:
                     return denied
                 # its proof is now bound to a policy that is no longer the active one
                 note = note or (
-                    "its proof was renewed ahead of the revalidation run, but another policy became"
+                    "its proof was renewed under the policy then active, but another policy became"
                     " active before its start was decided again"
                 )
         return dataclasses.replace(denied, reasons=(*denied.reasons, Reason(denied.code, note)))
@@ -927,7 +928,9 @@ class Engine:
             finish = (
                 "" if "agov revalidate" in exc.hint else "`agov revalidate` finishes the run; "
             ) + "until then an agent not yet re-signed under the new policy is judged when it starts"
-            hint = f"{exc.hint}; {finish}" if exc.hint else finish
+            if isinstance(exc, ConflictError):  # another process took over (maybe with another policy)
+                finish = ""
+            hint = "; ".join(part for part in (exc.hint, finish) if part)
             if not isinstance(exc, InfrastructureError):
                 # e.g. the signing key revoked meanwhile: not bad input (the switch changed the
                 # store), but something changed under the run

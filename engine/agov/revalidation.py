@@ -104,6 +104,7 @@ class _Row:
     proof_expires_at: datetime | None  # that proof's expiry, which a renewed proof keeps
     stored: _StoredProof | None = None  # that proof's row, when there is one
     version_row_gone: bool = False  # the agent's current version has no row (spec_hash is "")
+    read_after_seq: int = 0  # the newest audit event when it was read: later ones changed it
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,8 @@ _ROWS_SQL = (
 
 
 def _chunk(store: Store, after: str, size: int) -> list[_Row]:
+    newest = store.query_one("SELECT COALESCE(MAX(seq), 0) AS seq FROM audit_events")
+    seq = int(newest["seq"]) if newest is not None else 0
     rows = store.query(
         _ROWS_SQL
         # `+a.status`: walk the primary key from the cursor instead of sorting every governed row
@@ -165,7 +168,7 @@ def _chunk(store: Store, after: str, size: int) -> list[_Row]:
     chunk: list[_Row] = []
     spec_bytes = 0
     for r in rows:
-        row = _row(r)
+        row = _row(r, seq)
         spec_bytes += len(row.canonical)
         if chunk and spec_bytes > _CHUNK_SPEC_BYTES:
             break  # the rest is read again as the next chunk
@@ -173,7 +176,7 @@ def _chunk(store: Store, after: str, size: int) -> list[_Row]:
     return chunk
 
 
-def _row(r: Any) -> _Row:
+def _row(r: Any, read_after_seq: int = 0) -> _Row:
     gone = r["spec_hash"] is None  # LEFT JOIN: no version row (the column itself is NOT NULL)
     spec_hash = "" if gone else blob_text(r["spec_hash"])
     proof_expires = blob_text(r["proof_expires_at"])
@@ -206,6 +209,7 @@ def _row(r: Any) -> _Row:
         if has_proof
         else None,
         gone,
+        read_after_seq,
     )
 
 
@@ -842,11 +846,9 @@ def _apply(
         tallied = RevalidationReport(policy_hash=policy_hash, dry_run=False)
         signed: list[SignedProof] = []
         invalidated: list[tuple[Any, ...]] = []
-        # judged under this policy, though not by this run: a start renewed their proofs (or a
-        # promotion under this policy governs them), since the run read them
-        for status in _judged_elsewhere(
-            tx, [r.agent_id for r in rows if r.agent_id not in unchanged], policy_hash
-        ):
+        # judged as this run judges, though not by it: a start renewed their proofs since the
+        # run read them
+        for status in _renewed_at_start(tx, [r for r in rows if r.agent_id not in unchanged], policy_hash):
             tallied.total += 1
             if status == Status.GOVERNED_RESTRICTED.value:
                 tallied.restricted += 1
@@ -983,7 +985,8 @@ def renew_at_start(
     org = org_digest(org_canonical)
     if digest is None:  # opened by the switch; its process has not begun it (or died first)
         return _not_judged(
-            "the run has not begun judging yet (should no process be working it, `agov revalidate` does)"
+            "the run has recorded no org limits yet: it has not begun (should no process be working"
+            " it, `agov revalidate` finishes it), or an older agov began it"
         )
     if digest != org:
         return _not_judged("the open revalidation run judges with other org limits than agov.yaml holds now")
@@ -1185,18 +1188,33 @@ def _still_current(
         )
 
 
-def _judged_elsewhere(tx: Tx, agent_ids: list[str], policy_hash: str) -> list[str]:
-    """The statuses of those of ``agent_ids`` that another writer governs by a proof bound to
-    ``policy_hash`` now (a start that renewed its proof, or a promotion under this policy)."""
+def _renewed_at_start(tx: Tx, changed: list[_Row], policy_hash: str) -> list[str]:
+    """The statuses of those ``changed`` rows that a start renewed under ``policy_hash`` since they
+    were read, and that its proof still governs. A start judges with the run's org limits (it
+    checks their digest), so these count as judged; a promotion, which reads agov.yaml afresh,
+    does not. Only such a start audits ``PROOFS_RENEWED`` with an agent id (a chunk's has none)."""
+    if not changed:
+        return []
+    since = min(row.read_after_seq for row in changed)
+    ids = [row.agent_id for row in changed]
     statuses: list[str] = []
-    for start in range(0, len(agent_ids), _IN_BATCH):
-        part = agent_ids[start : start + _IN_BATCH]
+    for start in range(0, len(ids), _IN_BATCH):
+        part = ids[start : start + _IN_BATCH]
         statuses += [
             r[0]
             for r in tx.execute(
                 "SELECT a.status FROM agents a JOIN agent_proofs p ON p.agent_id = a.id AND p.superseded_at IS NULL"
-                f" WHERE a.id IN ({','.join('?' * len(part))}) AND a.status IN (?, ?) AND p.policy_hash = ?",
-                (*part, Status.GOVERNED_VALID.value, Status.GOVERNED_RESTRICTED.value, policy_hash),
+                f" WHERE a.id IN ({','.join('?' * len(part))}) AND a.status IN (?, ?) AND p.policy_hash = ?"
+                " AND EXISTS (SELECT 1 FROM audit_events e WHERE e.seq > ? AND e.type = ? AND e.agent_id = a.id"
+                " AND e.policy_hash = p.policy_hash)",
+                (
+                    *part,
+                    Status.GOVERNED_VALID.value,
+                    Status.GOVERNED_RESTRICTED.value,
+                    policy_hash,
+                    since,
+                    Code.PROOFS_RENEWED.value,
+                ),
             )
         ]
     return statuses

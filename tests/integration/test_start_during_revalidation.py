@@ -164,7 +164,7 @@ def test_a_run_not_begun_yet_leaves_the_start_denied_and_says_so(engine: Engine)
     with engine.store.transaction() as tx:
         tx.execute("UPDATE revalidation_runs SET org_digest = NULL WHERE finished_at IS NULL")
     before = snapshot(engine.workspace.home)
-    _denied_with(engine, SECOND[0], "the run has not begun judging yet")
+    _denied_with(engine, SECOND[0], "the run has recorded no org limits yet")
     assert snapshot(engine.workspace.home) == before
 
 
@@ -268,3 +268,31 @@ def test_a_switch_between_the_renewal_and_the_second_decision_is_explained(
         "another policy became active before its start was decided again" in r.message
         for r in decision.reasons
     )
+
+
+def test_a_promotion_under_other_org_limits_after_the_run_read_its_chunk_is_not_counted_by_the_run(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A promotion reads agov.yaml afresh, a run judges with the limits it opened with: the run
+    may report as judged only what it, or a start checking its limits, judged (helper-42)."""
+    from _reload_support import ADMIN_ROLE, agent_doc
+
+    from agov import revalidation
+
+    apply_chunk = revalidation._apply
+
+    def promote_first(store: Any, report: Any, cursor: str, rows: list[Any], *args: Any) -> Any:
+        if rows[0].agent_id == SECOND[0]:  # read by the run; a budget its org limits refuse
+            edit_config(
+                engine.workspace.home, lambda raw: raw["org"].__setitem__("max_monthly_budget_usd", 5000)
+            )
+            engine.update_agent(SECOND[0], agent_doc(SECOND[0], temperature=0.3, budget=3000), actor=ACTOR)
+            assert engine.promote(SECOND[0], actor=ACTOR, role=ADMIN_ROLE).allow
+        return apply_chunk(store, report, cursor, rows, *args)
+
+    monkeypatch.setattr(revalidation, "_apply", promote_first)
+    report = engine.revalidate()
+
+    # FIRST (2, before the stop) and SECOND[1] (invalidated); SECOND[0] was judged by no run
+    assert (report.total, report.valid, report.invalidated) == (3, 2, 1)
+    assert engine.get_agent(SECOND[0]).status is Status.GOVERNED_VALID  # the promotion governs it

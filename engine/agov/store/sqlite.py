@@ -386,11 +386,17 @@ class Store:
             if lock_wait_s is None:
                 conn.execute("BEGIN IMMEDIATE")
             else:
-                conn.execute(f"PRAGMA busy_timeout = {max(0, int(lock_wait_s * 1000))}")
+                wait_ms = min(max(0, int(lock_wait_s * 1000)), int(self._busy_timeout_ms))
+                conn.execute(f"PRAGMA busy_timeout = {wait_ms}")
                 try:
                     conn.execute("BEGIN IMMEDIATE")
                 finally:
-                    conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+                    try:
+                        conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+                    except BaseException:
+                        if conn.in_transaction:  # never leave the write lock held by a failed start
+                            conn.execute("ROLLBACK")
+                        raise
         except sqlite3.Error as exc:
             raise StoreError(
                 f"cannot start a transaction on {self.path}: {exc}", hint=_hint_for(exc)
