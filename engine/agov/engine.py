@@ -925,9 +925,10 @@ class Engine:
                 f"policy {version.hash[:12]} was activated, but revalidating the agents under it stopped: "
                 f"{exc.message}"
             )
-            finish = (
-                "" if "agov revalidate" in exc.hint else "`agov revalidate` finishes the run; "
-            ) + "until then an agent not yet re-signed under the new policy is judged when it starts"
+            finish = ("" if "agov revalidate" in exc.hint else "`agov revalidate` finishes the run; ") + (
+                "until then an agent not yet re-signed under the new policy is judged when it starts,"
+                " if OPA answers and a key may sign"
+            )
             if isinstance(exc, ConflictError):  # another process took over (maybe with another policy)
                 finish = ""
             hint = "; ".join(part for part in (exc.hint, finish) if part)

@@ -1190,7 +1190,7 @@ def _still_current(
 
 def _renewed_at_start(tx: Tx, changed: list[_Row], policy_hash: str) -> list[str]:
     """The statuses of those ``changed`` rows that a start renewed under ``policy_hash`` since they
-    were read, and that its proof still governs. A start judges with the run's org limits (it
+    were read, and that the proof it issued still governs. A start judges with the run's org limits (it
     checks their digest), so these count as judged; a promotion, which reads agov.yaml afresh,
     does not. Only such a start audits ``PROOFS_RENEWED`` with an agent id (a chunk's has none)."""
     if not changed:
@@ -1205,8 +1205,10 @@ def _renewed_at_start(tx: Tx, changed: list[_Row], policy_hash: str) -> list[str
             for r in tx.execute(
                 "SELECT a.status FROM agents a JOIN agent_proofs p ON p.agent_id = a.id AND p.superseded_at IS NULL"
                 f" WHERE a.id IN ({','.join('?' * len(part))}) AND a.status IN (?, ?) AND p.policy_hash = ?"
+                # the renewal that issued the current proof (audited at the time it was issued),
+                # not one that a later promotion replaced
                 " AND EXISTS (SELECT 1 FROM audit_events e WHERE e.seq > ? AND e.type = ? AND e.agent_id = a.id"
-                " AND e.policy_hash = p.policy_hash)",
+                " AND e.policy_hash = p.policy_hash AND e.time = p.issued_at)",
                 (
                     *part,
                     Status.GOVERNED_VALID.value,

@@ -717,6 +717,7 @@ def test_a_key_revoked_during_the_revalidation_after_a_switch_is_not_bad_input(
 
     assert info.value.message.startswith(f"policy {engine.active_policy().hash[:12]} was activated, but")
     assert "was revoked" in info.value.message and "agov revalidate" in info.value.hint
+    assert "judged when it starts, if OPA answers and a key may sign" in info.value.hint
     assert _exit_for(info.value) == 3
     types = [e["type"] for e in _audit(engine, seq)]
     assert "POLICY_HOTRELOAD" in types and "POLICY_RELOAD_REFUSED" not in types

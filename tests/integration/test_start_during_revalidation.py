@@ -270,8 +270,9 @@ def test_a_switch_between_the_renewal_and_the_second_decision_is_explained(
     )
 
 
+@pytest.mark.parametrize("renewed_first", [False, True], ids=["promoted", "renewed-then-promoted"])
 def test_a_promotion_under_other_org_limits_after_the_run_read_its_chunk_is_not_counted_by_the_run(
-    engine: Engine, monkeypatch: pytest.MonkeyPatch
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, renewed_first: bool
 ) -> None:
     """A promotion reads agov.yaml afresh, a run judges with the limits it opened with: the run
     may report as judged only what it, or a start checking its limits, judged (helper-42)."""
@@ -283,6 +284,8 @@ def test_a_promotion_under_other_org_limits_after_the_run_read_its_chunk_is_not_
 
     def promote_first(store: Any, report: Any, cursor: str, rows: list[Any], *args: Any) -> Any:
         if rows[0].agent_id == SECOND[0]:  # read by the run; a budget its org limits refuse
+            if renewed_first:  # a start renews it first: the promotion still replaces that proof
+                assert engine.admit(SECOND[0]).allow
             edit_config(
                 engine.workspace.home, lambda raw: raw["org"].__setitem__("max_monthly_budget_usd", 5000)
             )

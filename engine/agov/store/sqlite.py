@@ -396,6 +396,7 @@ class Store:
                     except BaseException:
                         if conn.in_transaction:  # never leave the write lock held by a failed start
                             conn.execute("ROLLBACK")
+                        self.close()  # nor the short wait: the next call connects afresh
                         raise
         except sqlite3.Error as exc:
             raise StoreError(
