@@ -736,9 +736,8 @@ def _finish(
         )
 
 
-def _tally(report: RevalidationReport, verdict: PolicyVerdict) -> None:
+def _tally(report: RevalidationReport, status: Status) -> None:
     report.total += 1
-    status = verdict.status
     if status is Status.GOVERNED_VALID:
         report.valid += 1
     elif status is Status.GOVERNED_RESTRICTED:
@@ -760,7 +759,7 @@ def _change(row: _Row, verdict: PolicyVerdict) -> dict[str, Any]:
 def _tally_dry(report: RevalidationReport, rows: list[_Row], verdicts: dict[str, PolicyVerdict]) -> None:
     for row in rows:
         verdict = verdicts[row.agent_id]
-        _tally(report, verdict)
+        _tally(report, verdict.status)
         if verdict.status.value != row.status:
             if row.status == Status.GOVERNED_INVALIDATED.value:
                 report.restored += 1
@@ -849,11 +848,7 @@ def _apply(
         # judged as this run judges, though not by it: a start renewed their proofs since the
         # run read them
         for status in _renewed_at_start(tx, [r for r in rows if r.agent_id not in unchanged], policy_hash):
-            tallied.total += 1
-            if status == Status.GOVERNED_RESTRICTED.value:
-                tallied.restricted += 1
-            else:
-                tallied.valid += 1
+            _tally(tallied, Status(status))
         for row in rows:
             if row.agent_id not in unchanged:
                 continue
@@ -891,7 +886,7 @@ def _apply(
                         now=now,
                         payload={"deny": deny},
                     )
-            _tally(tallied, verdict)
+            _tally(tallied, verdict.status)
         store_proofs(tx, signed)  # all unchanged (checked above), so it cannot refuse
         if signed:  # each renewal is a change: recorded in its own transaction, as any other
             tx.audit(
