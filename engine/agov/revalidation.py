@@ -1190,30 +1190,32 @@ def _renewed_at_start(tx: Tx, changed: list[_Row], policy_hash: str) -> list[str
     does not. Only such a start audits ``PROOFS_RENEWED`` with an agent id (a chunk's has none)."""
     if not changed:
         return []
+    # The events since the read are scanned once (a range of the primary key), not once per changed
+    # row: this runs under the write lock, and other writers may have added thousands meanwhile.
     since = min(row.read_after_seq for row in changed)
-    ids = [row.agent_id for row in changed]
+    renewals = {
+        (r[0], r[1])
+        for r in tx.execute(
+            "SELECT agent_id, time FROM audit_events WHERE seq > ? AND type = ? AND policy_hash = ?"
+            " AND agent_id IS NOT NULL",
+            (since, Code.PROOFS_RENEWED.value, policy_hash),
+        )
+    }
+    renewed = {agent_id for agent_id, _ in renewals}
+    ids = [row.agent_id for row in changed if row.agent_id in renewed]
     statuses: list[str] = []
     for start in range(0, len(ids), _IN_BATCH):
         part = ids[start : start + _IN_BATCH]
-        statuses += [
-            r[0]
-            for r in tx.execute(
-                "SELECT a.status FROM agents a JOIN agent_proofs p ON p.agent_id = a.id AND p.superseded_at IS NULL"
-                f" WHERE a.id IN ({','.join('?' * len(part))}) AND a.status IN (?, ?) AND p.policy_hash = ?"
-                # the renewal that issued the current proof (audited at the time it was issued),
-                # not one that a later promotion replaced
-                " AND EXISTS (SELECT 1 FROM audit_events e WHERE e.seq > ? AND e.type = ? AND e.agent_id = a.id"
-                " AND e.policy_hash = p.policy_hash AND e.time = p.issued_at)",
-                (
-                    *part,
-                    Status.GOVERNED_VALID.value,
-                    Status.GOVERNED_RESTRICTED.value,
-                    policy_hash,
-                    since,
-                    Code.PROOFS_RENEWED.value,
-                ),
-            )
-        ]
+        for status, agent_id, issued_at in tx.execute(
+            "SELECT a.status, a.id, p.issued_at FROM agents a"
+            " JOIN agent_proofs p ON p.agent_id = a.id AND p.superseded_at IS NULL"
+            f" WHERE a.id IN ({','.join('?' * len(part))}) AND a.status IN (?, ?) AND p.policy_hash = ?",
+            (*part, Status.GOVERNED_VALID.value, Status.GOVERNED_RESTRICTED.value, policy_hash),
+        ):
+            # the renewal that issued the current proof (audited at the time it was issued), not
+            # one that a later promotion replaced
+            if (agent_id, issued_at) in renewals:
+                statuses.append(status)
     return statuses
 
 
