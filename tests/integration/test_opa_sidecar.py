@@ -461,6 +461,31 @@ def test_an_opa_binary_that_forks_opa_fails_at_once_saying_why(
     assert sc.pid is None
 
 
+def test_an_opa_forked_by_a_wrapper_is_stopped_with_it(
+    first_bundle: Any, signing_key: Any, opa_bin: Path, tmp_path: Path
+) -> None:
+    """A wrapper that neither `exec`s opa nor passes a signal on: its opa would outlive it, as an
+    orphan holding the socket, if only the wrapper were signalled. The sidecar's whole process
+    group is."""
+    forked = tmp_path / "forked.pid"
+    wrapper = tmp_path / "opa-wrapper"
+    wrapper.write_text(f'#!/bin/sh\n"{opa_bin}" "$@" &\necho $! > "{forked}"\nwait\n')
+    wrapper.chmod(0o755)
+    sc = ManagedSidecar(
+        first_bundle.data,
+        first_bundle.revision,
+        signing_key.public_pem,
+        signing_key.keyid,
+        managed=ManagedConfig(startup_timeout_s=60),
+        opa_bin=wrapper,
+    )
+    with pytest.raises(WrongListenerError):
+        sc.start()
+    sc.stop()
+    pid = int(forked.read_text())
+    assert _wait_gone(pid, 10), f"opa {pid}, forked by the wrapper, still runs"
+
+
 def test_opa_death_is_reported_with_exit_code(sidecar: ManagedSidecar) -> None:
     pid = sidecar.pid
     assert pid is not None

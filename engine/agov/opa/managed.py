@@ -32,6 +32,7 @@ import fcntl
 import os
 import queue
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -647,15 +648,15 @@ class ManagedSidecar:
     def _kill_process(self) -> None:
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-            try:
+            # OPA leads a process group of its own (start_new_session): signalling the group also
+            # stops an opa that a wrapper AGOV_OPA_BIN forked, which would otherwise outlive it.
+            # Only while its leader was alive when stop began: the group's id is then still its.
+            _signal_group(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(self.managed.stop_grace_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(5)
+            _signal_group(proc.pid, signal.SIGKILL)  # whatever of the group is left
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
         self._keeper_release.set()
         if self._keeper is not None:
             self._keeper.join(timeout=1)
@@ -689,6 +690,11 @@ class ManagedSidecar:
     def _atexit_stop(self) -> None:
         with contextlib.suppress(Exception):
             self.stop()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the group is gone: none of it is left
+        os.killpg(pgid, sig)
 
 
 def sweep_orphaned_dirs(tmp_root: Path) -> list[Path]:
