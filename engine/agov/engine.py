@@ -465,7 +465,7 @@ class Engine:
         """
         started = time.perf_counter()
         decision = self._admit_once(agent_id)
-        if decision.code == Code.ADMISSION_DENY_POLICY_HASH_MISMATCH:
+        if decision.code in (Code.ADMISSION_DENY_POLICY_HASH_MISMATCH, Code.ADMISSION_DENY_INVALIDATED):
             decision = self._renew_then_admit(agent_id, decision)
         self.metrics.admission_latency.observe(time.perf_counter() - started)
         if decision.allow:
@@ -503,13 +503,18 @@ class Engine:
         )
 
     def _renew_then_admit(self, agent_id: str, denied: AdmissionDecision) -> AdmissionDecision:
-        """An agent whose proof is bound to an earlier policy, while the run of the active one has
-        not reached it: judge it now, as the run would, and decide its start again. Any failure
-        leaves ``denied`` in force, with why. The renewal writes, so it may wait for SQLite's
-        write lock (a chunk the run commits), at most ``limits.opa_timeout_s`` each time (twice,
-        should another key take over signing meanwhile)."""
+        """An agent whose proof is bound to an earlier policy, or an invalidated one, while the run
+        of the active policy has not reached it: judge it now, as the run would, and decide its
+        start again. Any failure leaves ``denied`` in force, with why. The renewal writes, so it
+        may wait for SQLite's write lock (a chunk the run commits), at most
+        ``limits.opa_timeout_s`` each time (twice, should another key take over signing
+        meanwhile)."""
         try:
             active = policy.require_active(self.store).hash
+            if denied.code == Code.ADMISSION_DENY_INVALIDATED and not revalidation.ahead_of_run(
+                self.store, active, agent_id
+            ):
+                return denied  # no open run has yet to judge it: the deny's advice stands as it is
             renewal = revalidation.renew_at_start(
                 self.store,
                 self._evaluator_for(active),
@@ -530,9 +535,11 @@ class Engine:
             if renewal.renewed:
                 self.metrics.starts_renewed.inc()
             if renewal.decide_again:
-                denied = self._admit_once(agent_id)
-                if denied.code != Code.ADMISSION_DENY_POLICY_HASH_MISMATCH:
+                trigger, denied = denied.code, self._admit_once(agent_id)
+                if denied.code != trigger:
                     return denied
+                if trigger == Code.ADMISSION_DENY_INVALIDATED and not (note or renewal.renewed):
+                    return denied  # the run judged it meanwhile, and invalidated it
                 # its proof is now bound to a policy that is no longer the active one
                 note = note or (
                     "its proof was renewed under the policy then active, but another policy became"

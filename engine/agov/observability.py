@@ -42,7 +42,8 @@ class Metrics:
         self.starts_renewed = Counter(
             "agent_starts_renewed_total",
             "Starts of agents a revalidation run had not reached yet, judged at the start and"
-            " re-signed under the active policy (each is also counted as allowed or denied).",
+            " re-signed under the active policy, which restores an invalidated one (each is also"
+            " counted as allowed or denied).",
             registry=r,
         )
         self.promotion_attempts = Counter("promotion_attempts_total", "Promotion attempts.", registry=r)

@@ -945,11 +945,26 @@ def _not_judged(why: str, *, decide_again: bool = False) -> StartRenewal:
     return StartRenewal(decide_again, f"not judged ahead of the revalidation run: {why}")
 
 
-def _keeps_no_proof(verdict: PolicyVerdict) -> StartRenewal:
+def _keeps_no_proof(row: _Row, verdict: PolicyVerdict) -> StartRenewal:
     reasons = "; ".join(f"{r.code}: {r.message}" for r in verdict.deny)
+    if row.status == Status.GOVERNED_INVALIDATED.value:
+        return StartRenewal(
+            False, f"judged ahead of the revalidation run, the active policy still fails it ({reasons})"
+        )
     return StartRenewal(
         False, f"judged ahead of the revalidation run, it keeps no proof ({reasons}); the run invalidates it"
     )
+
+
+def ahead_of_run(store: Store, policy_hash: str, agent_id: str) -> bool:
+    """Whether the open run of ``policy_hash`` has yet to judge ``agent_id``: it walks the agents
+    in id order, and its cursor is the last one it committed."""
+    found = store.query_one(
+        "SELECT 1 FROM revalidation_runs WHERE policy_hash = ? AND finished_at IS NULL"
+        " AND (cursor IS NULL OR cursor < ?)",
+        (policy_hash, agent_id),
+    )
+    return found is not None
 
 
 def renew_at_start(
@@ -965,9 +980,10 @@ def renew_at_start(
     timeout_s: float,
 ) -> StartRenewal:
     """Judge one agent ahead of the open run of ``policy_hash``, because it is starting and its
-    proof is still bound to an earlier policy: otherwise its start is denied until the run reaches
-    it (seconds, for a large fleet). It is judged as the run judges it (the same query, org limits,
-    verdict rules and seal check) and, if the policy allows it, gets the proof the run would sign.
+    proof is still bound to an earlier policy, or it is invalidated and the run has yet to judge
+    it: otherwise its start is denied until the run reaches it (seconds, for a large fleet). It is
+    judged as the run judges it (the same query, org limits, verdict rules and seal check) and, if
+    the policy allows it, gets the proof the run would sign, which restores an invalidated agent.
     Nothing is written otherwise: the run invalidates an agent the policy denies. The write waits
     for SQLite's lock no longer than ``timeout_s``, a decision's deadline.
 
@@ -989,14 +1005,16 @@ def renew_at_start(
     if not found:
         return _not_judged("the agent is gone", decide_again=True)
     row = _row(found[0])
-    if row.status not in (Status.GOVERNED_VALID.value, Status.GOVERNED_RESTRICTED.value):
+    if row.status not in _GOVERNED:
         return _not_judged(f"its status is now {row.status}", decide_again=True)
+    if row.status == Status.GOVERNED_INVALIDATED.value and not ahead_of_run(store, policy_hash, agent_id):
+        return StartRenewal(True)  # the run has judged it (invalidated it, or restored it since)
     if row.stored is not None and row.stored.policy_hash == policy_hash:
         return StartRenewal(True)  # another writer renewed it since the start was decided
     judged, decision_id, now = _verdicts(evaluator, [row], org_canonical, policy_hash, now_fn(), timeout_s)
     verdict = _vouched(store, [row], judged, vouching, now)[agent_id]
     if not verdict.allow:
-        return _keeps_no_proof(verdict)
+        return _keeps_no_proof(row, verdict)
     for _ in range(2):  # a key that took over meanwhile signs: one more try, as a run has
         signer = signer_loader()
         try:
@@ -1037,11 +1055,15 @@ def _renew_in(
         _SignerChanged: another key signs now.
     """
     run = tx.execute(
-        "SELECT id FROM revalidation_runs WHERE policy_hash = ? AND finished_at IS NULL ORDER BY id DESC",
-        (policy_hash,),
+        "SELECT id, cursor IS NULL OR cursor < ? FROM revalidation_runs"
+        " WHERE policy_hash = ? AND finished_at IS NULL ORDER BY id DESC",
+        (row.agent_id, policy_hash),
     ).fetchone()
     if run is None:  # the run judged it meanwhile, and closed
         return _not_judged("the revalidation run closed while the agent was judged", decide_again=True)
+    restore = row.status == Status.GOVERNED_INVALIDATED.value
+    if restore and not run[1]:  # the run has reached it meanwhile: what it decided stands
+        return _not_judged("the revalidation run judged it meanwhile", decide_again=True)
     try:
         _still_current(tx, int(run[0]), None, policy_hash, org, signer.keyid, now, signing=True)
     except ConflictError:
@@ -1057,9 +1079,18 @@ def _renew_in(
         return _not_judged("the agent changed while it was judged", decide_again=True)
     verdict = _renewable(row, verdict, now)  # its proof may have expired since it was judged
     if not verdict.allow:
-        return _keeps_no_proof(verdict)
+        return _keeps_no_proof(row, verdict)
     signed = _renewal(row, verdict, signer, seal, policy_hash, decision_id, org_canonical, now)
     store_proofs(tx, [signed])
+    if restore:  # as the run audits a restore, and in the same order
+        tx.audit(
+            Code.AGENT_RESTORED,
+            agent_id=row.agent_id,
+            actor=REVALIDATION_ACTOR,
+            policy_hash=policy_hash,
+            now=now,
+            payload={"status": verdict.status.value, "run_id": int(run[0]), "at_start": True},
+        )
     tx.audit(
         Code.PROOFS_RENEWED,
         agent_id=row.agent_id,

@@ -155,9 +155,9 @@ class KnownBug(AssertionError):
     does not also swallow a broken precondition of the same test."""
 
 
-def reload_interrupted_at(engine: Engine, agent_id: str, monkeypatch: Any) -> None:
-    """Reload to P2 (analysis limit 0.4); OPA fails on the chunk that starts with ``agent_id``,
-    so the chunks before it are committed and the run is left unfinished."""
+def reload_interrupted_at(engine: Engine, agent_id: str, monkeypatch: Any, *, limit: float = 0.4) -> None:
+    """Reload to a policy whose analysis limit is ``limit`` (P2: 0.4); OPA fails on the chunk that
+    starts with ``agent_id``, so the chunks before it are committed and the run is left unfinished."""
     from agov import revalidation
     from agov.errors import EngineUnavailableError
 
@@ -168,10 +168,10 @@ def reload_interrupted_at(engine: Engine, agent_id: str, monkeypatch: Any) -> No
             raise EngineUnavailableError("injected: OPA went away")
         return judge(evaluator, rows, *args)
 
-    edit_data(engine.workspace.home, set_analysis_limit(0.4))
+    edit_data(engine.workspace.home, set_analysis_limit(limit))
     monkeypatch.setattr(revalidation, "_verdicts", chunk_fails)
     try:
-        engine.reload_policy(actor=ACTOR, reason="P2, interrupted")
+        engine.reload_policy(actor=ACTOR, reason=f"analysis limit {limit}, interrupted")
     except EngineUnavailableError:
         pass
     else:

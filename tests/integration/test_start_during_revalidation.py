@@ -299,3 +299,141 @@ def test_a_promotion_under_other_org_limits_after_the_run_read_its_chunk_is_not_
     # FIRST (2, before the stop) and SECOND[1] (invalidated); SECOND[0] was judged by no run
     assert (report.total, report.valid, report.invalidated) == (3, 2, 1)
     assert engine.get_agent(SECOND[0]).status is Status.GOVERNED_VALID  # the promotion governs it
+
+
+# --- an invalidated agent the new policy passes -------------------------------------------------
+#
+# P1 (analysis limit 0.7) passes all four; P2 (0.4) invalidates the three above 0.4; P3 (0.6) is
+# reloaded and stopped at the second chunk: its run has judged JUDGED (a2-fail stays
+# invalidated) but not AHEAD, where c1-back passes P3 and c2-fail does not.
+
+JUDGED, AHEAD = ("a1-pass", "a2-fail"), ("c1-back", "c2-fail")
+
+
+@pytest.fixture
+def restoring(tmp_path: Path, opa_bin: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Engine]:
+    from _reload_support import edit_data, set_analysis_limit
+
+    with Engine.init(tmp_path / "ws", Config(limits=Limits(revalidation_chunk_size=2)), actor=ACTOR) as eng:
+        for agent_id, temperature in zip((*JUDGED, *AHEAD), (0.3, 0.65, 0.5, 0.65), strict=True):
+            create_governed(eng, agent_id, temperature=temperature)
+        edit_data(eng.workspace.home, set_analysis_limit(0.4))
+        assert eng.reload_policy(actor=ACTOR, reason="P2")["revalidation"]["newly_invalidated"] == 3
+        reload_interrupted_at(eng, AHEAD[0], monkeypatch, limit=0.6)
+        yield eng
+
+
+def _statuses(engine: Engine) -> dict[str, str]:
+    return {a: engine.get_agent(a).status.value for a in (*JUDGED, *AHEAD)}
+
+
+def test_setup_leaves_the_run_short_of_two_invalidated_agents(restoring: Engine) -> None:
+    invalidated = Status.GOVERNED_INVALIDATED.value
+    assert _statuses(restoring) == {
+        JUDGED[0]: Status.GOVERNED_VALID.value,
+        JUDGED[1]: invalidated,
+        AHEAD[0]: invalidated,
+        AHEAD[1]: invalidated,
+    }
+    assert _open_run(restoring)["cursor"] == JUDGED[-1]
+
+
+def test_an_invalidated_agent_the_active_policy_passes_is_restored_at_its_start(restoring: Engine) -> None:
+    p3 = restoring.active_policy().hash
+    run_before = dict(_open_run(restoring))
+    audit_before = restoring.store.query_one("SELECT MAX(seq) AS seq FROM audit_events")["seq"]
+
+    decision = restoring.admit(AHEAD[0])
+
+    assert (decision.allow, decision.code, decision.policy_hash) == (True, Code.ADMISSION_ALLOW, p3)
+    assert restoring.get_agent(AHEAD[0]).status is Status.GOVERNED_VALID
+    assert _current_proof(restoring, AHEAD[0])["policy_hash"] == p3
+    events = restoring.store.query(
+        "SELECT type, agent_id, actor, policy_hash, payload FROM audit_events WHERE seq > ? ORDER BY seq",
+        (audit_before,),
+    )
+    assert [(e["type"], e["agent_id"], e["actor"], e["policy_hash"]) for e in events] == [
+        (Code.AGENT_RESTORED, AHEAD[0], "agov-revalidation", p3),
+        (Code.PROOFS_RENEWED, AHEAD[0], "agov-revalidation", p3),
+    ]
+    assert json.loads(events[0]["payload"]) == {
+        "status": Status.GOVERNED_VALID.value,
+        "run_id": run_before["id"],
+        "at_start": True,
+    }
+    assert json.loads(events[1]["payload"])["at_start"] is True
+    assert dict(_open_run(restoring)) == run_before
+    assert metric(restoring, "agent_starts_renewed_total") == 1
+    assert restoring.verify_audit().ok
+
+    report = restoring.revalidate()
+    # the run counts the restores it made itself: c1-back was restored at its start
+    assert (report.total, report.valid, report.invalidated, report.restored) == (4, 2, 2, 0)
+    assert _statuses(restoring)[AHEAD[0]] == Status.GOVERNED_VALID.value
+
+
+def test_an_invalidated_agent_the_active_policy_still_fails_stays_denied_and_nothing_is_written(
+    restoring: Engine,
+) -> None:
+    before = snapshot(restoring.workspace.home)
+
+    decision = restoring.admit(AHEAD[1])
+
+    assert (decision.allow, decision.code) == (False, Code.ADMISSION_DENY_INVALIDATED)
+    notes = [r.message for r in decision.reasons]
+    assert any(
+        "the active policy still fails it" in n and "PROMOTION_DENY_TEMPERATURE_EXCEEDS_LIMIT" in n
+        for n in notes
+    ), notes
+    assert snapshot(restoring.workspace.home) == before
+
+
+@pytest.mark.parametrize("run_open", [True, False], ids=["judged-by-the-run", "no-run-open"])
+def test_an_invalidated_agent_no_open_run_has_yet_to_judge_is_not_judged_at_its_start(
+    restoring: Engine, monkeypatch: pytest.MonkeyPatch, run_open: bool
+) -> None:
+    from agov import revalidation
+
+    agent_id = JUDGED[1]
+    if not run_open:
+        restoring.revalidate()
+        agent_id = AHEAD[1]
+    before = snapshot(restoring.workspace.home)
+    plain = restoring._admit_once(agent_id)
+
+    def not_called(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("judged at its start")
+
+    monkeypatch.setattr(revalidation, "renew_at_start", not_called)
+    decision = restoring.admit(agent_id)
+
+    assert (decision.allow, decision.code) == (False, Code.ADMISSION_DENY_INVALIDATED)
+    assert decision.reasons == plain.reasons  # the deny's own advice, nothing added
+    assert snapshot(restoring.workspace.home) == before
+
+
+def test_an_invalidated_agent_restored_after_the_run_read_its_chunk_is_counted_once(
+    restoring: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agov import revalidation
+
+    apply_chunk = revalidation._apply
+
+    def start_first(store: Any, report: Any, cursor: str, rows: list[Any], *args: Any) -> Any:
+        if rows[0].agent_id == AHEAD[0]:  # read by the run as invalidated, not yet committed
+            assert restoring.admit(AHEAD[0]).allow
+        return apply_chunk(store, report, cursor, rows, *args)
+
+    monkeypatch.setattr(revalidation, "_apply", start_first)
+    report = restoring.revalidate()
+
+    assert (report.total, report.valid, report.invalidated) == (4, 2, 2)
+    renewals = restoring.store.query(
+        "SELECT payload FROM audit_events WHERE type = 'PROOFS_RENEWED' AND agent_id = ?", (AHEAD[0],)
+    )
+    assert [json.loads(r["payload"]).get("at_start") for r in renewals] == [True]  # not signed again
+    restored = restoring.store.query(
+        "SELECT payload FROM audit_events WHERE type = 'AGENT_RESTORED' AND agent_id = ?", (AHEAD[0],)
+    )
+    assert len(restored) == 1  # by its start, not again by the run
+    assert _statuses(restoring)[AHEAD[0]] == Status.GOVERNED_VALID.value
