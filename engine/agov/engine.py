@@ -538,8 +538,10 @@ class Engine:
                 trigger, denied = denied.code, self._admit_once(agent_id)
                 if denied.code != trigger:
                     return denied
-                if trigger == Code.ADMISSION_DENY_INVALIDATED and not (note or renewal.renewed):
-                    return denied  # the run judged it meanwhile, and invalidated it
+                if trigger == Code.ADMISSION_DENY_INVALIDATED:
+                    if not (note or renewal.renewed):
+                        return denied  # the run judged it meanwhile, and invalidated it
+                    note = note or "it was restored, but invalidated again before its start was decided again"
                 # its proof is now bound to a policy that is no longer the active one
                 note = note or (
                     "its proof was renewed under the policy then active, but another policy became"

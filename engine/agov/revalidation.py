@@ -948,9 +948,7 @@ def _not_judged(why: str, *, decide_again: bool = False) -> StartRenewal:
 def _keeps_no_proof(row: _Row, verdict: PolicyVerdict) -> StartRenewal:
     reasons = "; ".join(f"{r.code}: {r.message}" for r in verdict.deny)
     if row.status == Status.GOVERNED_INVALIDATED.value:
-        return StartRenewal(
-            False, f"judged ahead of the revalidation run, the active policy still fails it ({reasons})"
-        )
+        return StartRenewal(False, f"judged ahead of the revalidation run, it stays invalidated ({reasons})")
     return StartRenewal(
         False, f"judged ahead of the revalidation run, it keeps no proof ({reasons}); the run invalidates it"
     )
@@ -960,8 +958,7 @@ def ahead_of_run(store: Store, policy_hash: str, agent_id: str) -> bool:
     """Whether the open run of ``policy_hash`` has yet to judge ``agent_id``: it walks the agents
     in id order, and its cursor is the last one it committed."""
     found = store.query_one(
-        "SELECT 1 FROM revalidation_runs WHERE policy_hash = ? AND finished_at IS NULL"
-        " AND (cursor IS NULL OR cursor < ?)",
+        "SELECT 1 FROM revalidation_runs WHERE policy_hash = ? AND finished_at IS NULL AND cursor < ?",
         (policy_hash, agent_id),
     )
     return found is not None
@@ -1007,9 +1004,12 @@ def renew_at_start(
     row = _row(found[0])
     if row.status not in _GOVERNED:
         return _not_judged(f"its status is now {row.status}", decide_again=True)
-    if row.status == Status.GOVERNED_INVALIDATED.value and not ahead_of_run(store, policy_hash, agent_id):
+    restore = row.status == Status.GOVERNED_INVALIDATED.value
+    if restore and not ahead_of_run(store, policy_hash, agent_id):
         return StartRenewal(True)  # the run has judged it (invalidated it, or restored it since)
-    if row.stored is not None and row.stored.policy_hash == policy_hash:
+    # (an invalidated agent's proof may be bound to this policy already: a run that invalidates
+    # keeps the proof, and a rollback, or org limits changed back, brings its policy back)
+    if not restore and row.stored is not None and row.stored.policy_hash == policy_hash:
         return StartRenewal(True)  # another writer renewed it since the start was decided
     judged, decision_id, now = _verdicts(evaluator, [row], org_canonical, policy_hash, now_fn(), timeout_s)
     verdict = _vouched(store, [row], judged, vouching, now)[agent_id]
@@ -1055,7 +1055,7 @@ def _renew_in(
         _SignerChanged: another key signs now.
     """
     run = tx.execute(
-        "SELECT id, cursor IS NULL OR cursor < ? FROM revalidation_runs"
+        "SELECT id, cursor < ? FROM revalidation_runs"
         " WHERE policy_hash = ? AND finished_at IS NULL ORDER BY id DESC",
         (row.agent_id, policy_hash),
     ).fetchone()

@@ -382,8 +382,7 @@ def test_an_invalidated_agent_the_active_policy_still_fails_stays_denied_and_not
     assert (decision.allow, decision.code) == (False, Code.ADMISSION_DENY_INVALIDATED)
     notes = [r.message for r in decision.reasons]
     assert any(
-        "the active policy still fails it" in n and "PROMOTION_DENY_TEMPERATURE_EXCEEDS_LIMIT" in n
-        for n in notes
+        "it stays invalidated" in n and "PROMOTION_DENY_TEMPERATURE_EXCEEDS_LIMIT" in n for n in notes
     ), notes
     assert snapshot(restoring.workspace.home) == before
 
@@ -437,3 +436,40 @@ def test_an_invalidated_agent_restored_after_the_run_read_its_chunk_is_counted_o
     )
     assert len(restored) == 1  # by its start, not again by the run
     assert _statuses(restoring)[AHEAD[0]] == Status.GOVERNED_VALID.value
+
+
+def test_an_invalidated_agent_whose_proof_is_bound_to_the_active_policy_is_restored_at_its_start(
+    tmp_path: Path, opa_bin: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that invalidates keeps the agent's proof; org limits changed back (or a rollback)
+    bring that proof's policy back under a new run, which would restore the agent (helper-44)."""
+    from agov import revalidation
+    from agov.errors import EngineUnavailableError
+
+    with Engine.init(tmp_path / "ws", Config(limits=Limits(revalidation_chunk_size=2)), actor=ACTOR) as eng:
+        for agent_id, budget in zip((*JUDGED, *AHEAD), (100, 100, 300, 300), strict=True):
+            create_governed(eng, agent_id, budget=budget)
+        active = eng.active_policy().hash
+        edit_config(eng.workspace.home, lambda raw: raw["org"].__setitem__("max_monthly_budget_usd", 250))
+        assert (
+            eng.reload_policy(actor=ACTOR, reason="org limits down")["revalidation"]["newly_invalidated"] == 2
+        )
+        edit_config(eng.workspace.home, lambda raw: raw["org"].__setitem__("max_monthly_budget_usd", 1000))
+        judge = revalidation._verdicts
+
+        def chunk_fails(evaluator: Any, rows: list[Any], *args: Any) -> Any:
+            if rows[0].agent_id == AHEAD[0]:
+                raise EngineUnavailableError("injected: OPA went away")
+            return judge(evaluator, rows, *args)
+
+        monkeypatch.setattr(revalidation, "_verdicts", chunk_fails)
+        with pytest.raises(EngineUnavailableError):
+            eng.reload_policy(actor=ACTOR, reason="org limits up, interrupted")
+        monkeypatch.setattr(revalidation, "_verdicts", judge)
+        assert eng.get_agent(AHEAD[0]).status is Status.GOVERNED_INVALIDATED
+        assert _current_proof(eng, AHEAD[0])["policy_hash"] == active  # as before the limits fell
+
+        decision = eng.admit(AHEAD[0])
+
+        assert (decision.allow, decision.code) == (True, Code.ADMISSION_ALLOW), decision.reasons
+        assert eng.get_agent(AHEAD[0]).status is Status.GOVERNED_VALID

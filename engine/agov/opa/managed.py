@@ -650,11 +650,11 @@ class ManagedSidecar:
         if proc is not None and proc.poll() is None:
             # OPA leads a process group of its own (start_new_session): signalling the group also
             # stops an opa that a wrapper AGOV_OPA_BIN forked, which would otherwise outlive it.
-            # Only while its leader was alive when stop began: the group's id is then still its.
+            # The group is signalled only while its leader is not reaped: until then no other
+            # process can be given its id.
             _signal_group(proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(self.managed.stop_grace_s)
-            _signal_group(proc.pid, signal.SIGKILL)  # whatever of the group is left
+            if _exited_unreaped(proc.pid, self.managed.stop_grace_s) is not None:
+                _signal_group(proc.pid, signal.SIGKILL)  # whatever of the group is left
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)
         self._keeper_release.set()
@@ -693,8 +693,25 @@ class ManagedSidecar:
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):  # the group is gone: none of it is left
+    # gone: none of it is left; not permitted: none of it is ours any more
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def _exited_unreaped(pid: int, wait_s: float) -> bool | None:
+    """Wait up to ``wait_s`` for child ``pid`` to exit, leaving it unreaped (so its pid, and the
+    id of the group it leads, stay taken). True: it exited; False: it still runs; None: it was
+    reaped already (elsewhere), and its ids may belong to another process by now."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+        except ChildProcessError:
+            return None
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
 
 
 def sweep_orphaned_dirs(tmp_root: Path) -> list[Path]:
