@@ -551,9 +551,19 @@ def agent_show(ctx: Ctx, agent_id: str) -> None:
         ctx,
         payload,
         lambda: "\n".join(
-            [f"{k}: {v}" for k, v in record.summary().items()] + ["spec:", dump_yaml(record.spec.document)]
+            [_summary_line(k, v) for k, v in record.summary().items()]
+            + ["spec:", dump_yaml(record.spec.document)]
         ),
     )
+
+
+def _summary_line(key: str, value: Any) -> str:
+    if key == "reasons" and isinstance(value, list) and value:  # one finding per line
+        return "\n".join(
+            ["reasons:"]
+            + [f"  {r.get('code')}: {r.get('message')}" if isinstance(r, dict) else f"  {r}" for r in value]
+        )
+    return f"{key}: {value}"
 
 
 @agent.command("update")
@@ -702,6 +712,10 @@ def _revalidation_text(report: dict[str, Any]) -> str:
     for change in report.get("changes", []):
         lines.append(f"  {change['agent_id']}: {change['from']} -> {change['to']}")
         lines += [f"    {r['code']}: {r['message']}" for r in change["deny"] + change["warn"]]
+    if report.get("changes_omitted"):
+        lines.append(
+            f"  ... and {report['changes_omitted']} more changes (`agov agent list --status STATUS` lists them)"
+        )
     return "\n".join(lines)
 
 
@@ -923,21 +937,23 @@ def keys_revoke(ctx: Ctx, keyid: str, reason: str) -> None:
         raise UsageError("--reason is empty", hint="say why the key is revoked: it is kept in the audit log")
     prefix = keyid.lower()  # key ids are lowercase hex; a prefix copied in capitals is the same key
     with _engine(ctx) as engine:
-        matches = (
-            [k.keyid for k in engine.list_keys() if k.keyid.startswith(prefix)] if len(prefix) >= 8 else []
-        )
+        keys = engine.list_keys()
+        matches = [k for k in keys if k.keyid.startswith(prefix)] if len(prefix) >= 8 else []
         if len(matches) != 1:
             raise NotFoundError(
                 f"{'no' if not matches else 'more than one'} key matches {keyid!r}",
                 hint="`agov keys list` shows the keys (give at least 8 characters)",
             )
-        state = engine.revoke_key(matches[0], reason=reason, actor=ctx.actor)
-    emit(
-        ctx,
-        state.as_dict(),
-        f"revoked {state.keyid} at {state.revoked_at}\n"
-        "  hint: `agov keys generate` then `agov revalidate` to re-sign valid agents",
-    )
+        was = matches[0].state
+        state = engine.revoke_key(matches[0].keyid, reason=reason, actor=ctx.actor)
+        signer = next((k.keyid for k in engine.list_keys() if k.state == "signing"), None)
+    if was == "staged":  # it signed nothing yet
+        hint = f"the rotation to it is cancelled; {signer[:16] + ' keeps' if signer else 'no key'} signing"
+    elif signer is None:
+        hint = "no key signs now: `agov keys generate`, then `agov revalidate` to re-sign valid agents"
+    else:
+        hint = f"`agov revalidate` re-signs, with {signer[:16]}, the valid agents whose proofs it signed"
+    emit(ctx, state.as_dict(), f"revoked {state.keyid} at {state.revoked_at}\n  hint: {hint}")
 
 
 # -- audit --------------------------------------------------------------------------------------

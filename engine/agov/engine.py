@@ -490,8 +490,11 @@ class Engine:
         def active_hash() -> str:
             return _memo(reads, "policy", lambda: policy.require_active(self.store).hash)
 
-        return admission.admit(
-            lambda: _memo(reads, ("agent", agent_id), lambda: registry.get_agent(self.store, agent_id)),
+        def agent() -> AgentRecord:
+            return _memo(reads, ("agent", agent_id), lambda: registry.get_agent(self.store, agent_id))
+
+        decision = admission.admit(
+            agent,
             lambda aid: _memo(reads, ("proof", aid), lambda: self._current_proof(aid)),
             lambda keyid: _memo(reads, ("key", keyid), lambda: self._trusted_key(keyid)),
             active_hash,
@@ -501,6 +504,13 @@ class Engine:
             cache=self._signatures,
             agent_id=agent_id,
         )
+        if decision.code == Code.ADMISSION_DENY_INVALIDATED:
+            try:  # why, as the run (or promotion) recorded it: the deny alone says only "fix it"
+                why = [Reason(decision.code, f"why: {r['code']}: {r['message']}") for r in agent().reasons]
+            except Exception:  # the deny stands without them
+                why = []
+            decision = dataclasses.replace(decision, reasons=(*decision.reasons, *why))
+        return decision
 
     def _renew_then_admit(self, agent_id: str, denied: AdmissionDecision) -> AdmissionDecision:
         """An agent whose proof is bound to an earlier policy, or an invalidated one, while the run

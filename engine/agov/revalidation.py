@@ -86,10 +86,22 @@ class RevalidationReport:
     invalidated: int = 0
     newly_invalidated: int = 0
     restored: int = 0
+    # agents whose status changed (up to _CHANGES_KEPT; the rest are counted): in a run that was
+    # resumed, those this process changed
     changes: list[dict[str, Any]] = field(default_factory=list)
+    changes_omitted: int = 0
+
+    def note_change(self, change: dict[str, Any]) -> None:
+        if len(self.changes) < _CHANGES_KEPT:
+            self.changes.append(change)
+        else:
+            self.changes_omitted += 1
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+_CHANGES_KEPT = 1000  # a policy that fells a whole fleet must not fill memory with its reasons
 
 
 @dataclass(frozen=True)
@@ -765,7 +777,7 @@ def _tally_dry(report: RevalidationReport, rows: list[_Row], verdicts: dict[str,
                 report.restored += 1
             elif not verdict.allow:
                 report.newly_invalidated += 1
-            report.changes.append(_change(row, verdict))
+            report.note_change(_change(row, verdict))
 
 
 def _input_digest(row: _Row, org_canonical: bytes) -> str:
@@ -887,6 +899,8 @@ def _apply(
                         payload={"deny": deny},
                     )
             _tally(tallied, verdict.status)
+            if verdict.status.value != row.status:
+                tallied.note_change(_change(row, verdict))
         store_proofs(tx, signed)  # all unchanged (checked above), so it cannot refuse
         if signed:  # each renewal is a change: recorded in its own transaction, as any other
             tx.audit(
@@ -914,6 +928,9 @@ def _apply(
         report.invalidated += tallied.invalidated
         report.restored += tallied.restored
         report.newly_invalidated += tallied.newly_invalidated
+        for change in tallied.changes:
+            report.note_change(change)
+        report.changes_omitted += tallied.changes_omitted
         tx.execute(
             "UPDATE revalidation_runs SET cursor = ?, total = ?, valid = ?, restricted = ?, invalidated = ?,"
             " restored = ?, newly_invalidated = ? WHERE id = ?",

@@ -354,3 +354,24 @@ def test_keys_list_names_a_signing_key_whose_files_cannot_sign(ws: Path, tmp_pat
     assert listed["state"] == "signing"
     assert listed["problem"] and "may not sign" in listed["problem"], listed
     assert text.code == 0 and f"problem: {listed['problem']}" in text.out, str(text)
+
+
+def test_the_revoke_hint_fits_the_key_revoked(ws: Path, tmp_path: Path) -> None:
+    home = copy_ws(ws, tmp_path / "ws")
+    (signer,) = [k["keyid"] for k in ok("keys", "list", home=home) if k["active"]]
+    staged = ok("keys", "generate", "--not-before", "2999-01-01T00:00:00Z", home=home)["keyid"]
+
+    cancelled = agov(
+        "keys", "revoke", staged[:12], "--reason", "cancel the rotation", home=home, as_json=False
+    )
+    assert cancelled.code == 0, str(cancelled)
+    assert f"the rotation to it is cancelled; {signer[:16]} keeps signing" in cancelled.out, cancelled.out
+
+    successor = ok("keys", "generate", home=home)["keyid"]  # signs from now on
+    retired = agov("keys", "revoke", signer[:12], "--reason", "leaked", home=home, as_json=False)
+    assert retired.code == 0, str(retired)
+    assert f"`agov revalidate` re-signs, with {successor[:16]}, the valid agents" in retired.out, retired.out
+
+    last = agov("keys", "revoke", successor[:12], "--reason", "leaked too", home=home, as_json=False)
+    assert last.code == 0, str(last)
+    assert "no key signs now: `agov keys generate`, then `agov revalidate`" in last.out, last.out

@@ -442,6 +442,23 @@ def test_revalidation_invalidates_restricts_and_binds_proofs_to_the_new_hash(hom
             "big-spender": "GOVERNED_RESTRICTED",
             "auto-agent": "GOVERNED_RESTRICTED",
         }
+        # the run names who changed and why, as a dry run does
+        assert {
+            c["agent_id"]: (c["from"], c["to"], [d["code"] for d in c["deny"]]) for c in report["changes"]
+        } == {
+            "hot-analyst": (
+                "GOVERNED_VALID",
+                "GOVERNED_INVALIDATED",
+                ["PROMOTION_DENY_TEMPERATURE_EXCEEDS_LIMIT"],
+            ),
+            "warm-analyst": (
+                "GOVERNED_VALID",
+                "GOVERNED_INVALIDATED",
+                ["PROMOTION_DENY_TEMPERATURE_EXCEEDS_LIMIT"],
+            ),
+            "big-spender": ("GOVERNED_VALID", "GOVERNED_RESTRICTED", []),
+        }
+        assert report["changes_omitted"] == 0
         # reasons are stored with the agent
         hot = engine.get_agent("hot-analyst")
         assert [(r["code"], r["message"]) for r in hot.reasons] == [
@@ -461,6 +478,10 @@ def test_revalidation_invalidates_restricts_and_binds_proofs_to_the_new_hash(hom
             decision = engine.admit(agent_id)
             if agent_id in INVALIDATED_BY_04:
                 assert not decision.allow and decision.code == "ADMISSION_DENY_INVALIDATED"
+                # the deny says why, as the run recorded it
+                assert decision.reasons[-1].message.startswith(
+                    "why: PROMOTION_DENY_TEMPERATURE_EXCEEDS_LIMIT: temperature"
+                ), decision.reasons
             else:
                 assert decision.allow and decision.policy_hash == new, agent_id
 
@@ -762,6 +783,9 @@ def test_rollback_restores_the_agents_the_bad_version_invalidated(engine: Engine
     assert result["workspace_policy_hash"] == bad, "the files still hold the bad version"
     assert result["revalidation"]["restored"] == 2
     assert result["revalidation"]["invalidated"] == 0
+    assert {(c["agent_id"], c["from"], c["to"]) for c in result["revalidation"]["changes"]} == {
+        (a, "GOVERNED_INVALIDATED", "GOVERNED_VALID") for a in INVALIDATED_BY_04
+    }
     assert statuses(home) == BEFORE
     assert all(engine.get_agent(a).reasons == [] for a in INVALIDATED_BY_04)
     assert engine.active_policy().hash == old

@@ -39,3 +39,15 @@ def test_assembled_chunk_input_is_the_document_it_stands_for(valid_spec: dict[st
         "now": "2026-01-02T03:04:05.678901+00:00",
     }
     assert json.loads(_chunk_input([], canonical_json(org), "ab" * 32, now).json)["agents"] == []
+
+
+def test_a_report_keeps_the_first_changes_and_counts_the_rest() -> None:
+    from agov.revalidation import _CHANGES_KEPT, RevalidationReport
+
+    report = RevalidationReport(policy_hash="p" * 64, dry_run=False)
+    for i in range(_CHANGES_KEPT + 3):
+        report.note_change({"agent_id": f"a{i}"})
+
+    assert [c["agent_id"] for c in report.changes] == [f"a{i}" for i in range(_CHANGES_KEPT)]
+    assert report.changes_omitted == 3
+    assert report.as_dict()["changes_omitted"] == 3
