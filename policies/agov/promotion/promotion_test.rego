@@ -27,7 +27,7 @@ test_valid_input_is_allowed if {
 }
 
 test_policy_admin_may_promote if {
-	promotion.allow with input as put("/actor/role", "policy_admin")
+	promotion.allow with input as put("/actor/role", "policy_admin") with data.agov.config as spec_rules_test.config
 }
 
 # Each case: the input and the exact set of deny codes it must give.
@@ -85,7 +85,7 @@ test_role_message if {
 	{
 		"code": "PROMOTION_DENY_ROLE_NOT_ALLOWED",
 		"message": `actor.role "viewer" may not promote agents; allowed roles: ["agent_admin", "policy_admin"]`,
-	} in promotion.deny with input as put("/actor/role", "viewer")
+	} in promotion.deny with input as put("/actor/role", "viewer") with data.agov.config as spec_rules_test.config
 }
 
 test_roles_come_from_data if {

@@ -1,5 +1,6 @@
-# Heavy, exhaustive checks: `make test` runs them; a reload skips *_agreement_test.rego
-# files so that a saved policy reaches the sidecar quickly.
+# Heavy, exhaustive checks: `opa test` over the whole policy tree runs them (README step 2;
+# `make test` for agov's own copy). A reload skips *_agreement_test.rego files so that a saved
+# policy reaches the sidecar quickly: run them before reloading an edited workspace.
 package agov.revalidation_test
 
 import data.agov.lib.spec_rules

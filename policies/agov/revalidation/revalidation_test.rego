@@ -36,7 +36,7 @@ test_failing_message if {
 	revalidation.results["a-fail"].deny == {{
 		"code": "PROMOTION_DENY_TEMPERATURE_EXCEEDS_LIMIT",
 		"message": "temperature 0.9 exceeds the compliance limit 0.3",
-	}} with input as chunk
+	}} with input as chunk with data.agov.config as spec_rules_test.config
 }
 
 # The results do not depend on the order of the agents in the chunk.

@@ -2,6 +2,15 @@ package agov.lib.spec_rules_test
 
 import data.agov.lib.spec_rules
 
+# The limits the tests are written against: those of the shipped data.json. Tests that depend on
+# a limit evaluate with `with data.agov.config as config`, so that a workspace can change its own
+# limits without editing them; test_limits_come_from_data shows that the rules read data.
+config := {
+	"temperature_limits": {"compliance": 0.3, "analysis": 0.7, "ideation": 1.0},
+	"promotion_roles": ["agent_admin", "policy_admin"],
+	"budget_warn_ratio": 0.8,
+}
+
 # A spec that passes every rule; the other test packages import it too.
 agent := {
 	"apiVersion": "agov/v1",
@@ -235,8 +244,8 @@ cases := {
 # Tables use `every`: with `some`, a test passes when any one case passes.
 test_cases if {
 	every name, case in cases {
-		denies := {d.code | some d in spec_rules.deny with input as case.input}
-		warnings := {w.code | some w in spec_rules.warn with input as case.input}
+		denies := {d.code | some d in spec_rules.deny with input as case.input with data.agov.config as config}
+		warnings := {w.code | some w in spec_rules.warn with input as case.input with data.agov.config as config}
 		print_on_failure(name, "deny", denies, case.deny)
 		print_on_failure(name, "warn", warnings, case.warn)
 	}
@@ -308,16 +317,19 @@ messages := {
 }
 
 test_messages if {
-	some name, case in messages
-	found := {f.message | some f in (spec_rules.deny | spec_rules.warn) with input as case.input}
-	print_on_failure(name, "message", case.message in found, true)
+	every name, case in messages {
+		found := {f.message |
+			some f in (spec_rules.deny | spec_rules.warn) with input as case.input with data.agov.config as config
+		}
+		print_on_failure(name, "message", case.message in found, true)
+	}
 }
 
 # The limits are data: a user edits data.json and the rule follows.
 test_limits_come_from_data if {
 	spec_rules.deny == set() with input as put(temperature, 0.5)
 		with data.agov.config.temperature_limits as {"compliance": 0.5}
-	count(spec_rules.deny) > 0 with input as put(temperature, 0.5)
+	count(spec_rules.deny) > 0 with input as put(temperature, 0.5) with data.agov.config as config
 }
 
 test_warn_ratio_comes_from_data if {
