@@ -91,10 +91,10 @@ class RevalidationReport:
     changes: list[dict[str, Any]] = field(default_factory=list)
     changes_omitted: int = 0
 
-    def note_change(self, change: dict[str, Any]) -> None:
+    def note_change(self, row: _Row, verdict: PolicyVerdict) -> None:
         if len(self.changes) < _CHANGES_KEPT:
-            self.changes.append(change)
-        else:
+            self.changes.append(_change(row, verdict))
+        else:  # not even built: a run that fells 100k agents would build 100k
             self.changes_omitted += 1
 
     def as_dict(self) -> dict[str, Any]:
@@ -777,7 +777,7 @@ def _tally_dry(report: RevalidationReport, rows: list[_Row], verdicts: dict[str,
                 report.restored += 1
             elif not verdict.allow:
                 report.newly_invalidated += 1
-            report.note_change(_change(row, verdict))
+            report.note_change(row, verdict)
 
 
 def _input_digest(row: _Row, org_canonical: bytes) -> str:
@@ -899,8 +899,8 @@ def _apply(
                         payload={"deny": deny},
                     )
             _tally(tallied, verdict.status)
-            if verdict.status.value != row.status:
-                tallied.note_change(_change(row, verdict))
+            if verdict.status.value != row.status:  # noted as the counts are: before the commit
+                report.note_change(row, verdict)
         store_proofs(tx, signed)  # all unchanged (checked above), so it cannot refuse
         if signed:  # each renewal is a change: recorded in its own transaction, as any other
             tx.audit(
@@ -928,9 +928,6 @@ def _apply(
         report.invalidated += tallied.invalidated
         report.restored += tallied.restored
         report.newly_invalidated += tallied.newly_invalidated
-        for change in tallied.changes:
-            report.note_change(change)
-        report.changes_omitted += tallied.changes_omitted
         tx.execute(
             "UPDATE revalidation_runs SET cursor = ?, total = ?, valid = ?, restricted = ?, invalidated = ?,"
             " restored = ?, newly_invalidated = ? WHERE id = ?",

@@ -42,12 +42,21 @@ def test_assembled_chunk_input_is_the_document_it_stands_for(valid_spec: dict[st
 
 
 def test_a_report_keeps_the_first_changes_and_counts_the_rest() -> None:
+    from agov.decisions import PolicyVerdict, Reason
     from agov.revalidation import _CHANGES_KEPT, RevalidationReport
 
     report = RevalidationReport(policy_hash="p" * 64, dry_run=False)
+    fails = PolicyVerdict(False, (Reason("PROMOTION_DENY_X", "why"),))
     for i in range(_CHANGES_KEPT + 3):
-        report.note_change({"agent_id": f"a{i}"})
+        report.note_change(_Row(f"a{i}", 1, "0" * 64, 1, "GOVERNED_VALID", b"{}", True, None), fails)
 
     assert [c["agent_id"] for c in report.changes] == [f"a{i}" for i in range(_CHANGES_KEPT)]
+    assert report.changes[0] == {
+        "agent_id": "a0",
+        "from": "GOVERNED_VALID",
+        "to": "GOVERNED_INVALIDATED",
+        "deny": [{"code": "PROMOTION_DENY_X", "message": "why"}],
+        "warn": [],
+    }
     assert report.changes_omitted == 3
     assert report.as_dict()["changes_omitted"] == 3
