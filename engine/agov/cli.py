@@ -332,6 +332,18 @@ def init(ctx: Ctx, directory: Path | None) -> None:
     from agov.engine import Engine
 
     _managed_only(ctx, "init")
+    source = click.get_current_context().get_parameter_source("home")
+    if (
+        directory is not None
+        and source is not None
+        and source is not click.core.ParameterSource.DEFAULT
+        and directory.resolve() != ctx.home.resolve()
+    ):  # the workspace made would not be the one the next command opens
+        raise UsageError(
+            f"init {directory} names another workspace than --home/AGOV_HOME ({ctx.home}), which the"
+            " commands after it would use",
+            hint="give the directory once (as DIR, or as --home/AGOV_HOME)",
+        )
     home = directory or ctx.home
     with Engine.init(home, Config(), actor=ctx.actor) as engine:
         active = engine.active_policy()

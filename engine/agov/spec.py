@@ -293,7 +293,11 @@ def validate_spec(document: Any) -> AgentSpec:
         if len(errors) > _SHOWN_ERRORS:
             others.append(f"and {len(errors) - _SHOWN_ERRORS} more")
         also = "".join(f"\n  also {line}" for line in others)  # one fix-and-retry round, not ten
-        raise SpecError(f"{said[0]}{also}", path=where[0], hint="see the spec reference in README.md")
+        raise SpecError(
+            f"{said[0]}{also}",
+            path=where[0],
+            hint="start from a template (`agov agent templates`), or see the spec reference in agov's README",
+        )
     canonical = canonical_json(document)
     return AgentSpec(document=document, canonical=canonical, hash=spec_hash(document))
 

@@ -67,6 +67,7 @@ def test_promote_denies_with_the_cause(broken: Path) -> None:
 def test_a_command_that_is_not_a_decision_is_exit_3(broken: Path) -> None:
     error = expect_error(agov("agent", "list", home=broken), code=3)
     assert "not a database" in error["message"]
+    assert "restore agov.db" in error["hint"] and "from a backup" in error["hint"], error
 
 
 def test_an_unknown_agent_is_still_bad_input(fresh_ws: Path) -> None:

@@ -133,3 +133,11 @@ def test_init_that_fails_while_writing_the_layout_removes_what_it_wrote(tmp_path
     assert {p.name for p in home.iterdir()} == {"agov.yaml.tmp"}, "only what was there before"
     (home / "agov.yaml.tmp").rmdir()
     assert agov("init", home).code == 0, "and a retry succeeds"
+
+
+def test_init_refuses_a_directory_other_than_the_home_the_next_commands_use(tmp_path: Path) -> None:
+    elsewhere, home = tmp_path / "dir-arg", tmp_path / "env-home"
+    error = expect_error(agov("init", elsewhere, env={"AGOV_HOME": str(home)}), 2)
+    assert "names another workspace than --home/AGOV_HOME" in error["message"], error
+    assert not elsewhere.exists() and not home.exists(), "nothing is created"
+    assert ok("init", home, env={"AGOV_HOME": str(home)})["home"] == str(home)  # the same one: fine

@@ -358,8 +358,13 @@ class Store:
                 conn.execute("PRAGMA synchronous = NORMAL")
                 conn.execute("PRAGMA foreign_keys = ON")
             except sqlite3.Error as exc:
+                damaged = isinstance(exc, sqlite3.DatabaseError) and "not a database" in str(exc)
                 raise StoreError(
-                    f"cannot open the store {self.path}: {exc}", hint="check the path and its permissions"
+                    f"cannot open the store {self.path}: {exc}",
+                    hint="the file is damaged: restore agov.db (with its -wal file and agov.db.audit-anchor)"
+                    " from a backup"
+                    if damaged
+                    else "check the path and its permissions",
                 ) from exc
             conn.row_factory = sqlite3.Row
             self._local.conn = conn
