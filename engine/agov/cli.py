@@ -337,7 +337,7 @@ def init(ctx: Ctx, directory: Path | None) -> None:
         directory is not None
         and source is not None
         and source is not click.core.ParameterSource.DEFAULT
-        and directory.resolve() != ctx.home.resolve()
+        and not _same_place(directory, ctx.home)
     ):  # the workspace made would not be the one the next command opens
         raise UsageError(
             f"init {directory} names another workspace than --home/AGOV_HOME ({ctx.home}), which the"
@@ -353,6 +353,13 @@ def init(ctx: Ctx, directory: Path | None) -> None:
         {"home": str(home), "policy_hash": active.hash, "keyid": keys[-1].keyid},
         f"initialised workspace {home}\n  policy {active.hash}\n  proof key {keys[-1].keyid}",
     )
+
+
+def _same_place(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):  # a symlink loop, say: Engine.init names the problem
+        return os.path.abspath(a) == os.path.abspath(b)
 
 
 # -- agents -------------------------------------------------------------------------------------
@@ -726,8 +733,11 @@ def _revalidation_text(report: dict[str, Any]) -> str:
         lines += [f"    {r['code']}: {r['message']}" for r in change["deny"] + change["warn"]]
     if report.get("changes_omitted"):
         lines.append(
-            f"  ... and {report['changes_omitted']} more changes (`agov agent list --status STATUS` lists them)"
+            f"  ... and {report['changes_omitted']} more changes"
+            " (`agov agent list --status STATUS --limit N` lists the agents by status)"
         )
+    if report.get("resumed") and not report["dry_run"]:
+        lines.append("  (changes made before the interruption are not listed: `agov audit export` has them)")
     return "\n".join(lines)
 
 
@@ -958,11 +968,16 @@ def keys_revoke(ctx: Ctx, keyid: str, reason: str) -> None:
             )
         was = matches[0].state
         state = engine.revoke_key(matches[0].keyid, reason=reason, actor=ctx.actor)
-        signer = next((k.keyid for k in engine.list_keys() if k.state == "signing"), None)
-    if was == "staged":  # it signed nothing yet
-        hint = f"the rotation to it is cancelled; {signer[:16] + ' keeps' if signer else 'no key'} signing"
+        try:  # the key is revoked whatever happens here: only the hint may be lost
+            signer = next((k.keyid for k in engine.list_keys() if k.state == "signing"), None)
+        except Exception:
+            signer = ""
+    if signer == "":
+        hint = "`agov keys list` shows which key signs now; `agov revalidate` re-signs valid agents"
     elif signer is None:
         hint = "no key signs now: `agov keys generate`, then `agov revalidate` to re-sign valid agents"
+    elif was == "staged":  # it signed nothing yet
+        hint = f"the rotation to it is cancelled; {signer[:16]} keeps signing"
     else:
         hint = f"`agov revalidate` re-signs, with {signer[:16]}, the valid agents whose proofs it signed"
     emit(ctx, state.as_dict(), f"revoked {state.keyid} at {state.revoked_at}\n  hint: {hint}")

@@ -375,3 +375,9 @@ def test_the_revoke_hint_fits_the_key_revoked(ws: Path, tmp_path: Path) -> None:
     last = agov("keys", "revoke", successor[:12], "--reason", "leaked too", home=home, as_json=False)
     assert last.code == 0, str(last)
     assert "no key signs now: `agov keys generate`, then `agov revalidate`" in last.out, last.out
+
+    # a rotation cancelled when no key signs: the hint is the way out, not the rotation
+    later = ok("keys", "generate", "--not-before", "2999-01-01T00:00:00Z", home=home)["keyid"]
+    alone = agov("keys", "revoke", later[:12], "--reason", "not that one", home=home, as_json=False)
+    assert alone.code == 0, str(alone)
+    assert "no key signs now: `agov keys generate`" in alone.out, alone.out

@@ -141,3 +141,9 @@ def test_init_refuses_a_directory_other_than_the_home_the_next_commands_use(tmp_
     assert "names another workspace than --home/AGOV_HOME" in error["message"], error
     assert not elsewhere.exists() and not home.exists(), "nothing is created"
     assert ok("init", home, env={"AGOV_HOME": str(home)})["home"] == str(home)  # the same one: fine
+
+
+def test_init_into_a_symlink_loop_is_bad_input(tmp_path: Path) -> None:
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    expect_error(agov("init", tmp_path / "a", env={"AGOV_HOME": str(tmp_path / "a")}), 2)

@@ -55,3 +55,25 @@ def test_ctrl_c_at_a_prompt_exits_130(monkeypatch: pytest.MonkeyPatch) -> None:
 
     assert result.exit_code == 130, result.output
     assert result.stderr.startswith("error: interrupted")
+
+
+def test_a_resumed_run_says_its_changes_before_the_interruption_are_not_listed() -> None:
+    from agov.cli import _revalidation_text
+
+    report = {
+        "dry_run": False,
+        "resumed": True,
+        "total": 2,
+        "policy_hash": "ab" * 32,
+        "valid": 1,
+        "restricted": 0,
+        "invalidated": 1,
+        "newly_invalidated": 1,
+        "restored": 0,
+        "changes": [],
+        "changes_omitted": 2,
+    }
+    text = _revalidation_text(report)
+    assert "... and 2 more changes" in text
+    assert "changes made before the interruption are not listed" in text
+    assert "not listed" not in _revalidation_text({**report, "resumed": False})

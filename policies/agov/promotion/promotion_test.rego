@@ -3,6 +3,9 @@ package agov.promotion_test
 import data.agov.lib.spec_rules_test
 import data.agov.promotion
 
+# the limits the tests are written against (see agov.lib.spec_rules_test.config)
+config := spec_rules_test.config
+
 valid_input := {
 	"agent": spec_rules_test.agent,
 	"actor": {"id": "alice", "role": "agent_admin"},
@@ -24,10 +27,11 @@ print_on_failure(name, got, want) if {
 
 test_valid_input_is_allowed if {
 	promotion.decision == {"allow": true, "deny": set(), "warn": set()} with input as valid_input
+		with data.agov.config as config
 }
 
 test_policy_admin_may_promote if {
-	promotion.allow with input as put("/actor/role", "policy_admin") with data.agov.config as spec_rules_test.config
+	promotion.allow with input as put("/actor/role", "policy_admin") with data.agov.config as config
 }
 
 # Each case: the input and the exact set of deny codes it must give.
@@ -69,7 +73,7 @@ cases := {
 
 test_cases if {
 	every name, case in cases {
-		decision := promotion.decision with input as case.input
+		decision := promotion.decision with input as case.input with data.agov.config as config
 		print_on_failure(name, codes(decision.deny), case.deny)
 		decision.allow == false
 	}
@@ -77,6 +81,7 @@ test_cases if {
 
 test_warnings_do_not_deny if {
 	decision := promotion.decision with input as put("/agent/spec/agent_type", "autonomous")
+		with data.agov.config as config
 	decision.allow == true
 	codes(decision.warn) == {"PROMOTION_WARN_AUTONOMOUS_AGENT"}
 }
@@ -85,21 +90,24 @@ test_role_message if {
 	{
 		"code": "PROMOTION_DENY_ROLE_NOT_ALLOWED",
 		"message": `actor.role "viewer" may not promote agents; allowed roles: ["agent_admin", "policy_admin"]`,
-	} in promotion.deny with input as put("/actor/role", "viewer") with data.agov.config as spec_rules_test.config
+	} in promotion.deny with input as put("/actor/role", "viewer") with data.agov.config as config
 }
 
 test_roles_come_from_data if {
 	promotion.allow with input as put("/actor/role", "auditor")
+		with data.agov.config as config
 		with data.agov.config.promotion_roles as ["auditor"]
 }
 
 test_missing_roles_config_denies if {
-	denies := promotion.deny with input as valid_input with data.agov.config.promotion_roles as null
+	denies := promotion.deny with input as valid_input with data.agov.config as config
+		with data.agov.config.promotion_roles as null
 	{
 		"code": "PROMOTION_DENY_ROLE_NOT_ALLOWED",
 		"message": "data.agov.config.promotion_roles is missing or not an array: no role may promote",
 	} in denies
-	not promotion.allow with input as valid_input with data.agov.config.promotion_roles as null
+	not promotion.allow with input as valid_input with data.agov.config as config
+		with data.agov.config.promotion_roles as null
 }
 
 # R14: each required input field dropped in turn must deny, with the code that
@@ -141,6 +149,7 @@ required_fields := {
 test_r14_each_required_field_dropped_denies if {
 	every path, code in required_fields {
 		decision := promotion.decision with input as json.remove(valid_input, [path])
+			with data.agov.config as config
 		print_on_failure(path, [decision.allow, code in codes(decision.deny)], [false, true])
 	}
 }

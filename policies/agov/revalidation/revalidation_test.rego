@@ -3,6 +3,9 @@ package agov.revalidation_test
 import data.agov.lib.spec_rules_test
 import data.agov.revalidation
 
+# the limits the tests are written against (see agov.lib.spec_rules_test.config)
+config := spec_rules_test.config
+
 agent := spec_rules_test.agent
 
 patch(doc, path, value) := json.patch(doc, [{"op": "add", "path": path, "value": value}])
@@ -29,25 +32,26 @@ test_mixed_chunk if {
 		"a-pass": [true, set(), set()],
 		"a-warn": [true, set(), {"PROMOTION_WARN_AUTONOMOUS_AGENT"}],
 		"a-fail": [false, {"PROMOTION_DENY_TEMPERATURE_EXCEEDS_LIMIT"}, set()],
-	} with input as chunk
+	} with input as chunk with data.agov.config as config
 }
 
 test_failing_message if {
 	revalidation.results["a-fail"].deny == {{
 		"code": "PROMOTION_DENY_TEMPERATURE_EXCEEDS_LIMIT",
 		"message": "temperature 0.9 exceeds the compliance limit 0.3",
-	}} with input as chunk with data.agov.config as spec_rules_test.config
+	}} with input as chunk with data.agov.config as config
 }
 
 # The results do not depend on the order of the agents in the chunk.
 test_order_does_not_matter if {
-	forward := revalidation.results with input as chunk
+	forward := revalidation.results with input as chunk with data.agov.config as config
 	backward := revalidation.results with input as patch(chunk, "/agents", [failing, warning, passing])
+		with data.agov.config as config
 	forward == backward
 }
 
 test_missing_org_denies_every_agent if {
-	results := revalidation.results with input as json.remove(chunk, ["org"])
+	results := revalidation.results with input as json.remove(chunk, ["org"]) with data.agov.config as config
 	count(results) == 3
 	every result in results {
 		result.allow == false
@@ -57,6 +61,7 @@ test_missing_org_denies_every_agent if {
 
 test_agent_missing_denies if {
 	result := revalidation.results.bare with input as patch(chunk, "/agents", [{"id": "bare"}])
+		with data.agov.config as config
 	result.allow == false
 	"PROMOTION_DENY_INPUT_INVALID" in codes(result.deny)
 }
@@ -69,15 +74,17 @@ test_entries_without_a_usable_id_have_no_result if {
 		{"id": 7, "agent": agent},
 		"not an entry",
 	])
+		with data.agov.config as config
 	object.keys(results) == {"a-pass"}
 }
 
 test_empty_chunk if {
-	revalidation.results == {} with input as patch(chunk, "/agents", [])
+	revalidation.results == {} with input as patch(chunk, "/agents", []) with data.agov.config as config
 }
 
 test_a_later_policy_change_invalidates if {
 	results := revalidation.results with input as chunk
+		with data.agov.config as config
 		with data.agov.config.temperature_limits.compliance as 0.1
 	summary(results)["a-pass"] == [false, {"PROMOTION_DENY_TEMPERATURE_EXCEEDS_LIMIT"}, set()]
 }
@@ -86,5 +93,6 @@ test_a_later_policy_change_invalidates if {
 # same findings as agov.lib.spec_rules gives for it alone (as in promotion).
 test_a_repeated_entry_has_one_result if {
 	results := revalidation.results with input as patch(chunk, "/agents", [passing, failing, passing])
+		with data.agov.config as config
 	object.keys(results) == {"a-pass", "a-fail"}
 }

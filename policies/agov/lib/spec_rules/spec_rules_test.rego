@@ -328,12 +328,14 @@ test_messages if {
 # The limits are data: a user edits data.json and the rule follows.
 test_limits_come_from_data if {
 	spec_rules.deny == set() with input as put(temperature, 0.5)
+		with data.agov.config as config
 		with data.agov.config.temperature_limits as {"compliance": 0.5}
 	count(spec_rules.deny) > 0 with input as put(temperature, 0.5) with data.agov.config as config
 }
 
 test_warn_ratio_comes_from_data if {
 	spec_rules.warn == set() with input as put(budget, 900)
+		with data.agov.config as config
 		with data.agov.config.budget_warn_ratio as 0.95
 }
 
