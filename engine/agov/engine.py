@@ -615,12 +615,21 @@ class Engine:
             )
         except AgovError as exc:
             # a ConflictError: another process works the run, or closed it; it is not left stopped
-            if not dry_run and not isinstance(exc, ConflictError):
+            if not dry_run and not isinstance(exc, ConflictError) and self._run_left_open(target):
                 self.metrics.revalidation_stopped.inc()
             raise
         if not dry_run:
             self.metrics.invalidations.inc(report.newly_invalidated)
         return report
+
+    def _run_left_open(self, policy_hash: str) -> bool:
+        """Whether a run of ``policy_hash`` is unfinished, as one an error stopped is; a failure
+        before any run was opened (no key may sign, say) stops none. An unreadable store may have
+        left one: counted, for an alert to look."""
+        try:
+            return revalidation.unfinished_run(self.store, policy_hash)
+        except Exception:
+            return True
 
     def reload_policy(
         self,

@@ -1033,3 +1033,16 @@ def test_a_policy_tree_mounted_as_a_configmap_volume_builds_and_reloads_as_the_p
     reloaded = engine.reload_policy(actor=ACTOR, reason="ConfigMap updated")
     assert reloaded["changed"] is True
     assert reloaded["policy_hash"] == compute_policy_hash(plain) == engine.evaluator().revision() != old
+
+
+def test_a_revalidation_that_cannot_open_a_run_is_not_counted_as_a_stopped_run(home: Path) -> None:
+    """revalidation_stopped_total is for an alert: a run left unfinished, whose agents are judged
+    only when they start. A refusal before any run was opened leaves none."""
+    with Engine.init(home, actor=ACTOR) as engine:
+        create_governed(engine, "cool-analyst", temperature=0.3)
+        for key in engine.list_keys():
+            engine.revoke_key(key.keyid, reason="no signer", actor=ACTOR)
+        with pytest.raises(KeyMaterialError):
+            engine.revalidate()
+        assert engine.store.query("SELECT id FROM revalidation_runs WHERE finished_at IS NULL") == []
+        assert metric(engine, STOPPED) == 0
