@@ -78,8 +78,9 @@ class Workspace:
             )
         if len(present) == 1:  # half a workspace: init would refuse to overwrite the other half
             missing = DB_FILE if present == [CONFIG_FILE] else CONFIG_FILE
+            what = "is not a file" if (home / missing).exists() else "is missing"
             raise WorkspaceError(
-                f"the agov workspace at {home} has {present[0]} but no {missing}",
+                f"the agov workspace at {home} has {present[0]}, but its {missing} {what}",
                 hint=f"restore {home / missing} from a backup; `agov init` does not overwrite a workspace",
             )
         return cls(home=home, config=load_config(home / CONFIG_FILE))

@@ -368,16 +368,18 @@ def test_no_workspace_via_agov_home(tmp_path: Path) -> None:
     assert str(home) in error["message"]
 
 
-@pytest.mark.parametrize("gone", ["agov.yaml", "agov.db"])
+@pytest.mark.parametrize(("gone", "as_dir"), [("agov.yaml", False), ("agov.db", False), ("agov.db", True)])
 def test_half_a_workspace_names_the_missing_file_instead_of_advising_init(
-    pristine: Path, tmp_path: Path, gone: str
+    pristine: Path, tmp_path: Path, gone: str, as_dir: bool
 ) -> None:
     """`agov init` refuses to overwrite the half that is left, so advising it led nowhere."""
     home = copy_ws(pristine, tmp_path / "ws")
     (home / gone).unlink()
+    if as_dir:
+        (home / gone).mkdir()
     error = expect_error(agov("agent", "list", home=home), 2)
     assert error["message"].startswith(f"the agov workspace at {home} has ") and error["message"].endswith(
-        f"but no {gone}"
+        f"but its {gone} {'is not a file' if as_dir else 'is missing'}"
     )
     assert "restore" in error["hint"] and "agov init" in error["hint"]
     assert expect_error(agov("init", home), 2)["message"].startswith("refusing to overwrite")
