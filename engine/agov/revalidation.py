@@ -869,14 +869,7 @@ def _apply(
                 signed.append(proofs[row.agent_id])
                 if row.status == Status.GOVERNED_INVALIDATED.value:
                     tallied.restored += 1
-                    tx.audit(
-                        Code.AGENT_RESTORED,
-                        agent_id=row.agent_id,
-                        actor=REVALIDATION_ACTOR,
-                        policy_hash=policy_hash,
-                        now=now,
-                        payload={"status": verdict.status.value},
-                    )
+                    _audit_restored(tx, row, verdict, policy_hash, now)
             else:
                 deny = [r.as_dict() for r in verdict.deny]
                 invalidated.append(
@@ -1097,14 +1090,7 @@ def _renew_in(
     signed = _renewal(row, verdict, signer, seal, policy_hash, decision_id, org_canonical, now)
     store_proofs(tx, [signed])
     if restore:  # as the run audits a restore, and in the same order
-        tx.audit(
-            Code.AGENT_RESTORED,
-            agent_id=row.agent_id,
-            actor=REVALIDATION_ACTOR,
-            policy_hash=policy_hash,
-            now=now,
-            payload={"status": verdict.status.value, "run_id": int(run[0]), "at_start": True},
-        )
+        _audit_restored(tx, row, verdict, policy_hash, now, run_id=int(run[0]), at_start=True)
     tx.audit(
         Code.PROOFS_RENEWED,
         agent_id=row.agent_id,
@@ -1122,6 +1108,19 @@ def _renew_in(
         },
     )
     return StartRenewal(True, renewed=True)
+
+
+def _audit_restored(
+    tx: Tx, row: _Row, verdict: PolicyVerdict, policy_hash: str, now: datetime, **more: Any
+) -> None:
+    tx.audit(
+        Code.AGENT_RESTORED,
+        agent_id=row.agent_id,
+        actor=REVALIDATION_ACTOR,
+        policy_hash=policy_hash,
+        now=now,
+        payload={"status": verdict.status.value, **more},
+    )
 
 
 def _restart(store: Store, run_id: int, policy_hash: str, cause: KeyMaterialError, now: datetime) -> None:

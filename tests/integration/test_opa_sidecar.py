@@ -434,23 +434,31 @@ def test_failed_start_leaves_no_opa_process(build_bundle: Any, signing_key: Any,
     assert _opa_children() == []
 
 
+def _wrapped(bundle: Any, signing_key: Any, tmp_path: Path, script: str) -> ManagedSidecar:
+    """A sidecar whose AGOV_OPA_BIN is a shell script running ``script``."""
+    wrapper = tmp_path / "opa-wrapper"
+    wrapper.write_text("#!/bin/sh\n" + script)
+    wrapper.chmod(0o755)
+    return ManagedSidecar(
+        bundle.data,
+        bundle.revision,
+        signing_key.public_pem,
+        signing_key.keyid,
+        managed=ManagedConfig(startup_timeout_s=60),
+        opa_bin=wrapper,
+    )
+
+
 def test_an_opa_binary_that_forks_opa_fails_at_once_saying_why(
     first_bundle: Any, signing_key: Any, opa_bin: Path, tmp_path: Path
 ) -> None:
     """A wrapper script that runs opa without `exec`: the process listening is not the one agov
     started, so no answer can be trusted. Start fails at once, not at the start deadline."""
-    wrapper = tmp_path / "opa-wrapper"
-    wrapper.write_text(
-        f'#!/bin/sh\n"{opa_bin}" "$@" &\nchild=$!\ntrap \'kill $child\' TERM INT\nwait $child\n'
-    )
-    wrapper.chmod(0o755)
-    sc = ManagedSidecar(
-        first_bundle.data,
-        first_bundle.revision,
-        signing_key.public_pem,
-        signing_key.keyid,
-        managed=ManagedConfig(startup_timeout_s=60),
-        opa_bin=wrapper,
+    sc = _wrapped(
+        first_bundle,
+        signing_key,
+        tmp_path,
+        f'"{opa_bin}" "$@" &\nchild=$!\ntrap \'kill $child\' TERM INT\nwait $child\n',
     )
     started = time.monotonic()
     with pytest.raises(WrongListenerError, match=r"is not the OPA agov started") as refused:
@@ -468,17 +476,7 @@ def test_an_opa_forked_by_a_wrapper_is_stopped_with_it(
     orphan holding the socket, if only the wrapper were signalled. The sidecar's whole process
     group is."""
     forked = tmp_path / "forked.pid"
-    wrapper = tmp_path / "opa-wrapper"
-    wrapper.write_text(f'#!/bin/sh\n"{opa_bin}" "$@" &\necho $! > "{forked}"\nwait\n')
-    wrapper.chmod(0o755)
-    sc = ManagedSidecar(
-        first_bundle.data,
-        first_bundle.revision,
-        signing_key.public_pem,
-        signing_key.keyid,
-        managed=ManagedConfig(startup_timeout_s=60),
-        opa_bin=wrapper,
-    )
+    sc = _wrapped(first_bundle, signing_key, tmp_path, f'"{opa_bin}" "$@" &\necho $! > "{forked}"\nwait\n')
     with pytest.raises(WrongListenerError):
         sc.start()
     sc.stop()
