@@ -158,6 +158,12 @@ class KnownBug(AssertionError):
 def reload_interrupted_at(engine: Engine, agent_id: str, monkeypatch: Any, *, limit: float = 0.4) -> None:
     """Reload to a policy whose analysis limit is ``limit`` (P2: 0.4); OPA fails on the chunk that
     starts with ``agent_id``, so the chunks before it are committed and the run is left unfinished."""
+    edit_data(engine.workspace.home, set_analysis_limit(limit))
+    reload_stopped_at(engine, agent_id, monkeypatch, reason=f"analysis limit {limit}, interrupted")
+
+
+def reload_stopped_at(engine: Engine, agent_id: str, monkeypatch: Any, *, reason: str) -> None:
+    """Reload what the workspace holds now; OPA fails on the chunk that starts with ``agent_id``."""
     from agov import revalidation
     from agov.errors import EngineUnavailableError
 
@@ -168,10 +174,9 @@ def reload_interrupted_at(engine: Engine, agent_id: str, monkeypatch: Any, *, li
             raise EngineUnavailableError("injected: OPA went away")
         return judge(evaluator, rows, *args)
 
-    edit_data(engine.workspace.home, set_analysis_limit(limit))
     monkeypatch.setattr(revalidation, "_verdicts", chunk_fails)
     try:
-        engine.reload_policy(actor=ACTOR, reason=f"analysis limit {limit}, interrupted")
+        engine.reload_policy(actor=ACTOR, reason=reason)
     except EngineUnavailableError:
         pass
     else:

@@ -48,6 +48,17 @@ def _current_proof(engine: Engine, agent_id: str) -> Any:
     return rows[0]
 
 
+def _last_seq(engine: Engine) -> int:
+    return int(engine.store.query_one("SELECT MAX(seq) AS seq FROM audit_events")["seq"])
+
+
+def _events_since(engine: Engine, seq: int) -> list[Any]:
+    return engine.store.query(
+        "SELECT type, agent_id, actor, policy_hash, payload FROM audit_events WHERE seq > ? ORDER BY seq",
+        (seq,),
+    )
+
+
 def _open_run(engine: Engine) -> Any:
     return engine.store.query_one(
         "SELECT id, cursor, total FROM revalidation_runs WHERE finished_at IS NULL ORDER BY id DESC"
@@ -67,7 +78,7 @@ def test_setup_leaves_the_second_chunk_on_the_old_policy(engine: Engine) -> None
 def test_a_passing_agent_the_run_has_not_reached_is_judged_and_admitted(engine: Engine) -> None:
     p2 = engine.active_policy().hash
     run_before = dict(_open_run(engine))
-    audit_before = engine.store.query_one("SELECT MAX(seq) AS seq FROM audit_events")["seq"]
+    audit_before = _last_seq(engine)
 
     decision = engine.admit(SECOND[0])
 
@@ -75,10 +86,7 @@ def test_a_passing_agent_the_run_has_not_reached_is_judged_and_admitted(engine: 
     assert decision.status == Status.GOVERNED_VALID.value
     proof = _current_proof(engine, SECOND[0])
     assert proof["policy_hash"] == p2 and proof["seal"]
-    events = engine.store.query(
-        "SELECT type, agent_id, actor, policy_hash, payload FROM audit_events WHERE seq > ? ORDER BY seq",
-        (audit_before,),
-    )
+    events = _events_since(engine, audit_before)
     assert [(e["type"], e["agent_id"], e["actor"], e["policy_hash"]) for e in events] == [
         (Code.PROOFS_RENEWED, SECOND[0], "agov-revalidation", p2)
     ]
@@ -341,17 +349,14 @@ def test_setup_leaves_the_run_short_of_two_invalidated_agents(restoring: Engine)
 def test_an_invalidated_agent_the_active_policy_passes_is_restored_at_its_start(restoring: Engine) -> None:
     p3 = restoring.active_policy().hash
     run_before = dict(_open_run(restoring))
-    audit_before = restoring.store.query_one("SELECT MAX(seq) AS seq FROM audit_events")["seq"]
+    audit_before = _last_seq(restoring)
 
     decision = restoring.admit(AHEAD[0])
 
     assert (decision.allow, decision.code, decision.policy_hash) == (True, Code.ADMISSION_ALLOW, p3)
     assert restoring.get_agent(AHEAD[0]).status is Status.GOVERNED_VALID
     assert _current_proof(restoring, AHEAD[0])["policy_hash"] == p3
-    events = restoring.store.query(
-        "SELECT type, agent_id, actor, policy_hash, payload FROM audit_events WHERE seq > ? ORDER BY seq",
-        (audit_before,),
-    )
+    events = _events_since(restoring, audit_before)
     assert [(e["type"], e["agent_id"], e["actor"], e["policy_hash"]) for e in events] == [
         (Code.AGENT_RESTORED, AHEAD[0], "agov-revalidation", p3),
         (Code.PROOFS_RENEWED, AHEAD[0], "agov-revalidation", p3),
@@ -443,8 +448,7 @@ def test_an_invalidated_agent_whose_proof_is_bound_to_the_active_policy_is_resto
 ) -> None:
     """A run that invalidates keeps the agent's proof; org limits changed back (or a rollback)
     bring that proof's policy back under a new run, which would restore the agent (helper-44)."""
-    from agov import revalidation
-    from agov.errors import EngineUnavailableError
+    from _reload_support import reload_stopped_at
 
     with Engine.init(tmp_path / "ws", Config(limits=Limits(revalidation_chunk_size=2)), actor=ACTOR) as eng:
         for agent_id, budget in zip((*JUDGED, *AHEAD), (100, 100, 300, 300), strict=True):
@@ -455,17 +459,7 @@ def test_an_invalidated_agent_whose_proof_is_bound_to_the_active_policy_is_resto
             eng.reload_policy(actor=ACTOR, reason="org limits down")["revalidation"]["newly_invalidated"] == 2
         )
         edit_config(eng.workspace.home, lambda raw: raw["org"].__setitem__("max_monthly_budget_usd", 1000))
-        judge = revalidation._verdicts
-
-        def chunk_fails(evaluator: Any, rows: list[Any], *args: Any) -> Any:
-            if rows[0].agent_id == AHEAD[0]:
-                raise EngineUnavailableError("injected: OPA went away")
-            return judge(evaluator, rows, *args)
-
-        monkeypatch.setattr(revalidation, "_verdicts", chunk_fails)
-        with pytest.raises(EngineUnavailableError):
-            eng.reload_policy(actor=ACTOR, reason="org limits up, interrupted")
-        monkeypatch.setattr(revalidation, "_verdicts", judge)
+        reload_stopped_at(eng, AHEAD[0], monkeypatch, reason="org limits up, interrupted")
         assert eng.get_agent(AHEAD[0]).status is Status.GOVERNED_INVALIDATED
         assert _current_proof(eng, AHEAD[0])["policy_hash"] == active  # as before the limits fell
 
