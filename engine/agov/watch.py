@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +29,10 @@ _DIRECTORY_CHANGES = frozenset({"created", "moved", "deleted"})
 # a new hidden directory and renames a symlink to ``..data`` over the old one, so the files' own
 # names (symlinks through ``..data``) see no event at all.
 _VOLUME_SWAP_NAME = "..data"
+# watchdog's recursive inotify watch can add a directory that appears inside a new one twice (from
+# its scan of the new directory and from the directory's own event), and warns on the second add
+# that it replaces the callback, with the same callback. A ConfigMap update makes such trees.
+_SAME_CALLBACK_AGAIN = r"Callback with id '[^']*' already exists for watch"
 
 
 class _Debounced(FileSystemEventHandler):
@@ -103,6 +108,9 @@ class PolicyWatcher:
         config_file: Path | None = None,
     ) -> None:
         """``config_file`` (``agov.yaml``) is watched too: its org limits judge agents."""
+        warnings.filterwarnings(
+            "ignore", message=_SAME_CALLBACK_AGAIN, category=RuntimeWarning, module=r"watchdog\.observers\."
+        )
         self._run_lock = threading.Lock()
         self._stopped = threading.Event()
         self._on_change = on_change
