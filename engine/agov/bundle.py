@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -18,10 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from agov import interrupts
 from agov.errors import PolicyError
 from agov.hashing import policy_hash
 from agov.opa.binary import opa_version, pdeathsig_preexec
 from agov.spec import ambiguous_keys
+from agov.tempdirs import claimed_tempdir
 
 BUNDLE_ROOT = "agov"
 AGREEMENT_TESTS = "*_agreement_test.rego"
@@ -135,7 +138,20 @@ def compute_policy_hash(policies_root: Path) -> str:
     return policy_hash(bundle_files(policies_root))
 
 
+_WAIT_SLICE_S = 0.25
+
+
 def _start(cmd: Sequence[str], cwd: Path | None = None) -> subprocess.Popen[str]:
+    # SIGTERM and Ctrl-C wait until Popen returns: raised in the at-fork hooks it runs, their
+    # exception would be dropped (with a traceback on stderr). The step gets the caller's mask.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    armed = pdeathsig_preexec()
+
+    def preexec() -> None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        if armed is not None:
+            armed()
+
     try:
         # A group of its own: a Ctrl-C meant for `agov serve` (which stops at a safe point) must
         # not kill a build or test midway, which would read as a policy that failed them. Out of
@@ -149,12 +165,14 @@ def _start(cmd: Sequence[str], cwd: Path | None = None) -> subprocess.Popen[str]
             text=True,
             cwd=cwd,
             process_group=0,
-            preexec_fn=pdeathsig_preexec(),
+            preexec_fn=preexec,
         )
     except OSError as exc:
         raise PolicyError(
             f"cannot run {cmd[0]}: {exc.strerror}", hint="run `make tools` or set AGOV_OPA_BIN"
         ) from exc
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _finish(
@@ -171,7 +189,7 @@ def _finish(
         EngineUnavailableError: the opa binary does not run at all.
     """
     try:
-        out, err = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+        out, err = _communicate(proc, deadline)
     except subprocess.TimeoutExpired as exc:
         proc.kill()
         proc.communicate()
@@ -189,6 +207,27 @@ def _finish(
             f"{what} {failure}:\n{detail}", hint="fix the policy; the active one stays in force"
         )
     return out
+
+
+def _communicate(proc: subprocess.Popen[str], deadline: float) -> tuple[str, str]:
+    """``proc.communicate()`` until ``deadline``, waiting in slices of at most a quarter second.
+
+    Between slices, a SIGTERM whose exception Python dropped (it can arrive while ``Popen``
+    runs its at-fork hooks) is raised: the build then stops within a slice, not at the step's
+    deadline (two minutes). Output is not lost between slices (``communicate`` resumes).
+
+    Raises:
+        subprocess.TimeoutExpired: the deadline passed.
+        interrupts.Terminated: a SIGTERM arrived.
+    """
+    while True:
+        interrupts.raise_if_lost()
+        try:
+            out, err = proc.communicate(timeout=max(0.01, min(_WAIT_SLICE_S, deadline - time.monotonic())))
+            return out, err
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                raise
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -243,7 +282,8 @@ def check_and_build(
         PolicyError: the tree is empty, does not compile, a test fails, or the build failed.
         EngineUnavailableError: the opa binary does not run.
     """
-    with tempfile.TemporaryDirectory(prefix="agov-bundle-") as tmp:
+    # claimed while in use: a build killed outright (SIGKILL, OOM) leaves it for the next to remove
+    with claimed_tempdir("agov-bundle-") as tmp:
         snapshot = Path(tmp) / "policies"
         _stable_copy(policies_root, snapshot)
         try:

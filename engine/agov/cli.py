@@ -8,6 +8,7 @@ that is not a decision (``admit`` and ``promote`` answer such an error with a de
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import getpass
 import json
@@ -25,6 +26,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
+from agov import interrupts
 from agov.config import Config
 from agov.errors import AgovError, ConfigError, InfrastructureError, NotFoundError, SpecError, UsageError
 from agov.registry import CreationMode
@@ -127,14 +129,16 @@ def _report(kind: str, message: str, hint: str, code: int, as_json: bool) -> NoR
     sys.exit(code)
 
 
-def _interrupted(as_json: bool) -> NoReturn:
-    """Ctrl-C is not a deny (exit 1 is one): exit as a process stopped by SIGINT would."""
+def _interrupted(as_json: bool, by: KeyboardInterrupt | None = None) -> NoReturn:
+    """Ctrl-C or SIGTERM is not a deny (exit 1 is one): exit as a process stopped by that
+    signal would."""
+    terminated = isinstance(by, interrupts.Terminated)
     _report(
-        "Interrupted",
-        "interrupted",
+        "Terminated" if terminated else "Interrupted",
+        "terminated (SIGTERM)" if terminated else "interrupted",
         "what was committed stays committed; a reload or revalidation cut short is finished by"
         " `agov revalidate` (or the next reload, or `agov serve`)",
-        128 + signal.SIGINT,
+        128 + (signal.SIGTERM if terminated else signal.SIGINT),
         as_json,
     )
 
@@ -172,26 +176,35 @@ def common(func: F) -> F:
     def wrapper(home: Path, as_json: bool, actor: str | None, opa_url: str | None, **kwargs: Any) -> Any:
         as_json = as_json or bool(click.get_current_context().meta.get(_JSON_META))  # `agov --json X`
         ctx = Ctx(home=home, as_json=as_json, actor=actor or _default_actor(), opa_url=opa_url)
-        try:
-            return func(ctx, **kwargs)
-        except click.exceptions.Abort as exc:  # click.prompt turns Ctrl-C into Abort
-            if _by_ctrl_c(exc):
-                _interrupted(as_json)
-            fail(UsageError("aborted: no answer to a prompt (stdin closed?)"), as_json)
-        except click.exceptions.Exit:
-            raise
-        except click.ClickException:
-            raise
-        except BrokenPipeError as exc:
-            if _stdout_reader_gone():
-                _stdout_closed()
-            fail(exc, as_json)  # another pipe or socket broke: an error to report, not a quiet stop
-        except KeyboardInterrupt:
-            _interrupted(as_json)
-        except (AgovError, Exception) as exc:
-            fail(exc, as_json)
+        # SIGTERM unwinds as Ctrl-C does: a transaction rolls back, a build's copy of the tree
+        # is removed, the managed OPA stopped (`serve` sets its own handler)
+        main_thread = threading.current_thread() is threading.main_thread()
+        with interrupts.sigterm_unwinds() if main_thread else contextlib.nullcontext():
+            return _run(func, ctx, as_json, kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _run(func: Callable[..., Any], ctx: Ctx, as_json: bool, kwargs: dict[str, Any]) -> Any:
+    """Run one command; errors and interrupts end in a message and the documented exit code."""
+    try:
+        return func(ctx, **kwargs)
+    except click.exceptions.Abort as exc:  # click.prompt turns Ctrl-C into Abort
+        if interrupt := _interrupt_behind(exc):
+            _interrupted(as_json, interrupt)
+        fail(UsageError("aborted: no answer to a prompt (stdin closed?)"), as_json)
+    except click.exceptions.Exit:
+        raise
+    except click.ClickException:
+        raise
+    except BrokenPipeError as exc:
+        if _stdout_reader_gone():
+            _stdout_closed()
+        fail(exc, as_json)  # another pipe or socket broke: an error to report, not a quiet stop
+    except KeyboardInterrupt as exc:
+        _interrupted(as_json, exc)
+    except (AgovError, Exception) as exc:
+        fail(exc, as_json)
 
 
 def _stdout_reader_gone() -> bool:
@@ -289,8 +302,8 @@ class _Agov(click.Group):
             hint = "`agov --help` lists the commands; `agov <command> --help` shows one's usage"
             _report(type(exc).__name__, exc.format_message(), hint, exc.exit_code, as_json=True)
         except click.exceptions.Abort as exc:  # not 1, which is a deny
-            if _by_ctrl_c(exc):
-                _interrupted(_json_requested(argv))
+            if interrupt := _interrupt_behind(exc):
+                _interrupted(_json_requested(argv), interrupt)
             fail(UsageError("aborted"), _json_requested(argv))
         sys.exit(code if isinstance(code, int) else 0)
 
@@ -316,9 +329,10 @@ def main(as_json: bool) -> None:
     _json_here(as_json)
 
 
-def _by_ctrl_c(exc: BaseException) -> bool:
+def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C (or SIGTERM) that click turned into ``exc``, if one did."""
     cause = exc.__cause__ or exc.__context__
-    return isinstance(cause, KeyboardInterrupt)
+    return cause if isinstance(cause, KeyboardInterrupt) else None
 
 
 # -- init ---------------------------------------------------------------------------------------

@@ -255,12 +255,14 @@ def test_a_policy_reload_killed_midway_leaves_no_opa_step_running(ws: Path, tmp_
         f'#!/bin/sh\nif [ "$1" = test ]; then echo $$ > "{pid_file}"; exec sleep 60; fi\nexec "{real_opa}" "$@"\n'
     )
     slow_opa.chmod(0o755)
+    tmp = tmp_path / "tmp"  # the temp dir of both agov processes: the build's snapshot goes there
+    tmp.mkdir()
     proc = subprocess.Popen(
         [*AGOV, "policy", "reload", "--home", str(home)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=base_env(AGOV_OPA_BIN=str(slow_opa)),
+        stderr=subprocess.PIPE,
+        env=base_env(AGOV_OPA_BIN=str(slow_opa), TMPDIR=str(tmp)),
         start_new_session=True,
     )
     try:
@@ -269,12 +271,27 @@ def test_a_policy_reload_killed_midway_leaves_no_opa_step_running(ws: Path, tmp_
             time.sleep(0.02)
         step = int(pid_file.read_text())
         assert alive(step)
+        snapshots = sorted(p.name for p in tmp.glob("agov-bundle-*"))
+        assert len(snapshots) == 1, f"setup: the build works in one snapshot: {snapshots}"
         if how == "SIGKILL":
             proc.kill()
         else:
             os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
+        _, stderr = proc.communicate(timeout=15)
         assert wait_gone([step]) == [], "the opa test step outlived agov"
+        left = sorted(p.name for p in tmp.glob("agov-bundle-*"))
+        if how == "SIGKILL":
+            assert proc.returncode == -signal.SIGKILL and left == snapshots
+            # the next build removes what the killed one left (its copy of the policy tree)
+            ok("policy", "build", home=home, env={"TMPDIR": str(tmp)})
+            assert sorted(p.name for p in tmp.glob("agov-bundle-*")) == []
+        else:
+            # unwound as Ctrl-C is: the step stopped, the snapshot removed, a way to finish said
+            assert proc.returncode == 128 + signal.SIGTERM, stderr
+            assert left == []
+            assert stderr.startswith(
+                b"error: terminated (SIGTERM)\n  hint: what was committed stays committed"
+            )
     finally:
         if proc.poll() is None:
             proc.kill()

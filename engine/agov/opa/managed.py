@@ -28,7 +28,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
-import fcntl
 import os
 import queue
 import shutil
@@ -53,6 +52,7 @@ from agov.opa.binary import find_opa, pdeathsig_preexec
 from agov.opa.bundle_server import BundleServer, BundleServerConfig
 from agov.opa.evaluator import EncodedInput, EvaluatorConfig
 from agov.opa.http import ConnectionConfig, DecisionClient, WrongListenerError
+from agov.tempdirs import claim_dir, sweep_orphaned
 
 _SERVICE = "agov"
 _ADDR_IN_USE = "address already in use"
@@ -60,7 +60,6 @@ _TMP_PREFIX = "agov-opa-"
 # A socket's path must fit sockaddr_un.sun_path (108 bytes on Linux, with its NUL); kept short of it.
 _MAX_SOCKET_PATH = 100
 _SOCKET_NAME = "opa.sock"  # in OPA's working directory, which is its cwd
-_OWNER_LOCK = "owner.lock"
 
 
 DECISION_LOG_MASK = Path(__file__).resolve().parent / "rego" / "system" / "log" / "mask.rego"
@@ -396,7 +395,7 @@ class ManagedSidecar:
         opa = self._opa_bin or find_opa()
         sweep_orphaned_dirs(Path(tempfile.gettempdir()))
         self._tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX))  # mode 0700: the config holds a token
-        self._owner_fd = _claim_dir(self._tmp)
+        self._owner_fd = claim_dir(self._tmp)
         self._server = BundleServer(
             BundleServerConfig(
                 bundle_name=self.config.bundle_name,
@@ -715,60 +714,14 @@ def _exited_unreaped(pid: int, wait_s: float) -> bool | None:
 
 
 def sweep_orphaned_dirs(tmp_root: Path) -> list[Path]:
-    """Remove the working directories that agov processes killed outright (SIGKILL, OOM) left.
-
-    Each managed sidecar holds an ``flock`` on its directory's ``owner.lock`` for as long as it
-    runs; the kernel drops it when the process dies, however it dies. A directory is removed
-    only when that lock can be taken now. A lock works across pid namespaces (containers that
-    share a temp dir), where a pid would not. Directories of other users, links, and anything
-    without a lock file or that cannot be read are left alone. Never raises.
+    """Remove the working directories that agov processes killed outright (SIGKILL, OOM) left:
+    each managed sidecar claims its own for as long as it runs (:mod:`agov.tempdirs`). Never
+    raises.
 
     Returns:
         The directories removed.
     """
-    removed: list[Path] = []
-    try:
-        candidates = sorted(tmp_root.glob(f"{_TMP_PREFIX}*"))
-    except Exception:
-        return removed
-    for path in candidates:
-        try:
-            if path.is_symlink() or not path.is_dir() or path.stat().st_uid != os.geteuid():
-                continue
-            fd = os.open(path / _OWNER_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except Exception:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except Exception:
-            os.close(fd)
-            continue  # held: its process lives
-        try:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-        finally:
-            os.close(fd)
-    return removed
-
-
-def _claim_dir(directory: Path) -> int:
-    """Lock ``directory/owner.lock`` for this process; the open descriptor holds the lock.
-
-    The file is locked under another name and then renamed, so a sweep never finds it unlocked.
-
-    Raises:
-        OSError: the file cannot be created or locked.
-    """
-    staging = directory / f".{_OWNER_LOCK}"
-    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.write(fd, f"{os.getpid()}\n".encode())  # for a person looking: who held it
-        os.rename(staging, directory / _OWNER_LOCK)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return sweep_orphaned(tmp_root, _TMP_PREFIX)
 
 
 def _check_es256_public_key(pem: str | bytes) -> str:
