@@ -52,6 +52,8 @@ class BundleServerConfig:
         max_report_bytes: Largest status or decision-log body accepted (compressed, and again
             after decompression), so a runaway report cannot exhaust memory.
         kept_log_events: How many decision-log events are kept (oldest dropped first).
+        unread_log_bytes: How many bytes of decision-log uploads are kept until
+            :meth:`BundleServer.decision_logs` reads them (oldest dropped first).
         token: Bearer token every request must carry; random when not given.
     """
 
@@ -60,12 +62,17 @@ class BundleServerConfig:
     max_wait_s: float = 60.0
     max_report_bytes: int = 16 * 1024 * 1024
     kept_log_events: int = 1000
+    unread_log_bytes: int = 16 * 1024 * 1024
     token: str = ""
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.bundle_name):
             raise ValueError(f"bundle_name {self.bundle_name!r} must match [A-Za-z0-9_.-]{{1,64}}")
-        if self.max_wait_s <= 0 or self.max_report_bytes <= 0 or self.kept_log_events < 0:
+        if (
+            self.max_wait_s <= 0
+            or self.max_report_bytes <= 0
+            or min(self.kept_log_events, self.unread_log_bytes) < 0
+        ):
             raise ValueError("BundleServerConfig limits must be positive")
 
 
@@ -112,6 +119,10 @@ class BundleServer:
         self._last_status: dict[str, Any] | None = None
         self._status_count = 0
         self._logs: deque[dict[str, Any]] = deque(maxlen=cfg.kept_log_events)
+        # uploads as received, parsed only when read: parsing holds the GIL for milliseconds per
+        # upload, and in the managed sidecar nothing reads them but tests and a person debugging
+        self._unread_logs: deque[bytes] = deque()
+        self._unread_bytes = 0
         self._closed = False
         self._httpd = _Server((cfg.host, 0), _make_handler(self))
         self._httpd.daemon_threads = True  # held long polls must not block close()
@@ -213,6 +224,10 @@ class BundleServer:
     def decision_logs(self) -> list[dict[str, Any]]:
         """The last decision-log events received, oldest first."""
         with self._cond:
+            while self._unread_logs:
+                body = self._unread_logs.popleft()
+                self._unread_bytes -= len(body)
+                self._logs.extend(_slim(e) for e in _events(body))
             return list(self._logs)
 
     def close(self) -> None:
@@ -264,13 +279,24 @@ class BundleServer:
             self._status_count += 1
             self._cond.notify_all()
 
-    def _record_logs(self, events: list[Any]) -> None:
-        kept = [_slim(e) for e in events if isinstance(e, dict)]
+    def _record_logs(self, body: bytes) -> None:
         with self._cond:
-            self._logs.extend(kept)
+            self._unread_logs.append(body)
+            self._unread_bytes += len(body)
+            while self._unread_bytes > self.config.unread_log_bytes and self._unread_logs:
+                self._unread_bytes -= len(self._unread_logs.popleft())
 
 
 _MAX_KEPT_INPUT_BYTES = 16 * 1024
+
+
+def _events(body: bytes) -> list[dict[str, Any]]:
+    """The events of one decision-log upload (a JSON array of objects); none if it is not one."""
+    try:
+        doc = json.loads(body)  # not orjson: it turns an integer over 64 bits into a float
+    except ValueError:  # UnicodeDecodeError included
+        return []
+    return [e for e in doc if isinstance(e, dict)] if isinstance(doc, list) else []
 
 
 def _slim(event: dict[str, Any]) -> dict[str, Any]:
@@ -380,18 +406,19 @@ def _make_handler(server: BundleServer) -> type[BaseHTTPRequestHandler]:
             body = self._read_body()
             if body is None:
                 return
+            if route == "/logs":
+                server._record_logs(body)  # parsed when read
+                self._reply(200)
+                return
             try:
                 doc = json.loads(body)
             except (ValueError, UnicodeDecodeError):
                 self._reply(400)
                 return
-            if route == "/status" and isinstance(doc, dict):
-                server._record_status(cast(dict[str, Any], doc))
-            elif route == "/logs" and isinstance(doc, list):
-                server._record_logs(doc)
-            else:
+            if not isinstance(doc, dict):
                 self._reply(400)
                 return
+            server._record_status(cast(dict[str, Any], doc))
             self._reply(200)
 
     return Handler
