@@ -714,10 +714,11 @@ def trial(
 
 def _interleaved(batch_trials: int, naive_trials: int) -> list[str]:
     """The trials in the order they run: each mode's trials spread evenly over the run (5 and 3:
-    batch naive batch batch naive batch naive batch), so that both see the same drift."""
-    slots = [((i + 0.5) / batch_trials, "batch") for i in range(batch_trials)]
-    slots += [((i + 0.5) / naive_trials, "naive") for i in range(naive_trials)]
-    return [mode for _position, mode in sorted(slots)]
+    batch naive batch batch naive batch naive batch), so that both see the same drift; where two
+    fall on the same place (3 and 3), who goes first alternates."""
+    slots = [((i + 0.5) / batch_trials, i % 2, "batch") for i in range(batch_trials)]
+    slots += [((i + 0.5) / naive_trials, 1 - i % 2, "naive") for i in range(naive_trials)]
+    return [mode for _position, _first, mode in sorted(slots)]
 
 
 def run(quick: bool, with_100k: bool, do_profile: bool) -> dict[str, Any]:

@@ -139,25 +139,35 @@ def compute_policy_hash(policies_root: Path) -> str:
 
 
 _WAIT_SLICE_S = 0.25
+_DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _start(cmd: Sequence[str], cwd: Path | None = None) -> subprocess.Popen[str]:
-    # SIGTERM and Ctrl-C wait until Popen returns: raised in the at-fork hooks it runs, their
-    # exception would be dropped (with a traceback on stderr). The step gets the caller's mask.
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    """Start one build step.
+
+    Raises:
+        PolicyError: the command cannot be run.
+        KeyboardInterrupt: Ctrl-C or SIGTERM (``interrupts.Terminated``) arrived meanwhile; the
+            step it had started is killed.
+    """
     armed = pdeathsig_preexec()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, ())  # this thread's mask, unchanged
 
     def preexec() -> None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # the step gets the caller's mask
         if armed is not None:
             armed()
 
+    proc: subprocess.Popen[str] | None = None
     try:
+        # SIGTERM and Ctrl-C wait until Popen returns: raised in the at-fork hooks it runs,
+        # their exception would be dropped (with a traceback on stderr).
+        signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
         # A group of its own: a Ctrl-C meant for `agov serve` (which stops at a safe point) must
         # not kill a build or test midway, which would read as a policy that failed them. Out of
         # the group, a step is killed by build() when it unwinds, and by the kernel when the
         # thread that waits for it dies (agov killed, or exiting with a reload still running).
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             list(cmd),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -172,7 +182,14 @@ def _start(cmd: Sequence[str], cwd: Path | None = None) -> subprocess.Popen[str]
             f"cannot run {cmd[0]}: {exc.strerror}", hint="run `make tools` or set AGOV_OPA_BIN"
         ) from exc
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a deferred signal is raised here
+        except BaseException:
+            if proc is not None:  # not handed to the caller: nobody else would stop it
+                proc.kill()
+                proc.wait()
+            raise
+    return proc
 
 
 def _finish(

@@ -1090,10 +1090,7 @@ _FINISH_RELOAD = "`agov policy reload` applies the change and finishes revalidat
 @common
 def serve(ctx: Ctx, watch: bool, metrics_port: int, metrics_addr: str) -> None:
     """Run the managed OPA, the metrics endpoint and (with --watch) the policy watcher."""
-    from prometheus_client import start_http_server
-
     stop = _StopRequest()
-    closing_under_reload = threading.Event()  # serve closes the engine while a reload still runs
 
     def on_stop_signal(signum: int, _frame: object) -> None:
         if signum == signal.SIGINT and stop.requested:
@@ -1101,9 +1098,13 @@ def serve(ctx: Ctx, watch: bool, metrics_port: int, metrics_addr: str) -> None:
         stop.requested = True
 
     # SIGTERM and Ctrl-C are serve's normal stop, at a safe point: between two chunks of a
-    # revalidation, or before a reload switches anything
+    # revalidation, or before a reload switches anything (set first: SIGTERM during the import
+    # below is a stop too)
     signal.signal(signal.SIGTERM, on_stop_signal)
     signal.signal(signal.SIGINT, on_stop_signal)
+    from prometheus_client import start_http_server
+
+    closing_under_reload = threading.Event()  # serve closes the engine while a reload still runs
 
     def stop_before_switch() -> None:
         if stop.requested:

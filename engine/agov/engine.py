@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -45,6 +44,7 @@ from agov.proofs import SignatureCache, TrustedKey
 from agov.registry import AgentRecord, CreationMode
 from agov.revalidation import RevalidationReport
 from agov.store.sqlite import ReadMemo, blob_text, parse_iso, utcnow
+from agov.tempdirs import claimed_tempdir
 from agov.workspace import CONFIG_FILE, Workspace, create_layout, remove_layout
 
 if TYPE_CHECKING:  # the managed sidecar's module is imported when a sidecar is started
@@ -790,8 +790,8 @@ class Engine:
         Raises:
             PolicyError: the tree does not compile or its tests fail.
         """
-        with tempfile.TemporaryDirectory(prefix="agov-dry-run-") as tmp:
-            built = policy.build(find_opa(), self.workspace.policies, Path(tmp), self.workspace.keys)
+        with claimed_tempdir("agov-dry-run-") as tmp:  # a killed dry run's bundle: swept by the next
+            built = policy.build(find_opa(), self.workspace.policies, tmp, self.workspace.keys)
             report = self._dry_run_on(built.content, built.policy_hash)
         changed = active is None or built.policy_hash != active.hash
         org_changed = False

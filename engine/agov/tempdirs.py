@@ -78,22 +78,24 @@ def claim_dir(directory: Path) -> int:
 @contextlib.contextmanager
 def claimed_tempdir(prefix: str) -> Iterator[Path]:
     """A new directory (mode 0700) in the system's temp dir, claimed while in use and removed
-    after; the orphans of killed processes with the same ``prefix`` are removed first.
+    after; the orphans of killed processes with the same ``prefix`` are removed first. On a file
+    system without locks the directory is used unclaimed: removed after, but not by a sweep
+    should its process be killed.
 
     Raises:
-        OSError: the directory cannot be made or claimed.
+        OSError: the directory cannot be made.
     """
     sweep_orphaned(Path(tempfile.gettempdir()), prefix)
     path = Path(tempfile.mkdtemp(prefix=prefix))
+    fd: int | None = None
     try:
-        fd = claim_dir(path)
-    except BaseException:
-        shutil.rmtree(path, ignore_errors=True)
-        raise
-    try:
+        # no flock here (ENOLCK, EOPNOTSUPP): a build must not fail for want of a sweep
+        with contextlib.suppress(OSError):
+            fd = claim_dir(path)
         yield path
     finally:
         try:
             shutil.rmtree(path, ignore_errors=True)  # still claimed: no sweep takes it meanwhile
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)

@@ -108,3 +108,15 @@ def test_a_forked_child_before_exec_ignores_the_sigterm(monkeypatch: pytest.Monk
         assert interrupts.on_sigterm(signal.SIGTERM, None) is None
         monkeypatch.undo()
         interrupts.raise_if_lost()
+
+
+def test_a_sigterm_the_parent_ignores_stays_ignored() -> None:
+    """As under ``nohup`` or a supervisor that ignores it on purpose."""
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with interrupts.sigterm_unwinds():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+            assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import stat
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from agov import tempdirs
 from agov.opa.managed import sweep_orphaned_dirs
 from agov.tempdirs import claim_dir, claimed_tempdir, sweep_orphaned
 
@@ -138,3 +140,16 @@ def test_a_claimed_tempdir_sweeps_the_orphans_of_its_kind_and_removes_itself(
         assert sorted(p.name for p in tmp_path.iterdir()) == ["agov-bundle-held", "agov-opa-orphan"]
     finally:
         os.close(fd)
+
+
+def test_a_temp_dir_without_locks_is_used_unclaimed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file system without flock (ENOLCK) must not fail every policy build."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def no_locks(_directory: Path) -> int:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(tempdirs, "claim_dir", no_locks)
+    with claimed_tempdir("agov-bundle-") as work:
+        (work / "snapshot").mkdir()
+    assert not work.exists()
