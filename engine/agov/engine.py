@@ -906,7 +906,8 @@ class Engine:
                 "revalidates the agents under it",
                 hint="see `agov policy history`; nothing was changed here",
             )
-        digest = revalidation.org_digest(canonical_json(dataclasses.asdict(config.org)))
+        org_canonical = canonical_json(dataclasses.asdict(config.org))
+        digest = revalidation.org_digest(org_canonical)
         judged = revalidation.judged_org(self.store, previous.hash) if previous else None
         org_changed = judged is not None and judged != digest
         change = revalidation.OrgChange(actor=actor, reason=reason, previous_digest=judged)
@@ -938,6 +939,9 @@ class Engine:
                 actor=actor,
                 reason=reason,
                 expected_active=previous.hash if previous else None,
+                # the run opens with the org limits it judges with: recorded with the switch, so
+                # that a start during the run is judged ahead of it even if this process dies now
+                run_org=revalidation.RunOrg(org_canonical, change if org_changed else None),
             )
         try:
             report = self.revalidate(

@@ -24,7 +24,7 @@ from agov.bundle import BuiltBundle, check_and_build, compute_policy_hash
 from agov.decisions import Code
 from agov.errors import ConflictError, NotFoundError, PolicyError
 from agov.promotion import PROMOTION_PATH
-from agov.revalidation import REVALIDATION_PATH
+from agov.revalidation import REVALIDATION_PATH, RunOrg, audit_org_change, org_digest
 from agov.store import Store
 from agov.store.sqlite import iso, utcnow
 
@@ -168,6 +168,7 @@ def mark_active(
     extra: dict[str, Any] | None = None,
     open_run: bool = True,
     expected_active: str | _Unchecked | None = _UNCHECKED,
+    run_org: RunOrg | None = None,
 ) -> PolicyVersion:
     """Flip the active row and write the audit event, in one transaction.
 
@@ -177,6 +178,10 @@ def mark_active(
     With ``open_run`` the new hash's run is opened in the same transaction, so a process that
     dies right after the switch leaves a run that the next reload, ``serve`` or ``revalidate``
     finishes, rather than agents bound to a policy nothing will revalidate them under.
+
+    With ``run_org`` (the org limits the switching process will judge with) the run opened here
+    records them, and a change of them is audited with it: a start during the run can then be
+    judged ahead of it at once, even should this process die before it begins the run.
 
     With ``expected_active`` (a hash, or None for none) the switch happens only if that is still
     the active version when the transaction holds the write lock: two reloads of one tree must
@@ -225,11 +230,21 @@ def mark_active(
                 (policy_hash,),
             ).fetchone()
         ):
-            tx.execute(
-                "INSERT INTO revalidation_runs (policy_hash, previous_hash, started_at) VALUES (?, ?, ?)",
-                (policy_hash, previous.hash if previous else None, iso(now)),
+            opened = tx.execute(
+                "INSERT INTO revalidation_runs (policy_hash, previous_hash, started_at, org_digest)"
+                " VALUES (?, ?, ?, ?)",
+                (
+                    policy_hash,
+                    previous.hash if previous else None,
+                    iso(now),
+                    None if run_org is None else org_digest(run_org.canonical),
+                ),
             )
-        tx.audit(event, actor=actor, policy_hash=policy_hash, now=now, payload=payload)
+            tx.audit(event, actor=actor, policy_hash=policy_hash, now=now, payload=payload)
+            if run_org is not None and run_org.change is not None:
+                audit_org_change(tx, run_org, int(opened.lastrowid or 0), policy_hash, now)
+        else:
+            tx.audit(event, actor=actor, policy_hash=policy_hash, now=now, payload=payload)
     return require_active(store)
 
 

@@ -596,6 +596,30 @@ def _signed_by_a_revoked_key(tx: Tx, policy_hash: str, cursor: str) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class RunOrg:
+    """The org limits a run judges with (``org`` of agov.yaml, RFC 8785), and, when they differ
+    from those of the previous policy's last run, who changed them and why."""
+
+    canonical: bytes
+    change: OrgChange | None
+
+
+def audit_org_change(tx: Tx, run_org: RunOrg, run_id: int, policy_hash: str, now: datetime) -> None:
+    """Audit ``run_org.change`` with the run that opens with them (``policy.mark_active``)."""
+    assert run_org.change is not None
+    _audit_org_change(
+        tx,
+        run_org.change,
+        run_id,
+        policy_hash,
+        org_digest(run_org.canonical),
+        run_org.canonical,
+        now,
+        restarted=False,
+    )
+
+
 def _audit_org_change(
     tx: Tx,
     change: OrgChange,

@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _reload_support import ACTOR, create_governed, edit_config, metric, reload_interrupted_at, snapshot
+from _reload_support import (
+    ACTOR,
+    create_governed,
+    edit_config,
+    edit_data,
+    metric,
+    reload_interrupted_at,
+    set_analysis_limit,
+    snapshot,
+)
 
 from agov.config import Config, Limits
 from agov.decisions import Code, Status
@@ -467,3 +476,42 @@ def test_an_invalidated_agent_whose_proof_is_bound_to_the_active_policy_is_resto
 
         assert (decision.allow, decision.code) == (True, Code.ADMISSION_ALLOW), decision.reasons
         assert eng.get_agent(AHEAD[0]).status is Status.GOVERNED_VALID
+
+
+class _Died(BaseException):
+    """The switching process killed right after the switch, before it began the run."""
+
+
+def test_a_start_is_judged_ahead_of_a_run_whose_process_died_right_after_the_switch(
+    tmp_path: Path, opa_bin: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The switch records the org limits its run judges with: before, a process killed between
+    the switch and the run's first step left every start denied ("the run has recorded no org
+    limits yet") until `agov revalidate`."""
+    home = tmp_path / "ws"
+    with Engine.init(home, actor=ACTOR) as eng:
+        create_governed(eng, "c1-pass", temperature=0.3)  # passes P1 and P2
+        p1 = eng.active_policy().hash
+        edit_data(home, set_analysis_limit(0.4))
+
+        def died(*_args: Any, **_kwargs: Any) -> Any:
+            raise _Died
+
+        monkeypatch.setattr(Engine, "revalidate", died)
+        with pytest.raises(_Died):
+            eng.reload_policy(actor=ACTOR, reason="analysis limit 0.4, then killed")
+        monkeypatch.undo()
+        p2 = eng.active_policy().hash
+        assert p2 != p1 and _current_proof(eng, "c1-pass")["policy_hash"] == p1, "setup"
+        run = eng.store.query_one(
+            "SELECT cursor, org_digest FROM revalidation_runs WHERE finished_at IS NULL"
+        )
+        assert (run["cursor"], run["org_digest"] is not None) == ("", True)
+
+    with Engine.open(home) as after:  # the next process
+        decision = after.admit("c1-pass")
+        assert (decision.allow, decision.policy_hash) == (True, p2), decision.reasons
+        assert _current_proof(after, "c1-pass")["policy_hash"] == p2
+        report = after.revalidate()  # the run is finished as before
+        assert (report.total, report.valid) == (1, 1)
+        assert after.verify_audit().ok
