@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -139,7 +138,6 @@ def compute_policy_hash(policies_root: Path) -> str:
 
 
 _WAIT_SLICE_S = 0.25
-_DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _start(cmd: Sequence[str], cwd: Path | None = None) -> subprocess.Popen[str]:
@@ -148,47 +146,37 @@ def _start(cmd: Sequence[str], cwd: Path | None = None) -> subprocess.Popen[str]
     Raises:
         PolicyError: the command cannot be run.
         KeyboardInterrupt: Ctrl-C or SIGTERM (``interrupts.Terminated``) arrived meanwhile; the
-            step it had started is killed.
+            step it had started is stopped.
     """
-    armed = pdeathsig_preexec()
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, ())  # this thread's mask, unchanged
-
-    def preexec() -> None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # the step gets the caller's mask
-        if armed is not None:
-            armed()
-
     proc: subprocess.Popen[str] | None = None
     try:
-        # SIGTERM and Ctrl-C wait until Popen returns: raised in the at-fork hooks it runs,
-        # their exception would be dropped (with a traceback on stderr).
-        signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
-        # A group of its own: a Ctrl-C meant for `agov serve` (which stops at a safe point) must
-        # not kill a build or test midway, which would read as a policy that failed them. Out of
-        # the group, a step is killed by build() when it unwinds, and by the kernel when the
-        # thread that waits for it dies (agov killed, or exiting with a reload still running).
-        proc = subprocess.Popen(
-            list(cmd),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=cwd,
-            process_group=0,
-            preexec_fn=preexec,
-        )
+        # Ctrl-C and SIGTERM wait until Popen returns: raised in the at-fork hooks it runs,
+        # their exception would be dropped (with a traceback on stderr)
+        with interrupts.deferred():
+            # A group of its own: a Ctrl-C meant for `agov serve` (which stops at a safe point)
+            # must not kill a build or test midway, which would read as a policy that failed
+            # them. Out of the group, a step is killed by build() when it unwinds, and by the
+            # kernel when the thread that waits for it dies (agov killed, or exiting with a
+            # reload still running).
+            proc = subprocess.Popen(
+                list(cmd),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=cwd,
+                process_group=0,
+                preexec_fn=pdeathsig_preexec(),
+            )
     except OSError as exc:
         raise PolicyError(
             f"cannot run {cmd[0]}: {exc.strerror}", hint="run `make tools` or set AGOV_OPA_BIN"
         ) from exc
-    finally:
-        try:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a deferred signal is raised here
-        except BaseException:
-            if proc is not None:  # not handed to the caller: nobody else would stop it
-                proc.kill()
-                proc.wait()
-            raise
+    except BaseException:
+        if proc is not None:  # not handed to the caller: nobody else would stop it
+            proc.kill()
+            proc.communicate()
+        raise
     return proc
 
 
@@ -229,13 +217,13 @@ def _finish(
 def _communicate(proc: subprocess.Popen[str], deadline: float) -> tuple[str, str]:
     """``proc.communicate()`` until ``deadline``, waiting in slices of at most a quarter second.
 
-    Between slices, a SIGTERM whose exception Python dropped (it can arrive while ``Popen``
-    runs its at-fork hooks) is raised: the build then stops within a slice, not at the step's
-    deadline (two minutes). Output is not lost between slices (``communicate`` resumes).
+    Between slices, a stop signal whose exception Python dropped (in an at-fork hook or a
+    ``__del__``) is raised: the build then stops within a slice, not at the step's deadline (two
+    minutes). Output is not lost between slices (``communicate`` resumes).
 
     Raises:
         subprocess.TimeoutExpired: the deadline passed.
-        interrupts.Terminated: a SIGTERM arrived.
+        KeyboardInterrupt: (or ``interrupts.Terminated``) a stop signal arrived.
     """
     while True:
         interrupts.raise_if_lost()

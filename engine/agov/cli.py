@@ -177,9 +177,9 @@ def common(func: F) -> F:
         as_json = as_json or bool(click.get_current_context().meta.get(_JSON_META))  # `agov --json X`
         ctx = Ctx(home=home, as_json=as_json, actor=actor or _default_actor(), opa_url=opa_url)
         # SIGTERM unwinds as Ctrl-C does: a transaction rolls back, a build's copy of the tree
-        # is removed, the managed OPA stopped (`serve` sets its own handler)
+        # is removed, the managed OPA stopped (`serve` sets its own handlers)
         main_thread = threading.current_thread() is threading.main_thread()
-        with interrupts.sigterm_unwinds() if main_thread else contextlib.nullcontext():
+        with interrupts.stop_signals_unwind() if main_thread else contextlib.nullcontext():
             return _run(func, ctx, as_json, kwargs)
 
     return wrapper  # type: ignore[return-value]

@@ -44,9 +44,9 @@ def test_uploads_are_parsed_when_read_not_when_received(monkeypatch: pytest.Monk
     parsed: list[bytes] = []
     real = bundle_server._events
 
-    def counting(body: bytes) -> list[dict[str, Any]]:
+    def counting(body: bytes, *args: Any) -> list[dict[str, Any]]:
         parsed.append(body)
-        return real(body)
+        return real(body, *args)
 
     monkeypatch.setattr(bundle_server, "_events", counting)
     with BundleServer() as server:
@@ -86,12 +86,22 @@ def test_events_are_read_exactly() -> None:
         ]
 
 
-def test_unread_uploads_are_kept_within_their_byte_limit_oldest_dropped_first() -> None:
-    one = _events("x" * 40)
-    with BundleServer(BundleServerConfig(unread_log_bytes=2 * len(one))) as server:
-        for i in range(5):
-            assert _post(server, "/logs", _events(f"{i:040d}")) == 200
+def test_unread_uploads_are_kept_gzipped_within_their_byte_limit_oldest_dropped_first() -> None:
+    bodies = [_events(f"{i:040d}") for i in range(5)]
+    budget = len(gzip.compress(bodies[3])) + len(gzip.compress(bodies[4]))
+    with BundleServer(BundleServerConfig(unread_log_bytes=budget)) as server:
+        for body in bodies:
+            assert _post(server, "/logs", body) == 200
+        assert server.log_upload_sizes() == [len(gzip.compress(b)) for b in bodies]
         assert [e["decision_id"] for e in server.decision_logs()] == [f"{i:040d}" for i in (3, 4)]
+
+
+def test_an_upload_over_the_size_limit_once_decompressed_is_dropped_when_read() -> None:
+    bomb = b"[" + b" " * 4096 + b"]"  # gzip shrinks it to a few dozen bytes
+    with BundleServer(BundleServerConfig(max_report_bytes=1024)) as server:
+        assert _post(server, "/logs", bomb) == 200
+        assert _post(server, "/logs", _events("small")) == 200
+        assert [e["decision_id"] for e in server.decision_logs()] == ["small"]
 
 
 def test_kept_events_are_capped_and_large_inputs_slimmed() -> None:

@@ -87,7 +87,7 @@ def test_a_command_stopped_by_sigterm_unwinds_and_exits_143(
 def test_a_sigterm_whose_exception_python_dropped_is_raised_at_the_next_wait() -> None:
     """Python drops an exception raised in an at-fork hook or a ``__del__``: a SIGTERM that came
     then left a policy build waiting out its steps (two minutes) before."""
-    with interrupts.sigterm_unwinds():
+    with interrupts.stop_signals_unwind():
         interrupts.raise_if_lost()  # nothing arrived
         try:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -102,10 +102,10 @@ def test_a_sigterm_whose_exception_python_dropped_is_raised_at_the_next_wait() -
 def test_a_forked_child_before_exec_ignores_the_sigterm(monkeypatch: pytest.MonkeyPatch) -> None:
     """A ``Popen`` child, between fork and exec, is still in agov's process group; the step it
     becomes ends with agov, so it neither raises nor prints a dropped exception."""
-    with interrupts.sigterm_unwinds():
+    with interrupts.stop_signals_unwind():
         real_getpid = os.getpid()
         monkeypatch.setattr(os, "getpid", lambda: real_getpid + 1)  # as seen in the child
-        assert interrupts.on_sigterm(signal.SIGTERM, None) is None
+        assert interrupts.on_signal(signal.SIGTERM, None) is None
         monkeypatch.undo()
         interrupts.raise_if_lost()
 
@@ -114,7 +114,7 @@ def test_a_sigterm_the_parent_ignores_stays_ignored() -> None:
     """As under ``nohup`` or a supervisor that ignores it on purpose."""
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        with interrupts.sigterm_unwinds():
+        with interrupts.stop_signals_unwind():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.1)
             assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN

@@ -52,8 +52,8 @@ class BundleServerConfig:
         max_report_bytes: Largest status or decision-log body accepted (compressed, and again
             after decompression), so a runaway report cannot exhaust memory.
         kept_log_events: How many decision-log events are kept (oldest dropped first).
-        unread_log_bytes: How many bytes of decision-log uploads are kept until
-            :meth:`BundleServer.decision_logs` reads them (oldest dropped first).
+        unread_log_bytes: How many bytes of decision-log uploads (as received: gzipped) are
+            kept until :meth:`BundleServer.decision_logs` reads them (oldest dropped first).
         token: Bearer token every request must carry; random when not given.
     """
 
@@ -62,18 +62,17 @@ class BundleServerConfig:
     max_wait_s: float = 60.0
     max_report_bytes: int = 16 * 1024 * 1024
     kept_log_events: int = 1000
-    unread_log_bytes: int = 16 * 1024 * 1024
+    unread_log_bytes: int = 4 * 1024 * 1024
     token: str = ""
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.bundle_name):
             raise ValueError(f"bundle_name {self.bundle_name!r} must match [A-Za-z0-9_.-]{{1,64}}")
         if (
-            self.max_wait_s <= 0
-            or self.max_report_bytes <= 0
-            or min(self.kept_log_events, self.unread_log_bytes) < 0
+            min(self.max_wait_s, self.max_report_bytes, self.unread_log_bytes) <= 0
+            or self.kept_log_events < 0
         ):
-            raise ValueError("BundleServerConfig limits must be positive")
+            raise ValueError("BundleServerConfig limits must be positive (kept_log_events: not negative)")
 
 
 @dataclass(frozen=True)
@@ -119,10 +118,13 @@ class BundleServer:
         self._last_status: dict[str, Any] | None = None
         self._status_count = 0
         self._logs: deque[dict[str, Any]] = deque(maxlen=cfg.kept_log_events)
-        # uploads as received, parsed only when read: parsing holds the GIL for milliseconds per
-        # upload, and in the managed sidecar nothing reads them but tests and a person debugging
-        self._unread_logs: deque[bytes] = deque()
+        # uploads as received (gzipped or not), parsed only when read: parsing holds the GIL for
+        # milliseconds per upload, and in the managed sidecar nothing reads them but tests and a
+        # person debugging
+        self._unread_logs: deque[tuple[bytes, bool]] = deque()
         self._unread_bytes = 0
+        self._log_upload_sizes: deque[int] = deque(maxlen=100)
+        self._reading_logs = threading.Lock()  # one reader at a time: events stay in order
         self._closed = False
         self._httpd = _Server((cfg.host, 0), _make_handler(self))
         self._httpd.daemon_threads = True  # held long polls must not block close()
@@ -223,12 +225,24 @@ class BundleServer:
 
     def decision_logs(self) -> list[dict[str, Any]]:
         """The last decision-log events received, oldest first."""
+        with self._reading_logs:
+            with self._cond:
+                uploads = list(self._unread_logs)
+                self._unread_logs.clear()
+                self._unread_bytes = 0
+            # parsed outside the lock that publishing and long polls take
+            limit = self.config.max_report_bytes
+            events = [e for body, gzipped in uploads for e in _events(body, gzipped, limit)]
+            keep = self._logs.maxlen
+            kept = events if keep is None else events[len(events) - min(keep, len(events)) :]
+            with self._cond:
+                self._logs.extend(_slim(e) for e in kept)
+                return list(self._logs)
+
+    def log_upload_sizes(self) -> list[int]:
+        """The sizes of the last decision-log uploads received, as sent (gzipped), oldest first."""
         with self._cond:
-            while self._unread_logs:
-                body = self._unread_logs.popleft()
-                self._unread_bytes -= len(body)
-                self._logs.extend(_slim(e) for e in _events(body))
-            return list(self._logs)
+            return list(self._log_upload_sizes)
 
     def close(self) -> None:
         """Stop serving; held long polls are answered at once. Idempotent."""
@@ -279,22 +293,26 @@ class BundleServer:
             self._status_count += 1
             self._cond.notify_all()
 
-    def _record_logs(self, body: bytes) -> None:
+    def _record_logs(self, body: bytes, gzipped: bool) -> None:
         with self._cond:
-            self._unread_logs.append(body)
+            self._log_upload_sizes.append(len(body))
+            self._unread_logs.append((body, gzipped))
             self._unread_bytes += len(body)
             while self._unread_bytes > self.config.unread_log_bytes and self._unread_logs:
-                self._unread_bytes -= len(self._unread_logs.popleft())
+                self._unread_bytes -= len(self._unread_logs.popleft()[0])
 
 
 _MAX_KEPT_INPUT_BYTES = 16 * 1024
 
 
-def _events(body: bytes) -> list[dict[str, Any]]:
-    """The events of one decision-log upload (a JSON array of objects); none if it is not one."""
+def _events(body: bytes, gzipped: bool, limit: int) -> list[dict[str, Any]]:
+    """The events of one decision-log upload (a JSON array of objects, ``limit`` bytes at most
+    once decompressed); none if it is not one."""
     try:
+        if gzipped:
+            body = _gunzip_capped(body, limit)
         doc = json.loads(body)  # not orjson: it turns an integer over 64 bits into a float
-    except ValueError:  # UnicodeDecodeError included
+    except (OSError, EOFError, zlib.error, ValueError):  # UnicodeDecodeError is a ValueError
         return []
     return [e for e in doc if isinstance(e, dict)] if isinstance(doc, list) else []
 
@@ -352,8 +370,9 @@ def _make_handler(server: BundleServer) -> type[BaseHTTPRequestHandler]:
             if body:
                 self.wfile.write(body)
 
-        def _read_body(self) -> bytes | None:
-            """The request body within limits, or None after answering an error."""
+        def _read_body(self, *, decompress: bool = True) -> bytes | None:
+            """The request body within limits (decompressed if gzipped and ``decompress``), or
+            None after answering an error."""
             try:
                 length = int(self.headers.get("Content-Length", ""))
             except ValueError:
@@ -365,7 +384,7 @@ def _make_handler(server: BundleServer) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 return None
             raw = self.rfile.read(length)
-            if self.headers.get("Content-Encoding", "").lower() == "gzip":
+            if decompress and self.headers.get("Content-Encoding", "").lower() == "gzip":
                 try:
                     return _gunzip_capped(raw, cfg.max_report_bytes)
                 except (OSError, EOFError, zlib.error, ValueError):
@@ -403,11 +422,12 @@ def _make_handler(server: BundleServer) -> type[BaseHTTPRequestHandler]:
                 self._reply(404)
                 self.close_connection = True
                 return
-            body = self._read_body()
+            gzipped = self.headers.get("Content-Encoding", "").lower() == "gzip"
+            body = self._read_body(decompress=route != "/logs")
             if body is None:
                 return
             if route == "/logs":
-                server._record_logs(body)  # parsed when read
+                server._record_logs(body, gzipped)  # decompressed and parsed when read
                 self._reply(200)
                 return
             try:

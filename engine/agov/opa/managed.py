@@ -57,9 +57,10 @@ from agov.tempdirs import claim_dir, sweep_orphaned
 _SERVICE = "agov"
 _ADDR_IN_USE = "address already in use"
 _TMP_PREFIX = "agov-opa-"
-# An upload must stay within what the bundle server accepts once decompressed (16 MiB): agov's
-# decision logs compressed about 16-fold (measured), and 512 KiB would fit even at 30-fold.
-_MAX_LOG_UPLOAD_BYTES = 512 * 1024
+# An upload must stay within what the bundle server reads once decompressed (16 MiB): admission
+# events compressed 14- to 16-fold here, and revalidation events of a fleet denied for one reason
+# 45-fold, which is 11 MiB at this limit.
+_MAX_LOG_UPLOAD_BYTES = 256 * 1024
 # A socket's path must fit sockaddr_un.sun_path (108 bytes on Linux, with its NUL); kept short of it.
 _MAX_SOCKET_PATH = 100
 _SOCKET_NAME = "opa.sock"  # in OPA's working directory, which is its cwd
