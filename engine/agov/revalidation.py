@@ -486,7 +486,8 @@ def record_empty_run(tx: Tx, policy_hash: str, org_canonical: bytes, now: dateti
 
 def unfinished_run_digest(store: Store, policy_hash: str) -> tuple[bool, str | None]:
     """Whether ``policy_hash`` has an unfinished run, and the org digest it judges with (None
-    for a run that has not judged anything yet, or one from before digests were recorded)."""
+    for a run opened without one that has not judged anything yet: an activation by
+    ``agov policy build``, or an older agov's)."""
     row = store.query_one(
         "SELECT org_digest FROM revalidation_runs WHERE policy_hash = ? AND finished_at IS NULL ORDER BY id DESC",
         (policy_hash,),
@@ -1022,7 +1023,7 @@ def renew_at_start(
     if not is_open:  # or it has just closed, having judged the agent
         return _not_judged("no revalidation run is open under the active policy", decide_again=True)
     org = org_digest(org_canonical)
-    if digest is None:  # opened by the switch; its process has not begun it (or died first)
+    if digest is None:  # opened without org limits (not by a reload's switch), and not begun yet
         return _not_judged(
             "the run has recorded no org limits yet: it has not begun (should no process be working"
             " it, `agov revalidate` finishes it), or an older agov began it"
