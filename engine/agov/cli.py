@@ -1099,9 +1099,11 @@ def serve(ctx: Ctx, watch: bool, metrics_port: int, metrics_addr: str) -> None:
 
     # SIGTERM and Ctrl-C are serve's normal stop, at a safe point: between two chunks of a
     # revalidation, or before a reload switches anything (set first: SIGTERM during the import
-    # below is a stop too)
-    signal.signal(signal.SIGTERM, on_stop_signal)
-    signal.signal(signal.SIGINT, on_stop_signal)
+    # below is a stop too). One ignored from the start stays ignored: a shell script's
+    # background job ignores Ctrl-C, which is meant for the script's foreground.
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(stop_signal) != signal.SIG_IGN:
+            signal.signal(stop_signal, on_stop_signal)
     from prometheus_client import start_http_server
 
     closing_under_reload = threading.Event()  # serve closes the engine while a reload still runs

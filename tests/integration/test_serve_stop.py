@@ -42,7 +42,7 @@ AGENTS = 300  # one agent per chunk: a run of a few hundred chunk queries, long 
 class Serve:
     """`agov serve --watch` as a process in a session of its own, with its stderr read as it comes."""
 
-    def __init__(self, home: Path, **env_overrides: str) -> None:
+    def __init__(self, home: Path, *, ignored: tuple[signal.Signals, ...] = (), **env_overrides: str) -> None:
         tmpdir = home.with_name("tmp")
         tmpdir.mkdir(exist_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmpdir), **env_overrides}
@@ -64,9 +64,20 @@ class Serve:
             stderr=subprocess.PIPE,
             env=env,
             start_new_session=True,
+            preexec_fn=self._ignoring(ignored) if ignored else None,
         )
         self.raw = b""
         self.text = ""
+
+    @staticmethod
+    def _ignoring(ignored: tuple[signal.Signals, ...]) -> Callable[[], None]:
+        """Set in the child before exec, as a shell does for its script's background jobs."""
+
+        def ignore() -> None:
+            for s in ignored:
+                signal.signal(s, signal.SIG_IGN)
+
+        return ignore
 
     def read_until(self, marker: str, timeout_s: float) -> str:
         assert self.proc.stderr is not None
@@ -355,3 +366,17 @@ def test_a_start_reload_refused_still_brings_the_agents_up_to_date(home: Path) -
     text = serve_once(home)
     assert "reload refused: opa check --strict failed" in text, text
     assert f"org limits in agov.yaml changed: revalidated {AGENTS} governed agents" in text, text
+
+
+def test_serve_started_with_ctrl_c_ignored_keeps_ignoring_it(home: Path) -> None:
+    """As a shell script's background job (`agov serve --watch &`) is: a Ctrl-C meant for the
+    script's foreground reached it too, and stopped it, because serve set its own handler."""
+    serve = Serve(home, ignored=(signal.SIGINT,))
+    try:
+        serve.read_until("metrics on http://", 120)
+        os.killpg(serve.proc.pid, signal.SIGINT)
+        time.sleep(1.5)
+        assert serve.proc.poll() is None, serve.text
+        stop(serve, "SIGTERM")  # the normal stop still works: exit 0
+    finally:
+        serve.kill()
