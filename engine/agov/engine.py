@@ -948,7 +948,7 @@ class Engine:
                 previous_hash=previous.hash if previous else None,
                 progress=progress,
                 config=config,
-                org_change=change if org_changed else None,
+                org_change=None,  # audited with the run it opened, by the switch (mark_active)
             )
         except AgovError as exc:
             # the switch stands (an external OPA fetches bundles itself, so nothing refused it

@@ -566,6 +566,13 @@ def _open_run(
             )
             return run_id, "", False
         tx.execute("UPDATE revalidation_runs SET org_digest = ? WHERE id = ?", (org, run_id))
+        if org_change is None and digest is not None:
+            # agov.yaml's limits changed since the run recorded its own (at the switch, or when
+            # it began): the run's last ORG_LIMITS_CHANGED must name the limits it judges with
+            since = OrgChange(
+                REVALIDATION_ACTOR, "the org limits in agov.yaml changed since the run was opened", digest
+            )
+            _audit_org_change(tx, since, run_id, policy_hash, org, org_canonical, now, restarted=bool(cursor))
         if org_change is None and cursor:
             why = (
                 "the org limits in agov.yaml changed during the run"
@@ -1023,7 +1030,7 @@ def renew_at_start(
     if not is_open:  # or it has just closed, having judged the agent
         return _not_judged("no revalidation run is open under the active policy", decide_again=True)
     org = org_digest(org_canonical)
-    if digest is None:  # opened without org limits (not by a reload's switch), and not begun yet
+    if digest is None:  # opened without org limits (not by a switch), and not begun yet
         return _not_judged(
             "the run has recorded no org limits yet: it has not begun (should no process be working"
             " it, `agov revalidate` finishes it), or an older agov began it"

@@ -403,3 +403,46 @@ def test_a_command_that_finishes_an_interrupted_run_says_so(
         else "resumed an interrupted run\nrevalidated"
     )
     assert expected in said.output, said.output
+
+
+class _Died(BaseException):
+    """The switching process killed right after the switch, before it began the run."""
+
+
+def test_a_switch_killed_before_its_run_leaves_one_org_change_and_a_later_edit_adds_its_own(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The switch audits the org change with the run it opens. Resumed by `agov revalidate`
+    after agov.yaml changed again, the run records that change too, so that its last
+    ORG_LIMITS_CHANGED names the limits it judged with."""
+    _set_org_budget(engine, 250)
+    edit_data(engine.workspace.home, set_analysis_limit(0.4))
+
+    def died(*_args: Any, **_kwargs: Any) -> Any:
+        raise _Died
+
+    monkeypatch.setattr(Engine, "revalidate", died)
+    with pytest.raises(_Died):
+        engine.reload_policy(actor=ACTOR, reason="budget 250 and analysis 0.4")
+    monkeypatch.undo()
+    run = engine.store.query_one("SELECT id, org_digest FROM revalidation_runs WHERE finished_at IS NULL")
+    (switched,) = _events(engine, Code.ORG_LIMITS_CHANGED)
+    assert (switched["reason"], switched["run_id"], switched["org_digest"]) == (
+        "budget 250 and analysis 0.4",
+        run["id"],
+        run["org_digest"],
+    )
+
+    _set_org_budget(engine, 200)
+    with Engine.open(engine.workspace.home) as after:
+        report = after.revalidate()
+        assert report.total == 3
+        changes = _events(after, Code.ORG_LIMITS_CHANGED)
+        assert len(changes) == 2, changes
+        since = changes[-1]
+        assert since["run_id"] == run["id"] and since["previous_org_digest"] == run["org_digest"]
+        assert since["actor"] == "agov-revalidation"
+        assert since["org"] == {"max_monthly_budget_usd": 200}
+        final = after.store.query_one("SELECT org_digest FROM revalidation_runs WHERE id = ?", (run["id"],))
+        assert since["org_digest"] == final["org_digest"]
+        assert after.verify_audit().ok

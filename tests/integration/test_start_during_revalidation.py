@@ -177,7 +177,8 @@ def _denied_with(engine: Engine, agent_id: str, note: str) -> None:
 
 
 def test_a_run_not_begun_yet_leaves_the_start_denied_and_says_so(engine: Engine) -> None:
-    # the state a switch leaves when its process dies before the run judged anything
+    # the state an activation by `agov policy build`, or an older agov's switch, leaves before
+    # a run has begun (a switch now records the org limits with the run it opens)
     with engine.store.transaction() as tx:
         tx.execute("UPDATE revalidation_runs SET org_digest = NULL WHERE finished_at IS NULL")
     before = snapshot(engine.workspace.home)
