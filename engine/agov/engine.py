@@ -741,8 +741,10 @@ class Engine:
         if pending:
             # a run interrupted under other limits starts again with these: that is the change
             org_changed = pending_digest is not None and pending_digest != digest
+            # the previous limits are those the run judged with so far
+            since_run = dataclasses.replace(change, previous_digest=pending_digest)
             report = self.revalidate(
-                progress=progress, org_change=change if org_changed else None, config=config
+                progress=progress, org_change=since_run if org_changed else None, config=config
             )
         if revalidation.judged_org(self.store, active.hash) != digest:
             org_changed = True

@@ -274,7 +274,7 @@ def test_an_org_change_picked_up_by_resuming_an_interrupted_run_is_audited_once(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reload_interrupted_at(engine, "c-hot", monkeypatch)
-    run = engine.store.query_one("SELECT id FROM revalidation_runs WHERE finished_at IS NULL")
+    run = engine.store.query_one("SELECT id, org_digest FROM revalidation_runs WHERE finished_at IS NULL")
     _set_org_budget(engine, 250)
 
     result = engine.reload_policy(actor=ACTOR, reason="finish P2, with the lower budget")
@@ -289,6 +289,7 @@ def test_an_org_change_picked_up_by_resuming_an_interrupted_run_is_audited_once(
     )
     assert changed["restarts_from_the_first_agent"] is True
     assert changed["org"] == {"max_monthly_budget_usd": 250}
+    assert changed["previous_org_digest"] == run["org_digest"], "the limits the run had judged with"
     assert _statuses(engine)["b-spender"] == "GOVERNED_INVALIDATED"
     assert engine.reload_policy(actor=ACTOR, reason="again")["org_changed"] is False
     assert len(_events(engine, Code.ORG_LIMITS_CHANGED)) == 1
