@@ -185,6 +185,29 @@ def reload_stopped_at(engine: Engine, agent_id: str, monkeypatch: Any, *, reason
         monkeypatch.setattr(revalidation, "_verdicts", judge)
 
 
+class _KilledAfterSwitch(BaseException):
+    """The reloading process killed right after the switch, before it began the run."""
+
+
+def reload_killed_after_switch(engine: Engine, monkeypatch: Any, *, reason: str) -> None:
+    """Reload what the workspace holds now; the process dies right after the switch, before it
+    begins the run, which is left open as the switch opened it."""
+    revalidate = type(engine).revalidate
+
+    def died(*_args: Any, **_kwargs: Any) -> Any:
+        raise _KilledAfterSwitch
+
+    monkeypatch.setattr(type(engine), "revalidate", died)
+    try:
+        engine.reload_policy(actor=ACTOR, reason=reason)
+    except _KilledAfterSwitch:
+        pass
+    else:
+        raise AssertionError("setup: the reload did not reach its run")
+    finally:
+        monkeypatch.setattr(type(engine), "revalidate", revalidate)
+
+
 def configmap_volume(mount: Path, files: dict[str, str], stamp: str) -> None:
     """Write ``files`` (relative path -> text) into ``mount`` as the kubelet updates a ConfigMap
     volume: into a new hidden directory, then a symlink to it renamed over ``..data``, then the

@@ -22,6 +22,7 @@ from _reload_support import (
     edit_data,
     metric,
     reload_interrupted_at,
+    reload_killed_after_switch,
     set_analysis_limit,
     snapshot,
 )
@@ -406,10 +407,6 @@ def test_a_command_that_finishes_an_interrupted_run_says_so(
     assert expected in said.output, said.output
 
 
-class _Died(BaseException):
-    """The switching process killed right after the switch, before it began the run."""
-
-
 def test_a_switch_killed_before_its_run_leaves_one_org_change_and_a_later_edit_adds_its_own(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -418,14 +415,7 @@ def test_a_switch_killed_before_its_run_leaves_one_org_change_and_a_later_edit_a
     ORG_LIMITS_CHANGED names the limits it judged with."""
     _set_org_budget(engine, 250)
     edit_data(engine.workspace.home, set_analysis_limit(0.4))
-
-    def died(*_args: Any, **_kwargs: Any) -> Any:
-        raise _Died
-
-    monkeypatch.setattr(Engine, "revalidate", died)
-    with pytest.raises(_Died):
-        engine.reload_policy(actor=ACTOR, reason="budget 250 and analysis 0.4")
-    monkeypatch.undo()
+    reload_killed_after_switch(engine, monkeypatch, reason="budget 250 and analysis 0.4")
     run = engine.store.query_one("SELECT id, org_digest FROM revalidation_runs WHERE finished_at IS NULL")
     (switched,) = _events(engine, Code.ORG_LIMITS_CHANGED)
     assert (switched["reason"], switched["run_id"], switched["org_digest"]) == (

@@ -24,6 +24,7 @@ from _reload_support import (
     edit_data,
     metric,
     reload_interrupted_at,
+    reload_killed_after_switch,
     set_analysis_limit,
     snapshot,
 )
@@ -479,10 +480,6 @@ def test_an_invalidated_agent_whose_proof_is_bound_to_the_active_policy_is_resto
         assert eng.get_agent(AHEAD[0]).status is Status.GOVERNED_VALID
 
 
-class _Died(BaseException):
-    """The switching process killed right after the switch, before it began the run."""
-
-
 def test_a_start_is_judged_ahead_of_a_run_whose_process_died_right_after_the_switch(
     tmp_path: Path, opa_bin: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -494,14 +491,7 @@ def test_a_start_is_judged_ahead_of_a_run_whose_process_died_right_after_the_swi
         create_governed(eng, "c1-pass", temperature=0.3)  # passes P1 and P2
         p1 = eng.active_policy().hash
         edit_data(home, set_analysis_limit(0.4))
-
-        def died(*_args: Any, **_kwargs: Any) -> Any:
-            raise _Died
-
-        monkeypatch.setattr(Engine, "revalidate", died)
-        with pytest.raises(_Died):
-            eng.reload_policy(actor=ACTOR, reason="analysis limit 0.4, then killed")
-        monkeypatch.undo()
+        reload_killed_after_switch(eng, monkeypatch, reason="analysis limit 0.4, then killed")
         p2 = eng.active_policy().hash
         assert p2 != p1 and _current_proof(eng, "c1-pass")["policy_hash"] == p1, "setup"
         run = eng.store.query_one(
