@@ -846,18 +846,32 @@ def policy_reload(ctx: Ctx, reason: str, dry_run: bool) -> None:
 @policy_group.command("history")
 @common
 def policy_history(ctx: Ctx) -> None:
-    """Every recorded policy version."""
+    """Every recorded policy version, and when each was activated and by whom."""
     with _engine(ctx) as engine:
         versions = [v.as_dict() for v in engine.policy_history()]
-    emit(
-        ctx,
-        versions,
-        lambda: "\n".join(
-            f"{'*' if v['active'] else ' '} {v['hash'][:16]} {v['created_at']} {_one_line(v['actor'])}:"
-            f" {_one_line(v['reason'])}"
-            for v in versions
-        ),
-    )
+        activations = [a.as_dict() for a in engine.policy_activations()]
+    for version in versions:
+        version["activations"] = [a for a in activations if a["policy_hash"] == version["hash"]]
+
+    def activated(a: dict[str, Any]) -> str:
+        how = ["rollback"] if a["event"] == "POLICY_ROLLBACK" else []
+        how += [f"replacing {_one_line(a['previous_hash'][:16])}"] if a["previous_hash"] else []
+        return (
+            f"    activated {a['time']} by {_one_line(a['actor'] or '?')}"
+            f"{' (' + ', '.join(how) + ')' if how else ''}: {_one_line(a['reason'] or '')}"
+        )
+
+    def text() -> str:
+        lines = []
+        for v in versions:
+            lines.append(
+                f"{'*' if v['active'] else ' '} {v['hash'][:16]} {v['created_at']} {_one_line(v['actor'])}:"
+                f" {_one_line(v['reason'])}"
+            )
+            lines += [activated(a) for a in v["activations"]]
+        return "\n".join(lines)
+
+    emit(ctx, versions, text)
 
 
 @policy_group.command("diff")

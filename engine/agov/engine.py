@@ -995,6 +995,9 @@ class Engine:
     def policy_history(self) -> list[PolicyVersion]:
         return policy.history(self.store)
 
+    def policy_activations(self) -> list[policy.Activation]:
+        return policy.activations(self.store)
+
     def policy_diff(self, a: str, b: str) -> str:
         return policy.diff(self.store, self.workspace.bundles, a, b)
 

@@ -97,6 +97,54 @@ def history(store: Store) -> list[PolicyVersion]:
     return [_version(r) for r in store.query("SELECT * FROM policy_versions ORDER BY seq")]
 
 
+@dataclass(frozen=True)
+class Activation:
+    """One switch of the active version, as the audit event written with it records it.
+
+    ``event`` is ``POLICY_HOTRELOAD`` (init, a build or reload that activated) or
+    ``POLICY_ROLLBACK``; ``previous_hash`` is the version it replaced (None for the first).
+    """
+
+    seq: int
+    time: str
+    event: str
+    policy_hash: str
+    actor: str | None
+    reason: str | None
+    previous_hash: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+_ACTIVATION_EVENTS = (Code.POLICY_HOTRELOAD.value, Code.POLICY_ROLLBACK.value)
+
+
+def activations(store: Store) -> list[Activation]:
+    """Every activation, oldest first: what was active when, and who switched it.
+
+    Raises:
+        StoreError: an activation event is not as agov writes it (named by its sequence number).
+    """
+
+    def text(value: Any) -> str | None:
+        return value if isinstance(value, str) else None
+
+    return [
+        Activation(
+            seq=event.seq,
+            time=event.time,
+            event=event.type,
+            policy_hash=event.policy_hash,
+            actor=event.actor,
+            reason=text(event.payload.get("reason")),
+            previous_hash=text(event.payload.get("previous_hash")),
+        )
+        for event in store.audit_events(types=_ACTIVATION_EVENTS)
+        if event.policy_hash is not None  # agov writes one with each; an event without names none
+    ]
+
+
 def build(opa: Path, policies: Path, bundles: Path, keys_dir: Path) -> BuiltBundle:
     """Check (``opa check --strict`` and ``opa test``), then build and sign the bundle.
 

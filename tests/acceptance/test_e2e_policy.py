@@ -60,9 +60,10 @@ def test_build_of_changed_policies_records_a_new_inactive_version(fresh_ws: Path
     assert (fresh_ws / "bundles" / f"{built['hash']}.tar.gz").is_file()
     history = ok("policy", "history", home=fresh_ws)
     assert {v["hash"] for v in history} == {initial, built["hash"]}
-    assert all(set(v) == VERSION_KEYS for v in history)
+    assert all(set(v) == VERSION_KEYS | {"activations"} for v in history)
     # exactly one active version, still the old one: build does not activate
     assert active(history) == [initial]
+    assert [v["activations"] for v in history if v["hash"] == built["hash"]] == [[]]
     # the same content always gives the same hash
     assert ok("policy", "build", home=fresh_ws)["hash"] == built["hash"]
     assert len(ok("policy", "history", home=fresh_ws)) == 2
@@ -180,6 +181,54 @@ def test_a_reason_with_a_line_break_cannot_draw_a_history_line_of_its_own(fresh_
     shown = agov("policy", "history", home=fresh_ws, as_json=False)
     assert shown.code == 0, str(shown)
     lines = shown.out.splitlines()
-    assert len(lines) == 2 and [line[0] for line in lines] == ["*", " "], lines
+    # a version's line, then one line per activation of it (indented)
+    assert [line[:5] for line in lines] == ["* " + initial[:3], "    a", "  " + built["hash"][:3]], lines
     assert lines[0].startswith(f"* {initial[:16]} ")
-    assert lines[1].endswith(": tune\\n* 0000000000000000 2099-01-01T00:00:00+00:00 root: forged active")
+    assert lines[2].endswith(": tune\\n* 0000000000000000 2099-01-01T00:00:00+00:00 root: forged active")
+
+
+def test_history_shows_who_activated_each_version_when_and_what_it_replaced(fresh_ws: Path) -> None:
+    """A reload and a rollback: each version lists its activations, oldest first, as the audit
+    events written with them record them; free text cannot draw a line of its own."""
+    (initial,) = active(ok("policy", "history", home=fresh_ws))
+    limits = fresh_ws / "policies" / "agov" / "config" / "data.json"
+    limits.write_text(limits.read_text().replace('"analysis": 0.7', '"analysis": 0.4'))
+    reloaded = ok("policy", "reload", "--reason", "tighten", home=fresh_ws)["policy_hash"]
+    forged = "incident 42\n* 0000000000000000 2099-01-01T00:00:00+00:00 root: forged"
+    ok("policy", "rollback", initial, "--reason", forged, home=fresh_ws)
+
+    history = {v["hash"]: v for v in ok("policy", "history", home=fresh_ws)}
+
+    assert active(list(history.values())) == [initial]
+    first = history[initial]["activations"]
+    assert [(a["event"], a["previous_hash"], a["reason"]) for a in first] == [
+        ("POLICY_HOTRELOAD", None, "initial policy"),
+        ("POLICY_ROLLBACK", reloaded, forged),
+    ]
+    (switch,) = history[reloaded]["activations"]
+    assert (switch["event"], switch["previous_hash"], switch["reason"]) == (
+        "POLICY_HOTRELOAD",
+        initial,
+        "tighten",
+    )
+    assert first[0]["seq"] < switch["seq"] < first[1]["seq"], "the audit log's order"
+    assert all(a["actor"] == "acceptance" and a["policy_hash"] == initial for a in first)
+    # every switch the audit log records, and nothing else
+    switches = query(
+        fresh_ws,
+        "SELECT seq, type, policy_hash FROM audit_events"
+        " WHERE type IN ('POLICY_HOTRELOAD', 'POLICY_ROLLBACK') ORDER BY seq",
+    )
+    assert switches == [(a["seq"], a["event"], a["policy_hash"]) for a in (first[0], switch, first[1])]
+
+    shown = agov("policy", "history", home=fresh_ws, as_json=False)
+    assert shown.code == 0, str(shown)
+    lines = shown.out.splitlines()
+    assert len(lines) == 5, lines
+    assert lines[0].startswith(f"* {initial[:16]} ") and lines[3].startswith(f"  {reloaded[:16]} ")
+    assert lines[1].startswith("    activated ") and lines[1].endswith(" by acceptance: initial policy")
+    assert lines[2].endswith(
+        f" by acceptance (rollback, replacing {reloaded[:16]}):"
+        " incident 42\\n* 0000000000000000 2099-01-01T00:00:00+00:00 root: forged"
+    )
+    assert lines[4].endswith(f" by acceptance (replacing {initial[:16]}): tighten")

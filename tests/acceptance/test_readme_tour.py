@@ -115,8 +115,12 @@ def test_the_readme_tour_runs_as_written(tmp_path: Path, opa_bin: Path) -> None:
             assert step.code in output, f"{command}: no {step.code} in\n{output}"
         if "<previous hash>" in step.command:  # the files still hold the edit: rollback says so
             assert "note: the files under policies/ still hash to" in result.stdout, result.stdout
-        if "* marks the active hash" in step.command:
-            assert re.search(r"^\*", result.stdout, flags=re.M), result.stdout
+        if step.command == "agov policy history":  # after the reload: two versions, two switches
+            assert re.search(r"^\* [0-9a-f]{16} ", result.stdout, flags=re.M), result.stdout
+            switches = re.findall(
+                r"^    activated .* by alice(?: \(replacing ([0-9a-f]{16})\))?:", result.stdout, re.M
+            )
+            assert before_reload is not None and switches == ["", before_reload[:16]], result.stdout
         _check_shown(step, result.stdout)
     # the rollback restored the agent
     final = subprocess.run(

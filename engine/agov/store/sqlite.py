@@ -15,7 +15,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -518,13 +518,23 @@ class Store:
 
     # -- audit -------------------------------------------------------------------------------
 
-    def audit_events(self, *, after_seq: int = 0, agent_id: str | None = None) -> list[AuditEvent]:
-        if agent_id is None:
-            rows = self.query(f"{AUDIT_ROWS} WHERE seq > ? ORDER BY seq", (after_seq,))
-        else:
-            rows = self.query(
-                f"{AUDIT_ROWS} WHERE seq > ? AND agent_id = ? ORDER BY seq", (after_seq, agent_id)
-            )
+    def audit_events(
+        self, *, after_seq: int = 0, agent_id: str | None = None, types: Sequence[str] = ()
+    ) -> list[AuditEvent]:
+        """The audit events after ``after_seq``, in order: of one agent, of some ``types``, or all.
+
+        Raises:
+            StoreError: a row is not as agov writes it (named by its sequence number).
+        """
+        where: list[str] = ["seq > ?"]
+        params: list[Any] = [after_seq]
+        if agent_id is not None:
+            where.append("agent_id = ?")
+            params.append(agent_id)
+        if types:
+            where.append(f"type IN ({', '.join('?' * len(types))})")
+            params.extend(types)
+        rows = self.query(f"{AUDIT_ROWS} WHERE {' AND '.join(where)} ORDER BY seq", tuple(params))
         return [_audit_event(audit_row(r)) for r in rows]
 
     def record_rejection(self, type_: str, **fields: Any) -> None:
