@@ -220,6 +220,23 @@ def _repeated_data_key(home: Path) -> Callable[[], None]:
     return lambda: data_file(home).write_text(original)
 
 
+def _mistyped_limits(home: Path) -> Callable[[], None]:
+    # well-formed JSON that every check but the workspace's config tests passes: once live, the
+    # revalidation would fail on a builtin error (every governed agent's start then denied)
+    original = data_file(home).read_text()
+    data_file(home).write_text(
+        original.replace('"temperature_limits": {', '"temperature_limits": "x", "was": {')
+    )
+    return lambda: data_file(home).write_text(original)
+
+
+def _limit_as_a_string(home: Path) -> Callable[[], None]:
+    # once live, every analysis agent would be invalidated as of an unknown role class
+    original = data_file(home).read_text()
+    data_file(home).write_text(original.replace('"analysis": 0.7', '"analysis": "0.7"'))
+    return lambda: data_file(home).write_text(original)
+
+
 def _data_file_a_bundle_ignores(home: Path) -> Callable[[], None]:
     # `opa test` on the directory loads blocked.json as data.agov.config; a bundle loads only
     # data.json/data.yaml, so a rule tested against it would never fire in the sidecar.
@@ -275,6 +292,8 @@ def _admission_package_removed(home: Path) -> Callable[[], None]:
             "opa test could not load the policy tree:\n.*/agov/config/data.json: unexpected EOF",
         ),
         (_repeated_data_key, "config/data.json: the key 'analysis' appears twice in one object"),
+        (_mistyped_limits, "(?s)opa test failed.*test_temperature_limits_map_role_classes_to_numbers"),
+        (_limit_as_a_string, "(?s)opa test failed.*test_temperature_limits_map_role_classes_to_numbers"),
         (_data_file_a_bundle_ignores, "blocked.json: a bundle takes data only from files named data.json"),
         (_rego_outside_the_bundle_root, "helpers.rego: outside agov/, the bundle's only root"),
         (_every_test_removed, "opa test ran no tests: .*/policies has none that passed"),
@@ -286,6 +305,8 @@ def _admission_package_removed(home: Path) -> Callable[[], None]:
         "failing-opa-test-with-change",
         "malformed-data-json",
         "repeated-data-key",
+        "mistyped-limits",
+        "limit-as-a-string",
         "data-file-a-bundle-ignores",
         "rego-outside-the-bundle-root",
         "every-test-removed",
@@ -724,6 +745,7 @@ def test_a_key_revoked_during_the_revalidation_after_a_switch_is_not_bad_input(
     """The store has switched: exit 2 ("bad input, nothing changed") would be untrue. The run
     stopped because something changed under it: a ConflictError (exit 3) saying so."""
     seq = _last_seq(engine)
+    old = engine.active_policy().hash
     edit_data(home, set_analysis_limit(0.4))
     (keyid,) = [k.keyid for k in engine.list_keys() if k.state == "signing"]
     revalidate = engine.revalidate
@@ -739,6 +761,7 @@ def test_a_key_revoked_during_the_revalidation_after_a_switch_is_not_bad_input(
     assert info.value.message.startswith(f"policy {engine.active_policy().hash[:12]} was activated, but")
     assert "was revoked" in info.value.message and "agov revalidate" in info.value.hint
     assert "judged when it starts, if OPA answers and a key may sign" in info.value.hint
+    assert f"`agov policy rollback {old[:12]}` re-activates the previous policy" in info.value.hint
     assert _exit_for(info.value) == 3
     types = [e["type"] for e in _audit(engine, seq)]
     assert "POLICY_HOTRELOAD" in types and "POLICY_RELOAD_REFUSED" not in types
