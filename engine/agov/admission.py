@@ -127,8 +127,13 @@ def proof_facts(
     )
     facts["spec_hash_match"] = not ({"agent_id", "version", "spec_hash"} & set(mismatches))
     facts["policy_hash_match"] = "policy_hash" not in mismatches
-    if mismatches:
+    if set(mismatches) - {"policy_hash"}:
         notes.append(f"proof does not match the agent as it is now: {', '.join(sorted(mismatches))}")
+    elif mismatches:  # the agent is as signed: only the policy changed since
+        notes.append(
+            f"the proof was issued under policy {claims.policy_hash[:12]}, "
+            f"not under the active policy {active_policy_hash[:12]}"
+        )
     return facts, notes
 
 

@@ -106,3 +106,23 @@ CASES: dict[str, tuple[Any, list[bool | None]]] = {
 def test_each_fact_is_established_in_order_or_left_unknown(case: str) -> None:
     compute, want = CASES[case]
     assert compute() == want
+
+
+def _notes(proof: ProofClaims) -> list[str]:
+    _facts, notes = proof_facts(
+        AGENT, row(proof), None, lambda _keyid: SIGNER.trusted_key(), POLICY, T0, max_proof_bytes=64 * 1024
+    )
+    return notes
+
+
+def test_a_proof_under_an_earlier_policy_is_said_to_be_so_not_to_mismatch_the_agent() -> None:
+    """Every start between a policy change and the run's renewal of the agent's proof meets this
+    deny: its note must not read as a tampered agent."""
+    earlier = "e" * 64
+    assert _notes(claims(policy_hash=earlier)) == [
+        f"the proof was issued under policy {earlier[:12]}, not under the active policy {POLICY[:12]}"
+    ]
+    assert _notes(claims(spec_hash="0" * 64, policy_hash=earlier)) == [
+        "proof does not match the agent as it is now: policy_hash, spec_hash"
+    ]
+    assert _notes(claims()) == []
