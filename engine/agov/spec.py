@@ -237,9 +237,13 @@ _SHOWN_ERRORS = 10
 _ONE_LINE = "^[^\\u0000-\\u001f\\u007f\\u2028\\u2029]+$"  # the schema's pattern for ids and names
 
 
+def _is_one_line_rule(error: Any) -> bool:
+    return bool(error.validator == "pattern" and error.validator_value == _ONE_LINE)
+
+
 def _said(error: Any) -> str:
     """The schema error in words: a pattern is no explanation."""
-    if error.validator == "pattern" and error.validator_value == _ONE_LINE:
+    if _is_one_line_rule(error):
         return f"{error.instance!r} holds a control or line-breaking character"
     return str(error.message)
 
@@ -285,7 +289,11 @@ def validate_spec(document: Any) -> AgentSpec:
             path=field,
             hint="quote it to make it a string (YAML reads 2026-01-01 as a date), or use a finite number",
         ) from exc
-    errors = sorted(_validator().iter_errors(document), key=lambda e: (list(e.absolute_path), e.message))
+    errors = sorted(
+        # an empty id or name also fails the one-line pattern; minLength says what is wrong
+        (e for e in _validator().iter_errors(document) if not (e.instance == "" and _is_one_line_rule(e))),
+        key=lambda e: (list(e.absolute_path), e.message),
+    )
     if errors:
         where = ["/".join(str(p) for p in e.absolute_path) or "(document)" for e in errors]
         said = [_said(e) for e in errors]

@@ -245,6 +245,18 @@ def test_an_id_or_name_that_is_not_one_line_is_refused_in_words(
     assert info.value.message == f"metadata/{field}: {value!r} holds a control or line-breaking character"
 
 
+@pytest.mark.parametrize("field", ["id", "name"])
+def test_an_empty_id_or_name_is_said_to_be_empty_and_nothing_else(
+    valid_spec: dict[str, Any], field: str
+) -> None:
+    """It also fails the one-line pattern, which said it held a control character."""
+    document = json.loads(json.dumps(valid_spec))
+    document["metadata"][field] = ""
+    with pytest.raises(SpecError) as info:
+        validate_spec(document)
+    assert info.value.message == f"metadata/{field}: '' should be non-empty"
+
+
 def test_the_one_line_pattern_is_the_schemas() -> None:
     from agov.spec import _ONE_LINE
 
