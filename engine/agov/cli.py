@@ -150,6 +150,9 @@ def emit(ctx: Ctx, payload: Any, text: str | Callable[[], str]) -> None:
         click.echo(text() if callable(text) else text)
 
 
+_COMMANDLINE = click.core.ParameterSource.COMMANDLINE
+
+
 def common(func: F) -> F:
     """--home, --json, --actor and --opa-url on every command; errors mapped to exit codes here."""
 
@@ -174,7 +177,13 @@ def common(func: F) -> F:
     )
     @functools.wraps(func)
     def wrapper(home: Path, as_json: bool, actor: str | None, opa_url: str | None, **kwargs: Any) -> Any:
-        as_json = as_json or bool(click.get_current_context().meta.get(_JSON_META))  # `agov --json X`
+        context = click.get_current_context()
+        as_json = as_json or bool(context.meta.get(_JSON_META))  # `agov --json X`
+        typed = context.meta.get(_GROUP_META, {})  # `agov --home W X`, unless X has its own
+        mine = {n for n in _GROUP_OPTION_NAMES if context.get_parameter_source(n) is _COMMANDLINE}
+        home = home if "home" in mine else typed.get("home", home)
+        actor = actor if "actor" in mine else typed.get("actor", actor)
+        opa_url = opa_url if "opa_url" in mine else typed.get("opa_url", opa_url)
         ctx = Ctx(home=home, as_json=as_json, actor=actor or _default_actor(), opa_url=opa_url)
         # SIGTERM unwinds as Ctrl-C does: a transaction rolls back, a build's copy of the tree
         # is removed, the managed OPA stopped (`serve` sets its own handlers)
@@ -308,25 +317,56 @@ class _Agov(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-def _json_here(as_json: bool) -> None:
-    if as_json:  # `agov --json admit X`: the command's context shares this one's meta
-        click.get_current_context().meta[_JSON_META] = True
+_GROUP_META = "agov.group-options"
+_GROUP_OPTION_NAMES = ("home", "actor", "opa_url")
 
 
-# on every group too: `agov --json agent list` and `agov agent --json list`
-_GROUP_JSON = click.option(
-    "--json", "as_json", is_flag=True, help="Machine-readable output from the command that follows."
-)
+def _options_here(as_json: bool, **given: Any) -> None:
+    """Keep a group's options for the command that follows (`agov --home W admit X`): its
+    context shares this one's meta. Only those typed on the command line count: the command's
+    own option, typed there, wins, and reads the environment and its default itself."""
+    ctx = click.get_current_context()
+    if as_json:
+        ctx.meta[_JSON_META] = True
+    typed = ctx.meta.setdefault(_GROUP_META, {})
+    for name, value in given.items():
+        if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE:
+            typed[name] = value
+
+
+def _group_options(func: F) -> F:
+    """--json, --home, --actor and --opa-url on every group too: `agov --json agent list`,
+    `agov --home W agent list` and `agov agent --home W list` all work."""
+    for option in reversed(
+        [
+            click.option(
+                "--json",
+                "as_json",
+                is_flag=True,
+                help="Machine-readable output from the command that follows.",
+            ),
+            click.option(
+                "--home",
+                type=click.Path(path_type=Path),
+                default=None,
+                help="Workspace directory (env AGOV_HOME).",
+            ),
+            click.option("--actor", default=None, help="Who is acting (env AGOV_ACTOR; default: $USER)."),
+            click.option("--opa-url", default=None, metavar="URL", help="As the command's --opa-url."),
+        ]
+    ):
+        func = option(func)
+    return func
 
 
 @click.group(
     cls=_Agov, context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "AGOV"}
 )
 @click.version_option(package_name="agov")
-@_GROUP_JSON
-def main(as_json: bool) -> None:
+@_group_options
+def main(as_json: bool, **given: Any) -> None:
     """agov: govern AI agents with OPA policies: promote, admit, revalidate."""
-    _json_here(as_json)
+    _options_here(as_json, **given)
 
 
 def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
@@ -380,10 +420,10 @@ def _same_place(a: Path, b: Path) -> bool:
 
 
 @main.group()
-@_GROUP_JSON
-def agent(as_json: bool) -> None:
+@_group_options
+def agent(as_json: bool, **given: Any) -> None:
     """Create and inspect agents."""
-    _json_here(as_json)
+    _options_here(as_json, **given)
 
 
 def _interactive_answers() -> dict[str, Any]:
@@ -790,10 +830,10 @@ def revalidate(ctx: Ctx, dry_run: bool) -> None:
 
 
 @main.group("policy")
-@_GROUP_JSON
-def policy_group(as_json: bool) -> None:
+@_group_options
+def policy_group(as_json: bool, **given: Any) -> None:
     """Build, reload, inspect and roll back policy versions."""
-    _json_here(as_json)
+    _options_here(as_json, **given)
 
 
 @policy_group.command("build")
@@ -914,10 +954,10 @@ def policy_rollback(ctx: Ctx, policy_hash: str, reason: str) -> None:
 
 
 @main.group("keys")
-@_GROUP_JSON
-def keys_group(as_json: bool) -> None:
+@_group_options
+def keys_group(as_json: bool, **given: Any) -> None:
     """Proof signing keys."""
-    _json_here(as_json)
+    _options_here(as_json, **given)
 
 
 def _when(value: str | None) -> datetime | None:
@@ -1015,10 +1055,10 @@ def keys_revoke(ctx: Ctx, keyid: str, reason: str) -> None:
 
 
 @main.group("audit")
-@_GROUP_JSON
-def audit_group(as_json: bool) -> None:
+@_group_options
+def audit_group(as_json: bool, **given: Any) -> None:
     """The hash-chained audit log."""
-    _json_here(as_json)
+    _options_here(as_json, **given)
 
 
 @audit_group.command("verify")

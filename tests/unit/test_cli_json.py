@@ -77,3 +77,45 @@ def test_a_resumed_run_says_its_changes_before_the_interruption_are_not_listed()
     assert "... and 2 more changes" in text
     assert "changes made before the interruption are not listed" in text
     assert "not listed" not in _revalidation_text({**report, "resumed": False})
+
+
+def _ctx_of(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], env: dict[str, str | None] | None = None
+) -> Any:
+    """The Ctx a command runs with for ``argv`` (the command itself not run)."""
+    seen: list[Any] = []
+    monkeypatch.setattr(cli, "_run", lambda _func, ctx, _as_json, _kwargs: seen.append(ctx))
+    base: dict[str, str | None] = {"AGOV_HOME": None, "AGOV_ACTOR": None, "AGOV_JSON": None}
+    result = CliRunner(env={**base, **(env or {})}).invoke(cli.main, argv)
+    assert result.exit_code == 0, result.output
+    (ctx,) = seen
+    return ctx
+
+
+def test_home_actor_and_opa_url_may_come_before_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`agov --home W admit X` failed with "No such option '--home'", though the hint for a
+    missing workspace says "pass --home" and --json works there."""
+    ctx = _ctx_of(monkeypatch, ["--home", "w1", "--actor", "bob", "--opa-url", "unix:///s", "admit", "x"])
+    assert (ctx.home, ctx.actor, ctx.opa_url) == (Path("w1"), "bob", "unix:///s")
+    # after a group, before its command
+    ctx = _ctx_of(monkeypatch, ["policy", "--home", "w2", "--actor", "carol", "history"])
+    assert (ctx.home, ctx.actor, ctx.opa_url) == (Path("w2"), "carol", None)
+
+
+def test_an_option_given_to_the_command_itself_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx = _ctx_of(
+        monkeypatch, ["--home", "outer", "--actor", "bob", "agent", "--home", "mid", "list", "--home", "own"]
+    )
+    assert (ctx.home, ctx.actor) == (Path("own"), "bob")
+    ctx = _ctx_of(monkeypatch, ["--home", "outer", "agent", "--home", "mid", "list"])
+    assert ctx.home == Path("mid"), "the nearest group's"
+
+
+def test_a_group_option_wins_over_the_environment_and_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {"AGOV_HOME": "from-env", "AGOV_ACTOR": "env-actor"}
+    ctx = _ctx_of(monkeypatch, ["--home", "typed", "admit", "x"], env)
+    assert (ctx.home, ctx.actor) == (Path("typed"), "env-actor")
+    ctx = _ctx_of(monkeypatch, ["admit", "x"], env)
+    assert (ctx.home, ctx.actor) == (Path("from-env"), "env-actor")
+    ctx = _ctx_of(monkeypatch, ["admit", "x"])
+    assert ctx.home == Path(".agov")
