@@ -334,6 +334,22 @@ class Tx:
 _CONNECTION_IDS = itertools.count(1)
 
 
+def _unwritable(db: Path) -> str | None:
+    """Why agov cannot write beside ``db``, if that is why the store did not open: SQLite's WAL
+    mode writes agov.db-wal and agov.db-shm there, even for a command that only reads."""
+    directory = db.parent
+    try:
+        read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        return None
+    why = "agov writes agov.db and its -wal and -shm files there, even to read"
+    if read_only:
+        return f"{directory} is on a read-only file system: {why}; mount it read-write"
+    if not os.access(directory, os.W_OK) or (db.exists() and not os.access(db, os.R_OK | os.W_OK)):
+        return f"this user may not write in {directory}: {why}"
+    return None
+
+
 class Store:
     """The SQLite store of one workspace. One connection per thread; WAL; foreign keys on."""
 
@@ -364,7 +380,7 @@ class Store:
                     hint="the file is damaged: restore agov.db (with its -wal file and agov.db.audit-anchor)"
                     " from a backup"
                     if damaged
-                    else "check the path and its permissions",
+                    else _unwritable(Path(self.path)) or "check the path and its permissions",
                 ) from exc
             conn.row_factory = sqlite3.Row
             self._local.conn = conn
