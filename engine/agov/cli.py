@@ -905,8 +905,8 @@ def policy_history(ctx: Ctx) -> None:
         lines = []
         for v in versions:
             lines.append(
-                f"{'*' if v['active'] else ' '} {v['hash'][:16]} {v['created_at']} {_one_line(v['actor'])}:"
-                f" {_one_line(v['reason'])}"
+                f"{'*' if v['active'] else ' '} {v['hash'][:16]} built {v['created_at']} by"
+                f" {_one_line(v['actor'])}: {_one_line(v['reason'])}"
             )
             lines += [activated(a) for a in v["activations"]]
         return "\n".join(lines)

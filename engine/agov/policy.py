@@ -99,13 +99,14 @@ def history(store: Store) -> list[PolicyVersion]:
 
 @dataclass(frozen=True)
 class Activation:
-    """One switch of the active version, as the audit event written with it records it.
+    """One switch of the active version, as the audit event written with it records it
+    (``audit_seq`` is that event's sequence number: the order of all switches).
 
     ``event`` is ``POLICY_HOTRELOAD`` (init, a build or reload that activated) or
     ``POLICY_ROLLBACK``; ``previous_hash`` is the version it replaced (None for the first).
     """
 
-    seq: int
+    audit_seq: int
     time: str
     event: str
     policy_hash: str
@@ -132,7 +133,7 @@ def activations(store: Store) -> list[Activation]:
 
     return [
         Activation(
-            seq=event.seq,
+            audit_seq=event.seq,
             time=event.time,
             event=event.type,
             policy_hash=event.policy_hash,

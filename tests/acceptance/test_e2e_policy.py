@@ -211,7 +211,7 @@ def test_history_shows_who_activated_each_version_when_and_what_it_replaced(fres
         initial,
         "tighten",
     )
-    assert first[0]["seq"] < switch["seq"] < first[1]["seq"], "the audit log's order"
+    assert first[0]["audit_seq"] < switch["audit_seq"] < first[1]["audit_seq"], "the audit log's order"
     assert all(a["actor"] == "acceptance" and a["policy_hash"] == initial for a in first)
     # every switch the audit log records, and nothing else
     switches = query(
@@ -219,13 +219,16 @@ def test_history_shows_who_activated_each_version_when_and_what_it_replaced(fres
         "SELECT seq, type, policy_hash FROM audit_events"
         " WHERE type IN ('POLICY_HOTRELOAD', 'POLICY_ROLLBACK') ORDER BY seq",
     )
-    assert switches == [(a["seq"], a["event"], a["policy_hash"]) for a in (first[0], switch, first[1])]
+    assert switches == [(a["audit_seq"], a["event"], a["policy_hash"]) for a in (first[0], switch, first[1])]
 
     shown = agov("policy", "history", home=fresh_ws, as_json=False)
     assert shown.code == 0, str(shown)
     lines = shown.out.splitlines()
     assert len(lines) == 5, lines
-    assert lines[0].startswith(f"* {initial[:16]} ") and lines[3].startswith(f"  {reloaded[:16]} ")
+    assert lines[0].startswith(f"* {initial[:16]} built ") and lines[0].endswith(
+        " by acceptance: initial policy"
+    )
+    assert lines[3].startswith(f"  {reloaded[:16]} built ") and lines[3].endswith(" by acceptance: tighten")
     assert lines[1].startswith("    activated ") and lines[1].endswith(" by acceptance: initial policy")
     assert lines[2].endswith(
         f" by acceptance (rollback, replacing {reloaded[:16]}):"
