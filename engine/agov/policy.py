@@ -367,6 +367,7 @@ def diff(store: Store, bundles: Path, a: str, b: str) -> str:
     """
     va, vb = find_version(store, a), find_version(store, b)
     sa, sb = _sources(bundles, va), _sources(bundles, vb)
+    sa, sb = ({name: _readable(name, text) for name, text in s.items()} for s in (sa, sb))
     out: list[str] = []
     for name in sorted(set(sa) | set(sb)):
         out.extend(
@@ -378,6 +379,17 @@ def diff(store: Store, bundles: Path, a: str, b: str) -> str:
             )
         )
     return "".join(out)
+
+
+def _readable(name: str, text: str) -> str:
+    """A JSON data file one value per line: `opa build` writes a bundle's data.json on one line,
+    so a changed limit would show as the whole file changed."""
+    if not name.endswith(".json"):
+        return text
+    try:
+        return json.dumps(json.loads(text), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    except ValueError:
+        return text
 
 
 def _sources(bundles: Path, version: PolicyVersion) -> dict[str, str]:

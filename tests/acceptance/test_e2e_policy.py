@@ -235,3 +235,18 @@ def test_history_shows_who_activated_each_version_when_and_what_it_replaced(fres
         " incident 42\\n* 0000000000000000 2099-01-01T00:00:00+00:00 root: forged"
     )
     assert lines[4].endswith(f" by acceptance (replacing {initial[:16]}): tighten")
+
+
+def test_diff_shows_a_changed_limit_as_one_changed_line(fresh_ws: Path) -> None:
+    """`opa build` writes a bundle's data.json on one line: the diff showed the whole file
+    changed for one limit."""
+    (initial,) = active(ok("policy", "history", home=fresh_ws))
+    limits = fresh_ws / "policies" / "agov" / "config" / "data.json"
+    limits.write_text(limits.read_text().replace('"analysis": 0.7', '"analysis": 0.4'))
+    reloaded = ok("policy", "reload", "--reason", "tighten", home=fresh_ws)["policy_hash"]
+
+    diff = ok("policy", "diff", initial, reloaded, home=fresh_ws)["diff"]
+
+    changed = [line for line in diff.splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    assert changed == ['-        "analysis": 0.7,', '+        "analysis": 0.4,'], diff
+    assert f"--- {initial[:12]}/data.json" in diff and f"+++ {reloaded[:12]}/data.json" in diff
