@@ -104,9 +104,15 @@ def create_layout(home: Path, config: Config) -> Workspace:
     existing = collisions(home)
     if existing:
         listed = ", ".join(str(p) for p in existing)
+        held = (
+            home / DB_FILE
+        ).exists()  # a workspace's store, keys and audit log: never advise removing them
         raise WorkspaceError(
             f"refusing to overwrite existing files: {listed}",
-            hint="choose an empty directory, or remove these first",
+            hint=f"{home} holds an agov workspace: use it (--home / AGOV_HOME) or choose another directory;"
+            " removing these files would lose its agents, proofs, keys and audit log"
+            if held
+            else "choose an empty directory, or move these away first",
         )
     created = not home.exists()
     try:

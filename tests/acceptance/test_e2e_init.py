@@ -73,6 +73,7 @@ def test_init_refuses_a_single_existing_entry_and_writes_nothing(tmp_path: Path)
 
     assert str(home / "opa-config.yaml") in error["message"]
     assert str(home / "agov.yaml") not in error["message"]
+    assert error["hint"] == "choose an empty directory, or move these away first"
     assert listing(home) == before
     assert (home / "opa-config.yaml").read_text() == "mine: true\n"
 
@@ -82,7 +83,9 @@ def test_init_text_mode_reports_collisions_on_stderr(pristine: Path) -> None:
     assert result.code == 2
     assert result.out == ""
     assert result.err.startswith("error: refusing to overwrite existing files:")
-    assert "hint:" in result.err
+    # a workspace: the hint never advises removing its store, keys and audit log
+    assert f"hint: {pristine} holds an agov workspace: use it (--home / AGOV_HOME)" in result.err
+    assert "remove these" not in result.err
 
 
 def test_init_on_a_regular_file_is_bad_input(tmp_path: Path) -> None:
