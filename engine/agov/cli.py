@@ -778,7 +778,8 @@ def _progress_runner(ctx: Ctx, total: int) -> tuple[Any, Callable[[int], None] |
 
 def _revalidation_text(report: dict[str, Any]) -> str:
     lines = [
-        f"{'dry run: ' if report['dry_run'] else ''}revalidated {report['total']} governed agents under "
+        f"{'dry run: ' if report['dry_run'] else ''}revalidated {report['total']} governed"
+        f" agent{'' if report['total'] == 1 else 's'} under "
         f"{report['policy_hash'][:12]}: valid {report['valid']}, restricted {report['restricted']}, "
         f"invalidated {report['invalidated']} ({report['newly_invalidated']} new), restored {report['restored']}"
     ]
