@@ -90,6 +90,8 @@ def _one_line(text: object) -> str:
 def _check_actor(actor: str) -> None:
     """The actor is signed into proofs and shown in audit lines: one printable line, with no
     invisible format character (a bidi override can make it read as another name)."""
+    if not actor.strip():  # `--actor ''` once fell back to AGOV_ACTOR or the user, silently
+        raise UsageError("the actor is empty", hint="give --actor (or AGOV_ACTOR) the name of who is acting")
     if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") and c not in _JOINERS for c in actor):
         raise UsageError(
             f"the actor {actor!r} holds a control or line-breaking character",
@@ -184,7 +186,9 @@ def common(func: F) -> F:
         home = home if "home" in mine else typed.get("home", home)
         actor = actor if "actor" in mine else typed.get("actor", actor)
         opa_url = opa_url if "opa_url" in mine else typed.get("opa_url", opa_url)
-        ctx = Ctx(home=home, as_json=as_json, actor=actor or _default_actor(), opa_url=opa_url)
+        ctx = Ctx(
+            home=home, as_json=as_json, actor=_default_actor() if actor is None else actor, opa_url=opa_url
+        )
         # SIGTERM unwinds as Ctrl-C does: a transaction rolls back, a build's copy of the tree
         # is removed, the managed OPA stopped (`serve` sets its own handlers)
         main_thread = threading.current_thread() is threading.main_thread()

@@ -458,6 +458,17 @@ def test_an_actor_that_is_not_one_printable_line_is_refused(
     assert (after.rows, after.audit) == (before.rows, before.audit)
 
 
+@pytest.mark.parametrize("actor", ["", "  "])
+def test_an_empty_actor_is_refused_not_replaced(pristine: Path, tmp_path: Path, actor: str) -> None:
+    """`--actor ''` once recorded AGOV_ACTOR (or the user) instead, silently."""
+    home = copy_ws(pristine, tmp_path / "ws")
+    before = snapshot(home)
+    result = agov("agent", "create", "--template", "research-analyst", "--actor", actor, home=home)
+    assert expect_error(result, 2)["message"] == "the actor is empty"
+    after = snapshot(home)
+    assert (after.rows, after.audit) == (before.rows, before.audit)
+
+
 def test_the_actor_is_checked_only_where_it_is_recorded(pristine: Path, tmp_path: Path) -> None:
     """A stray character in AGOV_ACTOR must not refuse commands that record no actor, such as
     every start of an agent; and a name that needs a zero-width joiner is a name."""
