@@ -592,15 +592,20 @@ def agent_templates(ctx: Ctx) -> None:
 
 
 @agent.command("list")
-@click.option("--status", help="Only agents with this status.")
-@click.option("--type", "agent_type", help="Only agents of this type.")
+@click.option("--status", help="Only agents with this status (any case).")
+@click.option("--type", "agent_type", help="Only agents of this type (any case).")
 @click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
 @click.option("--offset", type=click.IntRange(0, 2**62), default=0)  # SQLite integers are 64-bit
 @common
 def agent_list(ctx: Ctx, status: str | None, agent_type: str | None, limit: int, offset: int) -> None:
     """List agents."""
     with _engine(ctx) as engine:
-        records = engine.list_agents(status=status, agent_type=agent_type, limit=limit, offset=offset)
+        records = engine.list_agents(
+            status=status and status.upper(),
+            agent_type=agent_type and agent_type.lower(),
+            limit=limit,
+            offset=offset,
+        )
     rows = [r.summary() for r in records]
 
     def text() -> str:

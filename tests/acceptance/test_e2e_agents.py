@@ -57,8 +57,9 @@ def ids(rows: list[dict[str, object]]) -> list[object]:
         (["--limit", "2", "--offset", "1"], ["beta", "delta"]),
         (["--status", "SANDBOX", "--type", "supervised"], ["alpha"]),
         (["--status", "SANDBOX", "--type", "advisory", "--limit", "1", "--offset", "1"], ["gamma"]),
+        (["--status", "sandbox", "--type", "Supervised"], ["alpha"]),
     ],
-    ids=["all", "sandbox", "governed", "type", "paging", "status+type", "status+type+paging"],
+    ids=["all", "sandbox", "governed", "type", "paging", "status+type", "status+type+paging", "any-case"],
 )
 def test_list_filters_and_pages(ws: Path, argv: list[str], expected: list[str]) -> None:
     rows = ok("agent", "list", *argv, home=ws)
