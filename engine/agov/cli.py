@@ -1312,6 +1312,8 @@ def _serve_until_stopped(
                 else:  # the watch goes on: the next save tries again
                     click.echo(f"reload failed: internal error: {type(exc).__name__}: {exc}", err=True)
                 return
+            if result["changed"]:
+                click.echo(f"activated policy {result['policy_hash'][:12]}", err=True)
             if result["revalidation"] is not None:  # a new policy, changed org limits, or a resumed run
                 click.echo(_revalidation_text(result["revalidation"]), err=True)
             limits_pending = engine.limits_changed_on_disk()

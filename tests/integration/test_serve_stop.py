@@ -296,6 +296,10 @@ def test_a_refused_reload_says_what_tries_again_and_the_next_save_does(home: Pat
         broken.unlink()
         edit_data(home, set_analysis_limit(0.35))
         wait_for(lambda: active_hash(home) != old_hash, "the next save's reload", serve)
+        text = serve.read_until(f"governed agents under {active_hash(home)[:12]}", 60)
+        assert f"activated policy {active_hash(home)[:12]}\nrevalidated {AGENTS} governed agents" in text, (
+            text
+        )
         stop(serve, "SIGTERM")
     finally:
         serve.kill()
