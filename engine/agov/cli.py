@@ -43,8 +43,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Ctx:
     """Per-invocation options shared by every command."""
 
-    def __init__(self, home: Path, as_json: bool, actor: str, opa_url: str | None = None) -> None:
+    def __init__(
+        self, home: Path, as_json: bool, actor: str, opa_url: str | None = None, *, home_given: bool = False
+    ) -> None:
         self.home = home
+        self.home_given = home_given  # by --home (before the command or after it) or AGOV_HOME
         self.as_json = as_json
         self._actor = actor
         self.opa_url = opa_url
@@ -153,6 +156,7 @@ def emit(ctx: Ctx, payload: Any, text: str | Callable[[], str]) -> None:
 
 
 _COMMANDLINE = click.core.ParameterSource.COMMANDLINE
+_DEFAULT = click.core.ParameterSource.DEFAULT
 
 
 def common(func: F) -> F:
@@ -187,7 +191,11 @@ def common(func: F) -> F:
         actor = actor if "actor" in mine else typed.get("actor", actor)
         opa_url = opa_url if "opa_url" in mine else typed.get("opa_url", opa_url)
         ctx = Ctx(
-            home=home, as_json=as_json, actor=_default_actor() if actor is None else actor, opa_url=opa_url
+            home=home,
+            as_json=as_json,
+            actor=_default_actor() if actor is None else actor,
+            opa_url=opa_url,
+            home_given="home" in typed or context.get_parameter_source("home") not in (None, _DEFAULT),
         )
         # SIGTERM unwinds as Ctrl-C does: a transaction rolls back, a build's copy of the tree
         # is removed, the managed OPA stopped (`serve` sets its own handlers)
@@ -390,12 +398,8 @@ def init(ctx: Ctx, directory: Path | None) -> None:
     from agov.engine import Engine
 
     _managed_only(ctx, "init")
-    source = click.get_current_context().get_parameter_source("home")
     if (
-        directory is not None
-        and source is not None
-        and source is not click.core.ParameterSource.DEFAULT
-        and not _same_place(directory, ctx.home)
+        directory is not None and ctx.home_given and not _same_place(directory, ctx.home)
     ):  # the workspace made would not be the one the next command opens
         raise UsageError(
             f"init {directory} names another workspace than --home/AGOV_HOME ({ctx.home}), which the"
@@ -907,7 +911,7 @@ def policy_history(ctx: Ctx) -> None:
         how = ["rollback"] if a["event"] == "POLICY_ROLLBACK" else []
         how += [f"replacing {_one_line(a['previous_hash'][:16])}"] if a["previous_hash"] else []
         return (
-            f"    activated {a['time']} by {_one_line(a['actor'] or '?')}"
+            f"    activated {_one_line(a['time'])} by {_one_line(a['actor'] or '?')}"
             f"{' (' + ', '.join(how) + ')' if how else ''}: {_one_line(a['reason'] or '')}"
         )
 
@@ -915,7 +919,7 @@ def policy_history(ctx: Ctx) -> None:
         lines = []
         for v in versions:
             lines.append(
-                f"{'*' if v['active'] else ' '} {v['hash'][:16]} built {v['created_at']} by"
+                f"{'*' if v['active'] else ' '} {v['hash'][:16]} built {_one_line(v['created_at'])} by"
                 f" {_one_line(v['actor'])}: {_one_line(v['reason'])}"
             )
             lines += [activated(a) for a in v["activations"]]

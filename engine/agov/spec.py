@@ -289,9 +289,11 @@ def validate_spec(document: Any) -> AgentSpec:
             path=field,
             hint="quote it to make it a string (YAML reads 2026-01-01 as a date), or use a finite number",
         ) from exc
+    found = list(_validator().iter_errors(document))
+    # an empty id or name also fails the one-line pattern: minLength says what is wrong
+    too_short = {tuple(e.absolute_path) for e in found if e.validator == "minLength"}
     errors = sorted(
-        # an empty id or name also fails the one-line pattern; minLength says what is wrong
-        (e for e in _validator().iter_errors(document) if not (e.instance == "" and _is_one_line_rule(e))),
+        (e for e in found if not (_is_one_line_rule(e) and tuple(e.absolute_path) in too_short)),
         key=lambda e: (list(e.absolute_path), e.message),
     )
     if errors:

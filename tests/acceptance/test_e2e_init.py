@@ -144,6 +144,14 @@ def test_init_refuses_a_directory_other_than_the_home_the_next_commands_use(tmp_
     assert "names another workspace than --home/AGOV_HOME" in error["message"], error
     assert not elsewhere.exists() and not home.exists(), "nothing is created"
     assert ok("init", home, env={"AGOV_HOME": str(home)})["home"] == str(home)  # the same one: fine
+    # --home before the command, or after it, is the same --home
+    for argv in (
+        ["--home", str(home), "init", str(elsewhere)],
+        ["init", str(elsewhere), "--home", str(home)],
+    ):
+        error = expect_error(agov(*argv), 2)
+        assert "names another workspace than --home/AGOV_HOME" in error["message"], (argv, error)
+        assert not elsewhere.exists()
 
 
 def test_init_into_a_symlink_loop_is_bad_input(tmp_path: Path) -> None:

@@ -336,17 +336,19 @@ _CONNECTION_IDS = itertools.count(1)
 
 def _unwritable(db: Path) -> str | None:
     """Why agov cannot write beside ``db``, if that is why the store did not open: SQLite's WAL
-    mode writes agov.db-wal and agov.db-shm there, even for a command that only reads."""
+    mode writes agov.db-wal and agov.db-shm there, even for a command that only reads. None when
+    it cannot tell (this only words a hint)."""
     directory = db.parent
+    why = "agov writes agov.db and its -wal and -shm files there, even to read"
     try:
-        read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return f"{directory} is on a read-only file system: {why}; mount it read-write"
+        if not os.access(directory, os.W_OK):
+            return f"this user may not write in {directory}: {why}"
+        if os.path.exists(db) and not os.access(db, os.R_OK | os.W_OK):
+            return f"this user may not read and write {db}"
     except OSError:
         return None
-    why = "agov writes agov.db and its -wal and -shm files there, even to read"
-    if read_only:
-        return f"{directory} is on a read-only file system: {why}; mount it read-write"
-    if not os.access(directory, os.W_OK) or (db.exists() and not os.access(db, os.R_OK | os.W_OK)):
-        return f"this user may not write in {directory}: {why}"
     return None
 
 
