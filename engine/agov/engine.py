@@ -963,9 +963,9 @@ class Engine:
                 "until then an agent not yet re-signed under the new policy is judged when it starts,"
                 " if OPA answers and a key may sign"
             )
-            if (
-                previous is not None and event != Code.POLICY_ROLLBACK
-            ):  # the way back, should the new policy be what stopped it
+            # the way back, should the new policy be what stopped it (not after a rollback: that
+            # would name the version just left)
+            if previous is not None and event != Code.POLICY_ROLLBACK:
                 finish += f"; `agov policy rollback {previous.hash[:12]}` re-activates the previous policy"
             if isinstance(exc, ConflictError):  # another process took over (maybe with another policy)
                 finish = ""

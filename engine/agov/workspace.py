@@ -104,9 +104,8 @@ def create_layout(home: Path, config: Config) -> Workspace:
     existing = collisions(home)
     if existing:
         listed = ", ".join(str(p) for p in existing)
-        held = (
-            home / DB_FILE
-        ).exists()  # a workspace's store, keys and audit log: never advise removing them
+        # a workspace's store, keys and audit log: never advise removing them
+        held = (home / DB_FILE).exists()
         raise WorkspaceError(
             f"refusing to overwrite existing files: {listed}",
             hint=f"{home} holds an agov workspace: use it (--home / AGOV_HOME) or choose another directory;"
