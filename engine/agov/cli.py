@@ -632,14 +632,28 @@ def agent_show(ctx: Ctx, agent_id: str) -> None:
 
     with _engine(ctx) as engine:
         record = engine.get_agent(agent_id)
-    payload = {**record.summary(), "spec": record.spec.document}
+        proof = engine.current_proof(agent_id)
+        active = _active_hash_or_none(engine)
+    payload = {**record.summary(), "proof": proof, "spec": record.spec.document}
     emit(
         ctx,
         payload,
         lambda: "\n".join(
             [_summary_line(k, v) for k, v in record.summary().items()]
-            + ["spec:", dump_yaml(record.spec.document)]
+            + [_proof_line(proof, active), "spec:", dump_yaml(record.spec.document)]
         ),
+    )
+
+
+def _proof_line(proof: dict[str, Any] | None, active: str | None) -> str:
+    """The current proof as recorded (admission verifies it at each start)."""
+    if proof is None:
+        return "proof: none"
+    bound = "the active policy" if proof["policy_hash"] == active else "not the active policy"
+    expires = f", expires {proof['expires_at']}" if proof["expires_at"] else ""
+    return (
+        f"proof: v{proof['version']} {proof['governance_status']} under policy {str(proof['policy_hash'])[:12]}"
+        f" ({bound}), issued {proof['issued_at']}{expires}, key {str(proof['keyid'])[:12]}"
     )
 
 
@@ -649,7 +663,7 @@ def _summary_line(key: str, value: Any) -> str:
             ["reasons:"]
             + [f"  {r.get('code')}: {r.get('message')}" if isinstance(r, dict) else f"  {r}" for r in value]
         )
-    return f"{key}: {value}"
+    return f"{key}: {'-' if value is None else value}"
 
 
 @agent.command("update")

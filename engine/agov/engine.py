@@ -368,6 +368,9 @@ class Engine:
     def history(self, agent_id: str) -> dict[str, Any]:
         return registry.history(self.store, agent_id)
 
+    def current_proof(self, agent_id: str) -> dict[str, Any] | None:
+        return registry.current_proof(self.store, agent_id)
+
     # -- decisions --------------------------------------------------------------------------------
 
     def promote(self, agent_id: str, *, actor: str, role: str) -> promotion.PromotionResult:

@@ -499,6 +499,19 @@ def update_agent(
     return get_agent(store, agent_id)
 
 
+_PROOF_FIELDS = ("version", "policy_hash", "keyid", "governance_status", "issued_at", "expires_at")
+
+
+def current_proof(store: Store, agent_id: str) -> dict[str, Any] | None:
+    """What the agent's current proof records (not verified here: admission verifies it), or
+    None for an agent with no proof (a sandbox agent, never promoted)."""
+    row = store.query_one(
+        f"SELECT {', '.join(_PROOF_FIELDS)} FROM agent_proofs WHERE agent_id = ? AND superseded_at IS NULL",
+        (agent_id,),
+    )
+    return None if row is None else {k: row[k] for k in _PROOF_FIELDS}
+
+
 def history(store: Store, agent_id: str) -> dict[str, Any]:
     """Versions (with provenance), proofs and audit events of one agent.
 

@@ -82,6 +82,22 @@ def test_show_gives_the_summary_and_the_stored_spec(ws: Path) -> None:
     # governed: no sandbox expiry any more
     assert shown["sandbox_expires_at"] is None
     assert shown["creation_mode"] == "import"
+    # its current proof as recorded, bound to the active policy
+    (active,) = [v["hash"] for v in ok("policy", "history", home=ws) if v["active"]]
+    proof = shown["proof"]
+    assert (proof["version"], proof["policy_hash"], proof["governance_status"]) == (
+        1,
+        active,
+        "GOVERNED_VALID",
+    )
+    assert set(proof) == {"version", "policy_hash", "keyid", "governance_status", "issued_at", "expires_at"}
+    text = agov("agent", "show", "delta", home=ws, as_json=False).out.splitlines()
+    assert f"proof: v1 GOVERNED_VALID under policy {active[:12]} (the active policy), issued " in "\n".join(
+        text
+    )
+    assert "sandbox_expires_at: -" in text, "not Python's None"
+    assert ok("agent", "show", "alpha", home=ws)["proof"] is None, "a sandbox agent has none"
+    assert "proof: none" in agov("agent", "show", "alpha", home=ws, as_json=False).out
 
 
 def test_update_stores_version_2_with_notes(ws: Path, tmp_path: Path) -> None:
