@@ -649,11 +649,12 @@ def _proof_line(proof: dict[str, Any] | None, active: str | None) -> str:
     """The current proof as recorded (admission verifies it at each start)."""
     if proof is None:
         return "proof: none"
+    shown = {k: _one_line(v) for k, v in proof.items()}  # as stored: one line each, whatever is there
     bound = "the active policy" if proof["policy_hash"] == active else "not the active policy"
-    expires = f", expires {proof['expires_at']}" if proof["expires_at"] else ""
+    expires = f", expires {shown['expires_at']}" if proof["expires_at"] else ""
     return (
-        f"proof: v{proof['version']} {proof['governance_status']} under policy {str(proof['policy_hash'])[:12]}"
-        f" ({bound}), issued {proof['issued_at']}{expires}, key {str(proof['keyid'])[:12]}"
+        f"proof: v{shown['version']} {shown['governance_status']} under policy {shown['policy_hash'][:12]}"
+        f" ({bound}), issued {shown['issued_at']}{expires}, key {shown['keyid'][:12]}"
     )
 
 
