@@ -342,7 +342,7 @@ def _options_here(as_json: bool, **given: Any) -> None:
         ctx.meta[_JSON_META] = True
     typed = ctx.meta.setdefault(_GROUP_META, {})
     for name, value in given.items():
-        if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE:
+        if ctx.get_parameter_source(name) is _COMMANDLINE:
             typed[name] = value
 
 

@@ -853,7 +853,7 @@ class Engine:
         under policies/ may still hold the version rolled back from)."""
         row = self.store.query_one(
             "SELECT type, payload FROM audit_events WHERE type IN (?, ?) ORDER BY seq DESC LIMIT 1",
-            (Code.POLICY_HOTRELOAD, Code.POLICY_ROLLBACK),
+            policy.ACTIVATION_EVENTS,
         )
         if row is None or row["type"] != Code.POLICY_ROLLBACK:
             return None

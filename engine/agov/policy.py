@@ -118,7 +118,8 @@ class Activation:
         return dict(self.__dict__)
 
 
-_ACTIVATION_EVENTS = (Code.POLICY_HOTRELOAD.value, Code.POLICY_ROLLBACK.value)
+# the audit events written with a switch of the active version, in its transaction
+ACTIVATION_EVENTS = (Code.POLICY_HOTRELOAD.value, Code.POLICY_ROLLBACK.value)
 
 
 def activations(store: Store) -> list[Activation]:
@@ -141,7 +142,7 @@ def activations(store: Store) -> list[Activation]:
             reason=text(event.payload.get("reason")),
             previous_hash=text(event.payload.get("previous_hash")),
         )
-        for event in store.audit_events(types=_ACTIVATION_EVENTS)
+        for event in store.audit_events(types=ACTIVATION_EVENTS)
         if event.policy_hash is not None  # agov writes one with each; an event without names none
     ]
 

@@ -527,18 +527,7 @@ def history(store: Store, agent_id: str) -> dict[str, Any]:
         for r in store.query("SELECT * FROM agent_versions WHERE agent_id = ? ORDER BY version", (agent_id,))
     ]
     proofs = [
-        {
-            k: r[k]
-            for k in (
-                "version",
-                "policy_hash",
-                "keyid",
-                "governance_status",
-                "issued_at",
-                "expires_at",
-                "superseded_at",
-            )
-        }
+        {k: r[k] for k in (*_PROOF_FIELDS, "superseded_at")}
         for r in store.query("SELECT * FROM agent_proofs WHERE agent_id = ? ORDER BY id", (agent_id,))
     ]
     events = [e.as_dict() for e in store.audit_events(agent_id=agent_id)]
