@@ -124,8 +124,14 @@ def test_a_group_option_wins_over_the_environment_and_the_default(monkeypatch: p
 def test_only_the_documented_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     """click's auto_envvar_prefix made every option read AGOV_<COMMAND>_<OPTION> too, so an
     undocumented AGOV_ADMIT_OPA_URL sent `agov admit` to another sidecar."""
-    env = {"AGOV_ADMIT_OPA_URL": "http://127.0.0.1:1", "AGOV_ADMIT_HOME": "elsewhere", "AGOV_OPA_URL": "unix:///s"}
+    env = {
+        "AGOV_ADMIT_OPA_URL": "http://127.0.0.1:1",
+        "AGOV_ADMIT_HOME": "elsewhere",
+        "AGOV_OPA_URL": "unix:///s",
+    }
     ctx = _ctx_of(monkeypatch, ["admit", "x"], env)
-    assert (ctx.home, ctx.opa_url) == (Path(".agov"), None), "AGOV_OPA_URL is agov.yaml's, read by the runtime"
+    assert (ctx.home, ctx.opa_url) == (Path(".agov"), None), (
+        "AGOV_OPA_URL is agov.yaml's, read by the runtime"
+    )
     ctx = _ctx_of(monkeypatch, ["--json", "agent", "list"], {"AGOV_AGENT_LIST_HOME": "elsewhere"})
     assert ctx.home == Path(".agov")
