@@ -605,20 +605,28 @@ def agent_list(ctx: Ctx, status: str | None, agent_type: str | None, limit: int,
         records = engine.list_agents(
             status=status and status.upper(),
             agent_type=agent_type and agent_type.lower(),
-            limit=limit,
+            limit=limit + 1,  # one more tells the text whether the page is the last
             offset=offset,
         )
-    rows = [r.summary() for r in records]
+    rows = [r.summary() for r in records[:limit]]
 
     def text() -> str:
         if not rows:
-            return "no agents"
-        return "\n".join(
-            f"{r['id']:<32} {r['status']:<21} v{r['version']:<4} {r['type']:<11} {r['role_class']}"
-            for r in rows
-        )
+            return "no agents" if offset == 0 else f"no agents from offset {offset}"
+        lines = [_agent_row("ID", "STATUS", "VERSION", "TYPE", "ROLE CLASS")]
+        lines += [
+            _agent_row(r["id"], r["status"], f"v{r['version']}", r["type"], r["role_class"]) for r in rows
+        ]
+        if len(records) > limit:
+            lines.append(f"(more agents follow: --offset {offset + limit})")
+        return "\n".join(lines)
 
     emit(ctx, rows, text)
+
+
+def _agent_row(*cells: object) -> str:
+    agent_id, status, version, agent_type, role_class = cells
+    return f"{agent_id!s:<32} {status!s:<21} {version!s:<7} {agent_type!s:<11} {role_class}"
 
 
 @agent.command("show")

@@ -69,6 +69,27 @@ def test_list_filters_and_pages(ws: Path, argv: list[str], expected: list[str]) 
         assert row["type"] == SPECS[row["id"]]["spec"]["agent_type"]
 
 
+def test_list_text_has_a_header_and_says_when_more_agents_follow(ws: Path) -> None:
+    """Before: no header, and a full page (100 by default) looked like the whole fleet."""
+
+    def lines(*argv: str) -> list[str]:
+        result = agov("agent", "list", *argv, home=ws, as_json=False)
+        assert result.code == 0, str(result)
+        return result.out.splitlines()
+
+    first = lines("--limit", "2")
+    assert first[0].split() == ["ID", "STATUS", "VERSION", "TYPE", "ROLE", "CLASS"]
+    assert [line.split()[:3] for line in first[1:3]] == [
+        ["alpha", "SANDBOX", "v1"],
+        ["beta", "SANDBOX", "v1"],
+    ]
+    assert first[3:] == ["(more agents follow: --offset 2)"]
+    last = lines("--limit", "2", "--offset", "2")
+    assert [line.split()[0] for line in last] == ["ID", "delta", "gamma"], "the last page says nothing more"
+    assert lines("--offset", "4") == ["no agents from offset 4"]
+    assert lines("--status", "GOVERNED_INVALIDATED") == ["no agents"]
+
+
 def test_show_gives_the_summary_and_the_stored_spec(ws: Path) -> None:
     shown = ok("agent", "show", "delta", home=ws)
     assert shown["spec"] == SPECS["delta"]
