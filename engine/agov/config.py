@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -17,6 +18,9 @@ MAX_TIMEOUT_S = 300.0  # the longest deadline any one call to OPA may have
 MAX_SPEC_BYTES = 4 * 1024 * 1024
 _MAX_COUNT = 2**31 - 1
 _MAX_TTL_DAYS = 36_500  # a century: far from datetime's year 9999
+# libyaml's parser where PyYAML has it (its wheels do): the same documents, about 7x faster
+# than the pure-Python one, and agov.yaml is read on every command and judged start.
+_YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass(frozen=True)
@@ -138,8 +142,18 @@ def load_config(path: Path, *, require_org: bool = False) -> Config:
             ``require_org``, stating no org limits.
     """
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        text = path.read_text(encoding="utf-8") if path.exists() else None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    return _parsed(text, path, require_org=require_org)
+
+
+@functools.lru_cache(maxsize=8)  # keyed by the text itself: an edit is never served stale
+def _parsed(text: str | None, path: Path, *, require_org: bool) -> Config:
+    """The frozen Config that ``text`` (agov.yaml at ``path``) states; see load_config."""
+    try:
+        raw = None if text is None else yaml.load(text, Loader=_YAML_LOADER)
+    except yaml.YAMLError as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
     if require_org and not (isinstance(raw, dict) and isinstance(raw.get("org"), dict) and raw["org"]):
         raise ConfigError(

@@ -11,7 +11,7 @@ import yaml
 
 from agov.config import MAX_TIMEOUT_S, Config, Limits, load_config
 from agov.engine import Engine
-from agov.errors import WorkspaceError
+from agov.errors import ConfigError, WorkspaceError
 
 
 def _write(tmp_path: Path, limits: dict[str, object]) -> Path:
@@ -98,3 +98,23 @@ def test_proofs_may_be_configured_never_to_expire_and_budgets_to_be_whole(tmp_pa
     path.write_text(yaml.safe_dump({"proof_ttl_days": None, "org": {"max_monthly_budget_usd": 0}}))
     config = load_config(path)
     assert (config.proof_ttl_days, config.org.max_monthly_budget_usd) == (None, 0)
+
+
+def test_each_read_gives_what_the_file_says_now(tmp_path: Path) -> None:
+    """Parsed configs are kept by their text: an edit of the same size, within the same clock
+    tick, is read as written; a broken edit is refused each time; the original is read again."""
+    path = tmp_path / "agov.yaml"
+    path.write_text("org:\n  max_monthly_budget_usd: 1000\n")
+    assert load_config(path, require_org=True).org.max_monthly_budget_usd == 1000
+    path.write_text("org:\n  max_monthly_budget_usd: 2000\n")
+    assert load_config(path, require_org=True).org.max_monthly_budget_usd == 2000
+    path.write_text("org:\n  max_monthly_budget_usd: [2000\n")
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="cannot read"):
+            load_config(path, require_org=True)
+    path.write_text("org:\n  max_monthly_budget_usd: 1000\n")
+    assert load_config(path, require_org=True).org.max_monthly_budget_usd == 1000
+    path.write_text("")
+    with pytest.raises(ConfigError, match="states no org limits"):
+        load_config(path, require_org=True)
+    assert load_config(path) == Config(), "without require_org, an empty file is the defaults"
