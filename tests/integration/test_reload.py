@@ -22,6 +22,7 @@ import pytest
 from _reload_support import (
     ACTOR,
     KnownBug,
+    agent_doc,
     configmap_volume,
     create_governed,
     current_proofs,
@@ -505,6 +506,49 @@ def test_revalidation_invalidates_restricts_and_binds_proofs_to_the_new_hash(hom
                 ), decision.reasons
             else:
                 assert decision.allow and decision.policy_hash == new, agent_id
+
+
+FORBIDDEN_MODEL_RULE = """
+deny contains _finding("PROMOTION_DENY_FORBIDDEN_MODEL", sprintf("model %s is forbidden", [model])) if {
+	model := input.agent.spec.anatomy.reasoning.model
+	model in data.agov.config.forbidden_models
+}
+
+warn contains _finding("PROMOTION_WARN_ADVISORY_AGENT", "advisory agents run restricted") if {
+	input.agent.spec.agent_type == "advisory"
+}
+"""
+
+
+def test_rules_an_author_writes_in_promotion_rego_judge_the_governed_agents_too(
+    engine: Engine, home: Path
+) -> None:
+    """Before: revalidation applied agov.lib.spec_rules only. A deny written in promotion.rego
+    refused new promotions, yet every governed agent it names was re-signed VALID and admitted;
+    a warn there was lost on the next unrelated reload (RESTRICTED -> VALID)."""
+    model = agent_doc("x")["spec"]["anatomy"]["reasoning"]["model"]
+    with (home / "policies" / "agov" / "promotion" / "promotion.rego").open("a") as rego:
+        rego.write(FORBIDDEN_MODEL_RULE)
+    edit_data(home, lambda data: data.update(forbidden_models=["none"]))
+    first = engine.reload_policy(actor=ACTOR, reason="advisory agents run restricted")["revalidation"]
+    assert (first["invalidated"], first["restricted"]) == (0, len(CAST)), first
+    assert set(statuses(home).values()) == {"GOVERNED_RESTRICTED"}
+
+    # an unrelated change keeps the restriction; naming the cast's model invalidates all of it
+    edit_data(home, lambda data: data.update(forbidden_models=["none", model]))
+    second = engine.reload_policy(actor=ACTOR, reason="forbid the cast's model")["revalidation"]
+    assert second["invalidated"] == len(CAST), second
+    assert set(statuses(home).values()) == {"GOVERNED_INVALIDATED"}
+    hot = engine.get_agent("hot-analyst")
+    assert [r["code"] for r in hot.reasons] == ["PROMOTION_DENY_FORBIDDEN_MODEL"]
+    decision = engine.admit("hot-analyst")
+    assert (decision.allow, decision.code) == (False, "ADMISSION_DENY_INVALIDATED")
+
+    # the roles that may promote are no question for a governed agent: none of it falls
+    edit_data(home, lambda data: data.update(forbidden_models=["none"], promotion_roles=["policy_admin"]))
+    third = engine.reload_policy(actor=ACTOR, reason="only policy_admin promotes")["revalidation"]
+    assert (third["invalidated"], third["restricted"]) == (0, len(CAST)), third
+    assert engine.admit("hot-analyst").allow
 
 
 def test_rollback_is_reported_even_when_the_policy_files_cannot_be_read(engine: Engine, home: Path) -> None:

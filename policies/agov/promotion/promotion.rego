@@ -2,8 +2,12 @@
 # title: Promotion of an agent out of its sandbox
 # description: |
 #   May this actor promote this agent spec to governed? Applies every rule in
-#   agov.lib.spec_rules, plus the request-level checks on the actor, the
-#   policy hash and the clock. allow is true only when deny is empty.
+#   agov.lib.spec_rules and every rule written here, plus the request-level
+#   checks on the actor, the policy hash and the clock. allow is true only when
+#   deny is empty. agov.revalidation asks this same decision for each governed
+#   agent, with input.purpose "revalidation": write rules about the agent here
+#   or in spec_rules, and gate rules about who promotes, or when, with
+#   _promoting (nobody is promoting then; ungated, they would invalidate).
 # scope: package
 # schemas:
 #   - input: schema.promotion_input
@@ -49,6 +53,12 @@ _actor_role := input.actor.role
 
 _role_allowed if _actor_role in data.agov.config.promotion_roles
 
+# A promotion request, not a revalidation of an agent promoted before: only a
+# request is judged on who makes it.
+_promoting if not _revalidating
+
+_revalidating if input.purpose == "revalidation"
+
 _valid_now if is_number(time.parse_rfc3339_ns(input.now))
 
 deny contains finding if some finding in spec_rules.deny
@@ -60,6 +70,7 @@ deny contains _finding(
 		[json.marshal(_actor_role), data.agov.config.promotion_roles],
 	),
 ) if {
+	_promoting
 	not _role_allowed
 }
 
@@ -68,6 +79,7 @@ deny contains _finding(
 	"PROMOTION_DENY_ROLE_NOT_ALLOWED",
 	"data.agov.config.promotion_roles is missing or not an array: no role may promote",
 ) if {
+	_promoting
 	not _roles_configured
 }
 

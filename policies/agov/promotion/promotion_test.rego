@@ -153,3 +153,14 @@ test_r14_each_required_field_dropped_denies if {
 		print_on_failure(path, [decision.allow, code in codes(decision.deny)], [false, true])
 	}
 }
+
+test_a_revalidation_is_not_judged_on_its_actor if {
+	system := {"id": "agov-revalidation", "role": "system"}
+	request := object.union(valid_input, {"purpose": "revalidation", "actor": system})
+	promotion.decision == {"allow": true, "deny": set(), "warn": set()} with input as request
+		with data.agov.config as config
+
+	# the same actor on a promotion request is refused
+	codes(promotion.deny) == {"PROMOTION_DENY_ROLE_NOT_ALLOWED"} with input as object.remove(request, ["purpose"])
+		with data.agov.config as config
+}

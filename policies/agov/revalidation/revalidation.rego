@@ -1,42 +1,51 @@
 # METADATA
 # title: Revalidation of a chunk of governed agents
 # description: |
-#   Applies agov.lib.spec_rules to every agent of input.agents against
-#   input.org, in one query. A missing input.org denies every agent with
-#   PROMOTION_DENY_BUDGET_EXCEEDS_LIMIT.
+#   Asks agov.promotion, for every agent of input.agents against input.org,
+#   whether it would be promoted now, in one query: every rule about the agent
+#   applies, wherever it is written (agov.lib.spec_rules or agov.promotion);
+#   the rules on who may promote do not (input.purpose "revalidation"). A
+#   missing input.org denies every agent with PROMOTION_DENY_BUDGET_EXCEEDS_LIMIT.
 # scope: package
 # schemas:
 #   - input: schema.revalidation_input
 package agov.revalidation
 
-import data.agov.lib.spec_rules
+import data.agov.promotion
 
-default _org := null
+# The actor and role that proofs re-signed by a revalidation name.
+_actor := {"id": "agov-revalidation", "role": "system"}
 
-_org := input.org
+# An object comprehension, not a rule `results[id] := ... if`: OPA checks each
+# key of a partial object rule against every key before it (quadratic in the
+# chunk size). `with input` per agent is the point: each agent is judged by the
+# promotion rules as they are written, over input.agent, as a promotion is.
 
 # METADATA
 # title: Revalidation results
 # description: |
 #   The engine queries POST /v1/data/agov/revalidation/results and gets an
-#   object agent id -> {"allow": bool, "deny": [...], "warn": [...]}.
-#   An entry whose id is not a non-empty string has no result: the engine
-#   must treat every id it sent and got no result for as denied. Duplicate
-#   ids with different results are an evaluation error (fail closed).
+#   object agent id -> {"allow": bool, "deny": [...], "warn": [...]}: the
+#   promotion decision for that agent. An entry whose id is not a non-empty
+#   string has no result: the engine must treat every id it sent and got no
+#   result for as denied. Duplicate ids with different results are an
+#   evaluation error (fail closed).
 # entrypoint: true
 # schemas:
 #   - input: schema.revalidation_input
-results := _results(_org)
-
-# An object comprehension, not a rule `results[id] := ... if`: OPA checks each
-# key of a partial object rule against every key before it (quadratic in the
-# chunk size). A duplicate id with a different result is a conflict error in
-# both. org is an argument, so that input.org is looked up once per chunk.
-_results(org) := {entry.id: {"allow": count(deny) == 0, "deny": deny, "warn": spec_rules.warn_for(agent, org)} |
+results := {entry.id: verdict | # regal ignore:prefer-set-or-object-rule
 	some entry in input.agents
 	is_object(entry)
 	is_string(entry.id)
 	entry.id != ""
-	agent := object.get(entry, "agent", null)
-	deny := spec_rules.deny_for(agent, org)
+
+	# regal ignore:with-outside-test-context,comprehension-term-assignment
+	verdict := promotion.decision with input as _request(entry)
 }
+
+# The promotion input for one entry; what the chunk lacks stays out, so that
+# the promotion rules deny it.
+_request(entry) := object.union(
+	object.filter(input, {"org", "policy_hash", "now"}),
+	{"purpose": "revalidation", "actor": _actor, "agent": object.get(entry, "agent", null)},
+)

@@ -96,3 +96,37 @@ test_a_repeated_entry_has_one_result if {
 		with data.agov.config as config
 	object.keys(results) == {"a-pass", "a-fail"}
 }
+
+# A rule an author adds to agov.promotion applies to the governed agents too:
+# revalidation asks the promotion decision, not only agov.lib.spec_rules.
+test_rules_written_in_promotion_apply if {
+	denied := {{"code": "PROMOTION_DENY_FORBIDDEN_MODEL", "message": "model m is forbidden"}}
+	warned := {{"code": "PROMOTION_WARN_MCP_SERVER", "message": "mcp servers run restricted"}}
+	results := revalidation.results with input as chunk with data.agov.config as config
+		with data.agov.promotion.deny as denied
+		with data.agov.promotion.warn as warned
+	count(results) == 3
+	every result in results {
+		result == {"allow": false, "deny": denied, "warn": warned}
+	}
+}
+
+# Who may promote is a question for a promotion request; a revalidation has
+# none, so a change to promotion_roles invalidates no agent.
+test_promotion_roles_do_not_judge_governed_agents if {
+	nobody := object.union(config, {"promotion_roles": []})
+	summary(revalidation.results) == {
+		"a-pass": [true, set(), set()],
+		"a-warn": [true, set(), {"PROMOTION_WARN_AUTONOMOUS_AGENT"}],
+		"a-fail": [false, {"PROMOTION_DENY_TEMPERATURE_EXCEEDS_LIMIT"}, set()],
+	} with input as chunk with data.agov.config as nobody
+	no_roles := json.remove(config, ["promotion_roles"])
+	revalidation.results["a-pass"].allow with input as chunk with data.agov.config as no_roles
+}
+
+# The request revalidation makes is a well-formed promotion input: a chunk
+# without policy_hash or now (which the engine always sends) denies each agent.
+test_a_chunk_missing_request_fields_denies if {
+	results := revalidation.results with input as json.remove(chunk, ["now"]) with data.agov.config as config
+	results["a-pass"].deny == {{"code": "PROMOTION_DENY_INPUT_INVALID", "message": "now must be an RFC 3339 timestamp"}}
+}
