@@ -60,7 +60,12 @@ def bundle_files(policies_root: Path) -> list[tuple[str, bytes]]:
         name = rel.rsplit("/", 1)[-1]
         if not rel.startswith(f"{BUNDLE_ROOT}/"):
             continue
-        if (name.endswith(".rego") and not name.endswith("_test.rego")) or name in _DATA_FILES:
+        if name.endswith("_test.rego"):
+            problem = _untested_rules(policies_root / rel)
+            if problem:
+                raise PolicyError(f"{policies_root / rel}: {problem}", hint=_UNSHIPPED_HINT)
+            continue
+        if name.endswith(".rego") or name in _DATA_FILES:
             content = (policies_root / rel).read_bytes()
             if name in _DATA_FILES:
                 _refuse_ambiguous_data(policies_root / rel, content)
@@ -112,6 +117,28 @@ def _unshipped(rel: str) -> str:
         "a bundle takes data only from files named data.json or data.yaml, so the sidecar would never"
         " see this one (though `opa test` on the directory loads it): merge it into data.json in the"
         " same directory"
+    )
+
+
+_PACKAGE = re.compile(r"^\s*package\s+([^\s#]+)", re.MULTILINE)
+
+
+def _untested_rules(path: Path) -> str:
+    """Why a ``*_test.rego`` file, which the bundle leaves out, may hold rules a policy uses:
+    its package is not a test package (``..._test``), so `opa test` would judge policies with
+    rules the sidecar never gets. Empty if its package is a test package, or it has none (then
+    ``opa check`` refuses it)."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        return f"cannot be read: {exc}"
+    match = _PACKAGE.search(text)
+    if match is None or match.group(1).endswith("_test"):
+        return ""
+    return (
+        f"a *_test.rego file in package {match.group(1)}, which is not a test package: the bundle"
+        " leaves test files out, so rules written here would be tested but never run; name the"
+        f" package {match.group(1)}_test, or move the rules to a file without the _test suffix"
     )
 
 

@@ -80,6 +80,29 @@ def test_a_file_opa_test_would_load_but_the_bundle_would_not_is_refused(
     assert "opa test" in refused.value.hint
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        'package agov.lists\n\nforbidden_ids := ["mcp-two"]\n\ntest_listed if count(forbidden_ids) > 0\n',
+        "# METADATA\n# title: package agov.x_test in a comment\npackage agov.lists\n",
+    ],
+    ids=["rules", "comment"],
+)
+def test_a_test_file_outside_a_test_package_is_refused(tree: Path, content: str) -> None:
+    """Before: rules in `lists/forbidden_ids_test.rego` (package agov.lists) were what `opa test`
+    judged the promotion rules with, while the bundle left the file out, so the deny they fed
+    never fired in the sidecar."""
+    path = tree / "agov" / "lists" / "forbidden_ids_test.rego"
+    path.parent.mkdir()
+    path.write_text(content)
+    with pytest.raises(PolicyError) as refused:
+        bundle_files(tree)
+    assert refused.value.message.startswith(f"{path}: a *_test.rego file in package agov.lists, which is not")
+    assert "name the package agov.lists_test" in refused.value.message
+    path.write_text(content.replace("package agov.lists", "package agov.lists_test"))
+    assert "agov/lists/forbidden_ids_test.rego" not in [rel for rel, _ in bundle_files(tree)]
+
+
 def test_a_copy_that_fails_while_an_editor_saves_is_tried_again(
     tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
