@@ -881,12 +881,22 @@ def _opa_message(body: bytes) -> str:
         return _short(body)
     if isinstance(doc, dict) and isinstance(doc.get("message"), str):
         code = doc.get("code")
-        message = doc["message"]
+        message = _short(f"{code}: {doc['message']}" if code else doc["message"])
         errors = doc.get("errors")
         if isinstance(errors, list) and errors and isinstance(errors[0], dict):
-            message = f"{message}: {errors[0].get('message', '')}"
-        return _short(f"{code}: {message}" if code else message)
+            first = errors[0]
+            message = f"{message}: {_short(first.get('message', ''), limit=400)}{_at(first.get('location'))}"
+        return message
     return _short(doc)
+
+
+def _at(location: object) -> str:
+    """`` at FILE:ROW:COL`` from an OPA error's location, which names the policy line to fix; kept
+    whole, however long the message before it."""
+    if not isinstance(location, dict) or not isinstance(location.get("file"), str) or not location["file"]:
+        return ""
+    place = ":".join(str(location[k]) for k in ("row", "col") if isinstance(location.get(k), int))
+    return " at " + _short(f"{location['file']}:{place}" if place else location["file"], limit=200)
 
 
 def _short(value: object, limit: int = 200) -> str:
