@@ -31,3 +31,10 @@ def opa_config_template() -> Path:
     """The sidecar config a deployment starts from (``opa-config.yaml`` at the repository root)."""
     packaged = _PACKAGE_DIR / "_opa-config.yaml"
     return packaged if packaged.is_file() else _PACKAGE_DIR.parents[1] / "opa-config.yaml"
+
+
+def regal_config() -> Path:
+    """The Regal config agov's own policies are linted with (``.regal/config.yaml``), which a
+    workspace's copy of them needs too: `regal lint $AGOV_HOME/policies` finds it above them."""
+    packaged = _PACKAGE_DIR / "_regal-config.yaml"
+    return packaged if packaged.is_file() else _PACKAGE_DIR.parents[1] / ".regal" / "config.yaml"

@@ -10,18 +10,20 @@ from pathlib import Path
 
 from agov.config import Config, load_config
 from agov.errors import WorkspaceError
-from agov.resources import opa_config_template, policies_dir
+from agov.resources import opa_config_template, policies_dir, regal_config
 from agov.store import Store
 
 CONFIG_FILE = "agov.yaml"
 DB_FILE = "agov.db"
 OPA_CONFIG_FILE = "opa-config.yaml"
+REGAL_DIR = ".regal"  # Regal finds its config by looking up from the linted directory
 ENTRIES = (
     CONFIG_FILE,
     "policies",
     "keys",
     "bundles",
     OPA_CONFIG_FILE,
+    REGAL_DIR,
     DB_FILE,
     DB_FILE + "-wal",
     DB_FILE + "-shm",
@@ -127,6 +129,8 @@ def create_layout(home: Path, config: Config) -> Workspace:
         (home / "keys").mkdir(mode=0o700)
         (home / "bundles").mkdir()
         shutil.copyfile(opa_config_template(), home / OPA_CONFIG_FILE)
+        (home / REGAL_DIR).mkdir()
+        shutil.copyfile(regal_config(), home / REGAL_DIR / "config.yaml")
         tmp = home / (CONFIG_FILE + ".tmp")
         tmp.write_text(config.to_yaml())
         os.replace(tmp, home / CONFIG_FILE)

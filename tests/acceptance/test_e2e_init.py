@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ from e2e_support import HEX64, agov, expect_error, listing, ok, query
 
 pytestmark = pytest.mark.acceptance
 
-ENTRIES = {"agov.yaml", "policies", "keys", "bundles", "opa-config.yaml", "agov.db"}
+ENTRIES = {"agov.yaml", "policies", "keys", "bundles", "opa-config.yaml", ".regal", "agov.db"}
 
 
 def test_init_creates_the_workspace_layout(tmp_path: Path, opa_bin: Path) -> None:
@@ -50,6 +53,22 @@ def test_init_creates_the_workspace_layout(tmp_path: Path, opa_bin: Path) -> Non
     assert ok("agent", "list", home=home) == []
     history = ok("policy", "history", home=home)
     assert [v["hash"] for v in history if v["active"]] == [out["policy_hash"]]
+
+
+def test_a_new_workspace_passes_regal_lint_as_ci_runs_it(pristine: Path, tmp_path: Path) -> None:
+    """Before: `regal lint $AGOV_HOME/policies` found 47 violations in the shipped policies (no
+    Regal config came with them: agov's own is in its repository)."""
+    repo_regal = Path(__file__).resolve().parents[2] / ".tools" / "bin" / "regal"
+    regal = shutil.which("regal") or (str(repo_regal) if repo_regal.is_file() else None)
+    if regal is None:
+        if os.environ.get("AGOV_REQUIRE_OPA"):
+            pytest.fail("no regal binary (make test installs it into .tools/bin)")
+        pytest.skip("no regal binary")
+    assert (pristine / ".regal" / "config.yaml").is_file()
+    linted = subprocess.run(
+        [regal, "lint", str(pristine / "policies")], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert linted.returncode == 0, linted.stdout + linted.stderr
 
 
 def test_second_init_exits_2_lists_collisions_and_writes_nothing(pristine: Path) -> None:

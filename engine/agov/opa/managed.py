@@ -578,7 +578,7 @@ class ManagedSidecar:
             if server.times_served(generation) >= 2:
                 raise PolicyError(
                     f"OPA refused bundle revision {revision!r}: {self._bundle_error()}; "
-                    f"it keeps serving revision {self._revision_or_none()!r}",
+                    f"it keeps serving {self._serving()}",
                     hint="is the bundle signed with the configured key and key id, and unmodified?",
                 )
             if time.monotonic() >= deadline:
@@ -613,6 +613,10 @@ class ManagedSidecar:
             return f"no error reported (active revision {entry.get('active_revision')!r})"
         extra = f" {errors}" if errors else ""
         return f"{code}: {message}{extra}"
+
+    def _serving(self) -> str:
+        revision = self._revision_or_none()
+        return "no revision (no bundle is active)" if revision is None else f"revision {revision!r}"
 
     def _revision_or_none(self) -> str | None:
         client = self._client
