@@ -109,6 +109,38 @@ def test_an_unreadable_anchor_refuses_a_write_before_it_commits(tmp_path: Path) 
     assert store.query("SELECT name FROM sqlite_master WHERE name = 'never_committed'") == []
 
 
+@pytest.mark.parametrize(
+    ("loss", "held"),
+    [
+        ("DELETE FROM audit_events WHERE seq > 7", "does not hold"),  # an older copy restored, a lost -wal
+        ("DELETE FROM audit_events", "does not hold"),  # an emptied store, its schema made again
+        ("UPDATE audit_events SET hash = 'f' WHERE seq = 10", "holds another"),
+    ],
+    ids=["rolled-back", "emptied", "replaced"],
+)
+def test_a_store_that_lost_what_the_anchor_records_is_not_written_to(
+    tmp_path: Path, loss: str, held: str
+) -> None:
+    """Before: agov wrote on, and once the new log passed the anchor's sequence the anchor moved
+    forward; `agov audit verify` then said ok, and the loss left no trace."""
+    store = _store(tmp_path)
+    anchor = store.anchor_path.read_text()
+    _raw(store, loss)
+    before = store.audit_events()
+    for _ in range(EVENTS + 2):  # more events than the anchor's sequence: none is written
+        with (
+            pytest.raises(StoreError, match=r"holds|does not hold") as refused,
+            store.transaction() as tx,
+        ):
+            tx.audit("AFTER_THE_LOSS")
+            tx.execute("CREATE TABLE never_committed (x)")
+        assert f"{held} event 10, which agov.db.audit-anchor records" in refused.value.message
+    assert store.audit_events() == before
+    assert store.query("SELECT name FROM sqlite_master WHERE name = 'never_committed'") == []
+    assert store.anchor_path.read_text() == anchor
+    assert not verify_chain(store).ok
+
+
 def test_a_committed_write_is_not_reported_as_failed_when_the_anchor_cannot_be_advanced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

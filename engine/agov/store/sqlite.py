@@ -429,7 +429,7 @@ class Store:
         try:
             yield tx
             if tx.last_audit is not None:
-                self.read_anchor()  # unreadable: refuse now, while nothing is committed
+                self._require_anchored(conn)  # refuse now, while nothing is committed
         except sqlite3.Error as exc:  # a read-only file, a full disk: say so, not "internal error"
             with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already
                 conn.execute("ROLLBACK")
@@ -451,6 +451,30 @@ class Store:
                 _log.warning(
                     "audit anchor %s not advanced to event %d: %s", self.anchor_path, tx.last_audit[0], exc
                 )
+
+    def _require_anchored(self, conn: sqlite3.Connection) -> None:
+        """The audit log still holds the event the anchor records, with its hash.
+
+        Otherwise the store was replaced or rolled back (an emptied file, a lost -wal file, an
+        older copy restored): writing on would soon move the anchor past the loss, and `agov
+        audit verify` would then find nothing wrong.
+
+        Raises:
+            StoreError: the anchor is unreadable, or the log does not hold its event.
+        """
+        anchor = self.read_anchor()
+        if anchor is None:
+            return
+        seq, digest = anchor
+        row = conn.execute("SELECT hash FROM audit_events WHERE seq = ?", (seq,)).fetchone()
+        if row is None or row[0] != digest:
+            held = "does not hold" if row is None else "holds another"
+            raise StoreError(
+                f"the audit log in {self.path} {held} event {seq}, which {self.anchor_path.name} records:"
+                " the store was replaced or rolled back since, so agov writes nothing to it",
+                hint="`agov audit verify` names the first bad event; restore agov.db (with its -wal file)"
+                " from a backup, or move the anchor aside to accept the loss",
+            )
 
     def _write_anchor(self, seq: int, digest: str) -> None:
         tmp = self.anchor_path.with_name(self.anchor_path.name + f".{os.getpid()}.{threading.get_ident()}")
