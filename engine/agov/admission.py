@@ -166,6 +166,12 @@ def decide(
     reasons = tuple(_reason(r) for r in raw_reasons)
     if allow != (code == Code.ADMISSION_ALLOW) or (allow and reasons):
         raise DecisionError(f"inconsistent admission decision: allow={allow} code={code}")
+    objection = _never_starts(agent, facts) if allow else None
+    if objection:
+        raise DecisionError(
+            f"OPA allowed {agent.id}, but {objection}: agov does not start it whatever the policy"
+            " says (is the sidecar serving agov's admission policy?)"
+        )
     return AdmissionDecision(
         allow=allow,
         code=code,
@@ -176,6 +182,25 @@ def decide(
         facts=facts,
         status=agent.status.value if allow else None,  # what starts: nothing, on a deny
     )
+
+
+# The facts an agent of each startable status must have established; any other status never starts.
+_REQUIRED_FACTS = {
+    Status.SANDBOX: ("sandbox_not_expired", "containment_valid"),
+    Status.GOVERNED_VALID: PROOF_FACTS,
+    Status.GOVERNED_RESTRICTED: PROOF_FACTS,
+}
+
+
+def _never_starts(agent: AgentRecord, facts: dict[str, bool | None]) -> str | None:
+    """Why the engine refuses to start ``agent`` even on an allow, or None. The policy decides
+    which starts to deny; these are the ones no policy may allow: an impostor or broken sidecar,
+    or an edited admission policy, cannot start an invalidated or unproven agent."""
+    required = _REQUIRED_FACTS.get(agent.status)
+    if required is None:
+        return f"its status is {agent.status.value}"
+    unproven = [name for name in required if facts.get(name) is not True]
+    return f"{', '.join(unproven)} {'is' if len(unproven) == 1 else 'are'} not true" if unproven else None
 
 
 def _reason(raw: Any) -> Reason:

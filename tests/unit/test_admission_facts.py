@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agov.admission import PROOF_FACTS, proof_facts
+from agov.admission import PROOF_FACTS, decide, proof_facts
+from agov.decisions import Evaluation, Status
+from agov.errors import DecisionError
 from agov.proofs import ProofClaims, ProofSigner, TrustedKey, sign_proof
 from agov.store.sqlite import iso
 
@@ -126,3 +128,65 @@ def test_a_proof_under_an_earlier_policy_is_said_to_be_so_not_to_mismatch_the_ag
         "proof does not match the agent as it is now: policy_hash, spec_hash"
     ]
     assert _notes(claims()) == []
+
+
+class _Answers:
+    """An OPA that answers every admission with ``result`` (a sidecar that is not agov's, or an
+    admission policy edited to allow too much). A unit fake: the real sidecar is not asked."""
+
+    def __init__(self, result: dict[str, Any]) -> None:
+        self.result = result
+
+    def evaluate(self, path: str, payload: Any, **_: Any) -> Evaluation:
+        return Evaluation(result=self.result, revision="policy-1", decision_id="d-1")
+
+
+ALLOW = {"allow": True, "code": "ADMISSION_ALLOW", "reasons": []}
+ALL_PROVEN = dict.fromkeys(PROOF_FACTS, True)
+
+
+@pytest.mark.parametrize(
+    ("status", "fact_values", "objection"),
+    [
+        ("GOVERNED_INVALIDATED", ALL_PROVEN, "its status is GOVERNED_INVALIDATED"),
+        ("GOVERNED_VALID", {**ALL_PROVEN, "proof_present": False}, "proof_present is not true"),
+        (
+            "GOVERNED_RESTRICTED",
+            {**ALL_PROVEN, "signature_valid": None, "spec_hash_match": False},
+            "signature_valid, spec_hash_match are not true",
+        ),
+        (
+            "SANDBOX",
+            {"sandbox_not_expired": False, "containment_valid": True},
+            "sandbox_not_expired is not true",
+        ),
+    ],
+)
+def test_an_allow_the_facts_do_not_support_is_a_deny(
+    status: str, fact_values: dict[str, bool | None], objection: str
+) -> None:
+    """Before: any well-formed allow was taken, so an impostor sidecar (or an admission policy
+    edited to allow everything) started an invalidated agent with exit 0."""
+    agent: Any = SimpleNamespace(id="invoice-triage", status=Status(status))
+    with pytest.raises(
+        DecisionError, match=f"OPA allowed invoice-triage, but {objection}: agov does not start"
+    ):
+        decide(_Answers(ALLOW), agent, fact_values, "policy-1", T0)
+
+
+@pytest.mark.parametrize(
+    ("status", "fact_values"),
+    [
+        ("GOVERNED_VALID", ALL_PROVEN),
+        ("GOVERNED_RESTRICTED", ALL_PROVEN),
+        ("SANDBOX", {"sandbox_not_expired": True, "containment_valid": True}),
+    ],
+)
+def test_an_allow_the_facts_support_starts_the_agent_under_its_status(
+    status: str, fact_values: dict[str, bool | None]
+) -> None:
+    agent: Any = SimpleNamespace(id="invoice-triage", status=Status(status))
+    decision = decide(_Answers(ALLOW), agent, fact_values, "policy-1", T0)
+    assert (decision.allow, decision.status) == (True, status)
+    denied = {"allow": False, "code": "ADMISSION_DENY_PROOF_MISSING", "reasons": []}
+    assert decide(_Answers(denied), agent, fact_values, "policy-1", T0).allow is False, "a deny stays one"
