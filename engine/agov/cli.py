@@ -248,10 +248,10 @@ def _stdout_closed() -> NoReturn:
     sys.exit(128 + 13)
 
 
-def _engine(ctx: Ctx) -> Any:
+def _engine(ctx: Ctx, *, for_audit: bool = False) -> Any:
     from agov.engine import Engine
 
-    return Engine.open(ctx.home, opa_url=ctx.opa_url)
+    return Engine.open(ctx.home, opa_url=ctx.opa_url, for_audit=for_audit)
 
 
 def _managed_only(ctx: Ctx, command: str) -> None:
@@ -1100,7 +1100,7 @@ def audit_group(as_json: bool, **given: Any) -> None:
 @common
 def audit_verify(ctx: Ctx) -> None:
     """Check the chain; report the first bad sequence number."""
-    with _engine(ctx) as engine:
+    with _engine(ctx, for_audit=True) as engine:
         report = engine.verify_audit()
     emit(
         ctx,
@@ -1118,7 +1118,7 @@ def audit_verify(ctx: Ctx) -> None:
 @common
 def audit_export(ctx: Ctx) -> None:
     """Write every event as JSON lines."""
-    with _engine(ctx) as engine:
+    with _engine(ctx, for_audit=True) as engine:
         for line in engine.export_audit():
             click.echo(line)
 

@@ -71,11 +71,14 @@ class Engine:
         metrics: Metrics | None = None,
         opa_url: str | None = None,
         managed: ManagedConfig | None = None,
+        for_audit: bool = False,
     ) -> None:
         """``opa_url``: decide with the OPA sidecar at this URL (the external runtime), whatever
         ``agov.yaml`` says; it wins over ``opa_url`` there and over ``AGOV_OPA_URL``. Its token
         and TLS files then come from ``AGOV_OPA_*`` only, never from ``agov.yaml``.
-        ``managed``: how the managed sidecar runs (the benchmarks ask it to listen on TCP too)."""
+        ``managed``: how the managed sidecar runs (the benchmarks ask it to listen on TCP too).
+        ``for_audit``: open a store that lost what its audit anchor records, to verify or export
+        its log; any other engine refuses it (``Store``)."""
         self.workspace = workspace
         self.config: Config = workspace.config
         if opa_url is not None:
@@ -91,7 +94,7 @@ class Engine:
             )
         self._opa_url = opa_url
         self._managed = managed
-        self.store = workspace.store()
+        self.store = workspace.store(check_anchor=not for_audit)
         self.clock = clock
         self.metrics = metrics or Metrics()
         self._evaluator = evaluator

@@ -62,8 +62,8 @@ class Workspace:
     def opa_config(self) -> Path:
         return self.home / OPA_CONFIG_FILE
 
-    def store(self) -> Store:
-        return Store(self.db_path)
+    def store(self, *, check_anchor: bool = True) -> Store:
+        return Store(self.db_path, check_anchor=check_anchor)
 
     @classmethod
     def open(cls, home: Path) -> Workspace:

@@ -134,3 +134,48 @@ def test_a_damaged_agent_row_is_named_and_its_admission_denied(fresh_ws: Path, s
     error = expect_error(agov("agent", "list", home=fresh_ws), code=3)
     assert error["type"] == "StoreError" and "'gov-a' is damaged" in error["message"]
     assert "changed outside agov" in error["hint"]
+
+
+@pytest.mark.parametrize("loss", ["emptied", "older copy"])
+def test_a_store_that_lost_what_its_audit_anchor_records_is_refused(fresh_ws: Path, loss: str) -> None:
+    """Before: an emptied agov.db read as a new workspace ("no agents"), and an older copy put
+    back (as a lost -wal file does) admitted an agent invalidated since, with exit 0; agov wrote
+    on, and once its log passed the anchor, `audit verify` said ok."""
+    ok("agent", "create", "--template", "research-analyst", "--id", "gov-a", home=fresh_ws)
+    assert ok("promote", "gov-a", "--role", "agent_admin", home=fresh_ws)["allow"] is True
+    older = db_path(fresh_ws).with_name("older.db")
+    source = sqlite3.connect(db_path(fresh_ws))
+    with sqlite3.connect(older) as copy:
+        source.backup(copy)  # gov-a governed and admitted
+    source.close()
+    ok(
+        "agent", "update", "gov-a", "--from-file", _spec_file(fresh_ws), home=fresh_ws
+    )  # back to SANDBOX, audited
+    for leftover in fresh_ws.glob("agov.db-*"):
+        leftover.unlink()
+    if loss == "emptied":
+        db_path(fresh_ws).write_bytes(b"")
+    else:
+        older.replace(db_path(fresh_ws))
+    before = _digest(fresh_ws)
+
+    denied = agov("admit", "gov-a", home=fresh_ws)
+    assert denied.code == 1, str(denied)
+    assert (denied.json["allow"], denied.json["code"]) == (False, "ADMISSION_DENY_ENGINE_UNAVAILABLE")
+    assert "which agov.db.audit-anchor records" in denied.json["reasons"][0]["message"]
+    for argv in (["agent", "list"], ["agent", "create", "--template", "research-analyst", "--id", "gov-b"]):
+        error = expect_error(agov(*argv, home=fresh_ws), code=3)
+        assert "the store was replaced or rolled back" in error["message"], error
+        assert "agov audit verify" in error["hint"]
+    assert _digest(fresh_ws) == before, "nothing was read as a store, nor written"
+    verified = agov("audit", "verify", home=fresh_ws)
+    assert verified.code == 1 and verified.json["ok"] is False, str(verified)
+
+
+def _spec_file(home: Path) -> str:
+    shown = ok("agent", "show", "gov-a", home=home)
+    spec = shown["spec"]
+    spec["metadata"]["description"] = "changed after the copy"
+    path = home.parent / "gov-a.json"
+    path.write_text(json.dumps(spec))
+    return str(path)

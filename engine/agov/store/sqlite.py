@@ -352,17 +352,41 @@ def _unwritable(db: Path) -> str | None:
     return None
 
 
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
 class Store:
     """The SQLite store of one workspace. One connection per thread; WAL; foreign keys on."""
 
-    def __init__(self, path: Path, *, busy_timeout_ms: int = 10_000) -> None:
+    def __init__(self, path: Path, *, busy_timeout_ms: int = 10_000, check_anchor: bool = True) -> None:
+        """``check_anchor``: refuse a store whose audit log lacks the event its anchor records
+        (emptied, replaced, rolled back to an older copy), whose agents and proofs would then be
+        read as if nothing was lost. Off only to verify or export that log.
+
+        Raises:
+            StoreError: the file cannot be opened or migrated, or (``check_anchor``) it lost what
+                the anchor records.
+        """
         self.path = path
         # The newest audit (seq, hash) is also kept beside the database, so that cutting rows off
         # the end of the chain (which leaves a valid shorter chain) is still detected.
         self.anchor_path = path.with_name(path.name + ".audit-anchor")
         self._busy_timeout_ms = busy_timeout_ms
         self._local = threading.local()
+        anchored = False
+        if check_anchor:  # an unreadable anchor: every write refuses it, and `agov audit verify` says why
+            with contextlib.suppress(StoreError):
+                anchored = self.read_anchor() is not None
+        # an empty file where the log was: refused before SQLite (WAL mode) writes a header to it
+        if anchored and (_size(path) == 0 or self.schema_version() == 0):
+            raise self._lost(None)
         self.migrate()
+        if anchored:
+            self._require_anchored(self._connect())
 
     # -- connections -------------------------------------------------------------------------
 
@@ -468,13 +492,18 @@ class Store:
         seq, digest = anchor
         row = conn.execute("SELECT hash FROM audit_events WHERE seq = ?", (seq,)).fetchone()
         if row is None or row[0] != digest:
-            held = "does not hold" if row is None else "holds another"
-            raise StoreError(
-                f"the audit log in {self.path} {held} event {seq}, which {self.anchor_path.name} records:"
-                " the store was replaced or rolled back since, so agov writes nothing to it",
-                hint="`agov audit verify` names the first bad event; restore agov.db (with its -wal file)"
-                " from a backup, or move the anchor aside to accept the loss",
-            )
+            raise self._lost(row)
+
+    def _lost(self, row: sqlite3.Row | tuple[Any, ...] | None) -> StoreError:
+        anchor = self.read_anchor()
+        seq = anchor[0] if anchor else "?"
+        held = "does not hold" if row is None else "holds another"
+        return StoreError(
+            f"the audit log in {self.path} {held} event {seq}, which {self.anchor_path.name} records:"
+            " the store was replaced or rolled back since, so agov neither reads nor writes it",
+            hint="`agov audit verify` names the first bad event; restore agov.db (with its -wal file)"
+            " from a backup, or move the anchor aside to accept the loss",
+        )
 
     def _write_anchor(self, seq: int, digest: str) -> None:
         tmp = self.anchor_path.with_name(self.anchor_path.name + f".{os.getpid()}.{threading.get_ident()}")
