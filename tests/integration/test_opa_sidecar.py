@@ -759,3 +759,27 @@ def test_external_sidecar_over_mtls(
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_ctrl_c_while_opa_is_stopped_still_removes_its_directory(
+    first_bundle: Any, signing_key: Any, opa_bin: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: an interruption while waiting for OPA to exit skipped the removal of its temp
+    directory (config, stderr), which only the next agov command swept."""
+    sidecar = ManagedSidecar(
+        first_bundle.data, first_bundle.revision, signing_key.public_pem, signing_key.keyid, opa_bin=opa_bin
+    )
+    sidecar.start()
+    pid, directory = sidecar.pid, sidecar._tmp
+    assert directory is not None and directory.is_dir()
+    kill = sidecar._kill_process
+
+    def interrupted_after_the_signal() -> None:
+        kill()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sidecar, "_kill_process", interrupted_after_the_signal)
+    with pytest.raises(KeyboardInterrupt):
+        sidecar.stop()
+    assert not directory.exists()
+    assert pid is not None and _wait_gone(pid, within_s=5)

@@ -683,17 +683,19 @@ class ManagedSidecar:
 
     def _stop_locked(self) -> None:
         try:
-            self._kill_process()
-            self._active = None
-            if self._server is not None:
-                self._server.close()
-                self._server = None
-            if self._stderr is not None:
-                self._stderr.close()
-                self._stderr = None
-            if self._tmp is not None:
-                shutil.rmtree(self._tmp, ignore_errors=True)
-                self._tmp = None
+            try:
+                self._kill_process()
+            finally:  # also after a Ctrl-C while waiting for OPA to exit: it was signalled
+                self._active = None
+                if self._server is not None:
+                    self._server.close()
+                    self._server = None
+                if self._stderr is not None:
+                    self._stderr.close()
+                    self._stderr = None
+                if self._tmp is not None:
+                    shutil.rmtree(self._tmp, ignore_errors=True)
+                    self._tmp = None
         finally:  # the descriptors whatever failed above: a next start() must not leak them
             for fd in (self._owner_fd, self._dir_fd):
                 if fd is not None:
