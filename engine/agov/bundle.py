@@ -286,9 +286,26 @@ def _stable_copy(source: Path, target: Path, attempts: int = 5) -> None:
                 return
         except OSError as exc:  # shutil.Error included
             problem = f": {exc}"[:2000]
+            if _denied(exc):  # no edit in progress: trying again changes nothing
+                raise PolicyError(
+                    f"cannot read the policy tree {source}{problem}",
+                    hint="let the user agov runs as read every file and directory under it",
+                ) from exc
         time.sleep(0.05 * (attempt + 1))
     raise PolicyError(
         f"{source} kept changing while it was read{problem}", hint="save the files, then reload"
+    )
+
+
+def _denied(exc: OSError) -> bool:
+    """Whether a copy failed for want of permission (to a file, for shutil.Error)."""
+    if isinstance(exc, PermissionError):
+        return True
+    failures = exc.args[0] if isinstance(exc, shutil.Error) and exc.args else None
+    return (
+        isinstance(failures, list)
+        and bool(failures)
+        and any(isinstance(f, tuple) and "[Errno 13]" in str(f[-1]) for f in failures)
     )
 
 

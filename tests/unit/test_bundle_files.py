@@ -131,6 +131,31 @@ def test_a_copy_that_keeps_failing_is_a_refused_policy_that_says_why(
         bundle._stable_copy(tree, tmp_path / "copy")
 
 
+@pytest.mark.parametrize(
+    "failure",
+    [
+        PermissionError(13, "Permission denied", "policies"),
+        shutil.Error([("a.rego", "b.rego", "[Errno 13] Permission denied: 'a.rego'")]),
+    ],
+    ids=["directory", "file"],
+)
+def test_a_tree_this_user_may_not_read_is_said_to_be_so_at_once(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: OSError
+) -> None:
+    """Before: tried 5 times, then "kept changing while it was read", hint "save the files"."""
+    calls: list[object] = []
+
+    def denied(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        raise failure
+
+    monkeypatch.setattr(shutil, "copytree", denied)
+    with pytest.raises(PolicyError, match=r"cannot read the policy tree .*Permission denied") as refused:
+        bundle._stable_copy(tree, tmp_path / "copy")
+    assert "let the user agov runs as read" in refused.value.hint
+    assert len(calls) == 1
+
+
 def test_a_missing_tree_is_named(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match=r"policies does not exist"):
         bundle._stable_copy(tmp_path / "policies", tmp_path / "copy")
