@@ -179,3 +179,16 @@ def _spec_file(home: Path) -> str:
     path = home.parent / "gov-a.json"
     path.write_text(json.dumps(spec))
     return str(path)
+
+
+def test_a_truncated_store_is_said_to_be_damaged(fresh_ws: Path) -> None:
+    """Before: "database disk image is malformed" came with the hint to check the path and its
+    permissions; only "not a database" was said to need a restore."""
+    ok("agent", "create", "--template", "research-analyst", "--id", "gov-a", home=fresh_ws)
+    for leftover in fresh_ws.glob("agov.db-*"):
+        leftover.unlink()
+    with db_path(fresh_ws).open("r+b") as db:
+        db.truncate(20_000)
+    error = expect_error(agov("agent", "list", home=fresh_ws), code=3)
+    assert "malformed" in error["message"]
+    assert "the file is damaged: restore agov.db" in error["hint"], error

@@ -139,8 +139,15 @@ _MIGRATIONS: list[str] = [
 ]
 
 
+_RESTORE_HINT = (
+    "the file is damaged: restore agov.db (with its -wal file and agov.db.audit-anchor) from a backup"
+)
+
+
 def _hint_for(exc: sqlite3.Error) -> str:
     text = str(exc).lower()
+    if "not a database" in text or "malformed" in text:
+        return _RESTORE_HINT
     if "readonly" in text or "read-only" in text:
         return "agov.db, the directory it is in, and its -wal and -shm files must be writable by this user"
     if "full" in text or "disk i/o" in text:
@@ -400,13 +407,11 @@ class Store:
                 conn.execute("PRAGMA synchronous = NORMAL")
                 conn.execute("PRAGMA foreign_keys = ON")
             except sqlite3.Error as exc:
-                damaged = isinstance(exc, sqlite3.DatabaseError) and "not a database" in str(exc)
                 raise StoreError(
                     f"cannot open the store {self.path}: {exc}",
-                    hint="the file is damaged: restore agov.db (with its -wal file and agov.db.audit-anchor)"
-                    " from a backup"
-                    if damaged
-                    else _unwritable(Path(self.path)) or "check the path and its permissions",
+                    hint=_hint_for(exc)
+                    or _unwritable(Path(self.path))
+                    or "check the path and its permissions",
                 ) from exc
             conn.row_factory = sqlite3.Row
             self._local.conn = conn
