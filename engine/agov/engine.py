@@ -782,14 +782,23 @@ class Engine:
         return self.revalidate(progress=progress)
 
     def _refuse_reload(
-        self, exc: AgovError, *, actor: str, reason: str, active: PolicyVersion | None
+        self,
+        exc: AgovError,
+        *,
+        actor: str,
+        reason: str,
+        active: PolicyVersion | None,
+        rollback_to: str | None = None,
     ) -> None:
         self.metrics.reload_failure.inc()
+        payload = {"reason": reason, "error": exc.message[:4000]}
+        if rollback_to is not None:
+            payload["rollback_to"] = rollback_to
         self.store.record_rejection(
             Code.POLICY_RELOAD_REFUSED,
             actor=actor,
             policy_hash=active.hash if active else None,
-            payload={"reason": reason, "error": exc.message[:4000]},
+            payload=payload,
         )
 
     def _dry_run_reload(self, active: PolicyVersion | None) -> dict[str, Any]:
@@ -834,14 +843,19 @@ class Engine:
         active = policy.active_version(self.store)
         if active is not None and active.hash == target.hash:
             raise UsageError(f"policy {target.hash[:12]} is already active")
-        report, org_changed = self._switch(
-            target,
-            self._ready_to_switch(),
-            event=Code.POLICY_ROLLBACK,
-            actor=actor,
-            reason=reason,
-            progress=progress,
-        )
+        try:
+            report, org_changed = self._switch(
+                target,
+                self._ready_to_switch(),
+                event=Code.POLICY_ROLLBACK,
+                actor=actor,
+                reason=reason,
+                progress=progress,
+            )
+        except AgovError as exc:  # a bundle gone, altered or refused by OPA; no key; no limits
+            if not exc.policy_switched:  # refused: the active version stays, and the log says so
+                self._refuse_reload(exc, actor=actor, reason=reason, active=active, rollback_to=target.hash)
+            raise
         return {
             "policy_hash": target.hash,
             "org_changed": org_changed,

@@ -678,7 +678,9 @@ def test_a_rollback_from_a_process_with_no_sidecar_yet_loads_the_bundle_before_t
     assert {t: after[t] for t in before if t not in ("audit_events", "__anchor__")} == {
         t: before[t] for t in before if t not in ("audit_events", "__anchor__")
     }
-    assert [e["type"] for e in _audit(engine, seq)] == []
+    assert [(e["type"], e["payload"]["rollback_to"]) for e in _audit(engine, seq)] == [
+        ("POLICY_RELOAD_REFUSED", old)
+    ], "the one row a refusal adds"
     decision = engine.admit("cool-analyst")
     assert decision.allow and decision.policy_hash == new
 
@@ -834,7 +836,14 @@ def test_a_rollback_to_a_bundle_file_replaced_by_another_signed_bundle_is_refuse
     assert {t: after[t] for t in before if t not in ("audit_events", "__anchor__")} == {
         t: before[t] for t in before if t not in ("audit_events", "__anchor__")
     }
-    assert [e["type"] for e in _audit(engine, seq)] == []
+    # the one row a refusal adds (before: none, though a refused reload is audited)
+    (refused,) = _audit(engine, seq)
+    assert (refused["type"], refused["policy_hash"], refused["actor"]) == (
+        "POLICY_RELOAD_REFUSED",
+        new,
+        ACTOR,
+    )
+    assert refused["payload"]["rollback_to"] == old and "was replaced" in refused["payload"]["error"]
 
 
 def test_rollback_restores_the_agents_the_bad_version_invalidated(engine: Engine, home: Path) -> None:
