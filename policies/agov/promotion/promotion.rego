@@ -5,9 +5,9 @@
 #   agov.lib.spec_rules and every rule written here, plus the request-level
 #   checks on the actor, the policy hash and the clock. allow is true only when
 #   deny is empty. agov.revalidation asks this same decision for each governed
-#   agent, with input.purpose "revalidation": write rules about the agent here
-#   or in spec_rules, and gate rules about who promotes, or when, with
-#   _promoting (nobody is promoting then; ungated, they would invalidate).
+#   agent, with revalidating true: write rules about the agent here or in
+#   spec_rules, and gate rules about who promotes, or when, with _promoting
+#   (nobody is promoting then; ungated, they would invalidate).
 # scope: package
 # schemas:
 #   - input: schema.promotion_input
@@ -55,9 +55,15 @@ _role_allowed if _actor_role in data.agov.config.promotion_roles
 
 # A promotion request, not a revalidation of an agent promoted before: only a
 # request is judged on who makes it.
-_promoting if not _revalidating
+_promoting if not revalidating
 
-_revalidating if input.purpose == "revalidation"
+# METADATA
+# title: Whether the decision is asked by agov.revalidation
+# description: |
+#   True only where agov.revalidation sets it (`with`), for each governed
+#   agent: data, not input, so no caller of the promotion entrypoint can skip
+#   the role checks by saying so.
+default revalidating := false
 
 _valid_now if is_number(time.parse_rfc3339_ns(input.now))
 

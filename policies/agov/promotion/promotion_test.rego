@@ -155,12 +155,20 @@ test_r14_each_required_field_dropped_denies if {
 }
 
 test_a_revalidation_is_not_judged_on_its_actor if {
-	system := {"id": "agov-revalidation", "role": "system"}
-	request := object.union(valid_input, {"purpose": "revalidation", "actor": system})
+	request := object.union(valid_input, {"actor": {"id": "agov-revalidation", "role": "system"}})
 	promotion.decision == {"allow": true, "deny": set(), "warn": set()} with input as request
 		with data.agov.config as config
+		with promotion.revalidating as true
 
 	# the same actor on a promotion request is refused
-	codes(promotion.deny) == {"PROMOTION_DENY_ROLE_NOT_ALLOWED"} with input as object.remove(request, ["purpose"])
+	codes(promotion.deny) == {"PROMOTION_DENY_ROLE_NOT_ALLOWED"} with input as request
+		with data.agov.config as config
+}
+
+# A caller of the promotion entrypoint cannot say it revalidates: only data
+# (set by agov.revalidation) skips the role checks.
+test_input_cannot_skip_the_role_checks if {
+	request := object.union(put("/actor/role", "viewer"), {"purpose": "revalidation", "revalidating": true})
+	codes(promotion.deny) == {"PROMOTION_DENY_ROLE_NOT_ALLOWED"} with input as request
 		with data.agov.config as config
 }

@@ -4,7 +4,7 @@
 #   Asks agov.promotion, for every agent of input.agents against input.org,
 #   whether it would be promoted now, in one query: every rule about the agent
 #   applies, wherever it is written (agov.lib.spec_rules or agov.promotion);
-#   the rules on who may promote do not (input.purpose "revalidation"). A
+#   the rules on who may promote do not (promotion.revalidating). A
 #   missing input.org denies every agent with PROMOTION_DENY_BUDGET_EXCEEDS_LIMIT.
 # scope: package
 # schemas:
@@ -40,12 +40,12 @@ results := {entry.id: verdict | # regal ignore:prefer-set-or-object-rule
 	entry.id != ""
 
 	# regal ignore:with-outside-test-context,comprehension-term-assignment
-	verdict := promotion.decision with input as _request(entry)
+	verdict := promotion.decision with input as _request(entry) with promotion.revalidating as true
 }
 
 # The promotion input for one entry; what the chunk lacks stays out, so that
 # the promotion rules deny it.
 _request(entry) := object.union(
 	object.filter(input, {"org", "policy_hash", "now"}),
-	{"purpose": "revalidation", "actor": _actor, "agent": object.get(entry, "agent", null)},
+	{"actor": _actor, "agent": object.get(entry, "agent", null)},
 )

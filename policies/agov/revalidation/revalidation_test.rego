@@ -97,9 +97,10 @@ test_a_repeated_entry_has_one_result if {
 	object.keys(results) == {"a-pass", "a-fail"}
 }
 
-# A rule an author adds to agov.promotion applies to the governed agents too:
-# revalidation asks the promotion decision, not only agov.lib.spec_rules.
-test_rules_written_in_promotion_apply if {
+# Each verdict is agov.promotion's deny and warn, not only agov.lib.spec_rules's
+# (a rule written in promotion.rego, judged per agent, is in the integration
+# test test_rules_an_author_writes_in_promotion_rego_judge_the_governed_agents_too).
+test_the_verdict_is_the_promotion_decision if {
 	denied := {{"code": "PROMOTION_DENY_FORBIDDEN_MODEL", "message": "model m is forbidden"}}
 	warned := {{"code": "PROMOTION_WARN_MCP_SERVER", "message": "mcp servers run restricted"}}
 	results := revalidation.results with input as chunk with data.agov.config as config
