@@ -125,7 +125,11 @@ def proof_facts(
         spec_hash=agent.spec.hash,
         policy_hash=active_policy_hash,
     )
-    facts["spec_hash_match"] = not ({"agent_id", "version", "spec_hash"} & set(mismatches))
+    if claims.governance_status != agent.status.value:  # the status row edited: it is not signed
+        mismatches.append("governance_status")
+    facts["spec_hash_match"] = not (
+        {"agent_id", "version", "spec_hash", "governance_status"} & set(mismatches)
+    )
     facts["policy_hash_match"] = "policy_hash" not in mismatches
     if set(mismatches) - {"policy_hash"}:
         notes.append(f"proof does not match the agent as it is now: {', '.join(sorted(mismatches))}")

@@ -25,7 +25,9 @@ T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 SPEC = hashlib.sha256(b"spec").hexdigest()
 POLICY = hashlib.sha256(b"policy").hexdigest()
 SIGNER = ProofSigner.ed25519(Ed25519PrivateKey.generate())
-AGENT: Any = SimpleNamespace(id="invoice-triage", version=3, spec=SimpleNamespace(hash=SPEC))
+AGENT: Any = SimpleNamespace(
+    id="invoice-triage", version=3, spec=SimpleNamespace(hash=SPEC), status=Status.GOVERNED_VALID
+)
 
 
 def claims(**overrides: Any) -> ProofClaims:
@@ -190,3 +192,31 @@ def test_an_allow_the_facts_support_starts_the_agent_under_its_status(
     assert (decision.allow, decision.status) == (True, status)
     denied = {"allow": False, "code": "ADMISSION_DENY_PROOF_MISSING", "reasons": []}
     assert decide(_Answers(denied), agent, fact_values, "policy-1", T0).allow is False, "a deny stays one"
+
+
+def test_a_status_row_the_proof_does_not_sign_is_not_the_agent_as_it_is_now() -> None:
+    """Before: the agents row, edited from GOVERNED_RESTRICTED to GOVERNED_VALID outside agov,
+    passed every fact, and the start was allowed under the unsigned status, unrestricted."""
+    restricted = claims(governance_status="GOVERNED_RESTRICTED")
+    got, notes = proof_facts(
+        AGENT,
+        row(restricted),
+        None,
+        lambda _k: SIGNER.trusted_key(),
+        POLICY,
+        T0 + timedelta(days=1),
+        max_proof_bytes=65536,
+    )
+    assert got["spec_hash_match"] is False and got["policy_hash_match"] is True
+    assert notes == ["proof does not match the agent as it is now: governance_status"]
+    as_signed = SimpleNamespace(**{**vars(AGENT), "status": Status.GOVERNED_RESTRICTED})
+    got, notes = proof_facts(
+        as_signed,
+        row(restricted),
+        None,
+        lambda _k: SIGNER.trusted_key(),
+        POLICY,
+        T0 + timedelta(days=1),
+        max_proof_bytes=65536,
+    )
+    assert all(got[name] is True for name in PROOF_FACTS) and notes == []
