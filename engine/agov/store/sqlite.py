@@ -384,12 +384,15 @@ class Store:
         self.anchor_path = path.with_name(path.name + ".audit-anchor")
         self._busy_timeout_ms = busy_timeout_ms
         self._local = threading.local()
+        # an empty or missing file where the log was (for audit verify too, whose evidence it is):
+        # refused before SQLite writes a header to it
+        if self.anchor_path.exists() and not _size(path):
+            raise self._lost(None)
         anchored = False
         if check_anchor:  # an unreadable anchor: every write refuses it, and `agov audit verify` says why
             with contextlib.suppress(StoreError):
                 anchored = self.read_anchor() is not None
-        # an empty file where the log was: refused before SQLite (WAL mode) writes a header to it
-        if anchored and (_size(path) == 0 or self.schema_version() == 0):
+        if anchored and self.schema_version() == 0:
             raise self._lost(None)
         self.migrate()
         if anchored:
@@ -505,7 +508,8 @@ class Store:
         held = "does not hold" if row is None else "holds another"
         return StoreError(
             f"the audit log in {self.path} {held} event {seq}, which {self.anchor_path.name} records:"
-            " the store was replaced or rolled back since, so agov neither reads nor writes it",
+            " the store was replaced or rolled back since (or lost its last commits to a power loss),"
+            " so agov neither reads nor writes it",
             hint="`agov audit verify` names the first bad event; restore agov.db (with its -wal file)"
             " from a backup, or move the anchor aside to accept the loss",
         )
