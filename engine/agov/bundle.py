@@ -298,14 +298,17 @@ def _stable_copy(source: Path, target: Path, attempts: int = 5) -> None:
 
 
 def _denied(exc: OSError) -> bool:
-    """Whether a copy failed for want of permission (to a file, for shutil.Error)."""
+    """Whether a copy failed for want of permission (EACCES or EPERM; to a file, for shutil.Error)."""
     if isinstance(exc, PermissionError):
         return True
     failures = exc.args[0] if isinstance(exc, shutil.Error) and exc.args else None
     return (
         isinstance(failures, list)
         and bool(failures)
-        and any(isinstance(f, tuple) and "[Errno 13]" in str(f[-1]) for f in failures)
+        and any(
+            isinstance(f, tuple) and ("[Errno 13]" in str(f[-1]) or "[Errno 1]" in str(f[-1]))
+            for f in failures
+        )
     )
 
 

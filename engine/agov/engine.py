@@ -853,6 +853,8 @@ class Engine:
                 progress=progress,
             )
         except AgovError as exc:  # a bundle gone, altered or refused by OPA; no key; no limits
+            if isinstance(exc, ConflictError) and self._activated_elsewhere(target):
+                exc.policy_switched = True  # another process rolled back to it first: not refused
             if not exc.policy_switched:  # refused: the active version stays, and the log says so
                 self._refuse_reload(exc, actor=actor, reason=reason, active=active, rollback_to=target.hash)
             raise

@@ -846,6 +846,29 @@ def test_a_rollback_to_a_bundle_file_replaced_by_another_signed_bundle_is_refuse
     assert refused["payload"]["rollback_to"] == old and "was replaced" in refused["payload"]["error"]
 
 
+def test_a_rollback_another_process_made_first_is_not_audited_as_refused(
+    engine: Engine, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two rollbacks to one version: the one that loses the race finds it active and is not
+    refused (as two reloads of one tree; review)."""
+    old = engine.active_policy().hash
+    edit_data(home, set_analysis_limit(0.4))
+    engine.reload_policy(actor=ACTOR, reason="too tight")
+    seq = _last_seq(engine)
+
+    def overtaken(*args: Any, **kwargs: Any) -> Any:
+        with Engine.open(home) as other:
+            other.rollback_policy(old, actor="other", reason="undo first")
+        raise ConflictError("another process activated a policy meanwhile")
+
+    monkeypatch.setattr(engine, "_switch", overtaken)
+    with pytest.raises(ConflictError) as lost:
+        engine.rollback_policy(old, actor=ACTOR, reason="undo")
+    assert lost.value.policy_switched and engine.active_policy().hash == old
+    types = [e["type"] for e in _audit(engine, seq)]
+    assert "POLICY_ROLLBACK" in types and "POLICY_RELOAD_REFUSED" not in types
+
+
 def test_rollback_restores_the_agents_the_bad_version_invalidated(engine: Engine, home: Path) -> None:
     old = engine.active_policy().hash
     edit_data(home, set_analysis_limit(0.4))
