@@ -371,7 +371,9 @@ def _group_options(func: F) -> F:
     return func
 
 
-@click.group(cls=_Agov, context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "AGOV"})
+@click.group(
+    cls=_Agov, context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "AGOV"}
+)
 @click.version_option(package_name="agov")
 @_group_options
 def main(as_json: bool, **given: Any) -> None:

@@ -510,8 +510,8 @@ class Store:
             f"the audit log in {self.path} {held} event {seq}, which {self.anchor_path.name} records:"
             " the store was replaced or rolled back since (or lost its last commits to a power loss),"
             " so agov neither reads nor writes it",
-            hint="`agov audit verify` names the first bad event; restore agov.db (with its -wal file)"
-            " from a backup, or move the anchor aside to accept the loss",
+            hint="restore agov.db (with its -wal file) from a backup, or move the anchor aside to accept"
+            " the loss; `agov audit verify` names the first bad event of whatever log is left",
         )
 
     def _write_anchor(self, seq: int, digest: str) -> None:
