@@ -197,26 +197,16 @@ def test_an_allow_the_facts_support_starts_the_agent_under_its_status(
 def test_a_status_row_the_proof_does_not_sign_is_not_the_agent_as_it_is_now() -> None:
     """Before: the agents row, edited from GOVERNED_RESTRICTED to GOVERNED_VALID outside agov,
     passed every fact, and the start was allowed under the unsigned status, unrestricted."""
-    restricted = claims(governance_status="GOVERNED_RESTRICTED")
-    got, notes = proof_facts(
-        AGENT,
-        row(restricted),
-        None,
-        lambda _k: SIGNER.trusted_key(),
-        POLICY,
-        T0 + timedelta(days=1),
-        max_proof_bytes=65536,
-    )
+    restricted = row(claims(governance_status="GOVERNED_RESTRICTED"))
+
+    def facts_of(agent: Any) -> tuple[dict[str, bool | None], list[str]]:
+        trusted = SIGNER.trusted_key()
+        return proof_facts(
+            agent, restricted, None, lambda _k: trusted, POLICY, T0 + timedelta(days=1), max_proof_bytes=65536
+        )
+
+    got, notes = facts_of(AGENT)  # the row says GOVERNED_VALID
     assert got["spec_hash_match"] is False and got["policy_hash_match"] is True
     assert notes == ["proof does not match the agent as it is now: governance_status"]
-    as_signed = SimpleNamespace(**{**vars(AGENT), "status": Status.GOVERNED_RESTRICTED})
-    got, notes = proof_facts(
-        as_signed,
-        row(restricted),
-        None,
-        lambda _k: SIGNER.trusted_key(),
-        POLICY,
-        T0 + timedelta(days=1),
-        max_proof_bytes=65536,
-    )
+    got, notes = facts_of(SimpleNamespace(**{**vars(AGENT), "status": Status.GOVERNED_RESTRICTED}))
     assert all(got[name] is True for name in PROOF_FACTS) and notes == []
