@@ -153,6 +153,8 @@ def parse_verdict(raw: Any, what: str) -> PolicyVerdict:
     """
     from agov.errors import DecisionError
 
+    if raw is None:  # no key in the results, or JSON null: undefined for this agent
+        raise DecisionError(f"{what}: the policy gave no result (undefined), which fails closed")
     if not isinstance(raw, dict):
         raise DecisionError(f"{what} is not an object: {raw!r}")
     allow = raw.get("allow")

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from agov.decisions import parse_verdict
+from agov.errors import DecisionError
 from agov.opa.http import _opa_message
 
 
@@ -48,3 +52,14 @@ def test_an_error_without_a_usable_location_reads_as_before() -> None:
         body = _body("div: divide by zero", location)  # type: ignore[arg-type]
         assert _opa_message(body).endswith("evaluating query: div: divide by zero")
     assert _opa_message(_body("m", {"file": "f.rego"})).endswith(": m at f.rego")
+
+
+def test_a_missing_verdict_says_the_policy_gave_none() -> None:
+    """Before: "verdict for a1 is not an object: None", Python's word for JSON's nothing."""
+    with pytest.raises(DecisionError) as missing:
+        parse_verdict(None, "verdict for a1")
+    assert (
+        missing.value.message == "verdict for a1: the policy gave no result (undefined), which fails closed"
+    )
+    with pytest.raises(DecisionError, match=r"verdict for a1 is not an object: \[1\]"):
+        parse_verdict([1], "verdict for a1")

@@ -243,7 +243,8 @@ class DecisionClient:
             raise DecisionError(
                 f"undefined decision at data.{_dotted(path)}: OPA returned HTTP 200 with no result, "
                 "so the call fails closed",
-                hint="check that the bundle defines this rule and that its package path is right",
+                hint="check that the bundle defines this rule, that its package path is right, and that"
+                " it has a value for this input (a rule without a default is undefined where its body fails)",
             )
         # (2) the answer must name the bundle revision that produced it
         revision = _provenance_revision(doc, self.config.bundle_name)
