@@ -668,7 +668,8 @@ class Engine:
             built = policy.build(
                 find_opa(), self.workspace.policies, self.workspace.bundles, self.workspace.keys
             )
-        except (PolicyError, KeyMaterialError) as exc:  # KeyMaterialError: the bundle signing key
+        # KeyMaterialError: the bundle signing key; EngineUnavailableError: no opa binary that runs
+        except (PolicyError, KeyMaterialError, EngineUnavailableError) as exc:
             self._refuse_reload(exc, actor=actor, reason=reason, active=active)
             raise
         if active is not None and built.policy_hash == active.hash:

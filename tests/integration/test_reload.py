@@ -355,6 +355,24 @@ def test_a_refused_reload_keeps_the_old_policy_in_store_and_opa(
     assert engine.active_policy().hash == old
 
 
+def test_a_reload_with_no_opa_binary_that_runs_is_refused_and_audited(
+    engine: Engine, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: refused (the error said why) but left no trace in the audit log, though every
+    other refused reload does; a serve --watch whose AGOV_OPA_BIN broke refused silently."""
+    old = engine.active_policy().hash
+    edit_data(home, set_analysis_limit(0.4))
+    seq = _last_seq(engine)
+    monkeypatch.setenv("AGOV_OPA_BIN", str(home / "no-such-opa"))
+    with pytest.raises(EngineUnavailableError):
+        engine.reload_policy(actor=ACTOR, reason="opa gone")
+    assert engine.active_policy().hash == old
+    (refused,) = _audit(engine, seq)
+    assert (refused["type"], refused["policy_hash"]) == ("POLICY_RELOAD_REFUSED", old)
+    assert "no-such-opa" in refused["payload"]["error"]
+    assert metric(engine, FAILURE) == 1 and statuses(home) == BEFORE
+
+
 def _kill_managed_opa(engine: Engine) -> int:
     sidecar = engine.evaluator()
     assert isinstance(sidecar, ManagedSidecar) and sidecar.pid is not None, "setup: a managed OPA runs"
