@@ -118,15 +118,17 @@ def test_a_gone_socket_is_engine_unavailable_naming_it(sidecar: ManagedSidecar) 
 
 
 # Listens on argv[1] and answers every request with an allow under revision argv[3], as the
-# real OPA would, counting the requests in argv[2].
+# real OPA would, counting the requests in argv[2]. The socket is bound under another name and
+# renamed once it listens: a connect between bind and listen was refused (a flaky setup).
 _IMPOSTOR = r"""
-import json, socket, sys
+import json, os, socket, sys
 provenance = {"bundles": {"agov": {"revision": sys.argv[3]}}}
 body = json.dumps({"result": {"allow": True}, "provenance": provenance}).encode()
 head = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
 listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-listener.bind(sys.argv[1])
+listener.bind(sys.argv[1] + ".tmp")
 listener.listen(8)
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])  # the path appears listening: no refused connect
 while True:
     conn, _ = listener.accept()
     with conn:
