@@ -626,9 +626,8 @@ def agent_list(ctx: Ctx, status: str | None, agent_type: str | None, limit: int,
     emit(ctx, rows, text)
 
 
-def _agent_row(*cells: object) -> str:
-    agent_id, status, version, agent_type, role_class = cells
-    return f"{agent_id!s:<32} {status!s:<21} {version!s:<7} {agent_type!s:<11} {role_class}"
+def _agent_row(agent_id: str, status: str, version: str, agent_type: str, role_class: object) -> str:
+    return f"{agent_id:<32} {status:<21} {version:<7} {agent_type:<11} {role_class}"
 
 
 @agent.command("show")

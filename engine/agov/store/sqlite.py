@@ -384,19 +384,21 @@ class Store:
         self.anchor_path = path.with_name(path.name + ".audit-anchor")
         self._busy_timeout_ms = busy_timeout_ms
         self._local = threading.local()
+        anchor = None
+        with contextlib.suppress(
+            StoreError
+        ):  # unreadable: every write refuses it, and `agov audit verify` says why
+            anchor = self.read_anchor()
         # an empty or missing file where the log was (for audit verify too, whose evidence it is):
         # refused before SQLite writes a header to it
         if self.anchor_path.exists() and not _size(path):
-            raise self._lost(None)
-        anchored = False
-        if check_anchor:  # an unreadable anchor: every write refuses it, and `agov audit verify` says why
-            with contextlib.suppress(StoreError):
-                anchored = self.read_anchor() is not None
+            raise self._lost(anchor, None)
+        anchored = check_anchor and anchor is not None
         if anchored and self.schema_version() == 0:
-            raise self._lost(None)
+            raise self._lost(anchor, None)
         self.migrate()
         if anchored:
-            self._require_anchored(self._connect())
+            self._require_anchored(self._connect(), anchor)
 
     # -- connections -------------------------------------------------------------------------
 
@@ -461,7 +463,7 @@ class Store:
         try:
             yield tx
             if tx.last_audit is not None:
-                self._require_anchored(conn)  # refuse now, while nothing is committed
+                self._require_anchored(conn, self.read_anchor())  # refuse now, while nothing is committed
         except sqlite3.Error as exc:  # a read-only file, a full disk: say so, not "internal error"
             with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already
                 conn.execute("ROLLBACK")
@@ -484,27 +486,26 @@ class Store:
                     "audit anchor %s not advanced to event %d: %s", self.anchor_path, tx.last_audit[0], exc
                 )
 
-    def _require_anchored(self, conn: sqlite3.Connection) -> None:
-        """The audit log still holds the event the anchor records, with its hash.
+    def _require_anchored(self, conn: sqlite3.Connection, anchor: tuple[int, str] | None) -> None:
+        """The audit log still holds the event ``anchor`` (as read from the anchor file, None when
+        there is none) records, with its hash.
 
         Otherwise the store was replaced or rolled back (an emptied file, a lost -wal file, an
         older copy restored): writing on would soon move the anchor past the loss, and `agov
         audit verify` would then find nothing wrong.
 
         Raises:
-            StoreError: the anchor is unreadable, or the log does not hold its event.
+            StoreError: the log does not hold that event.
         """
-        anchor = self.read_anchor()
         if anchor is None:
             return
         seq, digest = anchor
         row = conn.execute("SELECT hash FROM audit_events WHERE seq = ?", (seq,)).fetchone()
         if row is None or row[0] != digest:
-            raise self._lost(row)
+            raise self._lost(anchor, row)
 
-    def _lost(self, row: sqlite3.Row | tuple[Any, ...] | None) -> StoreError:
-        anchor = self.read_anchor()
-        seq = anchor[0] if anchor else "?"
+    def _lost(self, anchor: tuple[int, str] | None, row: sqlite3.Row | None) -> StoreError:
+        seq = anchor[0] if anchor else "?"  # "?": an anchor file that cannot be read
         held = "does not hold" if row is None else "holds another"
         return StoreError(
             f"the audit log in {self.path} {held} event {seq}, which {self.anchor_path.name} records:"
