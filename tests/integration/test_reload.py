@@ -538,14 +538,17 @@ warn contains _finding("PROMOTION_WARN_ADVISORY_AGENT", "advisory agents run res
 """
 
 
-def test_rules_an_author_writes_in_promotion_rego_judge_the_governed_agents_too(
-    engine: Engine, home: Path
+# spec_rules.rego too: revalidation computes deny_for and warn_for outside its per-agent `with`
+# and sets deny_for_input and warn_for_input to them, which must hide no other rule there.
+@pytest.mark.parametrize("rego_file", ["promotion/promotion.rego", "lib/spec_rules/spec_rules.rego"])
+def test_rules_an_author_writes_beside_the_shipped_ones_judge_the_governed_agents_too(
+    engine: Engine, home: Path, rego_file: str
 ) -> None:
-    """Before: revalidation applied agov.lib.spec_rules only. A deny written in promotion.rego
-    refused new promotions, yet every governed agent it names was re-signed VALID and admitted;
-    a warn there was lost on the next unrelated reload (RESTRICTED -> VALID)."""
+    """Before: revalidation applied agov.lib.spec_rules' functions only. A deny written in
+    promotion.rego refused new promotions, yet every governed agent it names was re-signed VALID
+    and admitted; a warn there was lost on the next unrelated reload (RESTRICTED -> VALID)."""
     model = agent_doc("x")["spec"]["anatomy"]["reasoning"]["model"]
-    with (home / "policies" / "agov" / "promotion" / "promotion.rego").open("a") as rego:
+    with (home / "policies" / "agov" / rego_file).open("a") as rego:
         rego.write(FORBIDDEN_MODEL_RULE)
     edit_data(home, lambda data: data.update(forbidden_models=["none"]))
     first = engine.reload_policy(actor=ACTOR, reason="advisory agents run restricted")["revalidation"]
