@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,20 @@ AGREEMENT_TESTS = "*_agreement_test.rego"
 _TEST_STEP = "opa test"
 _PASSED_TESTS = re.compile(r"^PASS: [1-9][0-9]*/", re.MULTILINE)  # opa test's summary line
 _DATA_FILES = frozenset({"data.json", "data.yaml", "data.yml"})
+
+
+@dataclass(frozen=True)
+class Trial:
+    """A query the candidate must answer, on input from the live system, before it may go live.
+
+    ``opa test`` judges the policy on the author's cases; a trial runs it on real input, as the
+    sidecar would (``opa eval --strict-builtin-errors``), so that a policy whose evaluation fails
+    there (a builtin error, a conflict, an undefined result) is refused while the old one is
+    still in force, instead of going live and failing every decision closed."""
+
+    what: str  # for messages: "the first chunk of governed agents"
+    query: str  # a rule path, "agov/revalidation/results": it must give an object
+    input_for: Callable[[str], bytes | None]  # the input, given the candidate's hash; None: none to try
 
 
 @dataclass(frozen=True)
@@ -207,14 +221,45 @@ def _start(cmd: Sequence[str], cwd: Path | None = None) -> subprocess.Popen[str]
     return proc
 
 
+def _trial_step(trial: Trial) -> str:
+    return f"the trial run of the new policy on {trial.what} (the query a revalidation sends)"
+
+
+def _trial_command(opa: Path, trial: Trial, stage: Path, input_file: Path) -> list[str]:
+    # a result that is not an object makes is_object false, so the query undefined: --fail exits 1
+    query = f"is_object(data.{trial.query.strip('/').replace('/', '.')})"
+    return [
+        str(opa),
+        "eval",
+        "--bundle",
+        str(stage),  # not ".": an error then names the file, which the message maps to the user's
+        "--strict-builtin-errors",  # as agov's queries to the sidecar ask
+        "--fail",
+        "--format",
+        "raw",
+        "--input",
+        str(input_file),
+        query,
+    ]
+
+
+_UNDEFINED = "the result is undefined, or not an object: every revalidation under it would stop"
+
+
 def _finish(
-    opa: Path, proc: subprocess.Popen[str], what: str, deadline: float, shown_as: dict[str, str]
+    opa: Path,
+    proc: subprocess.Popen[str],
+    what: str,
+    deadline: float,
+    shown_as: dict[str, str],
+    silent: str = "",
 ) -> str:
     """Wait for one step and return its output; its failure is a refused policy, unless opa
     itself does not work.
 
     ``shown_as`` maps the snapshot's directories to the user's tree, so that an error names
-    the file the user edits rather than a temporary copy of it.
+    the file the user edits rather than a temporary copy of it. ``silent`` says what a failure
+    without output means.
 
     Raises:
         PolicyError: the step failed or timed out.
@@ -230,6 +275,7 @@ def _finish(
         detail = (out + err).strip()
         if not detail:
             opa_version(opa)  # silent failure: check the binary runs at all
+            detail = silent
         for copy, original in shown_as.items():
             detail = detail.replace(copy, original)
         # a data file opa cannot read (data.json that is not JSON) is no failed test or check
@@ -319,6 +365,7 @@ def check_and_build(
     *,
     signing_key: Path,
     entrypoints: Sequence[str] = (),
+    trial: Trial | None = None,
     timeout_s: float = 120.0,
 ) -> BuiltBundle:
     """Check, test, build and sign one snapshot of the policy tree.
@@ -328,7 +375,7 @@ def check_and_build(
     even while an editor is still writing; the bundle lands in ``out_dir`` only when all pass.
     Each of ``entrypoints`` (``agov/admission/decision``…) must be a rule the bundle defines:
     ``opa build -t plan`` refuses one that is not, where a plain build would ship a policy that
-    answers every such query with nothing.
+    answers every such query with nothing. A ``trial`` runs beside them, on the same bundle.
 
     Raises:
         PolicyError: the tree is empty, does not compile, a test fails, or the build failed.
@@ -398,6 +445,11 @@ def check_and_build(
             for entrypoint in entrypoints:
                 plan += ["-e", entrypoint]
             steps.append(("the entrypoint check (opa build -t plan)", plan, stage))
+        trial_input = trial.input_for(digest) if trial is not None else None
+        if trial is not None and trial_input is not None:
+            trial_file = Path(tmp) / "trial-input.json"
+            trial_file.write_bytes(trial_input)
+            steps.append((_trial_step(trial), _trial_command(opa, trial, stage, trial_file), stage))
         running: list[tuple[str, subprocess.Popen[str]]] = []
         try:
             for what, cmd, cwd in steps:
@@ -410,6 +462,7 @@ def check_and_build(
                     what,
                     deadline,
                     {str(snapshot): str(policies_root), str(stage): str(policies_root)},
+                    silent=_UNDEFINED if trial is not None and what == _trial_step(trial) else "",
                 )
                 if what == _TEST_STEP and not _PASSED_TESTS.search(out):
                     # `opa test` passes when there is nothing to run: no test would then judge

@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from agov import admission, audit, keyring, keys, policy, promotion, registry, revalidation
+from agov.bundle import Trial
 from agov.config import Config, load_config
 from agov.decisions import AdmissionDecision, Code, Reason
 from agov.errors import (
@@ -666,7 +667,11 @@ class Engine:
             return self._dry_run_reload(active)
         try:
             built = policy.build(
-                find_opa(), self.workspace.policies, self.workspace.bundles, self.workspace.keys
+                find_opa(),
+                self.workspace.policies,
+                self.workspace.bundles,
+                self.workspace.keys,
+                trial=self._trial(active),
             )
         # KeyMaterialError: the bundle signing key; EngineUnavailableError: no opa binary that runs
         except (PolicyError, KeyMaterialError, EngineUnavailableError) as exc:
@@ -720,6 +725,25 @@ class Engine:
             "previous_hash": active.hash if active else None,
             "revalidation": report.as_dict(),
         }
+
+    def _trial(self, active: PolicyVersion | None) -> Trial:
+        """What a reload runs the candidate on before it switches: the first chunk its
+        revalidation would send OPA. Nothing to try for the active tree itself, an empty fleet,
+        or org limits that cannot be read (the reload is refused for those before it switches)."""
+
+        def first_chunk(candidate_hash: str) -> bytes | None:
+            if active is not None and candidate_hash == active.hash:
+                return None
+            try:
+                org = self._judging_config().org
+            except WorkspaceError:
+                return None
+            size = self.config.limits.revalidation_chunk_size
+            return revalidation.trial_input(
+                self.store, size, canonical_json(dataclasses.asdict(org)), candidate_hash, self.clock()
+            )
+
+        return Trial("the first chunk of governed agents", revalidation.REVALIDATION_PATH, first_chunk)
 
     def _activated_elsewhere(self, version: PolicyVersion) -> bool:
         won = policy.active_version(self.store)

@@ -20,7 +20,7 @@ from typing import Any
 
 from agov import keys
 from agov.admission import ADMISSION_PATH
-from agov.bundle import BuiltBundle, check_and_build, compute_policy_hash
+from agov.bundle import BuiltBundle, Trial, check_and_build, compute_policy_hash
 from agov.decisions import Code
 from agov.errors import ConflictError, NotFoundError, PolicyError
 from agov.promotion import PROMOTION_PATH
@@ -147,15 +147,19 @@ def activations(store: Store) -> list[Activation]:
     ]
 
 
-def build(opa: Path, policies: Path, bundles: Path, keys_dir: Path) -> BuiltBundle:
-    """Check (``opa check --strict`` and ``opa test``), then build and sign the bundle.
+def build(
+    opa: Path, policies: Path, bundles: Path, keys_dir: Path, *, trial: Trial | None = None
+) -> BuiltBundle:
+    """Check (``opa check --strict`` and ``opa test``, and ``trial`` when given), then build and
+    sign the bundle.
 
     Raises:
-        PolicyError: the policy does not compile, a test fails, or the build failed.
+        PolicyError: the policy does not compile, a test fails, the trial failed, or the build
+            failed.
     """
     bundle_key = keys.ensure_bundle_signing_key(keys_dir)
     return check_and_build(
-        opa, policies, bundles, signing_key=bundle_key.private_pem_path, entrypoints=ENTRYPOINTS
+        opa, policies, bundles, signing_key=bundle_key.private_pem_path, entrypoints=ENTRYPOINTS, trial=trial
     )
 
 

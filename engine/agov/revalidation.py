@@ -225,6 +225,27 @@ def _row(r: Any, read_after_seq: int = 0) -> _Row:
     )
 
 
+def trial_input(
+    store: Store, size: int, org_canonical: bytes, policy_hash: str, now: datetime
+) -> bytes | None:
+    """The first chunk a revalidation under ``policy_hash`` would send OPA (the first ``size``
+    governed agents whose stored spec is intact), or None when there is none: a reload runs the
+    candidate policy on it before it switches (``agov.bundle.Trial``)."""
+    intact = [r for r in _chunk(store, "", size) if _intact(r)]
+    return _chunk_input(intact, org_canonical, policy_hash, now).json if intact else None
+
+
+def _intact(row: _Row) -> bool:
+    """Whether ``row``'s stored spec may be spliced into a chunk: ``_verdicts`` judges any other
+    without OPA."""
+    return (
+        not row.version_row_gone
+        and sha256_hex(row.canonical) == row.spec_hash
+        and len(row.canonical) <= _CHUNK_SPEC_BYTES
+        and _one_json_object(row.canonical)
+    )
+
+
 def _chunk_input(rows: list[_Row], org_canonical: bytes, policy_hash: str, now: datetime) -> EncodedInput:
     """``{"agents": [{"id", "agent"}...], "org", "policy_hash", "now"}``, assembled from stored bytes."""
     agents = b",".join(b'{"id":' + orjson.dumps(r.agent_id) + b',"agent":' + r.canonical + b"}" for r in rows)

@@ -36,8 +36,8 @@ from _reload_support import (
     statuses,
 )
 
-from agov import keys
-from agov.bundle import compute_policy_hash
+from agov import keys, policy
+from agov.bundle import Trial, compute_policy_hash
 from agov.cli import _exit_for
 from agov.engine import Engine
 from agov.errors import (
@@ -48,6 +48,7 @@ from agov.errors import (
     PolicyError,
     UsageError,
 )
+from agov.opa.binary import find_opa
 from agov.opa.managed import ManagedSidecar
 from agov.proofs import verify_proof
 from agov.store.sqlite import utcnow
@@ -187,6 +188,20 @@ def _syntax_error(home: Path) -> Callable[[], None]:
     return lambda: shutil.rmtree(path.parent)
 
 
+def _builtin_error_on_the_fleet(home: Path) -> Callable[[], None]:
+    # `opa test` passes: a builtin error there only leaves the rule undefined. The sidecar is
+    # asked with strict builtin errors, where "1.0.0", every governed agent's version, fails the
+    # whole query: before the trial run, this policy went live and every revalidation stopped.
+    path = home / "policies" / "agov" / "promotion" / "promotion.rego"
+    original = path.read_text()
+    path.write_text(
+        original
+        + '\ndeny contains _finding("PROMOTION_DENY_OLD_VERSION", "version below 1") if {\n'
+        + "\tto_number(input.agent.metadata.version) < 1\n}\n"
+    )
+    return lambda: path.write_text(original)
+
+
 def _failing_test(home: Path) -> Callable[[], None]:
     # A test file is not part of the bundle (the hash does not change), but `opa test` gates it.
     path = home / "policies" / "agov" / "lib" / "spec_rules" / "zz_reload_test.rego"
@@ -299,6 +314,11 @@ def _admission_package_removed(home: Path) -> Callable[[], None]:
         (_rego_outside_the_bundle_root, "helpers.rego: outside agov/, the bundle's only root"),
         (_every_test_removed, "opa test ran no tests: .*/policies has none that passed"),
         (_admission_package_removed, 'entrypoint "agov/admission/decision" does not refer to a rule'),
+        (
+            _builtin_error_on_the_fleet,
+            "(?s)the trial run of the new policy on the first chunk of governed agents .* failed:"
+            '.*/policies/agov/promotion/promotion.rego:[0-9]+: eval_builtin_error: to_number: .*"1.0.0"',
+        ),
     ],
     ids=[
         "rego-syntax-error",
@@ -312,6 +332,7 @@ def _admission_package_removed(home: Path) -> Callable[[], None]:
         "rego-outside-the-bundle-root",
         "every-test-removed",
         "admission-package-removed",
+        "builtin-error-on-the-fleet",
     ],
 )
 def test_a_refused_reload_keeps_the_old_policy_in_store_and_opa(
@@ -353,6 +374,18 @@ def test_a_refused_reload_keeps_the_old_policy_in_store_and_opa(
     undo()
     assert engine.reload_policy(actor=ACTOR, reason="undone")["changed"] is False
     assert engine.active_policy().hash == old
+
+
+def test_a_trial_run_that_gives_no_object_is_refused_saying_so(
+    engine: Engine, home: Path, tmp_path: Path
+) -> None:
+    """`opa eval --fail` prints nothing for an undefined result: the message says what that means."""
+    trial = Trial("two agents", "agov/revalidation/no_such_rule", lambda _hash: b'{"agents": []}')
+    out = tmp_path / "bundles"
+    with pytest.raises(PolicyError, match="the result is undefined, or not an object") as refused:
+        policy.build(find_opa(), home / "policies", out, home / "keys", trial=trial)
+    assert refused.value.message.startswith("the trial run of the new policy on two agents")
+    assert not out.exists()  # no bundle was written
 
 
 def test_a_reload_with_no_opa_binary_that_runs_is_refused_and_audited(
