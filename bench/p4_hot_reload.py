@@ -100,7 +100,9 @@ def _run(engine: Engine, trials: int, quick: bool, do_profile: bool) -> dict[str
     reloads.wrap(policy, "check_policies", "opa check --strict + opa test")
     reloads.wrap(policy, "build_bundle", "opa build (signed bundle)")
     reloads.wrap(
-        policy, "check_and_build", "opa check + test + build (+ entrypoint check), side by side on a snapshot"
+        policy,
+        "check_and_build",
+        "opa check + test + build (+ entrypoint check, trial run on the agents), side by side on a snapshot",
     )
     reloads.wrap(bundle, "_stable_copy", "  of which: snapshot copy of the policy tree")
     evaluator: Any = engine.evaluator()
@@ -169,7 +171,7 @@ def _run(engine: Engine, trials: int, quick: bool, do_profile: bool) -> dict[str
         "waiting for the reload lock",
         "opa check --strict + opa test",
         "opa build (signed bundle)",
-        "opa check + test + build (+ entrypoint check), side by side on a snapshot",
+        "opa check + test + build (+ entrypoint check, trial run on the agents), side by side on a snapshot",
         "  of which: snapshot copy of the policy tree",
         "publish + OPA activates the bundle",
         "store: mark the version active",
@@ -300,7 +302,8 @@ def bound(result: dict[str, Any]) -> str:
     w = result["watcher"]
     text = (
         "A reload is bound by the opa subprocesses it runs side by side before anything changes (strict "
-        f"check, the policy tests, the entrypoint check and the signed build); median per trial: {top}"
+        "check, the policy tests, the entrypoint check, the trial run of the new policy on the governed "
+        f"agents and the signed build); median per trial: {top}"
     )
     if w["reloads_that_changed_nothing"]:
         text += (
