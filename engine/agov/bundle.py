@@ -44,6 +44,7 @@ class Trial:
     what: str  # for messages: "the first chunk of governed agents"
     query: str  # a rule path, "agov/revalidation/results": it must give an object
     input_for: Callable[[str], bytes | None]  # the input, given the candidate's hash; None: none to try
+    timeout_s: float  # as long as the sidecar is given for the same query
 
 
 @dataclass(frozen=True)
@@ -226,14 +227,17 @@ def _trial_step(trial: Trial) -> str:
 
 
 def _trial_command(opa: Path, trial: Trial, stage: Path, input_file: Path) -> list[str]:
-    # a result that is not an object makes is_object false, so the query undefined: --fail exits 1
-    query = f"is_object(data.{trial.query.strip('/').replace('/', '.')})"
+    # `; true`: a query of one expression reports its value, so a false is_object would pass;
+    # followed by another, it must hold, else the query is undefined and --fail exits 1
+    query = f"is_object(data.{trial.query.strip('/').replace('/', '.')}); true"
     return [
         str(opa),
         "eval",
         "--bundle",
         str(stage),  # not ".": an error then names the file, which the message maps to the user's
         "--strict-builtin-errors",  # as agov's queries to the sidecar ask
+        "--timeout",
+        f"{trial.timeout_s:g}s",
         "--fail",
         "--format",
         "raw",
@@ -252,14 +256,14 @@ def _finish(
     what: str,
     deadline: float,
     shown_as: dict[str, str],
-    silent: str = "",
+    undefined: str = "",
 ) -> str:
     """Wait for one step and return its output; its failure is a refused policy, unless opa
     itself does not work.
 
     ``shown_as`` maps the snapshot's directories to the user's tree, so that an error names
-    the file the user edits rather than a temporary copy of it. ``silent`` says what a failure
-    without output means.
+    the file the user edits rather than a temporary copy of it. ``undefined`` says what exit
+    status 1 without output means (``opa eval --fail``: no result).
 
     Raises:
         PolicyError: the step failed or timed out.
@@ -275,7 +279,7 @@ def _finish(
         detail = (out + err).strip()
         if not detail:
             opa_version(opa)  # silent failure: check the binary runs at all
-            detail = silent
+            detail = undefined if proc.returncode == 1 else f"opa exited with status {proc.returncode}"
         for copy, original in shown_as.items():
             detail = detail.replace(copy, original)
         # a data file opa cannot read (data.json that is not JSON) is no failed test or check
@@ -462,7 +466,7 @@ def check_and_build(
                     what,
                     deadline,
                     {str(snapshot): str(policies_root), str(stage): str(policies_root)},
-                    silent=_UNDEFINED if trial is not None and what == _trial_step(trial) else "",
+                    undefined=_UNDEFINED if trial is not None and what == _trial_step(trial) else "",
                 )
                 if what == _TEST_STEP and not _PASSED_TESTS.search(out):
                     # `opa test` passes when there is nothing to run: no test would then judge

@@ -33,6 +33,7 @@ from agov.errors import (
     KeyMaterialError,
     NotFoundError,
     PolicyError,
+    StoreError,
     UsageError,
     WorkspaceError,
 )
@@ -673,8 +674,9 @@ class Engine:
                 self.workspace.keys,
                 trial=self._trial(active),
             )
-        # KeyMaterialError: the bundle signing key; EngineUnavailableError: no opa binary that runs
-        except (PolicyError, KeyMaterialError, EngineUnavailableError) as exc:
+        # KeyMaterialError: the bundle signing key; EngineUnavailableError: no opa binary that
+        # runs; StoreError: the governed agents could not be read for the trial run
+        except (PolicyError, KeyMaterialError, EngineUnavailableError, StoreError) as exc:
             self._refuse_reload(exc, actor=actor, reason=reason, active=active)
             raise
         if active is not None and built.policy_hash == active.hash:
@@ -743,7 +745,12 @@ class Engine:
                 self.store, size, canonical_json(dataclasses.asdict(org)), candidate_hash, self.clock()
             )
 
-        return Trial("the first chunk of governed agents", revalidation.REVALIDATION_PATH, first_chunk)
+        return Trial(
+            "the first chunk of governed agents",
+            revalidation.REVALIDATION_PATH,
+            first_chunk,
+            timeout_s=self.config.limits.revalidation_timeout_s,
+        )
 
     def _activated_elsewhere(self, version: PolicyVersion) -> bool:
         won = policy.active_version(self.store)
@@ -830,10 +837,13 @@ class Engine:
         """Judge the workspace's policy tree as it is now, without recording or activating it.
 
         Raises:
-            PolicyError: the tree does not compile or its tests fail.
+            PolicyError: the tree does not compile, its tests fail, or it fails on the governed
+                agents (the trial run a reload makes).
         """
         with claimed_tempdir("agov-dry-run-") as tmp:  # a killed dry run's bundle: swept by the next
-            built = policy.build(find_opa(), self.workspace.policies, tmp, self.workspace.keys)
+            built = policy.build(
+                find_opa(), self.workspace.policies, tmp, self.workspace.keys, trial=self._trial(active)
+            )
             report = self._dry_run_on(built.content, built.policy_hash)
         changed = active is None or built.policy_hash != active.hash
         org_changed = False

@@ -46,6 +46,7 @@ from agov.errors import (
     KeyMaterialError,
     NotFoundError,
     PolicyError,
+    StoreError,
     UsageError,
 )
 from agov.opa.binary import find_opa
@@ -376,16 +377,52 @@ def test_a_refused_reload_keeps_the_old_policy_in_store_and_opa(
     assert engine.active_policy().hash == old
 
 
+@pytest.mark.parametrize(
+    "query", ["agov/revalidation/no_such_rule", "agov/promotion/deny"], ids=["undefined", "a-set"]
+)
 def test_a_trial_run_that_gives_no_object_is_refused_saying_so(
-    engine: Engine, home: Path, tmp_path: Path
+    engine: Engine, home: Path, tmp_path: Path, query: str
 ) -> None:
-    """`opa eval --fail` prints nothing for an undefined result: the message says what that means."""
-    trial = Trial("two agents", "agov/revalidation/no_such_rule", lambda _hash: b'{"agents": []}')
+    """`opa eval --fail` prints nothing for an undefined result: the message says what that means.
+    A set (promotion's deny here) is no object either: a revalidation would stop on it."""
+    trial = Trial("two agents", query, lambda _hash: b'{"agents": []}', timeout_s=30)
     out = tmp_path / "bundles"
     with pytest.raises(PolicyError, match="the result is undefined, or not an object") as refused:
         policy.build(find_opa(), home / "policies", out, home / "keys", trial=trial)
     assert refused.value.message.startswith("the trial run of the new policy on two agents")
     assert not out.exists()  # no bundle was written
+
+
+def test_a_dry_run_reload_makes_the_trial_run_too(engine: Engine, home: Path) -> None:
+    """Before: the dry run activated the policy on a throwaway sidecar, where the revalidation
+    failed with an internal error (exit 3) naming the bundle's path; the reload refuses it."""
+    before = snapshot(home)
+    _builtin_error_on_the_fleet(home)
+    with pytest.raises(PolicyError, match="the trial run of the new policy") as refused:
+        engine.reload_policy(actor=ACTOR, reason="dry", dry_run=True)
+    assert f"{home}/policies/agov/promotion/promotion.rego:" in refused.value.message
+    assert snapshot(home) == before  # a dry run writes nothing, not even an audit event
+
+
+def test_a_trial_that_cannot_read_the_agents_is_a_refused_reload(
+    engine: Engine, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store failing while the trial run reads the fleet: refused, audited and counted as
+    every other refused reload is, and the old policy stays."""
+    from agov import revalidation
+
+    def store_fails(*_args: object) -> bytes:
+        raise StoreError("injected: the store went away")
+
+    old = engine.active_policy().hash
+    seq = _last_seq(engine)
+    edit_data(home, set_analysis_limit(0.4))
+    monkeypatch.setattr(revalidation, "trial_input", store_fails)
+    with pytest.raises(StoreError, match="injected"):
+        engine.reload_policy(actor=ACTOR, reason="store down")
+    assert engine.active_policy().hash == old and statuses(home) == BEFORE
+    assert [e["type"] for e in _audit(engine, seq)] == ["POLICY_RELOAD_REFUSED"]
+    assert metric(engine, FAILURE) == 1 and metric(engine, SUCCESS) == 0
 
 
 def test_a_reload_with_no_opa_binary_that_runs_is_refused_and_audited(

@@ -67,55 +67,37 @@ default revalidating := false
 
 _valid_now if is_number(time.parse_rfc3339_ns(input.now))
 
-# The three checks above in one rule, so that a valid request is done at once.
-_request_valid if {
-	_non_empty_string(input.actor.id)
-	_non_empty_string(input.policy_hash)
-	is_number(time.parse_rfc3339_ns(input.now))
-}
-
 deny contains finding if some finding in spec_rules.deny
 
-# The request checks are two rules with a guard each, not one per check:
-# revalidation asks this decision for every governed agent, and there every
-# rule body evaluated costs time.
-deny contains finding if {
-	_promoting
-	some finding in _role_denials
-}
-
-deny contains finding if {
-	not _request_valid
-	some finding in _request_denials
-}
-
-_role_denials contains _finding(
+deny contains _finding(
 	"PROMOTION_DENY_ROLE_NOT_ALLOWED",
 	sprintf(
 		"actor.role %s may not promote agents; allowed roles: %v",
 		[json.marshal(_actor_role), data.agov.config.promotion_roles],
 	),
 ) if {
+	_promoting
 	not _role_allowed
 }
 
 # Fallback so that ROLE_NOT_ALLOWED is never silenced by missing config data.
-_role_denials contains _finding(
+deny contains _finding(
 	"PROMOTION_DENY_ROLE_NOT_ALLOWED",
 	"data.agov.config.promotion_roles is missing or not an array: no role may promote",
 ) if {
+	_promoting
 	not _roles_configured
 }
 
-_request_denials contains _finding("PROMOTION_DENY_INPUT_INVALID", "actor.id must be a non-empty string") if {
+deny contains _finding("PROMOTION_DENY_INPUT_INVALID", "actor.id must be a non-empty string") if {
 	not _has_actor_id
 }
 
-_request_denials contains _finding("PROMOTION_DENY_INPUT_INVALID", "policy_hash must be a non-empty string") if {
+deny contains _finding("PROMOTION_DENY_INPUT_INVALID", "policy_hash must be a non-empty string") if {
 	not _has_policy_hash
 }
 
-_request_denials contains _finding("PROMOTION_DENY_INPUT_INVALID", "now must be an RFC 3339 timestamp") if {
+deny contains _finding("PROMOTION_DENY_INPUT_INVALID", "now must be an RFC 3339 timestamp") if {
 	not _valid_now
 }
 

@@ -11,7 +11,6 @@
 #   - input: schema.revalidation_input
 package agov.revalidation
 
-import data.agov.lib.spec_rules
 import data.agov.promotion
 
 # The actor and role that proofs re-signed by a revalidation name.
@@ -21,11 +20,6 @@ _actor := {"id": "agov-revalidation", "role": "system"}
 # key of a partial object rule against every key before it (quadratic in the
 # chunk size). `with input` per agent is the point: each agent is judged by the
 # promotion rules as they are written, over input.agent, as a promotion is.
-# But `with` starts OPA's rule cache afresh, so the spec rules run outside it,
-# where what agents share stays cached (the constants, the limit per role
-# class, the org's warn threshold). Inside, spec_rules.deny_for_input and
-# warn_for_input, which are these same two calls over input, are set to their
-# results; every other rule, in any package, runs inside, per agent.
 
 # METADATA
 # title: Revalidation results
@@ -45,24 +39,13 @@ results := {entry.id: verdict | # regal ignore:prefer-set-or-object-rule
 	is_string(entry.id)
 	entry.id != ""
 
-	request := _request(entry)
-	denials := spec_rules.deny_for(request.agent, _org)
-	warnings := spec_rules.warn_for(request.agent, _org)
-
-	# regal ignore:comprehension-term-assignment
-	verdict := promotion.decision with input as request
-		with promotion.revalidating as true
-		with spec_rules.deny_for_input as denials
-		with spec_rules.warn_for_input as warnings
+	# regal ignore:with-outside-test-context,comprehension-term-assignment
+	verdict := promotion.decision with input as _request(entry) with promotion.revalidating as true
 }
 
 # The promotion input for one entry; what the chunk lacks stays out, so that
 # the promotion rules deny it.
 _request(entry) := object.union(_request_base, {"agent": object.get(entry, "agent", null)})
-
-default _org := null
-
-_org := input.org
 
 # The part of every request that is the same for the whole chunk, computed once.
 _request_base := object.union(object.filter(input, {"org", "policy_hash", "now"}), {"actor": _actor})

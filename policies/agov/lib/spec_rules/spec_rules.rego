@@ -173,31 +173,19 @@ default _org := null
 
 _org := input.org
 
-deny contains finding if some finding in deny_for_input
+deny contains finding if some finding in _deny_for_input
 
-warn contains finding if some finding in warn_for_input
-
-# METADATA
-# title: Deny findings for input.agent
-# scope: document
-# description: |
-#   deny_for(input.agent, input.org), or one INPUT_INVALID finding should
-#   deny_for ever be undefined (a promotion must see a deny, not an empty
-#   set). agov.revalidation computes deny_for itself, outside its per-agent
-#   `with input`, and sets this rule to it: change deny_for, not this rule.
-default deny_for_input := {{
+# deny_for is defined for any input; should a change ever break that, a
+# promotion must still see a deny, not an empty set. A default, not a second
+# call of deny_for: revalidation asks this for every agent.
+default _deny_for_input := {{
 	"code": "PROMOTION_DENY_INPUT_INVALID",
 	"message": "the spec rules gave no result for input.agent",
 }}
 
-deny_for_input := deny_for(_agent, _org)
+_deny_for_input := deny_for(_agent, _org)
 
-# METADATA
-# title: Warn findings for input.agent
-# description: |
-#   warn_for(input.agent, input.org). agov.revalidation computes warn_for
-#   itself and sets this rule to it, as for deny_for_input.
-warn_for_input := warn_for(_agent, _org)
+warn contains finding if some finding in warn_for(_agent, _org)
 
 # The full rules.
 
