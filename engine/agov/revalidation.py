@@ -231,19 +231,10 @@ def trial_input(
     """The first chunk a revalidation under ``policy_hash`` would send OPA (the first ``size``
     governed agents whose stored spec is intact), or None when there is none: a reload runs the
     candidate policy on it before it switches (``agov.bundle.Trial``)."""
-    intact = [r for r in _chunk(store, "", size) if _intact(r)]
+    rows = _chunk(store, "", size)
+    unsent = _judged_without_opa(rows)
+    intact = [r for r in rows if r.agent_id not in unsent]
     return _chunk_input(intact, org_canonical, policy_hash, now).json if intact else None
-
-
-def _intact(row: _Row) -> bool:
-    """Whether ``row``'s stored spec may be spliced into a chunk: ``_verdicts`` judges any other
-    without OPA."""
-    return (
-        not row.version_row_gone
-        and sha256_hex(row.canonical) == row.spec_hash
-        and len(row.canonical) <= _CHUNK_SPEC_BYTES
-        and _one_json_object(row.canonical)
-    )
 
 
 def _chunk_input(rows: list[_Row], org_canonical: bytes, policy_hash: str, now: datetime) -> EncodedInput:
@@ -266,14 +257,9 @@ def _chunk_input(rows: list[_Row], org_canonical: bytes, policy_hash: str, now: 
 _Judged = tuple[dict[str, PolicyVerdict], str | None, datetime]
 
 
-def _verdicts(
-    evaluator: Evaluator,
-    rows: list[_Row],
-    org_canonical: bytes,
-    policy_hash: str,
-    now: datetime,
-    timeout_s: float,
-) -> _Judged:
+def _judged_without_opa(rows: list[_Row]) -> dict[str, PolicyVerdict]:
+    """The verdicts of the rows whose stored spec is never sent to OPA: no version row, bytes
+    edited outside agov, too large, or not one JSON object."""
     # A spec whose stored bytes no longer hash to the recorded spec hash was edited outside
     # agov: it is invalidated, and its bytes are never spliced into the input.
     verdicts = {r.agent_id: _NO_VERSION for r in rows if r.version_row_gone}
@@ -298,6 +284,18 @@ def _verdicts(
             # with the hash) would be spliced into the input unparsed: they could break it, or
             # rewrite it (another "agents" key) so that another agent is judged on other bytes.
             verdicts[r.agent_id] = _UNREADABLE
+    return verdicts
+
+
+def _verdicts(
+    evaluator: Evaluator,
+    rows: list[_Row],
+    org_canonical: bytes,
+    policy_hash: str,
+    now: datetime,
+    timeout_s: float,
+) -> _Judged:
+    verdicts = _judged_without_opa(rows)
     intact = [r for r in rows if r.agent_id not in verdicts]
     evaluation = evaluator.evaluate(
         REVALIDATION_PATH,
