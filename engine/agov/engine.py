@@ -256,8 +256,23 @@ class Engine:
             else:
                 self._evaluator = self._restart_managed() if self._sidecar_died else None
                 if self._evaluator is None:
+                    self._warn_if_sidecar_url_ignored()
                     self._evaluator = self._start_managed(policy.require_active(self.store))
         return self._evaluator
+
+    def _warn_if_sidecar_url_ignored(self) -> None:
+        """Say so when ``AGOV_OPA_URL`` is set but agov runs its own OPA: an operator who set it
+        alone expects decisions from that sidecar (only ``runtime: external`` reads it)."""
+        from agov.opa.external import ENV_OPA_URL
+
+        url = os.environ.get(ENV_OPA_URL, "").strip()
+        if url:
+            engine_log.warning(
+                "%s is set (%s) but agov.yaml says runtime: managed, so agov decides with an OPA "
+                "of its own; set runtime: external to ask that sidecar, or pass --opa-url",
+                ENV_OPA_URL,
+                url,
+            )
 
     def _restart_managed(self) -> Evaluator:
         """Start the managed OPA again after it died, at most once per ``_RESTART_BACKOFF_S``

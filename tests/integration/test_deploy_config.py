@@ -257,6 +257,34 @@ def test_the_cli_decides_with_the_deployed_sidecar_named_by_opa_url(workspace: P
     assert url in gone["reasons"][0]["message"], gone
 
 
+def test_agov_opa_url_alone_leaves_the_managed_runtime_in_charge_and_says_so(workspace: Path) -> None:
+    """AGOV_OPA_URL is read under `runtime: external` only; under managed, a start is decided by
+    agov's own OPA, with a warning on stderr naming the ignored URL."""
+    _agov(workspace, "agent", "create", "--template", "research-analyst", "--id", "managed-runner")
+    env = {**os.environ, "AGOV_OPA_URL": "http://127.0.0.1:1"}  # nothing listens there
+    out = subprocess.run(
+        [sys.executable, "-m", "agov.cli", "admit", "managed-runner", "--home", str(workspace), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    admitted = json.loads(out.stdout)
+    assert (out.returncode, admitted["code"], admitted["status"]) == (0, "ADMISSION_ALLOW", "SANDBOX"), out
+    assert "AGOV_OPA_URL is set (http://127.0.0.1:1)" in out.stderr, out.stderr
+    assert "runtime: external" in out.stderr, out.stderr
+
+    env.pop("AGOV_OPA_URL")
+    quiet = subprocess.run(
+        [sys.executable, "-m", "agov.cli", "admit", "managed-runner", "--home", str(workspace), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert quiet.returncode == 0 and "AGOV_OPA_URL" not in quiet.stderr, quiet
+
+
 def test_the_cli_decides_with_a_deployed_sidecar_on_a_unix_socket(
     workspace: Path, serve: Any, tmp_path: Path
 ) -> None:
