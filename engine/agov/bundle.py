@@ -45,6 +45,9 @@ class Trial:
     query: str  # a rule path, "agov/revalidation/results": it must give an object
     input_for: Callable[[str], bytes | None]  # the input, given the candidate's hash; None: none to try
     timeout_s: float  # as long as the sidecar is given for the same query
+    # a rule path whose value lists (as strings) what the policy finds wrong with its own answers on
+    # this input: the candidate is refused unless it is empty; a policy without the rule has none
+    failures: str | None = None
 
 
 @dataclass(frozen=True)
@@ -226,10 +229,17 @@ def _trial_step(trial: Trial) -> str:
     return f"the trial run of the new policy on {trial.what} (the query a revalidation sends)"
 
 
+def _rule_ref(path: str) -> str:
+    return "data." + path.strip("/").replace("/", ".")
+
+
 def _trial_command(opa: Path, trial: Trial, stage: Path, input_file: Path) -> list[str]:
-    # `; true`: a query of one expression reports its value, so a false is_object would pass;
-    # followed by another, it must hold, else the query is undefined and --fail exits 1
-    query = f"is_object(data.{trial.query.strip('/').replace('/', '.')}); true"
+    # A query of one expression reports its value, so a false is_object would pass; followed by
+    # another, it must hold, else the query is undefined and --fail exits 1. The second is the
+    # list of failures (a comprehension: [] when the policy has no such rule), which --format raw
+    # prints after the first's `true`.
+    failures = f"[f | some f in {_rule_ref(trial.failures)}]" if trial.failures else "[]"
+    query = f"is_object({_rule_ref(trial.query)}); {failures}"
     return [
         str(opa),
         "eval",
@@ -248,6 +258,37 @@ def _trial_command(opa: Path, trial: Trial, stage: Path, input_file: Path) -> li
 
 
 _UNDEFINED = "the result is undefined, or not an object: every revalidation under it would stop"
+_FAILURES_SHOWN = 5
+
+
+def _refuse_trial_failures(what: str, out: str, trial: Trial) -> None:
+    """Refuse the candidate when the trial's output (``true`` and the failures, a JSON array of
+    strings) lists any failure, or is not that.
+
+    Raises:
+        PolicyError: failures were found, or the output cannot be read.
+    """
+    head, _, listed = out.strip().partition(" ")
+    try:
+        failures = json.loads(listed) if head == "true" else None
+    except ValueError:
+        failures = None
+    if not isinstance(failures, list):
+        raise PolicyError(
+            f"{what} gave output agov cannot read: {out.strip()[:200]!r}",
+            hint="the active policy stays in force; report this with the opa version",
+        )
+    if not failures:
+        return
+    shown = "\n".join(f"- {failure}" for failure in failures[:_FAILURES_SHOWN])
+    more = len(failures) - _FAILURES_SHOWN
+    if more > 0:
+        shown += f"\n(and {more} more)"
+    raise PolicyError(
+        f"{what} failed: the policy's own check ({trial.failures}) found"
+        f" {len(failures)} {'problem' if len(failures) == 1 else 'problems'}:\n{shown}",
+        hint="fix the policy; the active one stays in force",
+    )
 
 
 def _finish(
@@ -468,6 +509,8 @@ def check_and_build(
                     {str(snapshot): str(policies_root), str(stage): str(policies_root)},
                     undefined=_UNDEFINED if trial is not None and what == _trial_step(trial) else "",
                 )
+                if trial is not None and what == _trial_step(trial):
+                    _refuse_trial_failures(what, out, trial)
                 if what == _TEST_STEP and not _PASSED_TESTS.search(out):
                     # `opa test` passes when there is nothing to run: no test would then judge
                     # the policy that is about to decide

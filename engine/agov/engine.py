@@ -765,6 +765,7 @@ class Engine:
             revalidation.REVALIDATION_PATH,
             first_chunk,
             timeout_s=self.config.limits.revalidation_timeout_s,
+            failures=revalidation.TRIAL_FAILURES_PATH,
         )
 
     def _activated_elsewhere(self, version: PolicyVersion) -> bool:

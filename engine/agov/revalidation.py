@@ -38,6 +38,8 @@ from agov.store import Store
 from agov.store.sqlite import Tx, blob_text, iso, parse_iso
 
 REVALIDATION_PATH = "agov/revalidation/results"
+# what the policy finds wrong with its own answers on a chunk (see revalidation.rego)
+TRIAL_FAILURES_PATH = "agov/revalidation/trial_failures"
 REVALIDATION_ACTOR = "agov-revalidation"
 _TAMPERED = PolicyVerdict(
     False,

@@ -36,7 +36,7 @@ from _reload_support import (
     statuses,
 )
 
-from agov import keys, policy
+from agov import keys, policy, revalidation
 from agov.bundle import Trial, compute_policy_hash
 from agov.cli import _exit_for
 from agov.engine import Engine
@@ -203,6 +203,24 @@ def _builtin_error_on_the_fleet(home: Path) -> Callable[[], None]:
     return lambda: path.write_text(original)
 
 
+def _check_in_the_full_rules_alone(home: Path) -> Callable[[], None]:
+    # A check added to spec_rules' _denials, not to deny_for's fast path: `opa test` passes (no
+    # test agent is an analyst), but the fast path passes every governed analyst, so the check
+    # would never run for them, in a revalidation or a promotion.
+    path = home / "policies" / "agov" / "lib" / "spec_rules" / "spec_rules.rego"
+    original = path.read_text()
+    union = "_denials(agent, org) := union({\n"
+    assert original.count(union) == 1, "setup: spec_rules.rego has the _denials union"
+    path.write_text(
+        original.replace(
+            union, union + '\t_analyst_denials(object.get(doc, ["agent", "metadata", "id"], null)),\n'
+        )
+        + '\n_analyst_denials(id) := {_finding("PROMOTION_DENY_NO_ANALYSTS", "no analysts")} if {\n'
+        + '\tendswith(id, "-analyst")\n} else := set()\n'
+    )
+    return lambda: path.write_text(original)
+
+
 def _failing_test(home: Path) -> Callable[[], None]:
     # A test file is not part of the bundle (the hash does not change), but `opa test` gates it.
     path = home / "policies" / "agov" / "lib" / "spec_rules" / "zz_reload_test.rego"
@@ -320,6 +338,13 @@ def _admission_package_removed(home: Path) -> Callable[[], None]:
             "(?s)the trial run of the new policy on the first chunk of governed agents .* failed:"
             '.*/policies/agov/promotion/promotion.rego:[0-9]+: eval_builtin_error: to_number: .*"1.0.0"',
         ),
+        (
+            _check_in_the_full_rules_alone,
+            "(?s)the trial run of the new policy on the first chunk of governed agents .* failed: the"
+            r" policy's own check \(agov/revalidation/trial_failures\) found 3 problems:\n"
+            r'- agent "cool-analyst": \["PROMOTION_DENY_NO_ANALYSTS"\] found by the full rules.*'
+            '- agent "hot-analyst".*- agent "warm-analyst"',
+        ),
     ],
     ids=[
         "rego-syntax-error",
@@ -334,6 +359,7 @@ def _admission_package_removed(home: Path) -> Callable[[], None]:
         "every-test-removed",
         "admission-package-removed",
         "builtin-error-on-the-fleet",
+        "check-in-the-full-rules-alone",
     ],
 )
 def test_a_refused_reload_keeps_the_old_policy_in_store_and_opa(
@@ -393,6 +419,34 @@ def test_a_trial_run_that_gives_no_object_is_refused_saying_so(
     assert not out.exists()  # no bundle was written
 
 
+def test_trial_failures_are_listed_five_at_most(engine: Engine, home: Path, tmp_path: Path) -> None:
+    """The policy's own check, on a chunk of seven analysts: refused, with the first five named."""
+    _check_in_the_full_rules_alone(home)
+    names = [f"a{number}-analyst" for number in range(7)]
+    chunk = {
+        "agents": [{"id": name, "agent": agent_doc(name)} for name in names],
+        "org": {"max_monthly_budget_usd": 1000},
+        "policy_hash": "x",
+        "now": "2026-03-01T12:00:00Z",
+    }
+    trial = Trial(
+        "seven analysts",
+        revalidation.REVALIDATION_PATH,
+        lambda _hash: json.dumps(chunk).encode(),
+        timeout_s=30,
+        failures=revalidation.TRIAL_FAILURES_PATH,
+    )
+    out = tmp_path / "bundles"
+    with pytest.raises(PolicyError, match="found 7 problems:") as refused:
+        policy.build(find_opa(), home / "policies", out, home / "keys", trial=trial)
+    shown = re.findall(
+        r'^- agent "(a[0-9]-analyst)": \["PROMOTION_DENY_NO_ANALYSTS"\]', refused.value.message, re.M
+    )
+    assert shown == names[:5]
+    assert refused.value.message.endswith("\n(and 2 more)")
+    assert not out.exists()
+
+
 def test_a_dry_run_reload_makes_the_trial_run_too(engine: Engine, home: Path) -> None:
     """Before: the dry run activated the policy on a throwaway sidecar, where the revalidation
     failed with an internal error (exit 3) naming the bundle's path; the reload refuses it."""
@@ -409,7 +463,6 @@ def test_a_trial_that_cannot_read_the_agents_is_a_refused_reload(
 ) -> None:
     """The store failing while the trial run reads the fleet: refused, audited and counted as
     every other refused reload is, and the old policy stays."""
-    from agov import revalidation
 
     def store_fails(*_args: object) -> bytes:
         raise StoreError("injected: the store went away")

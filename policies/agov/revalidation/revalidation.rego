@@ -11,6 +11,7 @@
 #   - input: schema.revalidation_input
 package agov.revalidation
 
+import data.agov.lib.spec_rules
 import data.agov.promotion
 
 # The actor and role that proofs re-signed by a revalidation name.
@@ -49,3 +50,32 @@ _request(entry) := object.union(_request_base, {"agent": object.get(entry, "agen
 
 # The part of every request that is the same for the whole chunk, computed once.
 _request_base := object.union(object.filter(input, {"org", "policy_hash", "now"}), {"actor": _actor})
+
+# METADATA
+# title: Trial failures
+# description: |
+#   Why this policy would judge agents of input.agents otherwise than its own
+#   rules say: one message per agent whose findings the fast paths of
+#   agov.lib.spec_rules skip (spec_rules.skipped_findings). A reload queries
+#   it with results on the first chunk of governed agents, and refuses a
+#   policy for which it is not empty, while the old policy stays in force.
+# schemas:
+#   - input: schema.revalidation_input
+trial_failures contains message if {
+	org := object.get(input, "org", null)
+	some entry in input.agents
+	is_object(entry)
+	skipped := spec_rules.skipped_findings(object.get(entry, "agent", null), org)
+	count(skipped) > 0
+	message := sprintf("agent %s: %v %s", [
+		json.marshal(object.get(entry, "id", null)),
+		sort({f.code | some f in skipped}),
+		_skipped_hint,
+	])
+}
+
+_skipped_hint := concat(" ", [
+	"found by the full rules of agov.lib.spec_rules (_denials, _warnings), skipped by",
+	"the fast path of deny_for or warn_for: a check added to the full rules, or made",
+	"stricter there, must be in the fast path too",
+])

@@ -131,3 +131,40 @@ test_a_chunk_missing_request_fields_denies if {
 	results := revalidation.results with input as json.remove(chunk, ["now"]) with data.agov.config as config
 	results["a-pass"].deny == {{"code": "PROMOTION_DENY_INPUT_INVALID", "message": "now must be an RFC 3339 timestamp"}}
 }
+
+# The shipped fast paths skip nothing the full rules find, on any entry.
+test_no_trial_failures_for_the_shipped_rules if {
+	count(revalidation.trial_failures) == 0 with input as patch(chunk, "/agents", [
+		passing,
+		warning,
+		failing,
+		{"id": "bare"},
+		{"id": "odd", "agent": {"spec": []}},
+		"not an entry",
+	])
+		with data.agov.config as config
+	count(revalidation.trial_failures) == 0 with input as json.remove(chunk, ["org"]) with data.agov.config as config
+}
+
+# A check added to _denials alone: the fast path passes the agents it denies.
+mock_extra_denial(_, _) := {{"code": "PROMOTION_DENY_EXTRA", "message": "added to _denials alone"}}
+
+test_a_check_in_the_full_denials_alone_is_a_trial_failure if {
+	failures := revalidation.trial_failures with input as chunk with data.agov.config as config
+		with data.agov.lib.spec_rules._denials as mock_extra_denial
+	ids := {id | some message in failures; some id in ["a-pass", "a-warn", "a-fail"]; contains(message, json.marshal(id))}
+	ids == {"a-pass", "a-warn"}
+	every message in failures {
+		contains(message, `["PROMOTION_DENY_EXTRA"] found by the full rules`)
+	}
+}
+
+# The same for _warnings and the fast path of warn_for.
+mock_extra_warning(_, _) := {{"code": "PROMOTION_WARN_EXTRA", "message": "added to _warnings alone"}}
+
+test_a_check_in_the_full_warnings_alone_is_a_trial_failure if {
+	failures := revalidation.trial_failures with input as chunk with data.agov.config as config
+		with data.agov.lib.spec_rules._warnings as mock_extra_warning
+	ids := {id | some message in failures; some id in ["a-pass", "a-warn", "a-fail"]; contains(message, json.marshal(id))}
+	ids == {"a-pass", "a-fail"}
+}

@@ -22,7 +22,12 @@ package agov.lib.spec_rules
 #   only when no check has anything to say, and answer set() without building
 #   a message. It reads fields with plain refs, so a missing or mistyped field
 #   makes it undefined, which selects the full rules. It must never be looser
-#   than them: spec_rules_test checks that both agree on every test case.
+#   than them: spec_rules_test checks that both agree on every test case, and
+#   a reload refuses a policy whose fast path passes a governed agent that the
+#   full rules find something about (skipped_findings).
+# - To add a check, write it as a `deny contains` rule over input.agent (here
+#   or in agov.promotion): promotion and revalidation apply it to every agent.
+#   A check added to _denials or _warnings must be added to the fast path too.
 # - The full rules read fields with object.get (never undefined, never a
 #   builtin error) before passing them to a function: `f(x.y)` and
 #   `not f(x.y)` are undefined when x.y is missing (OPA issue 1877), and an
@@ -161,6 +166,20 @@ warn_for(agent, org) := set() if {
 _budget_warn_threshold(org) := _config.budget_warn_ratio * org.max_monthly_budget_usd if {
 	is_number(_config.budget_warn_ratio)
 	is_number(org.max_monthly_budget_usd)
+}
+
+# METADATA
+# title: Findings the fast paths skip
+# description: |
+#   The findings of the full rules (_denials, _warnings) for agent and org
+#   that deny_for and warn_for do not give. It is empty unless a check was
+#   added to a full rule, or made stricter there, and not to the fast path:
+#   that check then never runs for an agent that passes the fast path, in a
+#   promotion or a revalidation. A reload refuses a policy for which it is not
+#   empty on a governed agent (agov.revalidation.trial_failures).
+skipped_findings(agent, org) := skipped_denials | skipped_warnings if {
+	skipped_denials := _denials(agent, org) - deny_for(agent, org)
+	skipped_warnings := _warnings(agent, org) - warn_for(agent, org)
 }
 
 # The rules over input, for agov.promotion. A missing input.agent or input.org
