@@ -712,6 +712,39 @@ def trial(
 # --- orchestration ---------------------------------------------------------------------------
 
 
+def commit_sync_us(root: Path, commits: int = 200) -> dict[str, float]:
+    """Median time of a one-row commit in a WAL-mode SQLite file on this disk, with the log synced
+    at each commit (``synchronous=FULL``, as agov's store runs) and without (``NORMAL``),
+    interleaved; and of the fsync agov makes of the audit anchor at each commit with an event."""
+    import sqlite3
+    import statistics
+
+    times: dict[str, list[float]] = {"FULL": [], "NORMAL": [], "anchor": []}
+    conns: dict[str, sqlite3.Connection] = {}
+    for mode in ("FULL", "NORMAL"):
+        conn = sqlite3.connect(root / f"sync-{mode}.db", isolation_level=None)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {mode}")
+        conn.execute("CREATE TABLE t (x)")
+        conns[mode] = conn
+    for i in range(commits):
+        for mode, conn in conns.items():
+            t0 = time.perf_counter()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO t VALUES (?)", (i,))
+            conn.execute("COMMIT")
+            times[mode].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        with open(root / "sync-anchor", "w") as out:
+            out.write(f'{{"seq": {i}}}')
+            out.flush()
+            os.fsync(out.fileno())
+        times["anchor"].append(time.perf_counter() - t0)
+    for conn in conns.values():
+        conn.close()
+    return {mode: statistics.median(got) * 1e6 for mode, got in times.items()}
+
+
 def _interleaved(batch_trials: int, naive_trials: int) -> list[str]:
     """The trials in the order they run: each mode's trials spread evenly over the run (5 and 3:
     batch naive batch batch naive batch naive batch), so that both see the same drift; where two
@@ -737,6 +770,7 @@ def run(quick: bool, with_100k: bool, do_profile: bool) -> dict[str, Any]:
     setup_s: dict[int, float] = {}
     with c.tempdir("agov-bench-p3-") as root:
         base, p0, p1 = build_base(root)
+        sync_us = commit_sync_us(root)
         for n, batch_trials, naive_trials in plan:
             t0 = time.perf_counter()
             template = c.copy_workspace(base, root / f"template-{n}")
@@ -869,6 +903,11 @@ def run(quick: bool, with_100k: bool, do_profile: bool) -> dict[str, Any]:
             "turn it parses the stored spec, asks OPA about that agent alone over the same keep-alive client, "
             "and signs and commits in its own transaction (sign_for + store_proofs, the audit chain); no chunks, no "
             "overlap, no batched SQL.",
+            "Every commit is durable, the naive loop's and the engine's: the store runs synchronous=FULL, and the "
+            "audit anchor is synced after each commit with an event. On this disk, in this run, a one-row WAL commit "
+            f"took {sync_us['FULL']:.0f} µs with the log synced (FULL) and {sync_us['NORMAL']:.0f} µs without "
+            f"(NORMAL), and the anchor's sync {sync_us['anchor']:.0f} µs: the naive loop pays both for every agent, "
+            "the engine once per chunk.",
         ],
     }
     if starts is not None and starts["starts"]["n"]:

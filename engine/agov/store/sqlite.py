@@ -409,7 +409,10 @@ class Store:
                 conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
                 conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
                 conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA synchronous = NORMAL")
+                # FULL: a commit is on disk before agov reports it, and before the audit anchor
+                # moves past it. Under NORMAL a power loss could take the last commits back while
+                # the anchor kept them: the store was then refused as rolled back.
+                conn.execute("PRAGMA synchronous = FULL")
                 conn.execute("PRAGMA foreign_keys = ON")
             except sqlite3.Error as exc:
                 raise StoreError(
@@ -517,7 +520,12 @@ class Store:
 
     def _write_anchor(self, seq: int, digest: str) -> None:
         tmp = self.anchor_path.with_name(self.anchor_path.name + f".{os.getpid()}.{threading.get_ident()}")
-        tmp.write_text(json.dumps({"seq": seq, "hash": digest}))
+        with open(tmp, "w", encoding="utf-8") as out:
+            out.write(json.dumps({"seq": seq, "hash": digest}))
+            out.flush()
+            # on disk before the rename: a power loss may leave the old anchor (behind the log,
+            # which is accepted), never an empty one (unreadable: the store would be refused)
+            os.fsync(out.fileno())
         current = self.read_anchor()
         # Concurrent writers: never move the anchor backwards.
         if current is None or current[0] <= seq:
