@@ -44,10 +44,11 @@ class Trial:
     what: str  # for messages: "the first chunk of governed agents"
     query: str  # a rule path, "agov/revalidation/results": it must give an object
     input_for: Callable[[str], bytes | None]  # the input, given the candidate's hash; None: none to try
-    timeout_s: float  # as long as the sidecar is given for the same query
+    # as long as the sidecar is given for the same query (the trial also evaluates failures_rule)
+    timeout_s: float
     # a rule path whose value lists (as strings) what the policy finds wrong with its own answers on
     # this input: the candidate is refused unless it is empty; a policy without the rule has none
-    failures: str | None = None
+    failures_rule: str | None = None
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,7 @@ def _trial_command(opa: Path, trial: Trial, stage: Path, input_file: Path) -> li
     # another, it must hold, else the query is undefined and --fail exits 1. The second is the
     # list of failures (a comprehension: [] when the policy has no such rule), which --format raw
     # prints after the first's `true`.
-    failures = f"[f | some f in {_rule_ref(trial.failures)}]" if trial.failures else "[]"
+    failures = f"[f | some f in {_rule_ref(trial.failures_rule)}]" if trial.failures_rule else "[]"
     query = f"is_object({_rule_ref(trial.query)}); {failures}"
     return [
         str(opa),
@@ -280,12 +281,15 @@ def _refuse_trial_failures(what: str, out: str, trial: Trial) -> None:
         )
     if not failures:
         return
-    shown = "\n".join(f"- {failure}" for failure in failures[:_FAILURES_SHOWN])
+    shown = "\n".join(
+        f"- {failure if isinstance(failure, str) else json.dumps(failure)}"
+        for failure in failures[:_FAILURES_SHOWN]
+    )
     more = len(failures) - _FAILURES_SHOWN
     if more > 0:
         shown += f"\n(and {more} more)"
     raise PolicyError(
-        f"{what} failed: the policy's own check ({trial.failures}) found"
+        f"{what} failed: the policy's own check ({trial.failures_rule}) found"
         f" {len(failures)} {'problem' if len(failures) == 1 else 'problems'}:\n{shown}",
         hint="fix the policy; the active one stays in force",
     )
@@ -532,9 +536,17 @@ def check_and_build(
     try:
         with os.fdopen(handle, "wb") as tmp_file:
             tmp_file.write(content)
+            tmp_file.flush()
+            # on disk before its name is: the store, which commits durably, will name this version
+            os.fsync(tmp_file.fileno())
         os.chmod(tmp_name, 0o644)
         os.replace(tmp_name, target)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+    directory = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)  # the new name too
+    finally:
+        os.close(directory)
     return BuiltBundle(policy_hash=digest, path=target, content=content)

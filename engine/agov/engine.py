@@ -105,6 +105,7 @@ class Engine:
         # once until _RESTART_BACKOFF_S later, rather than each waiting out a start that hangs
         self._restart_failed: tuple[float, str] | None = None
         self._sidecar_died = False
+        self._warned_sidecar_url = False
         self._evaluator_lock = threading.Lock()
         self._switch_lock = threading.Lock()  # held while this engine switches policies
         self._signatures = SignatureCache()
@@ -206,6 +207,7 @@ class Engine:
     def _start_managed(self, version: PolicyVersion) -> Evaluator:
         from agov.opa.managed import ManagedSidecar
 
+        self._warn_if_sidecar_url_ignored()
         bundle_key = keys.ensure_bundle_signing_key(self.workspace.keys, create=False)
         sidecar = ManagedSidecar(
             bundle_bytes=policy.bundle_bytes(self.workspace.bundles, version),
@@ -256,17 +258,18 @@ class Engine:
             else:
                 self._evaluator = self._restart_managed() if self._sidecar_died else None
                 if self._evaluator is None:
-                    self._warn_if_sidecar_url_ignored()
                     self._evaluator = self._start_managed(policy.require_active(self.store))
         return self._evaluator
 
     def _warn_if_sidecar_url_ignored(self) -> None:
-        """Say so when ``AGOV_OPA_URL`` is set but agov runs its own OPA: an operator who set it
-        alone expects decisions from that sidecar (only ``runtime: external`` reads it)."""
+        """Say so, once per engine, when ``AGOV_OPA_URL`` is set but agov runs its own OPA: an
+        operator who set it alone expects decisions (and reloads) to reach that sidecar; only
+        ``runtime: external`` reads it."""
         from agov.opa.external import ENV_OPA_URL
 
         url = os.environ.get(ENV_OPA_URL, "").strip()
-        if url:
+        if url and not self._warned_sidecar_url:
+            self._warned_sidecar_url = True
             engine_log.warning(
                 "%s is set (%s) but agov.yaml says runtime: managed, so agov decides with an OPA "
                 "of its own; set runtime: external to ask that sidecar, or pass --opa-url",
@@ -765,7 +768,7 @@ class Engine:
             revalidation.REVALIDATION_PATH,
             first_chunk,
             timeout_s=self.config.limits.revalidation_timeout_s,
-            failures=revalidation.TRIAL_FAILURES_PATH,
+            failures_rule=revalidation.TRIAL_FAILURES_PATH,
         )
 
     def _activated_elsewhere(self, version: PolicyVersion) -> bool:

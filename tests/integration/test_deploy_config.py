@@ -285,6 +285,36 @@ def test_agov_opa_url_alone_leaves_the_managed_runtime_in_charge_and_says_so(wor
     assert quiet.returncode == 0 and "AGOV_OPA_URL" not in quiet.stderr, quiet
 
 
+def test_a_reload_under_managed_says_agov_opa_url_goes_unused(tmp_path: Path, opa_bin: Path) -> None:
+    """A reload starts agov's own OPA as well (to switch it to the new policy): it warns too."""
+    home = tmp_path / "ws"
+    _agov(home, "init")
+    limits = home / "policies" / "agov" / "config" / "data.json"
+    config = json.loads(limits.read_text())
+    config["temperature_limits"]["analysis"] = 0.6
+    limits.write_text(json.dumps(config))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agov.cli",
+            "policy",
+            "reload",
+            "--reason",
+            "x",
+            "--home",
+            str(home),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "AGOV_OPA_URL": "http://127.0.0.1:1"},
+    )
+    assert out.returncode == 0 and json.loads(out.stdout)["changed"] is True, out
+    assert out.stderr.count("AGOV_OPA_URL is set (http://127.0.0.1:1)") == 1, out.stderr
+
+
 def test_the_cli_decides_with_a_deployed_sidecar_on_a_unix_socket(
     workspace: Path, serve: Any, tmp_path: Path
 ) -> None:

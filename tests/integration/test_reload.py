@@ -434,7 +434,7 @@ def test_trial_failures_are_listed_five_at_most(engine: Engine, home: Path, tmp_
         revalidation.REVALIDATION_PATH,
         lambda _hash: json.dumps(chunk).encode(),
         timeout_s=30,
-        failures=revalidation.TRIAL_FAILURES_PATH,
+        failures_rule=revalidation.TRIAL_FAILURES_PATH,
     )
     out = tmp_path / "bundles"
     with pytest.raises(PolicyError, match="found 7 problems:") as refused:
@@ -445,6 +445,33 @@ def test_trial_failures_are_listed_five_at_most(engine: Engine, home: Path, tmp_
     assert shown == names[:5]
     assert refused.value.message.endswith("\n(and 2 more)")
     assert not out.exists()
+
+
+def test_a_built_bundle_is_on_disk_before_the_store_can_name_it(
+    engine: Engine, home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store commits durably (synchronous=FULL): the bundle it names must survive a power loss
+    as well, content and name, so both are synced before a build returns."""
+    out = tmp_path / "bundles"
+    steps: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        steps.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        steps.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    built = policy.build(find_opa(), home / "policies", out, home / "keys")
+    mine = [(step, path) for step, path in steps if path.startswith(str(out))]
+    assert [step for step, _ in mine] == ["fsync", "replace", "fsync"], mine
+    assert mine[0][1].startswith(f"{out}/.{built.policy_hash}.")  # the content, under its temporary name
+    assert mine[1][1] == str(built.path)
+    assert mine[2][1] == str(out)  # the directory, which holds the new name
 
 
 def test_a_dry_run_reload_makes_the_trial_run_too(engine: Engine, home: Path) -> None:

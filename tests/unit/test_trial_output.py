@@ -8,7 +8,7 @@ import pytest
 from agov.bundle import Trial, _refuse_trial_failures
 from agov.errors import PolicyError
 
-TRIAL = Trial("a chunk", "agov/revalidation/results", lambda _hash: None, 30, failures="agov/x/failures")
+TRIAL = Trial("a chunk", "agov/revalidation/results", lambda _hash: None, 30, failures_rule="agov/x/failures")
 
 
 def test_no_failures_passes() -> None:

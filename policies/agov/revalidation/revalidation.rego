@@ -75,7 +75,6 @@ trial_failures contains message if {
 }
 
 _skipped_hint := concat(" ", [
-	"found by the full rules of agov.lib.spec_rules (_denials, _warnings), skipped by",
-	"the fast path of deny_for or warn_for: a check added to the full rules, or made",
-	"stricter there, must be in the fast path too",
+	"found by the full rules of agov.lib.spec_rules (_denials, _warnings),",
+	"skipped by the fast path of deny_for or warn_for: put the check there too",
 ])
