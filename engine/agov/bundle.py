@@ -7,6 +7,7 @@ status and decision logs. Signing is OPA's own (ES256 JWT in ``.signatures.json`
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -260,6 +261,18 @@ def _trial_command(opa: Path, trial: Trial, stage: Path, input_file: Path) -> li
 
 _UNDEFINED = "the result is undefined, or not an object: every revalidation under it would stop"
 _FAILURES_SHOWN = 5
+
+
+def _sync_directory(directory: Path) -> None:
+    """Sync a directory's entries (a new name in it), where the file system can."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):  # some file systems sync no directory
+            raise
+    finally:
+        os.close(fd)
 
 
 def _refuse_trial_failures(what: str, out: str, trial: Trial) -> None:
@@ -544,9 +557,5 @@ def check_and_build(
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    directory = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)  # the new name too
-    finally:
-        os.close(directory)
+    _sync_directory(out_dir)
     return BuiltBundle(policy_hash=digest, path=target, content=content)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 import shutil
 from pathlib import Path
@@ -197,3 +199,20 @@ def test_data_files_read_one_way_are_left_to_opa(tree: Path, name: str, content:
     (tree / "agov" / "config" / "data.json").unlink()
     (tree / "agov" / "config" / name).write_bytes(content)
     assert f"agov/config/{name}" in [rel for rel, _ in bundle_files(tree)]
+
+
+@pytest.mark.parametrize(
+    ("errno_", "raised"), [(errno.EINVAL, False), (errno.ENOTSUP, False), (errno.EIO, True)]
+)
+def test_a_directory_sync_the_file_system_cannot_make_is_skipped_not_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, errno_: int, raised: bool
+) -> None:
+    def refuse(_fd: int) -> None:
+        raise OSError(errno_, os.strerror(errno_))
+
+    monkeypatch.setattr(os, "fsync", refuse)
+    if raised:
+        with pytest.raises(OSError):
+            bundle._sync_directory(tmp_path)
+    else:
+        bundle._sync_directory(tmp_path)

@@ -23,8 +23,9 @@ package agov.lib.spec_rules
 #   a message. It reads fields with plain refs, so a missing or mistyped field
 #   makes it undefined, which selects the full rules. It must never be looser
 #   than them: spec_rules_test checks that both agree on every test case, and
-#   a reload refuses a policy whose fast path passes a governed agent that the
-#   full rules find something about (skipped_findings).
+#   a reload refuses a policy whose fast path passes an agent of the first
+#   chunk of governed agents that the full rules find something about
+#   (skipped_findings).
 # - To add a check, write it as a `deny contains` rule over input.agent (here
 #   or in agov.promotion): promotion and revalidation apply it to every agent.
 #   A check added to _denials or _warnings must be added to the fast path too.
@@ -176,7 +177,8 @@ _budget_warn_threshold(org) := _config.budget_warn_ratio * org.max_monthly_budge
 #   added to a full rule, or made stricter there, and not to the fast path:
 #   that check then never runs for an agent that passes the fast path, in a
 #   promotion or a revalidation. A reload refuses a policy for which it is not
-#   empty on a governed agent (agov.revalidation.trial_failures).
+#   empty on an agent of the first chunk of governed agents
+#   (agov.revalidation.trial_failures).
 skipped_findings(agent, org) := skipped_denials | skipped_warnings if {
 	skipped_denials := _denials(agent, org) - deny_for(agent, org)
 	skipped_warnings := _warnings(agent, org) - warn_for(agent, org)
