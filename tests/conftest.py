@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,3 +26,23 @@ def require_opa() -> Path:
 @pytest.fixture(scope="session")
 def opa_bin() -> Path:
     return require_opa()
+
+
+@pytest.fixture
+def file_syncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, str]]:
+    """Every ``os.fsync`` and ``os.replace`` from here on, in order: ("fsync", the path synced, "")
+    and ("replace", source, destination). Both still happen."""
+    steps: list[tuple[str, str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        steps.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"), ""))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        steps.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return steps

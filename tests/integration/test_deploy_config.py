@@ -217,14 +217,18 @@ def test_policy_hash_is_deterministic_and_any_rego_byte_changes_it(workspace: Pa
     assert compute_policy_hash(copy) == original, "tests are not part of the bundle"
 
 
-def _cli(home: Path, *args: str, env: dict[str, str]) -> tuple[int, dict[str, Any]]:
-    out = subprocess.run(
+def _cli_process(home: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, "-m", "agov.cli", *args, "--home", str(home), "--json"],
         capture_output=True,
         text=True,
         timeout=120,
         env=env,
     )
+
+
+def _cli(home: Path, *args: str, env: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    out = _cli_process(home, *args, env=env)
     return out.returncode, json.loads(out.stdout or out.stderr)
 
 
@@ -262,26 +266,14 @@ def test_agov_opa_url_alone_leaves_the_managed_runtime_in_charge_and_says_so(wor
     agov's own OPA, with a warning on stderr naming the ignored URL."""
     _agov(workspace, "agent", "create", "--template", "research-analyst", "--id", "managed-runner")
     env = {**os.environ, "AGOV_OPA_URL": "http://127.0.0.1:1"}  # nothing listens there
-    out = subprocess.run(
-        [sys.executable, "-m", "agov.cli", "admit", "managed-runner", "--home", str(workspace), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    out = _cli_process(workspace, "admit", "managed-runner", env=env)
     admitted = json.loads(out.stdout)
     assert (out.returncode, admitted["code"], admitted["status"]) == (0, "ADMISSION_ALLOW", "SANDBOX"), out
     assert "AGOV_OPA_URL is set (http://127.0.0.1:1)" in out.stderr, out.stderr
     assert "runtime: external" in out.stderr, out.stderr
 
     env.pop("AGOV_OPA_URL")
-    quiet = subprocess.run(
-        [sys.executable, "-m", "agov.cli", "admit", "managed-runner", "--home", str(workspace), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    quiet = _cli_process(workspace, "admit", "managed-runner", env=env)
     assert quiet.returncode == 0 and "AGOV_OPA_URL" not in quiet.stderr, quiet
 
 
@@ -293,23 +285,8 @@ def test_a_reload_under_managed_says_agov_opa_url_goes_unused(tmp_path: Path, op
     config = json.loads(limits.read_text())
     config["temperature_limits"]["analysis"] = 0.6
     limits.write_text(json.dumps(config))
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "agov.cli",
-            "policy",
-            "reload",
-            "--reason",
-            "x",
-            "--home",
-            str(home),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "AGOV_OPA_URL": "http://127.0.0.1:1"},
+    out = _cli_process(
+        home, "policy", "reload", "--reason", "x", env={**os.environ, "AGOV_OPA_URL": "http://127.0.0.1:1"}
     )
     assert out.returncode == 0 and json.loads(out.stdout)["changed"] is True, out
     assert out.stderr.count("AGOV_OPA_URL is set (http://127.0.0.1:1)") == 1, out.stderr

@@ -448,29 +448,17 @@ def test_trial_failures_are_listed_five_at_most(engine: Engine, home: Path, tmp_
 
 
 def test_a_built_bundle_is_on_disk_before_the_store_can_name_it(
-    engine: Engine, home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    engine: Engine, home: Path, tmp_path: Path, file_syncs: list[tuple[str, str, str]]
 ) -> None:
     """The store commits durably (synchronous=FULL): the bundle it names must survive a power loss
     as well, content and name, so both are synced before a build returns."""
     out = tmp_path / "bundles"
-    steps: list[tuple[str, str]] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd: int) -> None:
-        steps.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def replace(src: Any, dst: Any) -> None:
-        steps.append(("replace", str(dst)))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
     built = policy.build(find_opa(), home / "policies", out, home / "keys")
-    mine = [(step, path) for step, path in steps if path.startswith(str(out))]
-    assert [step for step, _ in mine] == ["fsync", "replace", "fsync"], mine
-    assert mine[0][1].startswith(f"{out}/.{built.policy_hash}.")  # the content, under its temporary name
-    assert mine[1][1] == str(built.path)
+    mine = [step for step in file_syncs if step[1].startswith(str(out))]
+    assert [step for step, *_ in mine] == ["fsync", "replace", "fsync"], mine
+    temporary = mine[0][1]
+    assert temporary.startswith(f"{out}/.{built.policy_hash}.")  # the content, under its temporary name
+    assert mine[1][1:] == (temporary, str(built.path))
     assert mine[2][1] == str(out)  # the directory, which holds the new name
 
 

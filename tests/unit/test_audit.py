@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -266,29 +264,16 @@ def test_the_same_bytes_stored_as_a_blob_are_the_same_event(tmp_path: Path) -> N
 
 
 def test_a_commit_is_on_disk_before_the_anchor_records_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, file_syncs: list[tuple[str, str, str]]
 ) -> None:
     """Under synchronous=NORMAL a power loss could take back commits the anchor already recorded,
     and the store was then refused as rolled back. FULL syncs the log at each commit; the anchor's
     new content is synced before it replaces the old one, so it is never left empty."""
     store = Store(tmp_path / "agov.db")
     assert store.query("PRAGMA synchronous")[0][0] == 2  # FULL
-    steps: list[tuple[str, str]] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd: int) -> None:
-        steps.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def replace(src: Any, dst: Any) -> None:
-        steps.append(("replace", str(src)))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
     with store.transaction() as tx:
         tx.audit("TEST_EVENT")
-    assert [step for step, _ in steps] == ["fsync", "replace"], steps
-    assert steps[0][1] == steps[1][1], "the file synced is the one renamed over the anchor"
+    assert [step for step, *_ in file_syncs] == ["fsync", "replace"], file_syncs
+    assert file_syncs[0][1] == file_syncs[1][1], "the file synced is the one renamed over the anchor"
     anchor = store.read_anchor()
     assert anchor is not None and anchor[0] == 1
