@@ -806,7 +806,7 @@ def run(quick: bool, with_100k: bool, do_profile: bool) -> dict[str, Any]:
                 continue
             secs.sort()
             label = (
-                "Engine.revalidate (chunks of 1000)"
+                "Engine.revalidate (chunks of up to 1000)"
                 if mode == "batch"
                 else "naive loop (one decision + one commit per agent)"
             )

@@ -747,9 +747,10 @@ class Engine:
         }
 
     def _trial(self, active: PolicyVersion | None) -> Trial:
-        """What a reload runs the candidate on before it switches: the first chunk its
-        revalidation would send OPA. Nothing to try for the active tree itself, an empty fleet,
-        or org limits that cannot be read (the reload is refused for those before it switches)."""
+        """What a reload runs the candidate on before it switches: the first
+        limits.revalidation_chunk_size governed agents, as its revalidation would send them.
+        Nothing to try for the active tree itself, an empty fleet, or org limits that cannot be
+        read (the reload is refused for those before it switches)."""
 
         def first_chunk(candidate_hash: str) -> bytes | None:
             if active is not None and candidate_hash == active.hash:

@@ -230,9 +230,10 @@ def _row(r: Any, read_after_seq: int = 0) -> _Row:
 def trial_input(
     store: Store, size: int, org_canonical: bytes, policy_hash: str, now: datetime
 ) -> bytes | None:
-    """The first chunk a revalidation under ``policy_hash`` would send OPA (the first ``size``
-    governed agents whose stored spec is intact), or None when there is none: a reload runs the
-    candidate policy on it before it switches (``agov.bundle.Trial``)."""
+    """The first ``size`` governed agents whose stored spec is intact, as a revalidation under
+    ``policy_hash`` would send them to OPA (in one chunk, or in several for a small fleet), or
+    None when there is none: a reload runs the candidate policy on them before it switches
+    (``agov.bundle.Trial``)."""
     rows = _chunk(store, "", size)
     unsent = _judged_without_opa(rows)
     intact = [r for r in rows if r.agent_id not in unsent]
@@ -442,15 +443,17 @@ def _judged_chunks(
     """
     queued: deque[tuple[list[_Row], Future[_Judged]]] = deque()
     after: str | None = cursor  # None once every chunk is queued
+    remaining = _governed_after(store, cursor)  # a sizing hint: agents may come and go meanwhile
 
     def top_up() -> None:
-        nonlocal after
+        nonlocal after, remaining
         while after is not None and len(queued) < _QUERIES_IN_FLIGHT:
-            ahead = _chunk(store, after, size)
+            ahead = _chunk(store, after, _chunk_size(size, remaining))
             if not ahead:
                 after = None
                 return
             after = ahead[-1].agent_id
+            remaining -= len(ahead)
             judged = _in_background(
                 _verdicts, evaluator, ahead, org_canonical, policy_hash, now_fn(), timeout_s
             )
@@ -462,6 +465,22 @@ def _judged_chunks(
         judged = pending.result()
         top_up()
         yield rows, judged
+
+
+def _governed_after(store: Store, cursor: str) -> int:
+    """How many governed agents sort after ``cursor``."""
+    counted = store.query_one(
+        f"SELECT COUNT(*) AS n FROM agents WHERE status IN ({','.join('?' * len(_GOVERNED))}) AND id > ?",
+        (*_GOVERNED, cursor),
+    )
+    return int(counted["n"]) if counted is not None else 0
+
+
+def _chunk_size(size: int, remaining: int) -> int:
+    """The agents the next chunk takes at most: ``size``, until fewer than ``_TAIL_SPLIT`` chunks
+    of it remain; from there a share of the rest, down to ``_TAIL_CHUNK_MIN`` (or ``size``, if
+    smaller)."""
+    return max(min(size, _TAIL_CHUNK_MIN), min(size, remaining // _TAIL_SPLIT))
 
 
 def _in_background(fn: Callable[..., _Judged], *args: Any) -> Future[_Judged]:
@@ -1337,6 +1356,15 @@ def _unchanged(tx: Tx, rows: list[_Row]) -> set[str]:
 # also uses the core agov leaves idle while it waits for verdicts (100k agents on 2 cores, three
 # interleaved trials each: median 20.7 s with one query in flight, 17.6 s with two).
 _QUERIES_IN_FLIGHT = 2
+
+# The last chunks of a run are smaller (_chunk_size). OPA has nothing left to evaluate while agov
+# signs and commits the last chunk, and a run of one chunk is evaluated on one core and then
+# committed on one core; smaller chunks at the tail keep both cores busy to the end. Default chunk
+# size, 5-7 alternating trials each: 1,000 agents 0.43 -> 0.29 s, 3,000 0.79 -> 0.70 s; at 10,000
+# the difference is within the noise. The floor keeps a chunk's fixed costs (a query, a synced
+# commit) small beside its agents.
+_TAIL_SPLIT = 4
+_TAIL_CHUNK_MIN = 64
 
 # The spec bytes one chunk query carries at most, so that specs of a few KiB each cannot push a
 # chunk of limits.revalidation_chunk_size agents over the evaluator's request limit (8 MiB) and

@@ -266,6 +266,7 @@ class Row:
 
 chunks = {"": [Row("a")], "a": [Row("b")], "b": []}
 revalidation._chunk = lambda store, after, size: chunks[after]
+revalidation._governed_after = lambda store, after: 2
 
 def verdicts(evaluator, rows, *rest):
     if rows[0].agent_id == "a":
@@ -290,3 +291,58 @@ def test_a_failed_run_does_not_hold_the_process_at_exit() -> None:
     elapsed = time.monotonic() - started
     assert done.returncode == 3, done.stderr
     assert elapsed < 3.0, f"the process exited after {elapsed:.1f} s"
+
+
+def test_the_last_chunks_of_a_run_are_smaller_and_every_agent_is_judged_once(
+    tmp_path: Path, opa_bin: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the floor lowered to 1 so that 12 agents show the tail: chunks of at most 4, until fewer
+    # than 4 chunks of 4 remain, then a quarter of the rest
+    monkeypatch.setattr(revalidation, "_TAIL_CHUNK_MIN", 1)
+    temperatures = {f"tail-{i:02d}": (0.5 if i % 3 == 0 else 0.1) for i in range(12)}
+    falling = {agent_id for agent_id, t in temperatures.items() if t > NEW_LIMIT}
+    home = tmp_path / "ws"
+    with Engine.init(home, Config(limits=Limits(revalidation_chunk_size=4)), actor=ACTOR) as eng:
+        for agent_id, temperature in temperatures.items():
+            create_governed(eng, agent_id, temperature=temperature)
+        old_hash = eng.active_policy().hash
+        sidecar = eng.evaluator()
+        sent: list[list[str]] = []
+        real_evaluate = sidecar.evaluate
+
+        def recording(path: str, input: Any, **kwargs: Any) -> Evaluation:
+            if path == revalidation.REVALIDATION_PATH:
+                sent.append([a["id"] for a in json.loads(input.json)["agents"]])
+            return real_evaluate(path, input, **kwargs)
+
+        monkeypatch.setattr(sidecar, "evaluate", recording)
+        edit_data(home, set_analysis_limit(NEW_LIMIT))
+        committed: list[int] = []
+        eng.reload_policy(actor=ACTOR, reason="stricter analysis temperature", progress=committed.append)
+        new_hash = eng.active_policy().hash
+
+        assert new_hash != old_hash
+        assert committed == [3, 2, 1, 1, 1, 1, 1, 1, 1]
+        # each agent was sent once, in cursor order
+        assert [i for chunk in sent for i in chunk] == sorted(temperatures)
+        final = statuses(home)
+        assert {i for i, s in final.items() if s == "GOVERNED_INVALIDATED"} == falling
+        assert _bound_to(eng, new_hash) == set(temperatures) - falling
+
+
+@pytest.mark.parametrize(
+    ("size", "remaining", "expected"),
+    [
+        (1000, 100_000, 1000),  # far from the end: the configured size
+        (1000, 4000, 1000),
+        (1000, 3999, 999),  # fewer than 4 chunks left: a quarter of the rest
+        (1000, 1000, 250),
+        (1000, 255, 64),  # never below the floor
+        (1000, 10, 64),  # the chunk takes what is left
+        (1000, -5, 64),  # more agents than counted at the start (promoted during the run)
+        (50, 120, 50),  # sizes up to the floor are kept as configured
+        (1, 7, 1),
+    ],
+)
+def test_chunk_size_shrinks_only_at_the_tail(size: int, remaining: int, expected: int) -> None:
+    assert revalidation._chunk_size(size, remaining) == expected
