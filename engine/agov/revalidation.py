@@ -74,6 +74,7 @@ _NO_PROOF = Reason(
     " a first one: promote the agent again",
 )
 _GOVERNED = (Status.GOVERNED_VALID.value, Status.GOVERNED_RESTRICTED.value, Status.GOVERNED_INVALIDATED.value)
+_GOVERNED_PARAMS = "(" + ",".join("?" * len(_GOVERNED)) + ")"  # SQL: `status IN` these, bound to _GOVERNED
 
 
 @dataclass
@@ -176,7 +177,7 @@ def _chunk(store: Store, after: str, size: int) -> list[_Row]:
         _ROWS_SQL
         # `+a.status`: walk the primary key from the cursor instead of sorting every governed row
         # per chunk (which made each chunk slower as the store grew).
-        + f" WHERE +a.status IN ({','.join('?' * len(_GOVERNED))}) AND a.id > ? ORDER BY a.id LIMIT ?",
+        + f" WHERE +a.status IN {_GOVERNED_PARAMS} AND a.id > ? ORDER BY a.id LIMIT ?",
         (*_GOVERNED, after, size),
     )
     chunk: list[_Row] = []
@@ -470,7 +471,7 @@ def _judged_chunks(
 def _governed_after(store: Store, cursor: str) -> int:
     """How many governed agents sort after ``cursor``."""
     counted = store.query_one(
-        f"SELECT COUNT(*) AS n FROM agents WHERE status IN ({','.join('?' * len(_GOVERNED))}) AND id > ?",
+        f"SELECT COUNT(*) AS n FROM agents WHERE status IN {_GOVERNED_PARAMS} AND id > ?",
         (*_GOVERNED, cursor),
     )
     return int(counted["n"]) if counted is not None else 0
